@@ -1,0 +1,112 @@
+# simplest-dist build.
+#   make              MPI build (mpicc) with the CPU backend; the CUDA backend too when nvcc is found
+#   make USE_MPI=0    single-process build, for a machine without Open MPI
+#   make deps         install missing Debian packages (root) or print the apt-get command
+#   make run          deps + build + train configs/fashion-mnist.json
+#   make test         every test; prints "N passed, N failed"
+#   make bench        benchmarks against PyTorch (tests/bench/)
+# Extra paths for air-gapped GPU nodes: make EXTRA_CFLAGS=-I/opt/x/include EXTRA_LDFLAGS=-L/opt/x/lib
+
+USE_MPI ?= 1
+USE_CUDA ?= auto
+ARCH ?= -march=native
+OPT ?= -O3
+BUILD ?= build
+CONFIG ?= configs/fashion-mnist.json
+
+PKGS := libcjson openblas lapacke zlib
+PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
+PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
+ifeq ($(strip $(PKG_LIBS)),)
+  PKG_LIBS := -lcjson -lopenblas -llapacke -lz
+endif
+
+CC := cc
+ifeq ($(USE_MPI),1)
+  ifeq ($(shell command -v mpicc 2>/dev/null),)
+    $(warning mpicc not found: building without MPI (make deps installs Open MPI))
+    USE_MPI := 0
+  else
+    CC := mpicc
+  endif
+endif
+
+CFLAGS := -std=c11 $(OPT) $(ARCH) -fopenmp -Wall -Wextra -Wno-unused-parameter -D_GNU_SOURCE -Isrc $(PKG_CFLAGS) $(EXTRA_CFLAGS)
+LDFLAGS := -fopenmp $(EXTRA_LDFLAGS)
+LDLIBS := $(PKG_LIBS) -lm -lpthread
+ifeq ($(USE_MPI),1)
+  CFLAGS += -DUSE_MPI
+endif
+
+# CUDA: found from CUDA_HOME or from nvcc's location, never a hard-coded path.
+NVCC := $(shell if [ -n "$$CUDA_HOME" ] && [ -x "$$CUDA_HOME/bin/nvcc" ]; then echo $$CUDA_HOME/bin/nvcc; else command -v nvcc 2>/dev/null; fi)
+CUDA_SRCS := $(wildcard kernels/*.cu)
+ifeq ($(USE_CUDA),auto)
+  USE_CUDA := $(if $(and $(NVCC),$(CUDA_SRCS)),1,0)
+endif
+ifeq ($(USE_CUDA),1)
+  CUDA_HOME_DIR := $(patsubst %/bin/nvcc,%,$(NVCC))
+  NVCCFLAGS ?= -O3 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
+  CFLAGS += -DUSE_CUDA -I$(CUDA_HOME_DIR)/include
+  LDLIBS += -L$(CUDA_HOME_DIR)/lib64 -lcudart -lcublas -lcublasLt -lcusolver -lnccl -lstdc++
+  CUDA_OBJS := $(patsubst kernels/%.cu,$(BUILD)/kernels/%.o,$(CUDA_SRCS))
+endif
+
+LIB_SRCS := $(filter-out src/main.c,$(wildcard src/*.c src/data/*.c))
+LIB_OBJS := $(patsubst src/%.c,$(BUILD)/src/%.o,$(LIB_SRCS)) $(CUDA_OBJS)
+TEST_SRCS := $(wildcard tests/unit/test_*.c)
+TEST_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRCS))
+BENCH_SRCS := $(wildcard tests/bench/*.c)
+BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRCS))
+
+.PHONY: all deps run test bench clean vendor-debs
+all: simplest-dist
+
+# Rebuild when the flags change (USE_MPI=0 after USE_MPI=1, say).
+$(BUILD)/flags: FORCE
+	@mkdir -p $(BUILD)
+	@echo '$(CC) $(CFLAGS) $(USE_CUDA)' | cmp -s - $@ || echo '$(CC) $(CFLAGS) $(USE_CUDA)' > $@
+FORCE:
+
+$(BUILD)/src/%.o: src/%.c $(wildcard src/*.h src/data/*.h) $(BUILD)/flags
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -c $< -o $@
+
+$(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh src/*.h) $(BUILD)/flags
+	@mkdir -p $(dir $@)
+	$(NVCC) $(NVCCFLAGS) -Isrc -c $< -o $@
+
+$(BUILD)/libsimplest.a: $(LIB_OBJS)
+	ar rcs $@ $^
+
+simplest-dist: $(BUILD)/src/main.o $(BUILD)/libsimplest.a
+	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+
+$(BUILD)/tests/%: tests/unit/%.c tests/unit/testlib.h $(BUILD)/libsimplest.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -Itests/unit -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
+
+$(BUILD)/bench/%: tests/bench/%.c $(BUILD)/libsimplest.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
+
+DEB_PKGS := libopenmpi-dev openmpi-bin libturbojpeg0-dev libcjson-dev libopenblas-dev liblapacke-dev zlib1g-dev dataset-fashion-mnist
+deps:
+	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
+	if [ -z "$$missing" ]; then echo "deps: all packages present"; \
+	elif [ "$$(id -u)" = 0 ]; then echo "deps: installing$$missing"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing) || exit 1; \
+	else echo "deps: missing$$missing; run: sudo apt-get install -y$$missing"; exit 1; fi
+
+run: deps
+	$(MAKE) simplest-dist
+	./simplest-dist $(CONFIG)
+
+test: simplest-dist $(TEST_BINS)
+	@BUILD=$(BUILD) tests/run.sh
+
+bench: simplest-dist $(BENCH_BINS)
+	@BUILD=$(BUILD) tests/bench/run.sh
+
+clean:
+	rm -rf $(BUILD) simplest-dist

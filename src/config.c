@@ -1,0 +1,442 @@
+// config.c: see config.h. Every key lives in KEYS below; nothing else lists config keys.
+#include "config.h"
+
+#include <cJSON.h>
+#include <errno.h>
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util.h"
+
+typedef enum { KT_INT, KT_I64, KT_DOUBLE, KT_BOOL, KT_STR } KeyType;
+
+typedef struct {
+    const char *path;
+    KeyType type;
+    size_t offset, size;
+    const char *def;  // default as JSON text; NULL = required
+    double min, max;  // inclusive range for numbers
+    const char *choices;  // "a|b|c" for strings; NULL = free text
+    const char *doc;
+} KeySpec;
+
+#define FIELD(f) offsetof(Config, f), sizeof(((Config *)0)->f)
+#define NOLIM -DBL_MAX, DBL_MAX
+
+static const KeySpec KEYS[] = {
+    {"model.arch", KT_STR, FIELD(model.arch), "\"simplest\"", NOLIM, "simplest|simplevit",
+     "SimplEsT-ViT (E-SPA + TAT, no skips, no norms) or the SimpleViT baseline"},
+    {"model.width", KT_STR, FIELD(model.width), "\"s\"", NOLIM, "ti|s|b|custom",
+     "width preset: ti (192/3/768/12), s (384/6/1536/12), b (768/12/3072/12) for dim/heads/mlp_dim/depth; "
+     "custom needs all four"},
+    {"model.dim", KT_INT, FIELD(model.dim), "0", 0, 65536, NULL, "width D; 0 = from model.width"},
+    {"model.heads", KT_INT, FIELD(model.heads), "0", 0, 1024, NULL, "attention heads; 0 = from model.width"},
+    {"model.mlp_dim", KT_INT, FIELD(model.mlp_dim), "0", 0, 1 << 20, NULL, "MLP hidden width; 0 = from model.width"},
+    {"model.depth", KT_INT, FIELD(model.depth), "0", 0, 1024, NULL,
+     "blocks L; 0 = from model.width. SimplEsT with eta 0.9 needs depth >= 7"},
+    {"model.image_size", KT_INT, FIELD(model.image_size), "0", 0, 8192, NULL,
+     "input side in pixels; 0 = the dataset's"},
+    {"model.patch_size", KT_INT, FIELD(model.patch_size), "4", 1, 1024, NULL, "patch side p; must divide image_size"},
+    {"model.num_classes", KT_INT, FIELD(model.num_classes), "0", 0, 1 << 20, NULL, "classes; 0 = the dataset's"},
+    {"model.channels", KT_INT, FIELD(model.channels), "0", 0, 16, NULL, "input channels; 0 = the dataset's"},
+    {"model.eta", KT_DOUBLE, FIELD(model.eta), "0.9", 1e-6, 0.999999, NULL, "TAT target C_f(0) (spec/model.md §7)"},
+    {"model.gamma_L", KT_DOUBLE, FIELD(model.gamma_L), "0.005", 1e-9, 100, NULL,
+     "E-SPA gamma at the last layer (§6)"},
+    {"model.qkv_bias", KT_BOOL, FIELD(model.qkv_bias), "true", NOLIM, NULL, "SimplEsT: bias on the qkv projection"},
+    {"model.mlp_bias", KT_BOOL, FIELD(model.mlp_bias), "true", NOLIM, NULL, "SimplEsT: biases on both MLP linears"},
+    {"model.drop_p", KT_DOUBLE, FIELD(model.drop_p), "0", 0, 0.99, NULL, "token dropout before pooling (train only)"},
+    {"model.seed_compat", KT_BOOL, FIELD(model.seed_compat), "false", NOLIM, NULL,
+     "reproduce the reference's quirks (column-normalized B, swapped SUO gains, no SimpleViT to_out, LR offset)"},
+
+    {"data.dataset", KT_STR, FIELD(data.dataset), "\"fashion-mnist\"", NOLIM, "fashion-mnist|mnist", "dataset"},
+    {"data.root", KT_STR, FIELD(data.root), "\"\"", NOLIM, NULL,
+     "dataset folder; \"\" = the default (/usr/share/datasets/fashion-mnist for fashion-mnist)"},
+    {"data.augment", KT_BOOL, FIELD(data.augment), "false", NOLIM, NULL,
+     "training augmentation: random crop with zero padding, then horizontal flip"},
+    {"data.crop_padding", KT_INT, FIELD(data.crop_padding), "4", 0, 64, NULL,
+     "padding of the random crop when data.augment; 0 = no crop"},
+    {"data.flip", KT_BOOL, FIELD(data.flip), "true", NOLIM, NULL, "horizontal flip (p = 0.5) when data.augment"},
+    {"data.eval_batch_size", KT_INT, FIELD(data.eval_batch_size), "0", 0, 1 << 20, NULL,
+     "images per eval batch on each rank; 0 = the training micro-batch"},
+    {"data.train_limit", KT_I64, FIELD(data.train_limit), "0", 0, 1e15, NULL,
+     "use only the first N training images; 0 = all"},
+    {"data.eval_limit", KT_I64, FIELD(data.eval_limit), "0", 0, 1e15, NULL,
+     "evaluate only the first N eval images; 0 = all"},
+
+    {"train.epochs", KT_INT, FIELD(train.epochs), "90", 0, 1e6, NULL, "epochs (used when train.steps is 0)"},
+    {"train.steps", KT_I64, FIELD(train.steps), "0", 0, 1e12, NULL,
+     "total optimizer steps T; 0 = epochs x floor(train images / batch_size)"},
+    {"train.seed", KT_I64, FIELD(train.seed), "3407", 0, 9.0e15, NULL,
+     "one seed for init, data order, augmentation, mixup and dropout"},
+    {"train.batch_size", KT_INT, FIELD(train.batch_size), NULL, 1, 1 << 24, NULL,
+     "global batch per optimizer step (required); = micro-batch x ranks x grad_accum"},
+    {"train.grad_accum", KT_INT, FIELD(train.grad_accum), "1", 1, 4096, NULL, "micro-batches per optimizer step"},
+    {"train.warmup_steps", KT_INT, FIELD(train.warmup_steps), "0", 0, 1e9, NULL, "linear LR warmup W (§12.6)"},
+    {"train.clip", KT_DOUBLE, FIELD(train.clip), "1.0", 0, 1e12, NULL,
+     "clip the global grad norm to this (0 = off)"},
+    {"train.label_smoothing", KT_DOUBLE, FIELD(train.label_smoothing), "0", 0, 1, NULL, "label smoothing epsilon"},
+    {"train.mixup_alpha", KT_DOUBLE, FIELD(train.mixup_alpha), "0", 0, 100, NULL,
+     "Mixup Beta(alpha, alpha); 0 = off; lambda = min(z, 1 - z)"},
+    {"train.eval_every", KT_INT, FIELD(train.eval_every), "0", 0, 1e9, NULL,
+     "evaluate every N optimizer steps (and always at the end); 0 = only at the end"},
+    {"train.log_every", KT_INT, FIELD(train.log_every), "10", 1, 1e9, NULL,
+     "optimizer steps per progress line and metrics.jsonl record"},
+    {"train.ema", KT_BOOL, FIELD(train.ema), "false", NOLIM, NULL,
+     "keep an EMA of the weights; eval and the exported weights use it"},
+    {"train.ema_every", KT_INT, FIELD(train.ema_every), "5", 1, 1e9, NULL, "EMA update every N optimizer steps"},
+    {"train.ema_decay", KT_DOUBLE, FIELD(train.ema_decay), "0.99", 0, 1, NULL, "EMA decay"},
+    {"train.sam", KT_BOOL, FIELD(train.sam), "false", NOLIM, NULL, "sharpness-aware minimization (§12.9)"},
+    {"train.sam_rho", KT_DOUBLE, FIELD(train.sam_rho), "0.05", 0, 1e6, NULL, "SAM radius rho"},
+    {"train.sam_every", KT_INT, FIELD(train.sam_every), "1", 1, 1e9, NULL, "SAM on steps k with k mod N = 0"},
+
+    {"mixup.group", KT_INT, FIELD(mixup.group), "0", 0, 1 << 24, NULL,
+     "images per Mixup group (one lambda and permutation each); 0 = the micro-batch; must divide it"},
+
+    {"opt.name", KT_STR, FIELD(opt.name), "\"adam\"", NOLIM, "adam", "optimizer"},
+    {"opt.lr", KT_DOUBLE, FIELD(opt.lr), NULL, 0, 1e3, NULL, "peak learning rate lr0 (required)"},
+    {"opt.weight_decay", KT_DOUBLE, FIELD(opt.weight_decay), "0", 0, 1e3, NULL,
+     "weight decay lambda on tensors whose name has no \"bias\""},
+    {"opt.weight_decay_mode", KT_STR, FIELD(opt.weight_decay_mode), "\"l2\"", NOLIM, "l2|decoupled",
+     "l2: g += lambda w before the moments (the reference); decoupled: w *= 1 - lr lambda (AdamW)"},
+    {"opt.beta1", KT_DOUBLE, FIELD(opt.beta1), "0.9", 0, 0.999999, NULL, "Adam beta1"},
+    {"opt.beta2", KT_DOUBLE, FIELD(opt.beta2), "0.999", 0, 0.999999999, NULL, "Adam beta2"},
+    {"opt.eps", KT_DOUBLE, FIELD(opt.eps), "1e-8", 0, 1, NULL, "Adam epsilon"},
+
+    {"run.dir", KT_STR, FIELD(run.dir), "\"\"", NOLIM, NULL,
+     "run directory (config.json, status.json, metrics.jsonl, weights); \"\" = runs/<config file name>"},
+    {"run.device", KT_STR, FIELD(run.device), "\"cpu\"", NOLIM, "cpu|cuda|auto",
+     "backend: cpu, cuda, or auto (cuda when a GPU is present, else cpu)"},
+    {"run.threads", KT_INT, FIELD(run.threads), "0", 0, 4096, NULL, "CPU threads per rank; 0 = all available"},
+    {"run.status_every_s", KT_DOUBLE, FIELD(run.status_every_s), "5", 0.1, 86400, NULL,
+     "status.json refresh interval in seconds (it is also written at every log line)"},
+};
+#define NKEYS (int)(sizeof KEYS / sizeof KEYS[0])
+
+static const KeySpec *find_key(const char *path) {
+    for (int i = 0; i < NKEYS; i++)
+        if (!strcmp(KEYS[i].path, path)) return &KEYS[i];
+    return NULL;
+}
+
+// 1 if some key lives below this path ("model" for "model.arch").
+static int is_section(const char *path) {
+    size_t n = strlen(path);
+    for (int i = 0; i < NKEYS; i++)
+        if (!strncmp(KEYS[i].path, path, n) && KEYS[i].path[n] == '.') return 1;
+    return 0;
+}
+
+// Rejects keys that the table does not know, walking nested objects.
+static int check_unknown(const cJSON *obj, const char *prefix, char *err, size_t n) {
+    const cJSON *it;
+    cJSON_ArrayForEach(it, obj) {
+        char path[256];
+        snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", it->string);
+        if (find_key(path)) {
+            if (cJSON_IsObject(it)) return set_err(err, n, "config key '%s': expected a value, got an object", path);
+            continue;
+        }
+        if (is_section(path)) {
+            if (!cJSON_IsObject(it)) return set_err(err, n, "config key '%s': expected an object of keys", path);
+            if (check_unknown(it, path, err, n) != 0) return -1;
+            continue;
+        }
+        return set_err(err, n, "unknown config key '%s' (see docs/config.md)", path);
+    }
+    return 0;
+}
+
+static const cJSON *get_path(const cJSON *root, const char *path) {
+    char buf[256];
+    snprintf(buf, sizeof buf, "%s", path);
+    const cJSON *cur = root;
+    for (char *tok = strtok(buf, "."); tok && cur; tok = strtok(NULL, ".")) {
+        if (!cJSON_IsObject(cur)) return NULL;
+        cur = cJSON_GetObjectItemCaseSensitive(cur, tok);
+    }
+    return cur;
+}
+
+static const char *json_kind(const cJSON *v) {
+    if (cJSON_IsString(v)) return "a string";
+    if (cJSON_IsBool(v)) return "a boolean";
+    if (cJSON_IsNumber(v)) return "a number";
+    if (cJSON_IsNull(v)) return "null";
+    if (cJSON_IsArray(v)) return "an array";
+    return "an object";
+}
+
+// Stores one JSON value into the struct after checking type, range and choices.
+static int store_value(Config *cfg, const KeySpec *k, const cJSON *v, char *err, size_t n) {
+    char *dst = (char *)cfg + k->offset;
+    switch (k->type) {
+    case KT_BOOL:
+        if (!cJSON_IsBool(v)) return set_err(err, n, "config key '%s': expected true or false, got %s", k->path,
+                                            json_kind(v));
+        *(int *)dst = cJSON_IsTrue(v);
+        return 0;
+    case KT_STR: {
+        if (!cJSON_IsString(v)) return set_err(err, n, "config key '%s': expected a string, got %s", k->path,
+                                              json_kind(v));
+        const char *s = v->valuestring;
+        if (strlen(s) >= k->size) return set_err(err, n, "config key '%s': longer than %zu characters", k->path,
+                                                k->size - 1);
+        if (k->choices) {
+            char buf[128];
+            snprintf(buf, sizeof buf, "%s", k->choices);
+            int ok = 0;
+            for (char *tok = strtok(buf, "|"); tok; tok = strtok(NULL, "|")) ok |= !strcmp(tok, s);
+            if (!ok) return set_err(err, n, "config key '%s': \"%s\" is not one of %s", k->path, s, k->choices);
+        }
+        strcpy(dst, s);
+        return 0;
+    }
+    default: {
+        if (!cJSON_IsNumber(v)) return set_err(err, n, "config key '%s': expected a number, got %s", k->path,
+                                              json_kind(v));
+        double x = v->valuedouble;
+        if (!isfinite(x)) return set_err(err, n, "config key '%s': not a finite number", k->path);
+        if (k->type != KT_DOUBLE && x != floor(x))
+            return set_err(err, n, "config key '%s': expected an integer, got %g", k->path, x);
+        if (x < k->min || x > k->max)
+            return set_err(err, n, "config key '%s': %g is out of range [%g, %g]", k->path, x, k->min, k->max);
+        if (k->type == KT_INT) *(int *)dst = (int)x;
+        else if (k->type == KT_I64) *(int64_t *)dst = (int64_t)x;
+        else *(double *)dst = x;
+        return 0;
+    }
+    }
+}
+
+// Applies "a.b.c=value" to the tree; the value is JSON if it parses, else a string.
+static int apply_override(cJSON *root, const char *ov, char *err, size_t n) {
+    const char *eq = strchr(ov, '=');
+    if (!eq || eq == ov) return set_err(err, n, "--set '%s': expected key.path=value", ov);
+    char path[256];
+    size_t plen = (size_t)(eq - ov);
+    if (plen >= sizeof path) return set_err(err, n, "--set '%s': key too long", ov);
+    memcpy(path, ov, plen);
+    path[plen] = 0;
+    if (!find_key(path)) return set_err(err, n, "unknown config key '%s' in --set (see docs/config.md)", path);
+    cJSON *val = cJSON_Parse(eq + 1);
+    if (!val) val = cJSON_CreateString(eq + 1);
+    cJSON *cur = root;
+    char *save = NULL, *tok = strtok_r(path, ".", &save);
+    for (char *next = strtok_r(NULL, ".", &save); next; tok = next, next = strtok_r(NULL, ".", &save)) {
+        cJSON *child = cJSON_GetObjectItemCaseSensitive(cur, tok);
+        if (!child) child = cJSON_AddObjectToObject(cur, tok);
+        if (!cJSON_IsObject(child)) {
+            cJSON_Delete(val);
+            return set_err(err, n, "--set '%s': '%s' is not an object in the config", ov, tok);
+        }
+        cur = child;
+    }
+    if (cJSON_GetObjectItemCaseSensitive(cur, tok))
+        cJSON_ReplaceItemInObjectCaseSensitive(cur, tok, val);
+    else
+        cJSON_AddItemToObject(cur, tok, val);
+    return 0;
+}
+
+// Width presets and dataset shapes fill the fields left at 0; then cross-key rules.
+static int resolve(Config *c, char *err, size_t n) {
+    static const struct { const char *name; int dim, heads, mlp, depth; } presets[] = {
+        {"ti", 192, 3, 768, 12}, {"s", 384, 6, 1536, 12}, {"b", 768, 12, 3072, 12}};
+    int *fields[] = {&c->model.dim, &c->model.heads, &c->model.mlp_dim, &c->model.depth};
+    const char *names[] = {"model.dim", "model.heads", "model.mlp_dim", "model.depth"};
+    for (int p = 0; p < 3; p++) {
+        if (strcmp(c->model.width, presets[p].name)) continue;
+        int vals[] = {presets[p].dim, presets[p].heads, presets[p].mlp, presets[p].depth};
+        for (int i = 0; i < 4; i++)
+            if (*fields[i] == 0) *fields[i] = vals[i];
+    }
+    for (int i = 0; i < 4; i++)
+        if (*fields[i] == 0) return set_err(err, n, "config key '%s': required with model.width \"custom\"", names[i]);
+    // Both IDX datasets are 28x28 greyscale with 10 classes.
+    struct { int *field; int value; const char *name; } ds[] = {{&c->model.image_size, 28, "model.image_size"},
+                                                                {&c->model.channels, 1, "model.channels"},
+                                                                {&c->model.num_classes, 10, "model.num_classes"}};
+    for (int i = 0; i < 3; i++) {
+        if (*ds[i].field == 0) *ds[i].field = ds[i].value;
+        if (*ds[i].field != ds[i].value)
+            return set_err(err, n, "config key '%s': %s has %d, not %d", ds[i].name, c->data.dataset, ds[i].value,
+                          *ds[i].field);
+    }
+    ModelConfig mc = config_model(c);
+    char why[400];
+    if (model_config_check(&mc, why, sizeof why) != 0) return set_err(err, n, "config: %s", why);
+    if (c->train.batch_size % c->train.grad_accum != 0)
+        return set_err(err, n, "config key 'train.batch_size': %d is not divisible by train.grad_accum %d",
+                      c->train.batch_size, c->train.grad_accum);
+    if (c->train.epochs == 0 && c->train.steps == 0)
+        return set_err(err, n, "config key 'train.steps': 0 with train.epochs 0 leaves nothing to train");
+    if (!strcmp(c->data.root, "")) {
+        const char *def = !strcmp(c->data.dataset, "mnist") ? "/usr/share/datasets/mnist"
+                                                             : "/usr/share/datasets/fashion-mnist";
+        snprintf(c->data.root, sizeof c->data.root, "%s", def);
+    }
+    return 0;
+}
+
+static void default_run_dir(Config *c, const char *path) {
+    if (c->run.dir[0]) return;
+    const char *base = path ? strrchr(path, '/') : NULL;
+    base = base ? base + 1 : (path ? path : "default");
+    char name[256];
+    snprintf(name, sizeof name, "%s", base);
+    char *dot = strrchr(name, '.');
+    if (dot && !strcmp(dot, ".json")) *dot = 0;
+    snprintf(c->run.dir, sizeof c->run.dir, "runs/%s", name);
+}
+
+int config_load_err(Config *cfg, const char *path, const char *const *ov, int nov, char *err, size_t n) {
+    memset(cfg, 0, sizeof *cfg);
+    cJSON *root = NULL;
+    if (path) {
+        size_t len;
+        char *text = (char *)read_file_all(path, &len);
+        if (!text) return set_err(err, n, "config file '%s': %s", path, strerror(errno));
+        const char *end = NULL;
+        root = cJSON_ParseWithOpts(text, &end, 1);
+        if (!root) {
+            int line = 1;
+            for (const char *p = text; end && p < end; p++) line += *p == '\n';
+            free(text);
+            return set_err(err, n, "config file '%s': invalid JSON near line %d", path, line);
+        }
+        free(text);
+        if (!cJSON_IsObject(root)) {
+            cJSON_Delete(root);
+            return set_err(err, n, "config file '%s': the top level must be a JSON object", path);
+        }
+    } else {
+        root = cJSON_CreateObject();
+    }
+    int rc = 0;
+    for (int i = 0; i < nov && rc == 0; i++) rc = apply_override(root, ov[i], err, n);
+    if (rc == 0) rc = check_unknown(root, "", err, n);
+    for (int i = 0; i < NKEYS && rc == 0; i++) {
+        const cJSON *v = get_path(root, KEYS[i].path);
+        if (!v) {
+            if (!KEYS[i].def) {
+                rc = set_err(err, n, "config key '%s' is required (%s)", KEYS[i].path, KEYS[i].doc);
+                break;
+            }
+            cJSON *d = cJSON_Parse(KEYS[i].def);
+            CHECK(d, "bad default for %s", KEYS[i].path);
+            rc = store_value(cfg, &KEYS[i], d, err, n);
+            cJSON_Delete(d);
+        } else {
+            rc = store_value(cfg, &KEYS[i], v, err, n);
+        }
+    }
+    cJSON_Delete(root);
+    if (rc == 0) rc = resolve(cfg, err, n);
+    if (rc == 0) default_run_dir(cfg, path);
+    return rc;
+}
+
+void config_load(Config *cfg, const char *path, const char *const *ov, int nov) {
+    char err[1024];
+    if (config_load_err(cfg, path, ov, nov, err, sizeof err) != 0) die_user("%s", err);
+}
+
+ModelConfig config_model(const Config *c) {
+    ModelConfig m = {
+        .arch = strcmp(c->model.arch, "simplevit") == 0 ? ARCH_SIMPLEVIT : ARCH_SIMPLEST,
+        .image_size = c->model.image_size,
+        .patch_size = c->model.patch_size,
+        .channels = c->model.channels,
+        .num_classes = c->model.num_classes,
+        .dim = c->model.dim,
+        .depth = c->model.depth,
+        .heads = c->model.heads,
+        .mlp_dim = c->model.mlp_dim,
+        .eta = c->model.eta,
+        .gamma_L = c->model.gamma_L,
+        .qkv_bias = c->model.qkv_bias,
+        .mlp_bias = c->model.mlp_bias,
+        .drop_p = (float)c->model.drop_p,
+        .seed_compat = c->model.seed_compat,
+    };
+    return m;
+}
+
+// Finds or creates the object for the section part of a key path; *leaf gets the last name.
+static cJSON *section_of(cJSON *root, const char *path, char *leaf, size_t leafn) {
+    char buf[64];
+    snprintf(buf, sizeof buf, "%s", path);
+    char *last = strrchr(buf, '.');
+    snprintf(leaf, leafn, "%s", last ? last + 1 : buf);
+    if (!last) return root;
+    *last = 0;
+    cJSON *cur = root;
+    for (char *tok = strtok(buf, "."); tok; tok = strtok(NULL, ".")) {
+        cJSON *child = cJSON_GetObjectItemCaseSensitive(cur, tok);
+        if (!child) child = cJSON_AddObjectToObject(cur, tok);
+        cur = child;
+    }
+    return cur;
+}
+
+char *config_to_json(const Config *cfg) {
+    cJSON *root = cJSON_CreateObject();
+    for (int i = 0; i < NKEYS; i++) {
+        const KeySpec *k = &KEYS[i];
+        char leaf[64];
+        cJSON *sec = section_of(root, k->path, leaf, sizeof leaf);
+        const char *src = (const char *)cfg + k->offset;
+        switch (k->type) {
+        case KT_BOOL: cJSON_AddBoolToObject(sec, leaf, *(const int *)src); break;
+        case KT_STR: cJSON_AddStringToObject(sec, leaf, src); break;
+        case KT_INT: cJSON_AddNumberToObject(sec, leaf, *(const int *)src); break;
+        case KT_I64: cJSON_AddNumberToObject(sec, leaf, (double)*(const int64_t *)src); break;
+        case KT_DOUBLE: cJSON_AddNumberToObject(sec, leaf, *(const double *)src); break;
+        }
+    }
+    char *s = cJSON_Print(root);
+    cJSON_Delete(root);
+    return s;
+}
+
+char *config_doc_markdown(void) {
+    static const char *types[] = {"int", "int", "number", "bool", "string"};
+    StrBuf b = {0};
+    sb_printf(&b, "# Config reference\n\n"
+                  "Generated by `simplest-dist config-doc` from the key table in `src/config.c`; "
+                  "`make test` checks that this file matches it.\n\n"
+                  "A config is a JSON object of sections. Every key below is optional unless its default says "
+                  "*required*. An unknown key, a wrong type or a value out of range stops the run with one line "
+                  "naming the key and exit code 2. `--set key.path=value` overrides any key (the value is parsed as "
+                  "JSON, else taken as a string). The effective config, with every key resolved, is written to "
+                  "`<run.dir>/config.json`.\n");
+    const char *section = "";
+    size_t seclen = 0;
+    for (int i = 0; i < NKEYS; i++) {
+        const KeySpec *k = &KEYS[i];
+        const char *dot = strchr(k->path, '.');
+        size_t sl = (size_t)(dot - k->path);
+        if (sl != seclen || strncmp(section, k->path, sl)) {
+            section = k->path;
+            seclen = sl;
+            sb_printf(&b, "\n## `%.*s`\n\n| key | type | default | allowed | meaning |\n|---|---|---|---|---|\n",
+                      (int)sl, k->path);
+        }
+        char allowed[160] = "";
+        if (k->choices)
+            snprintf(allowed, sizeof allowed, "%s", k->choices);
+        else if (k->type != KT_BOOL && k->type != KT_STR)
+            snprintf(allowed, sizeof allowed, "%g .. %g", k->min, k->max);
+        for (char *p = allowed; *p; p++)
+            if (*p == '|') *p = ',';
+        sb_printf(&b, "| `%s` | %s | %s | %s | %s |\n", k->path, types[k->type], k->def ? k->def : "*required*",
+                  allowed, k->doc);
+    }
+    return b.s;
+}

@@ -1,0 +1,77 @@
+// config.h: the JSON config, read through cJSON into a typed struct. One table (config.c) lists every key with its
+// type, default, range and documentation; it drives parsing, validation, --set overrides, the effective config
+// written to the run directory, and docs/config.md (`simplest-dist config-doc`).
+#pragma once
+#include <stdint.h>
+
+#include "model.h"
+
+typedef struct {
+    struct {
+        char arch[16];   // "simplest" | "simplevit"
+        char width[8];   // "ti" | "s" | "b" | "custom"
+        int dim, heads, mlp_dim, depth;  // 0: from the width preset
+        int image_size, patch_size, num_classes, channels;  // 0: from the dataset
+        double eta, gamma_L;
+        int qkv_bias, mlp_bias;
+        double drop_p;
+        int seed_compat;
+    } model;
+    struct {
+        char dataset[32];  // "fashion-mnist" | "mnist"
+        char root[512];    // "" = the dataset's default location
+        int augment;       // random crop with padding + horizontal flip
+        int crop_padding;
+        int flip;
+        int eval_batch_size;  // 0: the training micro-batch
+        int64_t train_limit, eval_limit;  // 0: all images; otherwise the first N (tests, smoke runs)
+    } data;
+    struct {
+        int epochs;
+        int64_t steps;  // 0: from epochs
+        int64_t seed;
+        int batch_size;  // global per optimizer step
+        int grad_accum;
+        int warmup_steps;
+        double clip;
+        double label_smoothing;
+        double mixup_alpha;
+        int eval_every;  // optimizer steps; 0: only at the end
+        int log_every;
+        int ema;
+        int ema_every;
+        double ema_decay;
+        int sam;
+        double sam_rho;
+        int sam_every;
+    } train;
+    struct {
+        int group;  // images per mixup group; 0: the micro-batch
+    } mixup;
+    struct {
+        char name[16];  // "adam"
+        double lr;
+        double weight_decay;
+        char weight_decay_mode[16];  // "l2" | "decoupled"
+        double beta1, beta2, eps;
+    } opt;
+    struct {
+        char dir[512];    // run directory; "" = runs/<config file name>
+        char device[8];   // "cpu" | "cuda" | "auto"
+        int threads;      // CPU threads per rank; 0 = all available
+        double status_every_s;
+    } run;
+} Config;
+
+// Loads path (may be NULL for pure defaults), applies "key.path=value" overrides, validates. On a user error it
+// prints one line naming the key (or file) and exits with code 2.
+void config_load(Config *cfg, const char *path, const char *const *overrides, int noverrides);
+// Same, but returns -1 with the one-line message in err instead of exiting (for tests).
+int config_load_err(Config *cfg, const char *path, const char *const *overrides, int noverrides, char *err,
+                    size_t errlen);
+// The effective config as JSON text (every key, resolved values). Caller frees.
+char *config_to_json(const Config *cfg);
+// docs/config.md as markdown text. Caller frees.
+char *config_doc_markdown(void);
+// The model part as a ModelConfig.
+ModelConfig config_model(const Config *cfg);

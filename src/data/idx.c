@@ -1,0 +1,144 @@
+// idx.c: MNIST / Fashion-MNIST IDX files (spec/data.md §1.4), read through zlib so that .gz and plain files work.
+#include <errno.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+
+#include "data/dataset.h"
+#include "util.h"
+
+static uint32_t be32(const unsigned char *p) {
+    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
+}
+
+// Reads exactly n bytes; 0 on success.
+static int gz_read_exact(gzFile f, void *buf, size_t n) {
+    unsigned char *p = buf;
+    while (n > 0) {
+        unsigned chunk = n > (1u << 30) ? (1u << 30) : (unsigned)n;
+        int got = gzread(f, p, chunk);
+        if (got <= 0) return -1;
+        p += got;
+        n -= (size_t)got;
+    }
+    return 0;
+}
+
+// Opens an IDX file, checks its magic and reads the dims. Returns the open file or NULL with err set.
+static gzFile open_idx(const char *path, uint32_t magic, int ndims, uint32_t *dims, char *err, size_t n) {
+    gzFile f = gzopen(path, "rb");
+    if (!f) {
+        set_err(err, n, "dataset file '%s': cannot open: %s", path, strerror(errno ? errno : ENOENT));
+        return NULL;
+    }
+    unsigned char hdr[16];
+    if (gz_read_exact(f, hdr, 4 + 4 * (size_t)ndims) != 0) {
+        set_err(err, n, "dataset file '%s': truncated or corrupt header", path);
+        gzclose(f);
+        return NULL;
+    }
+    if (be32(hdr) != magic) {
+        set_err(err, n, "dataset file '%s': bad IDX magic 0x%08x (want 0x%08x)", path, be32(hdr), magic);
+        gzclose(f);
+        return NULL;
+    }
+    for (int i = 0; i < ndims; i++) dims[i] = be32(hdr + 4 + 4 * i);
+    return f;
+}
+
+// 1 if anything is left after the expected data (a file longer than its header says).
+static int has_trailing(gzFile f) {
+    unsigned char b;
+    return gzread(f, &b, 1) > 0;
+}
+
+int dataset_load_idx(Dataset *ds, const char *images_path, const char *labels_path, char *err, size_t n) {
+    memset(ds, 0, sizeof *ds);
+    uint32_t idims[3], ldims[1];
+    gzFile fi = open_idx(images_path, 0x00000803, 3, idims, err, n);
+    if (!fi) return -1;
+    gzFile fl = open_idx(labels_path, 0x00000801, 1, ldims, err, n);
+    if (!fl) {
+        gzclose(fi);
+        return -1;
+    }
+    int rc = -1;
+    if (idims[0] != ldims[0]) {
+        set_err(err, n, "dataset files '%s' and '%s': %u images but %u labels", images_path, labels_path, idims[0],
+             ldims[0]);
+        goto out;
+    }
+    if (idims[1] == 0 || idims[2] == 0 || idims[1] > 4096 || idims[2] > 4096 || idims[0] == 0) {
+        set_err(err, n, "dataset file '%s': implausible dims %u x %u x %u", images_path, idims[0], idims[1], idims[2]);
+        goto out;
+    }
+    ds->n = idims[0];
+    ds->height = (int)idims[1];
+    ds->width = (int)idims[2];
+    ds->channels = 1;
+    size_t npix = (size_t)ds->n * ds->height * ds->width;
+    ds->pixels = xmalloc(npix, "IDX pixels");
+    uint8_t *lab = xmalloc((size_t)ds->n, "IDX labels");
+    if (gz_read_exact(fi, ds->pixels, npix) != 0 || has_trailing(fi)) {
+        set_err(err, n, "dataset file '%s': length does not match its header (%u images of %ux%u)", images_path,
+             idims[0], idims[1], idims[2]);
+        free(lab);
+        goto out;
+    }
+    if (gz_read_exact(fl, lab, (size_t)ds->n) != 0 || has_trailing(fl)) {
+        set_err(err, n, "dataset file '%s': length does not match its header (%u labels)", labels_path, ldims[0]);
+        free(lab);
+        goto out;
+    }
+    ds->labels = xmalloc((size_t)ds->n * sizeof(int32_t), "labels");
+    int maxlab = 0;
+    for (int64_t i = 0; i < ds->n; i++) {
+        ds->labels[i] = lab[i];
+        maxlab = lab[i] > maxlab ? lab[i] : maxlab;
+    }
+    free(lab);
+    if (maxlab > 9) {
+        set_err(err, n, "dataset file '%s': label %d outside 0..9", labels_path, maxlab);
+        goto out;
+    }
+    ds->num_classes = 10;
+    rc = 0;
+out:
+    gzclose(fi);
+    gzclose(fl);
+    if (rc != 0) dataset_free(ds);
+    return rc;
+}
+
+// Picks "<root>/<stem>.gz" when it exists, else the plain "<root>/<stem>".
+static void idx_path(char *out, size_t n, const char *root, const char *stem) {
+    snprintf(out, n, "%s/%s.gz", root, stem);
+    if (!path_exists(out)) snprintf(out, n, "%s/%s", root, stem);
+}
+
+int dataset_open(Dataset *ds, const char *name, const char *root, int train, int64_t limit, char *err, size_t n) {
+    char ip[1100], lp[1100];
+    const char *split = train ? "train" : "t10k";
+    char stem[64];
+    snprintf(stem, sizeof stem, "%s-images-idx3-ubyte", split);
+    idx_path(ip, sizeof ip, root, stem);
+    snprintf(stem, sizeof stem, "%s-labels-idx1-ubyte", split);
+    idx_path(lp, sizeof lp, root, stem);
+    if (dataset_load_idx(ds, ip, lp, err, n) != 0) return -1;
+    snprintf(ds->name, sizeof ds->name, "%s", name);
+    // Fashion-MNIST: mean/std of its 60,000 training images; MNIST: the customary values (spec/data.md §2).
+    int fashion = strcmp(name, "fashion-mnist") == 0;
+    ds->mean[0] = fashion ? 0.2860f : 0.1307f;
+    ds->std[0] = fashion ? 0.3530f : 0.3081f;
+    if (limit > 0 && limit < ds->n) ds->n = limit;
+    return 0;
+}
+
+void dataset_free(Dataset *ds) {
+    free(ds->pixels);
+    free(ds->labels);
+    ds->pixels = NULL;
+    ds->labels = NULL;
+}

@@ -1,0 +1,89 @@
+// main.c: the command line. `simplest-dist [train] CONFIG [--set key=value ...]`, `eval`, `config-doc`, `version`.
+// MPI init/finalize and exit codes (0 ok, 1 bug or system failure, 2 user error) live here.
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "comm.h"
+#include "backend.h"
+#include "config.h"
+#include "train.h"
+#include "util.h"
+
+#define VERSION "0.1.0"
+
+static void usage(FILE *f) {
+    fprintf(f,
+            "usage:\n"
+            "  simplest-dist [train] CONFIG.json [--set key.path=value ...]\n"
+            "  simplest-dist eval CONFIG.json --checkpoint FILE [--logits out.npy] [--input images.npy] [--set ...]\n"
+            "  simplest-dist config-doc      print docs/config.md (every config key)\n"
+            "  simplest-dist version\n"
+            "Runs alone or under mpirun/srun (one rank per GPU, or per CPU share on the CPU backend).\n");
+}
+
+typedef struct {
+    const char *config, *checkpoint, *logits, *input;
+    const char **sets;
+    int nsets;
+} Args;
+
+// Parses everything after the subcommand; a bad argument is a user error.
+static void parse_args(Args *a, int argc, char **argv, int first, int is_eval) {
+    memset(a, 0, sizeof *a);
+    a->sets = xcalloc((size_t)argc * sizeof(char *), "overrides");
+    for (int i = first; i < argc; i++) {
+        const char *s = argv[i];
+        int has_val = i + 1 < argc;
+        if (!strcmp(s, "--set") && has_val) {
+            a->sets[a->nsets++] = argv[++i];
+        } else if (!strncmp(s, "--set=", 6)) {
+            a->sets[a->nsets++] = s + 6;
+        } else if (is_eval && !strcmp(s, "--checkpoint") && has_val) {
+            a->checkpoint = argv[++i];
+        } else if (is_eval && !strcmp(s, "--logits") && has_val) {
+            a->logits = argv[++i];
+        } else if (is_eval && !strcmp(s, "--input") && has_val) {
+            a->input = argv[++i];
+        } else if (s[0] == '-' && s[1] == '-') {
+            die_user("unknown or incomplete option '%s' (see simplest-dist --help)", s);
+        } else if (!a->config) {
+            a->config = s;
+        } else {
+            die_user("unexpected argument '%s': one config file only", s);
+        }
+    }
+    if (!a->config) die_user("no config file given (see simplest-dist --help)");
+    if (is_eval && !a->checkpoint) die_user("eval needs --checkpoint FILE");
+}
+
+int main(int argc, char **argv) {
+    backend_cpu_fix_blas_core(argv);
+    if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
+        usage(argc < 2 ? stderr : stdout);
+        return argc < 2 ? EXIT_USER : 0;
+    }
+    const char *cmd = argv[1];
+    if (!strcmp(cmd, "version")) {
+        printf("simplest-dist %s\n", VERSION);
+        return 0;
+    }
+    if (!strcmp(cmd, "config-doc")) {
+        char *doc = config_doc_markdown();
+        fputs(doc, stdout);
+        free(doc);
+        return 0;
+    }
+    int is_eval = !strcmp(cmd, "eval");
+    int first = (is_eval || !strcmp(cmd, "train")) ? 2 : 1;
+    Comm comm;
+    comm_init(&comm, &argc, &argv);
+    Args a;
+    parse_args(&a, argc, argv, first, is_eval);
+    Config cfg;
+    config_load(&cfg, a.config, a.sets, a.nsets);
+    int rc = is_eval ? eval_main(&cfg, &comm, a.checkpoint, a.logits, a.input) : train_main(&cfg, &comm);
+    free(a.sets);
+    comm_finalize(&comm);
+    return rc;
+}

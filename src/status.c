@@ -1,0 +1,98 @@
+// status.c: see status.h.
+#include "status.h"
+
+#include <cJSON.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/time.h>
+
+#include "util.h"
+
+double unix_time(void) {
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    return (double)tv.tv_sec + 1e-6 * (double)tv.tv_usec;
+}
+
+// NaN and Inf are not JSON: they become null.
+static void add_num(cJSON *o, const char *k, double v) {
+    if (isfinite(v))
+        cJSON_AddNumberToObject(o, k, v);
+    else
+        cJSON_AddNullToObject(o, k);
+}
+
+int status_write(const char *dir, const StatusInfo *s) {
+    cJSON *o = cJSON_CreateObject();
+    cJSON_AddStringToObject(o, "schema", "simplest-dist-status-1");
+    cJSON_AddStringToObject(o, "state", s->state);
+    add_num(o, "updated_unix", unix_time());
+    cJSON_AddStringToObject(o, "run_dir", s->run_dir);
+    cJSON_AddStringToObject(o, "arch", s->arch);
+    cJSON_AddStringToObject(o, "device", s->device);
+    add_num(o, "step", (double)s->step);
+    add_num(o, "total_steps", (double)s->total_steps);
+    add_num(o, "epoch", s->epoch);
+    add_num(o, "images_per_sec", s->images_per_sec);
+    add_num(o, "loss", s->loss);
+    add_num(o, "lr", s->lr);
+    add_num(o, "grad_norm", s->grad_norm);
+    add_num(o, "elapsed_s", s->elapsed_s);
+    add_num(o, "eta_s", s->eta_s);
+    if (s->has_eval) {
+        cJSON *e = cJSON_AddObjectToObject(o, "eval");
+        add_num(e, "step", (double)s->eval_step);
+        add_num(e, "top1", s->eval_top1);
+        add_num(e, "top5", s->eval_top5);
+        add_num(e, "loss", s->eval_loss);
+        add_num(e, "best_top1", s->best_top1);
+        add_num(e, "best_step", (double)s->best_step);
+    } else {
+        cJSON_AddNullToObject(o, "eval");
+    }
+    add_num(o, "world_size", s->world_size);
+    cJSON *ranks = cJSON_AddArrayToObject(o, "ranks");
+    for (int r = 0; r < s->world_size && s->ranks; r++) {
+        cJSON *x = cJSON_CreateObject();
+        add_num(x, "rank", s->ranks[r].rank);
+        add_num(x, "step", (double)s->ranks[r].step);
+        add_num(x, "heartbeat_unix", s->ranks[r].heartbeat_unix);
+        add_num(x, "images_per_sec", s->ranks[r].images_per_sec);
+        add_num(x, "loader_stall_s", s->ranks[r].loader_stall_s);
+        cJSON_AddItemToArray(ranks, x);
+    }
+    if (s->last_checkpoint)
+        cJSON_AddStringToObject(o, "last_checkpoint", s->last_checkpoint);
+    else
+        cJSON_AddNullToObject(o, "last_checkpoint");
+    cJSON_AddNullToObject(o, "shampoo");  // filled in by the Shampoo optimizer when it runs
+    if (s->sp_mean_sq) {
+        cJSON *sp = cJSON_AddObjectToObject(o, "signalprop");
+        add_num(sp, "step", (double)s->sp_step);
+        cJSON *layers = cJSON_AddArrayToObject(sp, "blocks");
+        for (int l = 0; l < s->depth; l++) {
+            cJSON *x = cJSON_CreateObject();
+            add_num(x, "block", l + 1);
+            add_num(x, "mean_sq", s->sp_mean_sq[l]);
+            add_num(x, "mean_token_cos", s->sp_mean_cos[l]);
+            cJSON_AddItemToArray(layers, x);
+        }
+    } else {
+        cJSON_AddNullToObject(o, "signalprop");
+    }
+    char *text = cJSON_Print(o);
+    cJSON_Delete(o);
+    char path[1200];
+    snprintf(path, sizeof path, "%s/status.json", dir);
+    int rc = write_file_atomic(path, text, strlen(text));
+    free(text);
+    return rc;
+}
+
+void metrics_append(FILE *f, const char *line) {
+    if (!f) return;
+    fputs(line, f);
+    fputc('\n', f);
+    fflush(f);
+}

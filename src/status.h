@@ -1,0 +1,37 @@
+// status.h: what monitoring reads. status.json (schema in docs/status.md), replaced atomically, and metrics.jsonl,
+// one JSON object per line, appended and flushed. Only rank 0 writes them.
+#pragma once
+#include <stdint.h>
+#include <stdio.h>
+
+typedef struct {
+    int rank;
+    int64_t step;
+    double heartbeat_unix;  // wall-clock time of the rank's last report
+    double images_per_sec;
+    double loader_stall_s;  // total time spent waiting on the loader
+} RankStatus;
+
+typedef struct {
+    const char *state;  // "starting" | "training" | "evaluating" | "done" | "failed"
+    const char *run_dir, *arch, *device;
+    int64_t step, total_steps;
+    double epoch;  // fractional
+    double images_per_sec, loss, lr, grad_norm;
+    double elapsed_s, eta_s;
+    int has_eval;
+    int64_t eval_step, best_step;
+    double eval_top1, eval_top5, eval_loss, best_top1;
+    int world_size;
+    const RankStatus *ranks;  // world_size entries
+    const char *last_checkpoint;  // NULL: none yet
+    int depth;
+    const double *sp_mean_sq, *sp_mean_cos;  // per block, NULL before the first measurement
+    int64_t sp_step;
+} StatusInfo;
+
+// Writes <dir>/status.json atomically. Returns 0 or -1 with errno.
+int status_write(const char *dir, const StatusInfo *s);
+// Appends one line to metrics.jsonl and flushes it.
+void metrics_append(FILE *f, const char *json_line);
+double unix_time(void);

@@ -1,0 +1,550 @@
+// train.c: see train.h.
+#include "train.h"
+
+#include <errno.h>
+#include <math.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+
+#include "checkpoint.h"
+#include "safetensors.h"
+#include "status.h"
+#include "util.h"
+
+// The one process-wide global: set by SIGINT/SIGTERM/SIGUSR1, read by the loop between steps.
+static volatile sig_atomic_t g_stop_signal = 0;
+
+static void on_signal(int sig) { g_stop_signal = sig; }
+
+Backend *backend_for_config(const Config *cfg, int rank) {
+    const char *dev = cfg->run.device;
+#ifdef USE_CUDA
+    if (!strcmp(dev, "cuda") || !strcmp(dev, "auto")) return backend_cuda_create(rank);
+#endif
+    if (!strcmp(dev, "cuda")) die_user("config key 'run.device': \"cuda\" but this build has no CUDA backend");
+    if (!strcmp(dev, "auto") && rank == 0) printf("run.device auto: no CUDA backend in this build, using the CPU\n");
+    return backend_cpu_create(cfg->run.threads);
+}
+
+// ---------------------------------------------------------------- one step
+
+void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64_t total_steps) {
+    memset(t, 0, sizeof *t);
+    t->cfg = cfg;
+    t->comm = comm;
+    t->model = model;
+    t->be = model->be;
+    t->global_batch = cfg->train.batch_size;
+    t->accum = cfg->train.grad_accum;
+    if (t->global_batch % (comm->world * t->accum) != 0)
+        die_user("config key 'train.batch_size': %d is not divisible by ranks (%d) x train.grad_accum (%d)",
+                 t->global_batch, comm->world, t->accum);
+    t->micro = t->global_batch / (comm->world * t->accum);
+    t->seed = (uint64_t)cfg->train.seed;
+    t->total_steps = total_steps;
+    AdamConfig ac = {.lr0 = cfg->opt.lr,
+                     .weight_decay = cfg->opt.weight_decay,
+                     .beta1 = cfg->opt.beta1,
+                     .beta2 = cfg->opt.beta2,
+                     .eps = cfg->opt.eps,
+                     .decoupled = !strcmp(cfg->opt.weight_decay_mode, "decoupled")};
+    adam_create(&t->adam, model, &ac);
+    size_t pbytes = model->num_params * sizeof(float);
+    if (cfg->train.ema) {
+        t->ema = t->be->alloc(t->be, pbytes, "EMA weights");
+        t->be->copy(t->be, t->ema, model->params, pbytes);
+    }
+    if (cfg->train.sam) t->sam_e = t->be->alloc(t->be, pbytes, "SAM perturbation");
+    const ModelConfig *mc = &model->cfg;
+    size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
+    t->h_images = t->be->alloc_host(t->be, (size_t)t->micro * img * sizeof(float), "host image batch");
+    t->h_targets = t->be->alloc_host(t->be, (size_t)t->micro * mc->num_classes * sizeof(float), "host targets");
+}
+
+void trainer_free(Trainer *t) {
+    Backend *be = t->be;
+    adam_free(&t->adam, t->model);
+    if (t->ema) be->free(be, t->ema);
+    if (t->sam_e) be->free(be, t->sam_e);
+    be->free_host(be, t->h_images);
+    be->free_host(be, t->h_targets);
+}
+
+// Position of this rank's micro-batch within the step's global slice (keys dropout and mixup groups).
+static uint64_t slice_pos(const Trainer *t, int micro) {
+    return (uint64_t)t->comm->rank * (t->global_batch / t->comm->world) + (uint64_t)micro * t->micro;
+}
+
+// Forward + backward over the step's micro-batches; grads end summed over ranks. Returns the loss sum.
+static double accumulate_grads(Trainer *t, int64_t k, BatchSource src, void *ctx) {
+    Model *m = t->model;
+    Backend *be = t->be;
+    const ModelConfig *mc = &m->cfg;
+    size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
+    float *losses = xmalloc((size_t)t->micro * sizeof(float), "losses");
+    double loss_sum = 0.0;
+    model_zero_grad(m);
+    for (int mi = 0; mi < t->accum; mi++) {
+        src(ctx, t, k, mi, t->h_images, t->h_targets);
+        be->upload(be, m->input, t->h_images, (size_t)t->micro * img * sizeof(float));
+        be->upload(be, m->targets, t->h_targets, (size_t)t->micro * mc->num_classes * sizeof(float));
+        model_forward(m, t->micro, 1, t->seed, (uint64_t)k, slice_pos(t, mi));
+        model_loss(m, t->micro, (float)t->cfg->train.label_smoothing, 1.0f / (float)t->global_batch, 1);
+        model_backward(m, t->micro, t->seed, (uint64_t)k, slice_pos(t, mi));
+        be->download(be, losses, m->losses, (size_t)t->micro * sizeof(float));
+        for (int i = 0; i < t->micro; i++) loss_sum += losses[i];
+    }
+    free(losses);
+    be->sync(be);
+    comm_allreduce_sum_f32(t->comm, m->grads, m->num_params);
+    return loss_sum;
+}
+
+StepResult trainer_step(Trainer *t, int64_t k, BatchSource src, void *ctx) {
+    const Config *cfg = t->cfg;
+    Model *m = t->model;
+    Backend *be = t->be;
+    StepResult r = {0};
+    r.loss_sum = accumulate_grads(t, k, src, ctx);
+    r.count = (int64_t)t->micro * t->accum;
+    r.grad_norm = grad_global_norm(m);
+    double cf = clip_factor(r.grad_norm, cfg->train.clip);
+    if (t->sam_e && k % cfg->train.sam_every == 0) {
+        // SAM: ascend to w + rho g/|g| with the clipped g, take the gradient there, come back (§12.9).
+        double gnorm = r.grad_norm * cf;
+        be->copy(be, t->sam_e, m->grads, m->num_params * sizeof(float));
+        be->scale(be, t->sam_e, m->num_params, (float)(cf * cfg->train.sam_rho / (gnorm + 1e-12)));
+        be->axpy(be, m->params, t->sam_e, m->num_params, 1.0f);
+        be->params_changed(be, m->params, m->num_params);
+        accumulate_grads(t, k, src, ctx);
+        cf = clip_factor(grad_global_norm(m), cfg->train.clip);
+        be->axpy(be, m->params, t->sam_e, m->num_params, -1.0f);
+    }
+    r.lr = lr_at_step(cfg->opt.lr, k, cfg->train.warmup_steps, t->total_steps, m->cfg.seed_compat);
+    adam_step(&t->adam, m, r.lr, cf);
+    if (t->ema && k % cfg->train.ema_every == 0)
+        be->ema_update(be, t->ema, m->params, m->num_params, (float)cfg->train.ema_decay);
+    return r;
+}
+
+// ---------------------------------------------------------------- eval
+
+// Top-1 and top-5 hits of one row of logits against label y.
+static void topk_hits(const float *z, int C, int y, int *hit1, int *hit5) {
+    int above = 0;  // classes scoring strictly higher than the label, ties broken toward lower indices
+    for (int c = 0; c < C; c++)
+        if (z[c] > z[y] || (z[c] == z[y] && c < y)) above++;
+    *hit1 = above == 0;
+    *hit5 = above < 5;
+}
+
+EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, float *logits_out) {
+    Backend *be = m->be;
+    int C = m->cfg.num_classes;
+    size_t img = (size_t)ds->channels * ds->height * ds->width;
+    int64_t begin, end;
+    loader_eval_shard(ds->n, comm->rank, comm->world, &begin, &end);
+    float *images = xmalloc((size_t)eval_batch * img * sizeof(float), "eval images");
+    float *targets = xmalloc((size_t)eval_batch * C * sizeof(float), "eval targets");
+    float *logits = xmalloc((size_t)eval_batch * C * sizeof(float), "eval logits");
+    float *losses = xmalloc((size_t)eval_batch * sizeof(float), "eval losses");
+    double sums[4] = {0, 0, 0, 0};  // top-1 hits, top-5 hits, loss, images
+    if (logits_out) memset(logits_out, 0, (size_t)ds->n * C * sizeof(float));
+    for (int64_t i0 = begin; i0 < end; i0 += eval_batch) {
+        int n = (int)(end - i0 < eval_batch ? end - i0 : eval_batch);
+        memset(targets, 0, (size_t)n * C * sizeof(float));
+        for (int i = 0; i < n; i++) {
+            loader_image(ds, i0 + i, NULL, 0, 0, images + (size_t)i * img);
+            targets[(size_t)i * C + ds->labels[i0 + i]] = 1.0f;
+        }
+        be->upload(be, m->input, images, (size_t)n * img * sizeof(float));
+        be->upload(be, m->targets, targets, (size_t)n * C * sizeof(float));
+        model_forward(m, n, 0, 0, 0, 0);
+        model_loss(m, n, 0.0f, 1.0f, 0);
+        be->download_act(be, logits, m->logits, (size_t)n * C);
+        be->download(be, losses, m->losses, (size_t)n * sizeof(float));
+        for (int i = 0; i < n; i++) {
+            int h1, h5;
+            topk_hits(logits + (size_t)i * C, C, ds->labels[i0 + i], &h1, &h5);
+            sums[0] += h1;
+            sums[1] += h5;
+            sums[2] += losses[i];
+        }
+        sums[3] += n;
+        if (logits_out) memcpy(logits_out + (size_t)i0 * C, logits, (size_t)n * C * sizeof(float));
+    }
+    comm_allreduce_sum_f64(comm, sums, 4);
+    if (logits_out) comm_allreduce_sum_f32(comm, logits_out, (size_t)ds->n * C);  // zeros elsewhere: exact
+    free(images);
+    free(targets);
+    free(logits);
+    free(losses);
+    EvalResult r = {sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3], (int64_t)sums[3]};
+    return r;
+}
+
+// ---------------------------------------------------------------- the run
+
+typedef struct {
+    const Dataset *ds;
+    AugmentConfig aug;
+    int64_t steps_per_epoch;
+    int64_t epoch;  // epoch whose permutation is in perm (-1: none)
+    int64_t *perm;
+    int mixup_group;
+    double mixup_alpha;
+} LoaderCtx;
+
+// The loader's batch source: global slice [s B, (s + 1) B) of epoch e's permutation, this rank's sub-slice.
+static void loader_source(void *ctx_, const Trainer *t, int64_t k, int micro, float *images, float *targets) {
+    LoaderCtx *c = ctx_;
+    int64_t e = (k - 1) / c->steps_per_epoch, s = (k - 1) % c->steps_per_epoch;
+    if (e != c->epoch) {
+        loader_permutation(t->seed, e, c->ds->n, c->perm);
+        c->epoch = e;
+    }
+    uint64_t pos = slice_pos(t, micro);
+    loader_train_batch(c->ds, c->perm, e, s * t->global_batch + (int64_t)pos, t->micro, &c->aug, t->seed, images,
+                       targets, NULL);
+    if (c->mixup_alpha > 0.0) {
+        const ModelConfig *mc = &t->model->cfg;
+        size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
+        mixup_apply(images, targets, t->micro, img, mc->num_classes, c->mixup_group, c->mixup_alpha, t->seed,
+                    (uint64_t)k, pos / (uint64_t)c->mixup_group);
+    }
+}
+
+static void load_dataset(Dataset *ds, const Config *cfg, int train) {
+    char err[1024];
+    if (dataset_open(ds, cfg->data.dataset, cfg->data.root, train, train ? cfg->data.train_limit
+                                                                            : cfg->data.eval_limit,
+                     err, sizeof err) != 0)
+        die_user("%s", err);
+}
+
+// Moves an earlier run's directory aside (<dir>.1, .2, ...) so that a new run never overwrites it.
+static void prepare_run_dir(const char *dir) {
+    char status[1200];
+    snprintf(status, sizeof status, "%s/status.json", dir);
+    if (path_exists(status)) {
+        char aside[1200];
+        for (int i = 1;; i++) {
+            snprintf(aside, sizeof aside, "%s.%d", dir, i);
+            if (!path_exists(aside)) break;
+        }
+        if (rename(dir, aside) != 0) die_user("run directory '%s': cannot move the earlier run aside: %s", dir,
+                                              strerror(errno));
+        printf("run directory %s held an earlier run: moved it to %s\n", dir, aside);
+    }
+    if (mkdir_p(dir) != 0) die_user("run directory '%s': cannot create: %s", dir, strerror(errno));
+}
+
+static void format_eta(char *buf, size_t n, double s) {
+    if (!isfinite(s) || s < 0) {
+        snprintf(buf, n, "?");
+        return;
+    }
+    long t = (long)(s + 0.5);
+    if (t >= 3600)
+        snprintf(buf, n, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+    else
+        snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
+}
+
+typedef struct {
+    StatusInfo info;
+    RankStatus *ranks;
+    double *sp_sq, *sp_cos;
+    char last_ckpt[1200];
+} RunStatus;
+
+// Every rank's step, heartbeat, speed and stall, gathered onto every rank (a small all-reduce).
+static void gather_ranks(Comm *comm, RankStatus *out, int64_t step, double ips, double stall) {
+    int W = comm->world;
+    double *buf = xcalloc((size_t)W * 4 * sizeof(double), "rank status");
+    double *mine = buf + (size_t)comm->rank * 4;
+    mine[0] = (double)step;
+    mine[1] = unix_time();
+    mine[2] = ips;
+    mine[3] = stall;
+    comm_allreduce_sum_f64(comm, buf, (size_t)W * 4);
+    for (int r = 0; r < W; r++)
+        out[r] = (RankStatus){r, (int64_t)buf[4 * r], buf[4 * r + 1], buf[4 * r + 2], buf[4 * r + 3]};
+    free(buf);
+}
+
+static void save_weights(const Trainer *t, const char *dir, const char *name, const char *config_json, int64_t step,
+                         RunStatus *rs) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    float *host = NULL;
+    if (t->ema) {
+        host = xmalloc(t->model->num_params * sizeof(float), "EMA weights");
+        t->be->download(t->be, host, t->ema, t->model->num_params * sizeof(float));
+    }
+    if (weights_save(t->model, path, host, config_json, step, t->ema != NULL) != 0)
+        DIE("cannot write %s: %s", path, strerror(errno));
+    free(host);
+    snprintf(rs->last_ckpt, sizeof rs->last_ckpt, "%s", path);
+    rs->info.last_checkpoint = rs->last_ckpt;
+}
+
+// Runs eval with the EMA weights when EMA is on (swapping them in and back).
+static EvalResult run_eval(Trainer *t, const Dataset *ds, int eval_batch) {
+    Model *m = t->model;
+    Backend *be = t->be;
+    size_t bytes = m->num_params * sizeof(float);
+    float *saved = NULL;
+    if (t->ema) {
+        saved = be->alloc(be, bytes, "weights during EMA eval");
+        be->copy(be, saved, m->params, bytes);
+        be->copy(be, m->params, t->ema, bytes);
+        be->params_changed(be, m->params, m->num_params);
+    }
+    EvalResult r = evaluate(m, t->comm, ds, eval_batch, NULL);
+    if (saved) {
+        be->copy(be, m->params, saved, bytes);
+        be->params_changed(be, m->params, m->num_params);
+        be->free(be, saved);
+    }
+    return r;
+}
+
+int train_main(const Config *cfg, Comm *comm) {
+    int rank0 = comm->rank == 0;
+    Dataset train_ds, eval_ds;
+    load_dataset(&train_ds, cfg, 1);
+    load_dataset(&eval_ds, cfg, 0);
+    int64_t spe = train_ds.n / cfg->train.batch_size;
+    if (spe == 0)
+        die_user("config key 'train.batch_size': %d is larger than the %lld training images", cfg->train.batch_size,
+                 (long long)train_ds.n);
+    int64_t T = cfg->train.steps > 0 ? cfg->train.steps : (int64_t)cfg->train.epochs * spe;
+
+    Backend *be = backend_for_config(cfg, comm->local_rank);
+    ModelConfig mc = config_model(cfg);
+    int micro = cfg->train.batch_size / (comm->world * cfg->train.grad_accum);
+    int eval_batch = cfg->data.eval_batch_size > 0 ? cfg->data.eval_batch_size : (micro > 0 ? micro : 1);
+    Model *m = model_create(&mc, be, micro > eval_batch ? micro : eval_batch);
+    model_init(m, (uint64_t)cfg->train.seed);
+    Trainer t;
+    trainer_init(&t, cfg, comm, m, T);
+    int group = cfg->mixup.group > 0 ? cfg->mixup.group : t.micro;
+    if (cfg->train.mixup_alpha > 0 && t.micro % group != 0)
+        die_user("config key 'mixup.group': %d does not divide the per-rank micro-batch %d", group, t.micro);
+    if (cfg->train.sam && cfg->model.seed_compat)
+        die_user("config key 'train.sam': the seed_compat variant (second pass on the next batch) is not supported");
+    LoaderCtx lctx = {.ds = &train_ds,
+                      .aug = {cfg->data.augment, cfg->data.crop_padding, cfg->data.flip},
+                      .steps_per_epoch = spe,
+                      .epoch = -1,
+                      .perm = xmalloc((size_t)train_ds.n * sizeof(int64_t), "permutation"),
+                      .mixup_group = group,
+                      .mixup_alpha = cfg->train.mixup_alpha};
+
+    char *config_json = config_to_json(cfg);
+    FILE *metrics = NULL;
+    if (rank0) {
+        prepare_run_dir(cfg->run.dir);
+        char path[1200];
+        snprintf(path, sizeof path, "%s/config.json", cfg->run.dir);
+        if (write_file_atomic(path, config_json, strlen(config_json)) != 0)
+            die_user("run directory '%s': cannot write config.json: %s", cfg->run.dir, strerror(errno));
+        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.dir);
+        metrics = fopen(path, "w");
+        if (!metrics) die_user("run directory '%s': cannot write metrics.jsonl: %s", cfg->run.dir, strerror(errno));
+        printf("simplest-dist: %s %s, %zu params, %d ranks x %d images x %d accum = batch %d, %lld steps "
+               "(%lld per epoch), %s backend, run dir %s\n",
+               cfg->model.arch, cfg->model.seed_compat ? "(seed_compat)" : "", m->num_params, comm->world, t.micro,
+               t.accum, t.global_batch, (long long)T, (long long)spe, be->name, cfg->run.dir);
+        fflush(stdout);
+    }
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGUSR1, on_signal);
+
+    RunStatus rs;
+    memset(&rs, 0, sizeof rs);
+    rs.ranks = xcalloc((size_t)comm->world * sizeof(RankStatus), "rank status");
+    rs.sp_sq = xcalloc((size_t)mc.depth * sizeof(double), "signalprop");
+    rs.sp_cos = xcalloc((size_t)mc.depth * sizeof(double), "signalprop");
+    StatusInfo *si = &rs.info;
+    *si = (StatusInfo){.state = "training", .run_dir = cfg->run.dir, .arch = cfg->model.arch, .device = be->name,
+                       .total_steps = T, .world_size = comm->world, .ranks = rs.ranks, .depth = mc.depth,
+                       .best_top1 = -1.0, .loss = NAN, .lr = NAN, .grad_norm = NAN, .images_per_sec = NAN,
+                       .eta_s = NAN};
+    double t_start = now_sec(), t_log = t_start, t_status = t_start;
+    double interval_loss = 0.0;
+    int64_t interval_count = 0, interval_steps = 0, done = 0;
+    int stopped = 0;
+    for (int64_t k = 1; k <= T; k++) {
+        StepResult r = trainer_step(&t, k, loader_source, &lctx);
+        interval_loss += r.loss_sum;
+        interval_count += r.count;
+        interval_steps++;
+        done = k;
+        double now = now_sec();
+        int log_now = k % cfg->train.log_every == 0 || k == T;
+        int eval_now = (cfg->train.eval_every > 0 && k % cfg->train.eval_every == 0) || k == T;
+        double stop_flag = g_stop_signal ? 1.0 : 0.0;
+        if (comm->world > 1) comm_allreduce_sum_f64(comm, &stop_flag, 1);  // every rank stops at the same step
+        stopped = stop_flag > 0.0;
+        if (log_now || stopped) {
+            double sums[2] = {interval_loss, (double)interval_count};
+            comm_allreduce_sum_f64(comm, sums, 2);
+            double ips = (double)interval_steps * t.global_batch / (now - t_log);
+            gather_ranks(comm, rs.ranks, k, ips / comm->world, 0.0);
+            model_signal_stats(m, t.micro, rs.sp_sq, rs.sp_cos);
+            si->step = k;
+            si->epoch = (double)k / spe;
+            si->loss = sums[0] / sums[1];
+            si->lr = r.lr;
+            si->grad_norm = r.grad_norm;
+            si->images_per_sec = ips;
+            si->elapsed_s = now - t_start;
+            si->eta_s = (now - t_start) / k * (T - k);
+            si->sp_mean_sq = rs.sp_sq;
+            si->sp_mean_cos = rs.sp_cos;
+            si->sp_step = k;
+            if (rank0) {
+                char eta[32], line[512];
+                format_eta(eta, sizeof eta, si->eta_s);
+                printf("step %lld/%lld | epoch %.2f | loss %.4f | lr %.3e | grad norm %.3f | %.0f img/s | ETA %s\n",
+                       (long long)k, (long long)T, si->epoch, si->loss, r.lr, r.grad_norm, ips, eta);
+                fflush(stdout);
+                snprintf(line, sizeof line,
+                         "{\"step\": %lld, \"epoch\": %.4f, \"train/loss\": %.6g, \"lr\": %.6g, \"grad_norm\": "
+                         "%.6g, \"img_per_s\": %.1f, \"time_s\": %.2f}",
+                         (long long)k, si->epoch, si->loss, r.lr, r.grad_norm, ips, now - t_start);
+                metrics_append(metrics, line);
+            }
+            interval_loss = 0.0;
+            interval_count = interval_steps = 0;
+            t_log = now;
+        }
+        if (eval_now && !stopped) {
+            si->state = "evaluating";
+            if (rank0) status_write(cfg->run.dir, si);
+            EvalResult ev = run_eval(&t, &eval_ds, eval_batch);
+            si->state = "training";
+            si->has_eval = 1;
+            si->eval_step = k;
+            si->eval_top1 = ev.top1;
+            si->eval_top5 = ev.top5;
+            si->eval_loss = ev.loss;
+            if (ev.top1 > si->best_top1) {
+                si->best_top1 = ev.top1;
+                si->best_step = k;
+            }
+            if (rank0) {
+                char line[256];
+                printf("eval step %lld | top-1 %.4f | top-5 %.4f | loss %.4f | best %.4f (step %lld) | %lld images\n",
+                       (long long)k, ev.top1, ev.top5, ev.loss, si->best_top1, (long long)si->best_step,
+                       (long long)ev.count);
+                fflush(stdout);
+                snprintf(line, sizeof line,
+                         "{\"step\": %lld, \"val/acc\": %.6f, \"val/acc5\": %.6f, \"val/loss\": %.6f, \"time_s\": %.2f}",
+                         (long long)k, ev.top1, ev.top5, ev.loss, now_sec() - t_start);
+                metrics_append(metrics, line);
+            }
+            t_log += now_sec() - now;  // eval time does not count against training speed
+        }
+        if (rank0 && (log_now || now - t_status >= cfg->run.status_every_s)) {
+            status_write(cfg->run.dir, si);
+            t_status = now;
+        }
+        if (stopped) break;
+    }
+    if (rank0) {
+        save_weights(&t, cfg->run.dir, "model.safetensors", config_json, done, &rs);
+        si->state = stopped ? "stopped" : "done";
+        si->step = done;
+        si->elapsed_s = now_sec() - t_start;
+        si->eta_s = 0.0;
+        status_write(cfg->run.dir, si);
+        printf("%s after %lld steps in %.1f s; weights in %s\n", stopped ? "stopped by a signal" : "done",
+               (long long)done, si->elapsed_s, rs.last_ckpt);
+        fclose(metrics);
+    }
+    free(config_json);
+    free(lctx.perm);
+    free(rs.ranks);
+    free(rs.sp_sq);
+    free(rs.sp_cos);
+    trainer_free(&t);
+    model_free(m);
+    be->destroy(be);
+    dataset_free(&train_ds);
+    dataset_free(&eval_ds);
+    return 0;
+}
+
+// ---------------------------------------------------------------- eval command
+
+// Runs the model on a normalized (N, C, H, W) .npy instead of the dataset.
+static float *logits_for_input(Model *m, Comm *comm, const char *input_path, int eval_batch, int64_t *n_out) {
+    char err[1024];
+    int64_t shape[8];
+    int ndim = 0;
+    float *x = npy_read_f32(input_path, shape, &ndim, err, sizeof err);
+    if (!x) die_user("%s", err);
+    const ModelConfig *mc = &m->cfg;
+    if (ndim != 4 || shape[1] != mc->channels || shape[2] != mc->image_size || shape[3] != mc->image_size)
+        die_user("%s: expected float32 [N, %d, %d, %d], got a %d-d array", input_path, mc->channels, mc->image_size,
+                 mc->image_size, ndim);
+    int64_t n = shape[0], begin, end;
+    int C = mc->num_classes;
+    size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
+    float *logits = xcalloc((size_t)(n ? n : 1) * C * sizeof(float), "logits");
+    loader_eval_shard(n, comm->rank, comm->world, &begin, &end);
+    for (int64_t i0 = begin; i0 < end; i0 += eval_batch) {
+        int b = (int)(end - i0 < eval_batch ? end - i0 : eval_batch);
+        m->be->upload(m->be, m->input, x + (size_t)i0 * img, (size_t)b * img * sizeof(float));
+        model_forward(m, b, 0, 0, 0, 0);
+        m->be->download_act(m->be, logits + (size_t)i0 * C, m->logits, (size_t)b * C);
+    }
+    comm_allreduce_sum_f32(comm, logits, (size_t)n * C);
+    free(x);
+    *n_out = n;
+    return logits;
+}
+
+int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char *logits_path,
+              const char *input_path) {
+    Backend *be = backend_for_config(cfg, comm->local_rank);
+    ModelConfig mc = config_model(cfg);
+    int eval_batch = cfg->data.eval_batch_size > 0 ? cfg->data.eval_batch_size : 256;
+    Model *m = model_create(&mc, be, eval_batch);
+    model_init(m, (uint64_t)cfg->train.seed);  // posemb; every tensor is then replaced from the file
+    char err[1024];
+    if (weights_load(m, checkpoint, err, sizeof err) != 0) die_user("%s", err);
+    float *logits = NULL;
+    int64_t n = 0;
+    if (input_path) {
+        logits = logits_for_input(m, comm, input_path, eval_batch, &n);
+        if (comm->rank == 0) printf("ran %lld images from %s\n", (long long)n, input_path);
+    } else {
+        Dataset ds;
+        load_dataset(&ds, cfg, 0);
+        n = ds.n;
+        if (logits_path) logits = xmalloc((size_t)n * mc.num_classes * sizeof(float), "logits");
+        EvalResult r = evaluate(m, comm, &ds, eval_batch, logits);
+        if (comm->rank == 0)
+            printf("eval %s: top-1 %.4f | top-5 %.4f | loss %.4f | %lld images\n", checkpoint, r.top1, r.top5, r.loss,
+                   (long long)r.count);
+        dataset_free(&ds);
+    }
+    if (logits_path && comm->rank == 0) {
+        int64_t shape[2] = {n, mc.num_classes};
+        if (npy_write_f32(logits_path, logits, shape, 2) != 0)
+            die_user("cannot write logits to '%s': %s", logits_path, strerror(errno));
+        printf("wrote logits [%lld, %d] to %s\n", (long long)n, mc.num_classes, logits_path);
+    }
+    free(logits);
+    model_free(m);
+    be->destroy(be);
+    return 0;
+}

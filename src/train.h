@@ -1,0 +1,58 @@
+// train.h: the training loop (spec/model.md §12.1): schedule, micro-batches, gradient all-reduce, clipping,
+// optimizer, EMA, SAM, eval cadence, status.json, metrics.jsonl, the final weights, and the eval command.
+#pragma once
+#include <stdint.h>
+
+#include "comm.h"
+#include "config.h"
+#include "data/dataset.h"
+#include "model.h"
+#include "optim.h"
+
+typedef struct {
+    const Config *cfg;
+    Comm *comm;
+    Backend *be;
+    Model *model;
+    Adam adam;
+    float *ema;    // device copy of the EMA weights (train.ema), else NULL
+    float *sam_e;  // device SAM perturbation (train.sam), else NULL
+    int global_batch, accum, micro;  // micro = global_batch / (world * accum)
+    float *h_images, *h_targets;     // host staging for one micro-batch
+    uint64_t seed;
+    int64_t total_steps;
+} Trainer;
+
+// Fills micro-batch `micro` (0..accum-1) of optimizer step k: t->micro images (C, H, W) and soft targets.
+typedef void (*BatchSource)(void *ctx, const Trainer *t, int64_t k, int micro, float *images, float *targets);
+
+typedef struct {
+    double loss_sum;  // sum of per-sample training losses on this rank
+    int64_t count;    // samples on this rank
+    double grad_norm;  // global norm before clipping (after the all-reduce)
+    double lr;
+} StepResult;
+
+// Sets up backend-independent trainer state for a model; micro-batch sizes from cfg and the world size.
+void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64_t total_steps);
+void trainer_free(Trainer *t);
+// One optimizer step k (1-based).
+StepResult trainer_step(Trainer *t, int64_t k, BatchSource src, void *ctx);
+
+typedef struct {
+    double top1, top5, loss;  // exact means over images
+    int64_t count;
+} EvalResult;
+
+// Evaluates the dataset, sharded exactly once across ranks; metrics summed over ranks. With logits_out non-NULL
+// (host, n x classes), every rank gets all logits in dataset order.
+EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, float *logits_out);
+
+// `simplest-dist [train] CONFIG`: the whole run. Returns the process exit code.
+int train_main(const Config *cfg, Comm *comm);
+// `simplest-dist eval CONFIG --checkpoint FILE [--logits out.npy] [--input images.npy]`.
+int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char *logits_path,
+              const char *input_path);
+
+// Creates the backend named by run.device ("auto" falls back to the CPU with a log line).
+Backend *backend_for_config(const Config *cfg, int rank);

@@ -1,0 +1,43 @@
+// util.h: error handling (bugs abort, user errors exit 2), checked allocation, timing, atomic file writes.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+
+// Exit code for user errors: bad config, bad data, bad checkpoint. Bugs abort().
+#define EXIT_USER 2
+
+// Abort every rank after printing file:line and what failed (a bug or a system failure).
+void die_at(const char *file, int line, const char *fmt, ...) __attribute__((noreturn, format(printf, 3, 4)));
+#define DIE(...) die_at(__FILE__, __LINE__, __VA_ARGS__)
+#define CHECK(cond, ...) do { if (!(cond)) die_at(__FILE__, __LINE__, __VA_ARGS__); } while (0)
+
+// One clear line on stderr and exit code 2 (a user error: config, data, checkpoint). Under MPI with several
+// ranks, both DIE and die_user take every rank down with MPI_Abort.
+void die_user(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+
+void *xmalloc_at(size_t n, const char *what, const char *file, int line);
+void *xcalloc_at(size_t n, const char *what, const char *file, int line);
+#define xmalloc(n, what) xmalloc_at((n), (what), __FILE__, __LINE__)
+#define xcalloc(n, what) xcalloc_at((n), (what), __FILE__, __LINE__)
+char *xstrdup(const char *s);
+
+// Formats a one-line reason into err and returns -1 (the convention of every *_err / validating reader).
+int set_err(char *err, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+
+double now_sec(void);  // monotonic clock, seconds
+
+// Reads a whole file; NULL (and errno) on failure. *len gets its size.
+unsigned char *read_file_all(const char *path, size_t *len);
+// Writes path atomically: path.tmp, fsync, rename, fsync of the directory. 0 on success, -1 with errno.
+int write_file_atomic(const char *path, const void *data, size_t len);
+int mkdir_p(const char *path);  // 0 on success or if it exists
+int path_exists(const char *path);
+
+// printf-style append into a growing heap string (for JSON lines and reports).
+typedef struct {
+    char *s;
+    size_t len, cap;
+} StrBuf;
+void sb_printf(StrBuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+void sb_free(StrBuf *b);
