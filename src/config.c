@@ -109,10 +109,10 @@ static const KeySpec KEYS[] = {
     {"opt.eps", KT_DOUBLE, FIELD(opt.eps), "1e-8", 0, 1, NULL, "Adam epsilon"},
 
     {"run.dir", KT_STR, FIELD(run.dir), "\"\"", NOLIM, NULL,
-     "run directory (config.json, status.json, metrics.jsonl, weights); \"\" = runs/<config file name>"},
+     "run directory (config.json, status.json, metrics.jsonl, weights); \"\" = runs/<config file name>. A non-empty directory from an earlier run is moved aside to <dir>.1, .2, ... first"},
     {"run.device", KT_STR, FIELD(run.device), "\"cpu\"", NOLIM, "cpu|cuda|auto",
      "backend: cpu, cuda, or auto (cuda when a GPU is present, else cpu)"},
-    {"run.threads", KT_INT, FIELD(run.threads), "0", 0, 4096, NULL, "CPU threads per rank; 0 = all available"},
+    {"run.threads", KT_INT, FIELD(run.threads), "0", 0, 4096, NULL, "CPU threads per rank; 0 = the cores this rank may use, divided by the ranks on its node"},
     {"run.status_every_s", KT_DOUBLE, FIELD(run.status_every_s), "5", 0.1, 86400, NULL,
      "status.json refresh interval in seconds (it is also written at every log line)"},
 };
@@ -223,8 +223,14 @@ static int apply_override(cJSON *root, const char *ov, char *err, size_t n) {
     if (plen >= sizeof path) return set_err(err, n, "--set '%s': key too long", ov);
     memcpy(path, ov, plen);
     path[plen] = 0;
-    if (!find_key(path)) return set_err(err, n, "unknown config key '%s' in --set (see docs/config.md)", path);
-    cJSON *val = cJSON_Parse(eq + 1);
+    const KeySpec *k = find_key(path);
+    if (!k) return set_err(err, n, "unknown config key '%s' in --set (see docs/config.md)", path);
+    // The whole value must parse as JSON; otherwise (and for string keys, unless it is a quoted string) it is text.
+    cJSON *val = cJSON_ParseWithOpts(eq + 1, NULL, 1);
+    if (val && k->type == KT_STR && !cJSON_IsString(val)) {
+        cJSON_Delete(val);
+        val = NULL;
+    }
     if (!val) val = cJSON_CreateString(eq + 1);
     cJSON *cur = root;
     char *save = NULL, *tok = strtok_r(path, ".", &save);
@@ -392,12 +398,19 @@ char *config_to_json(const Config *cfg) {
         char leaf[64];
         cJSON *sec = section_of(root, k->path, leaf, sizeof leaf);
         const char *src = (const char *)cfg + k->offset;
+        char num[40];
         switch (k->type) {
         case KT_BOOL: cJSON_AddBoolToObject(sec, leaf, *(const int *)src); break;
         case KT_STR: cJSON_AddStringToObject(sec, leaf, src); break;
         case KT_INT: cJSON_AddNumberToObject(sec, leaf, *(const int *)src); break;
-        case KT_I64: cJSON_AddNumberToObject(sec, leaf, (double)*(const int64_t *)src); break;
-        case KT_DOUBLE: cJSON_AddNumberToObject(sec, leaf, *(const double *)src); break;
+        case KT_I64:  // exact: cJSON's own number printing rounds to 15 digits
+            snprintf(num, sizeof num, "%lld", (long long)*(const int64_t *)src);
+            cJSON_AddRawToObject(sec, leaf, num);
+            break;
+        case KT_DOUBLE:
+            snprintf(num, sizeof num, "%.17g", *(const double *)src);
+            cJSON_AddRawToObject(sec, leaf, num);
+            break;
         }
     }
     char *s = cJSON_Print(root);

@@ -3,10 +3,12 @@
 
 #include <errno.h>
 #include <math.h>
+#include <omp.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/stat.h>
 
 #include "checkpoint.h"
@@ -19,14 +21,21 @@ static volatile sig_atomic_t g_stop_signal = 0;
 
 static void on_signal(int sig) { g_stop_signal = sig; }
 
-Backend *backend_for_config(const Config *cfg, int rank) {
+Backend *backend_for_config(const Config *cfg, const Comm *comm) {
     const char *dev = cfg->run.device;
 #ifdef USE_CUDA
-    if (!strcmp(dev, "cuda") || !strcmp(dev, "auto")) return backend_cuda_create(rank);
+    if (!strcmp(dev, "cuda") || !strcmp(dev, "auto")) return backend_cuda_create(comm->local_rank);
 #endif
     if (!strcmp(dev, "cuda")) die_user("config key 'run.device': \"cuda\" but this build has no CUDA backend");
-    if (!strcmp(dev, "auto") && rank == 0) printf("run.device auto: no CUDA backend in this build, using the CPU\n");
-    return backend_cpu_create(cfg->run.threads);
+    if (!strcmp(dev, "auto") && comm->rank == 0)
+        printf("run.device auto: no CUDA backend in this build, using the CPU\n");
+    // Ranks on one node share its cores: more threads than cores makes OpenMP barriers spin against each other.
+    int threads = cfg->run.threads;
+    if (threads <= 0) {
+        threads = omp_get_num_procs() / comm->local_world;
+        threads = threads > 0 ? threads : 1;
+    }
+    return backend_cpu_create(threads);
 }
 
 // ---------------------------------------------------------------- one step
@@ -225,11 +234,20 @@ static void load_dataset(Dataset *ds, const Config *cfg, int train) {
         die_user("%s", err);
 }
 
+// 1 if dir exists and holds anything.
+static int dir_nonempty(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    struct dirent *e;
+    int any = 0;
+    while (!any && (e = readdir(d))) any = strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    closedir(d);
+    return any;
+}
+
 // Moves an earlier run's directory aside (<dir>.1, .2, ...) so that a new run never overwrites it.
 static void prepare_run_dir(const char *dir) {
-    char status[1200];
-    snprintf(status, sizeof status, "%s/status.json", dir);
-    if (path_exists(status)) {
+    if (dir_nonempty(dir)) {
         char aside[1200];
         for (int i = 1;; i++) {
             snprintf(aside, sizeof aside, "%s.%d", dir, i);
@@ -324,7 +342,7 @@ int train_main(const Config *cfg, Comm *comm) {
                  (long long)train_ds.n);
     int64_t T = cfg->train.steps > 0 ? cfg->train.steps : (int64_t)cfg->train.epochs * spe;
 
-    Backend *be = backend_for_config(cfg, comm->local_rank);
+    Backend *be = backend_for_config(cfg, comm);
     ModelConfig mc = config_model(cfg);
     int micro = cfg->train.batch_size / (comm->world * cfg->train.grad_accum);
     int eval_batch = cfg->data.eval_batch_size > 0 ? cfg->data.eval_batch_size : (micro > 0 ? micro : 1);
@@ -514,7 +532,7 @@ static float *logits_for_input(Model *m, Comm *comm, const char *input_path, int
 
 int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char *logits_path,
               const char *input_path) {
-    Backend *be = backend_for_config(cfg, comm->local_rank);
+    Backend *be = backend_for_config(cfg, comm);
     ModelConfig mc = config_model(cfg);
     int eval_batch = cfg->data.eval_batch_size > 0 ? cfg->data.eval_batch_size : 256;
     Model *m = model_create(&mc, be, eval_batch);

@@ -54,5 +54,6 @@ int train_main(const Config *cfg, Comm *comm);
 int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char *logits_path,
               const char *input_path);
 
-// Creates the backend named by run.device ("auto" falls back to the CPU with a log line).
-Backend *backend_for_config(const Config *cfg, int rank);
+// Creates the backend named by run.device ("auto" falls back to the CPU with a log line). CPU threads default to
+// this rank's share of the node's cores.
+Backend *backend_for_config(const Config *cfg, const Comm *comm);

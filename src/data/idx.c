@@ -48,10 +48,14 @@ static gzFile open_idx(const char *path, uint32_t magic, int ndims, uint32_t *di
     return f;
 }
 
-// 1 if anything is left after the expected data (a file longer than its header says).
+// 1 if anything is left after the expected data (a file longer than its header says), or if the gzip stream is
+// damaged past it (a cut-off trailer or a bad CRC makes gzread fail at the end).
 static int has_trailing(gzFile f) {
     unsigned char b;
-    return gzread(f, &b, 1) > 0;
+    int errnum = Z_OK;
+    if (gzread(f, &b, 1) != 0) return 1;
+    gzerror(f, &errnum);  // zlib reports a missing trailer only here ("unexpected end of file")
+    return errnum != Z_OK;
 }
 
 int dataset_load_idx(Dataset *ds, const char *images_path, const char *labels_path, char *err, size_t n) {
@@ -82,13 +86,13 @@ int dataset_load_idx(Dataset *ds, const char *images_path, const char *labels_pa
     ds->pixels = xmalloc(npix, "IDX pixels");
     uint8_t *lab = xmalloc((size_t)ds->n, "IDX labels");
     if (gz_read_exact(fi, ds->pixels, npix) != 0 || has_trailing(fi)) {
-        set_err(err, n, "dataset file '%s': length does not match its header (%u images of %ux%u)", images_path,
+        set_err(err, n, "dataset file '%s': truncated, corrupt, or not the length its header gives (%u images of %ux%u)", images_path,
              idims[0], idims[1], idims[2]);
         free(lab);
         goto out;
     }
     if (gz_read_exact(fl, lab, (size_t)ds->n) != 0 || has_trailing(fl)) {
-        set_err(err, n, "dataset file '%s': length does not match its header (%u labels)", labels_path, ldims[0]);
+        set_err(err, n, "dataset file '%s': truncated, corrupt, or not the length its header gives (%u labels)", labels_path, ldims[0]);
         free(lab);
         goto out;
     }

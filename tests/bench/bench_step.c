@@ -1,0 +1,103 @@
+// bench_step.c: time one full training step (forward + backward + clip + Adam) of either model on the CPU backend,
+// on a synthetic batch, exactly as tests/bench/torch_step.py times PyTorch. Prints one JSON line.
+//   bench_step --arch simplest --image 28 --patch 4 --channels 1 --dim 128 --depth 8 --heads 4 --mlp 256
+//              --classes 10 --batch 256 --steps 10 --warmup 2 --threads 2
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "rng.h"
+#include "train.h"
+#include "util.h"
+
+typedef struct {
+    const float *images;
+    const float *targets;
+    size_t img, classes;
+} SynthBatch;
+
+static void synth_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images, float *targets) {
+    SynthBatch *s = ctx;
+    memcpy(images, s->images, (size_t)t->micro * s->img * sizeof(float));
+    memcpy(targets, s->targets, (size_t)t->micro * s->classes * sizeof(float));
+}
+
+static int cmp_double(const void *a, const void *b) {
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+int main(int argc, char **argv) {
+    backend_cpu_fix_blas_core(argv);
+    const char *arch = "simplest";
+    int image = 28, patch = 4, channels = 1, dim = 128, depth = 8, heads = 4, mlp = 256, classes = 10, batch = 256;
+    int steps = 10, warmup = 2, threads = 0;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        const char *k = argv[i], *v = argv[i + 1];
+        if (!strcmp(k, "--arch")) arch = v;
+        else if (!strcmp(k, "--image")) image = atoi(v);
+        else if (!strcmp(k, "--patch")) patch = atoi(v);
+        else if (!strcmp(k, "--channels")) channels = atoi(v);
+        else if (!strcmp(k, "--dim")) dim = atoi(v);
+        else if (!strcmp(k, "--depth")) depth = atoi(v);
+        else if (!strcmp(k, "--heads")) heads = atoi(v);
+        else if (!strcmp(k, "--mlp")) mlp = atoi(v);
+        else if (!strcmp(k, "--classes")) classes = atoi(v);
+        else if (!strcmp(k, "--batch")) batch = atoi(v);
+        else if (!strcmp(k, "--steps")) steps = atoi(v);
+        else if (!strcmp(k, "--warmup")) warmup = atoi(v);
+        else if (!strcmp(k, "--threads")) threads = atoi(v);
+        else die_user("bench_step: unknown option %s", k);
+    }
+    ModelConfig mc = {.arch = strcmp(arch, "simplevit") ? ARCH_SIMPLEST : ARCH_SIMPLEVIT,
+                      .image_size = image, .patch_size = patch, .channels = channels, .num_classes = classes,
+                      .dim = dim, .depth = depth, .heads = heads, .mlp_dim = mlp, .eta = 0.9, .gamma_L = 0.005,
+                      .qkv_bias = 1, .mlp_bias = 1};
+    Backend *be = backend_cpu_create(threads);
+    Model *m = model_create(&mc, be, batch);
+    model_init(m, 3407);
+    Config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.train.batch_size = batch;
+    cfg.train.grad_accum = 1;
+    cfg.train.clip = 1.0;
+    cfg.train.seed = 3407;
+    cfg.opt.lr = 1e-3;
+    cfg.opt.beta1 = 0.9;
+    cfg.opt.beta2 = 0.999;
+    cfg.opt.eps = 1e-8;
+    snprintf(cfg.opt.weight_decay_mode, sizeof cfg.opt.weight_decay_mode, "l2");
+    Comm comm = {.rank = 0, .world = 1, .local_world = 1};
+    Trainer t;
+    trainer_init(&t, &cfg, &comm, m, steps + warmup);
+    size_t img = (size_t)channels * image * image;
+    float *images = xmalloc((size_t)batch * img * sizeof(float), "bench images");
+    float *targets = xcalloc((size_t)batch * classes * sizeof(float), "bench targets");
+    Rng r = rng_stream(1, 7, 0, 0);
+    for (size_t i = 0; i < (size_t)batch * img; i++) images[i] = (float)rng_normal(&r);
+    for (int i = 0; i < batch; i++) targets[(size_t)i * classes + rng_below(&r, (uint64_t)classes)] = 1.0f;
+    SynthBatch sb = {images, targets, img, (size_t)classes};
+    double *ms = xmalloc((size_t)steps * sizeof(double), "timings");
+    double loss = 0.0;
+    for (int k = 1; k <= warmup + steps; k++) {
+        double t0 = now_sec();
+        StepResult res = trainer_step(&t, k, synth_source, &sb);
+        be->sync(be);
+        if (k > warmup) ms[k - warmup - 1] = 1e3 * (now_sec() - t0);
+        loss = res.loss_sum / res.count;
+    }
+    qsort(ms, (size_t)steps, sizeof(double), cmp_double);
+    double med = steps % 2 ? ms[steps / 2] : 0.5 * (ms[steps / 2 - 1] + ms[steps / 2]);
+    printf("{\"impl\": \"simplest-dist\", \"arch\": \"%s\", \"batch\": %d, \"threads\": %d, \"ms_per_step\": %.1f, "
+           "\"img_per_s\": %.1f, \"params\": %zu, \"min_ms\": %.1f, \"final_loss\": %.6f}\n",
+           arch, batch, threads, med, batch / (med / 1e3), m->num_params, ms[0], loss);
+    free(ms);
+    free(images);
+    free(targets);
+    trainer_free(&t);
+    model_free(m);
+    be->destroy(be);
+    return 0;
+}
