@@ -65,14 +65,16 @@ int st_open(const char *path, StFile *f, char *err, size_t n) {
     f->file = read_file_all(path, &f->len);
     if (!f->file) return set_err(err, n, "%s: cannot read: %s", path, strerror(errno));
     if (f->len < 8) {
+        set_err(err, n, "%s: not a safetensors file (%zu bytes)", path, f->len);
         st_close(f);
-        return set_err(err, n, "%s: not a safetensors file (%zu bytes)", path, f->len);
+        return -1;
     }
     uint64_t hlen = read_le64(f->file);
     if (hlen > ST_MAX_HEADER || hlen > f->len - 8) {
+        set_err(err, n, "%s: not a safetensors file (header length %llu, file %zu bytes)", path,
+                (unsigned long long)hlen, f->len);
         st_close(f);
-        return set_err(err, n, "%s: not a safetensors file (header length %llu, file %zu bytes)", path,
-                    (unsigned long long)hlen, f->len);
+        return -1;
     }
     f->data_start = 8 + (size_t)hlen;
     cJSON *root = cJSON_ParseWithLength((const char *)f->file + 8, (size_t)hlen);
