@@ -67,6 +67,9 @@ $(BUILD)/flags: FORCE
 	@mkdir -p $(BUILD)
 	@echo '$(CC) $(CFLAGS) $(USE_CUDA)' | cmp -s - $@ || echo '$(CC) $(CFLAGS) $(USE_CUDA)' > $@
 FORCE:
+# The binary lives outside $(BUILD): relink it whenever another build dir or other flags made it.
+.simplest-dist.flags: FORCE
+	@echo '$(BUILD) $(CC) $(CFLAGS) $(LDLIBS)' | cmp -s - $@ || echo '$(BUILD) $(CC) $(CFLAGS) $(LDLIBS)' > $@
 
 $(BUILD)/src/%.o: src/%.c $(wildcard src/*.h src/data/*.h) $(BUILD)/flags
 	@mkdir -p $(dir $@)
@@ -79,8 +82,8 @@ $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh src/*.h) $(BUILD)/fl
 $(BUILD)/libsimplest.a: $(LIB_OBJS)
 	ar rcs $@ $^
 
-simplest-dist: $(BUILD)/src/main.o $(BUILD)/libsimplest.a
-	$(CC) $(LDFLAGS) -o $@ $^ $(LDLIBS)
+simplest-dist: $(BUILD)/src/main.o $(BUILD)/libsimplest.a .simplest-dist.flags
+	$(CC) $(LDFLAGS) -o $@ $(BUILD)/src/main.o $(BUILD)/libsimplest.a $(LDLIBS)
 
 $(BUILD)/tests/%: tests/unit/%.c tests/unit/testlib.h $(BUILD)/libsimplest.a
 	@mkdir -p $(dir $@)
@@ -109,4 +112,4 @@ bench: simplest-dist $(BENCH_BINS)
 	@BUILD=$(BUILD) tests/bench/run.sh
 
 clean:
-	rm -rf $(BUILD) simplest-dist
+	rm -rf $(BUILD) simplest-dist .simplest-dist.flags

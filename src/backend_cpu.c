@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "mathf.h"
 #include "rng.h"
 #include "util.h"
 
@@ -154,19 +155,19 @@ static void cpu_trelu_bwd(Backend *be, void *dx_, const void *dy_, const void *y
 static void cpu_gelu_fwd(Backend *be, void *y_, const void *x_, size_t n) {
     float *y = y_;
     const float *x = x_;
-#pragma omp parallel for schedule(static)
-    for (size_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + erff(x[i] * (float)M_SQRT1_2));
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) y[i] = 0.5f * x[i] * (1.0f + verff(x[i] * (float)M_SQRT1_2));
 }
 
 static void cpu_gelu_bwd(Backend *be, void *dx_, const void *dy_, const void *x_, size_t n) {
     float *dx = dx_;
     const float *dy = dy_, *x = x_;
     const float inv_sqrt_2pi = 0.3989422804014327f;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) {
         float xi = x[i];
-        float cdf = 0.5f * (1.0f + erff(xi * (float)M_SQRT1_2));
-        float pdf = inv_sqrt_2pi * expf(-0.5f * xi * xi);
+        float cdf = 0.5f * (1.0f + verff(xi * (float)M_SQRT1_2));
+        float pdf = inv_sqrt_2pi * vexpf(-0.5f * xi * xi);
         dx[i] = dy[i] * (cdf + xi * pdf);
     }
 }
@@ -179,13 +180,15 @@ static void cpu_layernorm_fwd(Backend *be, void *y_, float *mean, float *rstd, c
     for (int r = 0; r < R; r++) {
         const float *xr = x + (size_t)r * D;
         float *yr = y + (size_t)r * D;
-        float m = 0.0f;
+        float m = 0.0f, var = 0.0f;
+#pragma omp simd reduction(+ : m)
         for (int i = 0; i < D; i++) m += xr[i];
         m /= (float)D;
-        float var = 0.0f;
+#pragma omp simd reduction(+ : var)
         for (int i = 0; i < D; i++) var += (xr[i] - m) * (xr[i] - m);
         var /= (float)D;
         float rs = 1.0f / sqrtf(var + eps);
+#pragma omp simd
         for (int i = 0; i < D; i++) yr[i] = (xr[i] - m) * rs * gamma[i] + beta[i];
         mean[r] = m;
         rstd[r] = rs;
@@ -208,6 +211,7 @@ static void cpu_layernorm_bwd(Backend *be, void *dx_, float *dgamma, float *dbet
             float *dxr = dx + (size_t)r * D;
             float m = mean[r], rs = rstd[r];
             float sum_dn = 0.0f, sum_dn_xh = 0.0f;  // sums of dnorm and dnorm * xhat over the row
+#pragma omp simd reduction(+ : sum_dn, sum_dn_xh)
             for (int i = 0; i < D; i++) {
                 float xh = (xr[i] - m) * rs;
                 float dn = dyr[i] * gamma[i];
@@ -218,6 +222,7 @@ static void cpu_layernorm_bwd(Backend *be, void *dx_, float *dgamma, float *dbet
             }
             sum_dn /= (float)D;
             sum_dn_xh /= (float)D;
+#pragma omp simd
             for (int i = 0; i < D; i++) {
                 float xh = (xr[i] - m) * rs;
                 dxr[i] += (dyr[i] * gamma[i] - sum_dn - xh * sum_dn_xh) * rs;
@@ -251,18 +256,23 @@ static void cpu_attention_fwd(Backend *be, void *out_, float *probs, const void 
         for (int h = 0; h < H; h++) {
             const float *Q = qkv + (size_t)b * N * D3 + h * dh, *K = Q + D, *V = Q + 2 * D;
             float *P = probs + ((size_t)b * H + h) * N * N;  // (N, N)
-            if (bias)
-                memcpy(P, bias, (size_t)N * N * sizeof(float));
-            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, N, dh, scale, Q, D3, K, D3, bias ? 1.0f : 0.0f, P,
-                        N);
+            cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, N, N, dh, scale, Q, D3, K, D3, 0.0f, P, N);
             for (int i = 0; i < N; i++) {
                 float *Pi = P + (size_t)i * N, mx = -INFINITY, sum = 0.0f;
+                if (bias) {
+                    const float *Bi = bias + (size_t)i * N;
+#pragma omp simd
+                    for (int j = 0; j < N; j++) Pi[j] += Bi[j];
+                }
+#pragma omp simd reduction(max : mx)
                 for (int j = 0; j < N; j++) mx = Pi[j] > mx ? Pi[j] : mx;
+#pragma omp simd reduction(+ : sum)
                 for (int j = 0; j < N; j++) {
-                    Pi[j] = expf(Pi[j] - mx);
+                    Pi[j] = vexpf(Pi[j] - mx);
                     sum += Pi[j];
                 }
                 float inv = 1.0f / sum;
+#pragma omp simd
                 for (int j = 0; j < N; j++) Pi[j] *= inv;
             }
             float *O = out + (size_t)b * N * D + h * dh;
@@ -299,7 +309,9 @@ static void cpu_attention_bwd(Backend *be, void *dqkv_, const void *dout_, const
                 for (int i = 0; i < N; i++) {
                     const float *Pi = P + (size_t)i * N;
                     float *dSi = dS + (size_t)i * N, rowdot = 0.0f;
+#pragma omp simd reduction(+ : rowdot)
                     for (int j = 0; j < N; j++) rowdot += Pi[j] * dSi[j];
+#pragma omp simd
                     for (int j = 0; j < N; j++) dSi[j] = Pi[j] * (dSi[j] - rowdot) * scale;
                 }
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, N, dh, N, 1.0f, P, N, dU, dh, 0.0f, dV, D3);

@@ -150,7 +150,7 @@ static void topk_hits(const float *z, int C, int y, int *hit1, int *hit5) {
     *hit5 = above < 5;
 }
 
-EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, float *logits_out) {
+EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, int bm_batch, float *logits_out) {
     Backend *be = m->be;
     int C = m->cfg.num_classes;
     size_t img = (size_t)ds->channels * ds->height * ds->width;
@@ -160,7 +160,9 @@ EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, flo
     float *targets = xmalloc((size_t)eval_batch * C * sizeof(float), "eval targets");
     float *logits = xmalloc((size_t)eval_batch * C * sizeof(float), "eval logits");
     float *losses = xmalloc((size_t)eval_batch * sizeof(float), "eval losses");
-    double sums[4] = {0, 0, 0, 0};  // top-1 hits, top-5 hits, loss, images
+    // sums[0..3]: top-1 hits, top-5 hits, loss, images; then (hits, loss) per reference batch.
+    int64_t nbm = (ds->n + bm_batch - 1) / bm_batch;
+    double *sums = xcalloc((size_t)(4 + 2 * nbm) * sizeof(double), "eval sums");
     if (logits_out) memset(logits_out, 0, (size_t)ds->n * C * sizeof(float));
     for (int64_t i0 = begin; i0 < end; i0 += eval_batch) {
         int n = (int)(end - i0 < eval_batch ? end - i0 : eval_batch);
@@ -181,17 +183,26 @@ EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, flo
             sums[0] += h1;
             sums[1] += h5;
             sums[2] += losses[i];
+            double *bm = sums + 4 + 2 * ((i0 + i) / bm_batch);
+            bm[0] += h1;
+            bm[1] += losses[i];
         }
         sums[3] += n;
         if (logits_out) memcpy(logits_out + (size_t)i0 * C, logits, (size_t)n * C * sizeof(float));
     }
-    comm_allreduce_sum_f64(comm, sums, 4);
+    comm_allreduce_sum_f64(comm, sums, (size_t)(4 + 2 * nbm));
     if (logits_out) comm_allreduce_sum_f32(comm, logits_out, (size_t)ds->n * C);  // zeros elsewhere: exact
+    EvalResult r = {sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3], 0.0, 0.0, (int64_t)sums[3]};
+    for (int64_t k = 0; k < nbm; k++) {
+        int64_t size = (k + 1) * bm_batch <= ds->n ? bm_batch : ds->n - k * bm_batch;
+        r.top1_bm += sums[4 + 2 * k] / size / nbm;
+        r.loss_bm += sums[5 + 2 * k] / size / nbm;
+    }
     free(images);
     free(targets);
     free(logits);
     free(losses);
-    EvalResult r = {sums[0] / sums[3], sums[1] / sums[3], sums[2] / sums[3], (int64_t)sums[3]};
+    free(sums);
     return r;
 }
 
@@ -322,7 +333,7 @@ static EvalResult run_eval(Trainer *t, const Dataset *ds, int eval_batch) {
         be->copy(be, m->params, t->ema, bytes);
         be->params_changed(be, m->params, m->num_params);
     }
-    EvalResult r = evaluate(m, t->comm, ds, eval_batch, NULL);
+    EvalResult r = evaluate(m, t->comm, ds, eval_batch, t->global_batch / t->accum, NULL);
     if (saved) {
         be->copy(be, m->params, saved, bytes);
         be->params_changed(be, m->params, m->num_params);
@@ -398,6 +409,7 @@ int train_main(const Config *cfg, Comm *comm) {
     double interval_loss = 0.0;
     int64_t interval_count = 0, interval_steps = 0, done = 0;
     int stopped = 0;
+    int64_t saved_step = -1;  // step of the weights last written
     for (int64_t k = 1; k <= T; k++) {
         StepResult r = trainer_step(&t, k, loader_source, &lctx);
         interval_loss += r.loss_sum;
@@ -458,15 +470,18 @@ int train_main(const Config *cfg, Comm *comm) {
                 si->best_step = k;
             }
             if (rank0) {
-                char line[256];
+                char line[400];
                 printf("eval step %lld | top-1 %.4f | top-5 %.4f | loss %.4f | best %.4f (step %lld) | %lld images\n",
                        (long long)k, ev.top1, ev.top5, ev.loss, si->best_top1, (long long)si->best_step,
                        (long long)ev.count);
                 fflush(stdout);
                 snprintf(line, sizeof line,
-                         "{\"step\": %lld, \"val/acc\": %.6f, \"val/acc5\": %.6f, \"val/loss\": %.6f, \"time_s\": %.2f}",
-                         (long long)k, ev.top1, ev.top5, ev.loss, now_sec() - t_start);
+                         "{\"step\": %lld, \"val/acc\": %.6f, \"val/acc5\": %.6f, \"val/loss\": %.6f, "
+                         "\"val/acc_bm\": %.6f, \"val/loss_bm\": %.6f, \"time_s\": %.2f}",
+                         (long long)k, ev.top1, ev.top5, ev.loss, ev.top1_bm, ev.loss_bm, now_sec() - t_start);
                 metrics_append(metrics, line);
+                save_weights(&t, cfg->run.dir, "model.safetensors", config_json, k, &rs);  // spec §12.1: every eval
+                saved_step = k;
             }
             t_log += now_sec() - now;  // eval time does not count against training speed
         }
@@ -477,7 +492,7 @@ int train_main(const Config *cfg, Comm *comm) {
         if (stopped) break;
     }
     if (rank0) {
-        save_weights(&t, cfg->run.dir, "model.safetensors", config_json, done, &rs);
+        if (saved_step != done) save_weights(&t, cfg->run.dir, "model.safetensors", config_json, done, &rs);
         si->state = stopped ? "stopped" : "done";
         si->step = done;
         si->elapsed_s = now_sec() - t_start;
@@ -549,7 +564,7 @@ int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char 
         load_dataset(&ds, cfg, 0);
         n = ds.n;
         if (logits_path) logits = xmalloc((size_t)n * mc.num_classes * sizeof(float), "logits");
-        EvalResult r = evaluate(m, comm, &ds, eval_batch, logits);
+        EvalResult r = evaluate(m, comm, &ds, eval_batch, cfg->train.batch_size / cfg->train.grad_accum, logits);
         if (comm->rank == 0)
             printf("eval %s: top-1 %.4f | top-5 %.4f | loss %.4f | %lld images\n", checkpoint, r.top1, r.top5, r.loss,
                    (long long)r.count);

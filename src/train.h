@@ -41,12 +41,15 @@ StepResult trainer_step(Trainer *t, int64_t k, BatchSource src, void *ctx);
 
 typedef struct {
     double top1, top5, loss;  // exact means over images
+    double top1_bm, loss_bm;  // the reference's means of per-batch means (spec/model.md §12.10)
     int64_t count;
 } EvalResult;
 
-// Evaluates the dataset, sharded exactly once across ranks; metrics summed over ranks. With logits_out non-NULL
-// (host, n x classes), every rank gets all logits in dataset order.
-EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, float *logits_out);
+// Evaluates the dataset, sharded exactly once across ranks; metrics summed over ranks. The batch-mean metrics use
+// consecutive batches of bm_batch images in dataset order, the last one partial, as the reference's eval loader
+// (bm_batch = the training micro-batch). With logits_out non-NULL (host, n x classes), every rank gets all logits
+// in dataset order.
+EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, int bm_batch, float *logits_out);
 
 // `simplest-dist [train] CONFIG`: the whole run. Returns the process exit code.
 int train_main(const Config *cfg, Comm *comm);
