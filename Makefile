@@ -9,7 +9,7 @@
 
 USE_MPI ?= 1
 USE_CUDA ?= auto
-ARCH ?= -march=native
+ARCH ?= -march=native  # for a cluster whose nodes differ from the build host: ARCH=-march=x86-64-v3
 OPT ?= -O3
 BUILD ?= build
 CONFIG ?= configs/fashion-mnist.json
@@ -31,7 +31,7 @@ ifeq ($(USE_MPI),1)
   endif
 endif
 
-CFLAGS := -std=c11 $(OPT) $(ARCH) -fopenmp -Wall -Wextra -Wno-unused-parameter -D_GNU_SOURCE -Isrc $(PKG_CFLAGS) $(EXTRA_CFLAGS)
+CFLAGS := -std=c11 $(OPT) -g $(ARCH) -fopenmp -Wall -Wextra -Wno-unused-parameter -D_GNU_SOURCE -Isrc $(PKG_CFLAGS) $(EXTRA_CFLAGS)
 LDFLAGS := -fopenmp $(EXTRA_LDFLAGS)
 LDLIBS := $(PKG_LIBS) -lm -lpthread
 ifeq ($(USE_MPI),1)

@@ -26,7 +26,8 @@ static void *cpu_alloc(Backend *be, size_t bytes, const char *what) {
     void *p = NULL;
     size_t rounded = (bytes + 63) & ~(size_t)63;
     if (posix_memalign(&p, 64, rounded ? rounded : 64) != 0)
-        DIE("out of memory: %s needs %.1f MiB", what, (double)bytes / (1 << 20));
+        die_user("out of memory: %s needs %.1f MiB (lower train.batch_size or raise train.grad_accum)", what,
+                 (double)bytes / (1 << 20));
     memset(p, 0, rounded);
     return p;
 }
@@ -88,10 +89,10 @@ static void cpu_matmul_fwd(Backend *be, void *out_, const void *inp, const float
     par_sgemm(0, 1, R, Dout, Din, 1.0f, inp, Din, W, Din, beta, out, Dout);
 }
 
-// acc (cols) += sum over rows of x (rows, cols), in fixed chunks combined in order.
+// acc (cols) += sum over rows of x (rows, cols): fp32 within fixed chunks of rows, fp64 across chunks, in order.
 static void colsum_acc(float *acc, const float *x, int rows, int cols) {
     int nchunks = (rows + CHUNK_ROWS - 1) / CHUNK_ROWS;
-    float *part = xmalloc((size_t)nchunks * cols * sizeof(float), "column partial sums");
+    float *part = xmalloc((size_t)nchunks * cols * sizeof(float), "column partial sums");  // (nchunks, cols)
 #pragma omp parallel for schedule(static)
     for (int c = 0; c < nchunks; c++) {
         float *pc = part + (size_t)c * cols;
@@ -103,9 +104,10 @@ static void colsum_acc(float *acc, const float *x, int rows, int cols) {
             for (int j = 0; j < cols; j++) pc[j] += xr[j];
         }
     }
-    for (int c = 0; c < nchunks; c++) {
-        const float *pc = part + (size_t)c * cols;
-        for (int j = 0; j < cols; j++) acc[j] += pc[j];
+    for (int j = 0; j < cols; j++) {
+        double s = 0.0;
+        for (int c = 0; c < nchunks; c++) s += part[(size_t)c * cols + j];
+        acc[j] += (float)s;
     }
     free(part);
 }
@@ -229,12 +231,14 @@ static void cpu_layernorm_bwd(Backend *be, void *dx_, float *dgamma, float *dbet
             }
         }
     }
-    for (int c = 0; c < nchunks; c++) {
-        const float *pg = part + (size_t)c * 2 * D, *pb = pg + D;
-        for (int i = 0; i < D; i++) {
-            dgamma[i] += pg[i];
-            dbeta[i] += pb[i];
+    for (int i = 0; i < D; i++) {
+        double sg = 0.0, sb = 0.0;
+        for (int c = 0; c < nchunks; c++) {
+            sg += part[(size_t)c * 2 * D + i];
+            sb += part[(size_t)c * 2 * D + D + i];
         }
+        dgamma[i] += (float)sg;
+        dbeta[i] += (float)sb;
     }
     free(part);
 }
@@ -289,10 +293,13 @@ static void cpu_attention_bwd(Backend *be, void *dqkv_, const void *dout_, const
     const float *dout = dout_, *qkv = qkv_;
     int D = H * dh, D3 = 3 * D;
     float scale = 1.0f / sqrtf((float)dh);
+    int nt = omp_get_max_threads();
+    size_t per = (size_t)N * dh + (size_t)N * N;
+    float *scratch = xmalloc((size_t)nt * per * sizeof(float), "attention backward scratch");  // (threads, per)
 #pragma omp parallel
     {
-        float *dU = xmalloc((size_t)N * dh * sizeof(float), "attention dU");  // (N, dh) rowscale * dout
-        float *dS = xmalloc((size_t)N * N * sizeof(float), "attention dS");   // (N, N)
+        float *dU = scratch + (size_t)omp_get_thread_num() * per;  // (N, dh) rowscale * dout
+        float *dS = dU + (size_t)N * dh;                             // (N, N)
 #pragma omp for collapse(2) schedule(static)
         for (int b = 0; b < B; b++)
             for (int h = 0; h < H; h++) {
@@ -318,9 +325,8 @@ static void cpu_attention_bwd(Backend *be, void *dqkv_, const void *dout_, const
                 cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, N, dh, N, 1.0f, dS, N, K, D3, 0.0f, dQ, D3);
                 cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, N, dh, N, 1.0f, dS, N, Q, D3, 0.0f, dK, D3);
             }
-        free(dU);
-        free(dS);
     }
+    free(scratch);
 }
 
 // ---------------------------------------------------------------- dropout, pooling, loss
@@ -459,10 +465,11 @@ static void cpu_ema_update(Backend *be, float *ema, const float *w, size_t n, fl
 
 static void cpu_signal_stats(Backend *be, const void *x_, int B, int N, int D, double *mean_sq, double *mean_cos) {
     const float *x = x_;
-    double *sq = xmalloc((size_t)B * 2 * sizeof(double), "signal stats");
+    double *sq = xmalloc((size_t)B * 2 * sizeof(double), "signal stats");          // (B, 2)
+    double *usum = xcalloc((size_t)B * D * sizeof(double), "signal stats unit sums");  // (B, D)
 #pragma omp parallel for schedule(static)
     for (int b = 0; b < B; b++) {
-        double ssq = 0.0, *u = xcalloc((size_t)D * sizeof(double), "unit sum");
+        double ssq = 0.0, *u = usum + (size_t)b * D;
         for (int n = 0; n < N; n++) {
             const float *xn = x + ((size_t)b * N + n) * D;
             double nn = 0.0;
@@ -473,7 +480,6 @@ static void cpu_signal_stats(Backend *be, const void *x_, int B, int N, int D, d
         }
         double su = 0.0;
         for (int d = 0; d < D; d++) su += u[d] * u[d];
-        free(u);
         sq[2 * b] = ssq / ((double)N * D);
         sq[2 * b + 1] = N > 1 ? (su - N) / ((double)N * (N - 1)) : 1.0;  // |sum of unit vectors|^2 = N + pair sum
     }
@@ -483,6 +489,7 @@ static void cpu_signal_stats(Backend *be, const void *x_, int B, int N, int D, d
         mc += sq[2 * b + 1];
     }
     free(sq);
+    free(usum);
     *mean_sq = ms / B;
     *mean_cos = mc / B;
 }

@@ -23,7 +23,9 @@
 void comm_init(Comm *c, int *argc, char ***argv) {
     memset(c, 0, sizeof *c);
     int provided = 0;
-    MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided);
+    if (MPI_Init_thread(argc, argv, MPI_THREAD_FUNNELED, &provided) != MPI_SUCCESS)
+        DIE("MPI_Init_thread failed (is this an Open MPI launch environment?)");
+    if (provided < MPI_THREAD_FUNNELED) DIE("MPI provides thread level %d, need MPI_THREAD_FUNNELED", provided);
     c->mpi = 1;
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     MPI_CHECK(c, MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
@@ -32,11 +34,11 @@ void comm_init(Comm *c, int *argc, char ***argv) {
     MPI_CHECK(c, MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &local));
     MPI_CHECK(c, MPI_Comm_rank(local, &c->local_rank));
     MPI_CHECK(c, MPI_Comm_size(local, &c->local_world));
-    MPI_Comm_free(&local);
+    MPI_CHECK(c, MPI_Comm_free(&local));
 }
 
 void comm_finalize(Comm *c) {
-    if (c->mpi) MPI_Finalize();
+    if (c->mpi) MPI_CHECK(c, MPI_Finalize());
     c->mpi = 0;
 }
 
@@ -53,7 +55,10 @@ void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {
 
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n) {
     if (c->world == 1) return;
-    MPI_CHECK(c, MPI_Allreduce(MPI_IN_PLACE, buf, (int)n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    for (size_t off = 0; off < n; off += MPI_CHUNK) {
+        int cnt = (int)(n - off < MPI_CHUNK ? n - off : MPI_CHUNK);
+        MPI_CHECK(c, MPI_Allreduce(MPI_IN_PLACE, buf + off, cnt, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
+    }
 }
 
 void comm_bcast(Comm *c, void *buf, size_t bytes, int root) {

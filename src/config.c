@@ -105,7 +105,7 @@ static const KeySpec KEYS[] = {
     {"opt.weight_decay_mode", KT_STR, FIELD(opt.weight_decay_mode), "\"l2\"", NOLIM, "l2|decoupled",
      "l2: g += lambda w before the moments (the reference); decoupled: w *= 1 - lr lambda (AdamW)"},
     {"opt.beta1", KT_DOUBLE, FIELD(opt.beta1), "0.9", 0, 0.999999, NULL, "Adam beta1"},
-    {"opt.beta2", KT_DOUBLE, FIELD(opt.beta2), "0.999", 0, 0.999999999, NULL, "Adam beta2"},
+    {"opt.beta2", KT_DOUBLE, FIELD(opt.beta2), "0.999", 0, 0.9999999, NULL, "Adam beta2"},
     {"opt.eps", KT_DOUBLE, FIELD(opt.eps), "1e-8", 0, 1, NULL, "Adam epsilon"},
 
     {"run.dir", KT_STR, FIELD(run.dir), "\"\"", NOLIM, NULL,
@@ -282,6 +282,13 @@ static int resolve(Config *c, char *err, size_t n) {
                       c->train.batch_size, c->train.grad_accum);
     if (c->train.epochs == 0 && c->train.steps == 0)
         return set_err(err, n, "config key 'train.steps': 0 with train.epochs 0 leaves nothing to train");
+    if (c->train.sam && c->model.seed_compat)
+        return set_err(err, n, "config key 'train.sam': the seed_compat variant (second pass on the next batch) is "
+                               "not supported; use model.seed_compat false");
+    if (c->mixup.group > 0 && c->train.mixup_alpha > 0 && (c->train.batch_size / c->train.grad_accum) % c->mixup.group)
+        return set_err(err, n, "config key 'mixup.group': %d does not divide the micro-batch %d", c->mixup.group,
+                       c->train.batch_size / c->train.grad_accum);
+    for (size_t len = strlen(c->run.dir); len > 1 && c->run.dir[len - 1] == '/'; len--) c->run.dir[len - 1] = 0;
     if (!strcmp(c->data.root, "")) {
         const char *def = !strcmp(c->data.dataset, "mnist") ? "/usr/share/datasets/mnist"
                                                              : "/usr/share/datasets/fashion-mnist";
@@ -351,6 +358,12 @@ int config_load_err(Config *cfg, const char *path, const char *const *ov, int no
 void config_load(Config *cfg, const char *path, const char *const *ov, int nov) {
     char err[1024];
     if (config_load_err(cfg, path, ov, nov, err, sizeof err) != 0) die_user("%s", err);
+}
+
+int config_eval_batch(const Config *c, int world) {
+    if (c->data.eval_batch_size > 0) return c->data.eval_batch_size;
+    int micro = c->train.batch_size / (world * c->train.grad_accum);
+    return micro > 0 ? micro : 1;
 }
 
 ModelConfig config_model(const Config *c) {

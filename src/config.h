@@ -73,5 +73,7 @@ int config_load_err(Config *cfg, const char *path, const char *const *overrides,
 char *config_to_json(const Config *cfg);
 // docs/config.md as markdown text. Caller frees.
 char *config_doc_markdown(void);
+// Images per eval batch on each rank: data.eval_batch_size, or the training micro-batch at this world size.
+int config_eval_batch(const Config *cfg, int world);
 // The model part as a ModelConfig.
 ModelConfig config_model(const Config *cfg);

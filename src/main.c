@@ -76,6 +76,15 @@ int main(int argc, char **argv) {
     }
     int is_eval = !strcmp(cmd, "eval");
     int first = (is_eval || !strcmp(cmd, "train")) ? 2 : 1;
+    if (first == 2 && argc > 2 && (!strcmp(argv[2], "--help") || !strcmp(argv[2], "-h"))) {
+        usage(stdout);
+        return 0;
+    }
+    if (first == 1 && cmd[0] != '-' && !path_exists(cmd) && !strchr(cmd, '.') && !strchr(cmd, '/')) {
+        fprintf(stderr, "simplest-dist: error: unknown command '%s' (commands: train, eval, config-doc, version)\n",
+                cmd);
+        return EXIT_USER;
+    }
     Comm comm;
     comm_init(&comm, &argc, &argv);
     Args a;

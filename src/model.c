@@ -247,6 +247,9 @@ Model *model_create(const ModelConfig *cfg, Backend *be, int max_batch) {
     m->buffers = be->alloc(be, (m->num_buffers ? m->num_buffers : 1) * sizeof(float), "fixed buffers");
     m->posemb = be->alloc(be, (size_t)m->N * cfg->dim * sizeof(float), "posemb");
     be->set_params(be, m->params, m->num_params);
+    if ((int64_t)max_batch * m->N * (cfg->mlp_dim > 3 * cfg->dim ? cfg->mlp_dim : 3 * cfg->dim) > INT32_MAX)
+        die_user("a batch of %d images of %d tokens is too large for one rank (rows x width exceed 2^31); lower "
+                 "train.batch_size or data.eval_batch_size, or raise train.grad_accum", max_batch, m->N);
     m->max_batch = max_batch;
     m->acts = xcalloc((size_t)cfg->depth * sizeof(BlockActs), "block activations");
     Arena a = {0, NULL};

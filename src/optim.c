@@ -25,14 +25,13 @@ double clip_factor(double norm, double clip) {
 void adam_create(Adam *a, const Model *model, const AdamConfig *cfg) {
     Backend *be = model->be;
     a->cfg = *cfg;
-    a->m = be->alloc(be, model->num_params * sizeof(float), "Adam first moment");
-    a->v = be->alloc(be, model->num_params * sizeof(float), "Adam second moment");
+    a->m = be->alloc(be, 2 * model->num_params * sizeof(float), "Adam moments");  // m then v, one allocation
+    a->v = a->m + model->num_params;
     a->t = 0;
 }
 
 void adam_free(Adam *a, const Model *model) {
     model->be->free(model->be, a->m);
-    model->be->free(model->be, a->v);
 }
 
 void adam_step(Adam *a, Model *model, double lr, double grad_scale) {

@@ -19,7 +19,7 @@ typedef struct {
 
 typedef struct {
     AdamConfig cfg;
-    float *m, *v;  // device, num_params each
+    float *m, *v;  // device, num_params each, in one allocation (v = m + num_params)
     int64_t t;     // steps taken
 } Adam;
 

@@ -84,6 +84,7 @@ static inline double rng_gamma(Rng *r, double alpha) {
 // Beta(alpha, alpha) as X / (X + Y) with X, Y ~ Gamma(alpha).
 static inline double rng_beta_sym(Rng *r, double alpha) {
     double x = rng_gamma(r, alpha), y = rng_gamma(r, alpha);
+    if (x + y == 0.0) return rng_uniform(r) < 0.5 ? 0.0 : 1.0;  // both underflowed (tiny alpha): an endpoint
     return x / (x + y);
 }
 

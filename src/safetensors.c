@@ -46,6 +46,8 @@ static int parse_entry(const cJSON *item, size_t data_len, StTensor *t, const ch
         if (!cJSON_IsNumber(d) || d->valuedouble < 0 || d->valuedouble > 1e12)
             return set_err(err, n, "%s: tensor '%s' has a bad shape", path, t->name);
         t->shape[i] = (int64_t)d->valuedouble;
+        if (t->shape[i] > 0 && t->numel > (SIZE_MAX / 8) / (size_t)t->shape[i])
+            return set_err(err, n, "%s: tensor '%s' has a bad shape", path, t->name);
         t->numel *= (size_t)t->shape[i];
     }
     const cJSON *b = cJSON_GetArrayItem(off, 0), *e = cJSON_GetArrayItem(off, 1);
@@ -208,7 +210,7 @@ float *npy_read_f32(const char *path, int64_t *shape, int *ndim, char *err, size
         char *end;
         long long v = strtoll(sp, &end, 10);
         if (end == sp) break;
-        if (*ndim >= 8 || v < 0) {
+        if (*ndim >= 8 || v < 0 || (v > 0 && numel > (SIZE_MAX / 4) / (size_t)v)) {
             set_err(err, n, "%s: bad .npy shape", path);
             goto done;
         }

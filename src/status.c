@@ -83,6 +83,7 @@ int status_write(const char *dir, const StatusInfo *s) {
     }
     char *text = cJSON_Print(o);
     cJSON_Delete(o);
+    CHECK(text, "out of memory printing status.json");
     char path[1200];
     snprintf(path, sizeof path, "%s/status.json", dir);
     int rc = write_file_atomic(path, text, strlen(text));
@@ -90,9 +91,14 @@ int status_write(const char *dir, const StatusInfo *s) {
     return rc;
 }
 
-void metrics_append(FILE *f, const char *line) {
+void metrics_append(FILE *f, const char *const *keys, const double *vals, int n) {
     if (!f) return;
-    fputs(line, f);
-    fputc('\n', f);
-    fflush(f);
+    cJSON *o = cJSON_CreateObject();
+    for (int i = 0; i < n; i++) add_num(o, keys[i], vals[i]);
+    char *line = cJSON_PrintUnformatted(o);
+    cJSON_Delete(o);
+    CHECK(line, "out of memory printing a metrics line");
+    if (fputs(line, f) < 0 || fputc('\n', f) < 0 || fflush(f) != 0)
+        fprintf(stderr, "simplest-dist: warning: cannot append to metrics.jsonl\n");
+    free(line);
 }

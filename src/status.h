@@ -32,6 +32,6 @@ typedef struct {
 
 // Writes <dir>/status.json atomically. Returns 0 or -1 with errno.
 int status_write(const char *dir, const StatusInfo *s);
-// Appends one line to metrics.jsonl and flushes it.
-void metrics_append(FILE *f, const char *json_line);
+// Appends one JSON object {keys[i]: vals[i]} as a line of metrics.jsonl and flushes it (NaN/Inf as null).
+void metrics_append(FILE *f, const char *const *keys, const double *vals, int n);
 double unix_time(void);

@@ -10,6 +10,7 @@
 #include <string.h>
 #include <dirent.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include "checkpoint.h"
 #include "safetensors.h"
@@ -30,9 +31,11 @@ Backend *backend_for_config(const Config *cfg, const Comm *comm) {
     if (!strcmp(dev, "auto") && comm->rank == 0)
         printf("run.device auto: no CUDA backend in this build, using the CPU\n");
     // Ranks on one node share its cores: more threads than cores makes OpenMP barriers spin against each other.
+    // omp_get_num_procs() honours the affinity mask: divide only when every rank sees the whole node (unbound).
     int threads = cfg->run.threads;
     if (threads <= 0) {
-        threads = omp_get_num_procs() / comm->local_world;
+        threads = omp_get_num_procs();
+        if (threads == (int)sysconf(_SC_NPROCESSORS_ONLN)) threads /= comm->local_world;
         threads = threads > 0 ? threads : 1;
     }
     return backend_cpu_create(threads);
@@ -120,6 +123,10 @@ StepResult trainer_step(Trainer *t, int64_t k, BatchSource src, void *ctx) {
     r.loss_sum = accumulate_grads(t, k, src, ctx);
     r.count = (int64_t)t->micro * t->accum;
     r.grad_norm = grad_global_norm(m);
+    if (!isfinite(r.grad_norm)) {
+        r.diverged = 1;
+        return r;
+    }
     double cf = clip_factor(r.grad_norm, cfg->train.clip);
     if (t->sam_e && k % cfg->train.sam_every == 0) {
         // SAM: ascend to w + rho g/|g| with the clipped g, take the gradient there, come back (§12.9).
@@ -143,9 +150,10 @@ StepResult trainer_step(Trainer *t, int64_t k, BatchSource src, void *ctx) {
 
 // Top-1 and top-5 hits of one row of logits against label y.
 static void topk_hits(const float *z, int C, int y, int *hit1, int *hit5) {
-    int above = 0;  // classes scoring strictly higher than the label, ties broken toward lower indices
+    int above = 0;  // classes ranking above the label: higher, tied at a lower index, or not finite
     for (int c = 0; c < C; c++)
-        if (z[c] > z[y] || (z[c] == z[y] && c < y)) above++;
+        if (c != y && (!isfinite(z[c]) || z[c] > z[y] || (z[c] == z[y] && c < y))) above++;
+    if (!isfinite(z[y])) above = C;  // a NaN logit is never a hit
     *hit1 = above == 0;
     *hit5 = above < 5;
 }
@@ -237,35 +245,56 @@ static void loader_source(void *ctx_, const Trainer *t, int64_t k, int micro, fl
     }
 }
 
+// Opens a split and checks that its images fit the model (the loader writes model-sized buffers).
 static void load_dataset(Dataset *ds, const Config *cfg, int train) {
     char err[1024];
     if (dataset_open(ds, cfg->data.dataset, cfg->data.root, train, train ? cfg->data.train_limit
                                                                             : cfg->data.eval_limit,
                      err, sizeof err) != 0)
         die_user("%s", err);
+    const char *split = train ? "training" : "eval";
+    if (ds->height != cfg->model.image_size || ds->width != cfg->model.image_size ||
+        ds->channels != cfg->model.channels)
+        die_user("data.root '%s': the %s images are %dx%dx%d, the model takes %dx%dx%d", cfg->data.root, split,
+                 ds->height, ds->width, ds->channels, cfg->model.image_size, cfg->model.image_size,
+                 cfg->model.channels);
+    if (ds->num_classes != cfg->model.num_classes)
+        die_user("data.root '%s': the %s split has %d classes, model.num_classes is %d", cfg->data.root, split,
+                 ds->num_classes, cfg->model.num_classes);
 }
 
-// 1 if dir exists and holds anything.
-static int dir_nonempty(const char *dir) {
+// 1 if dir exists and holds anything; *is_run set if it holds files that only a run writes.
+static int dir_nonempty(const char *dir, int *is_run) {
     DIR *d = opendir(dir);
+    *is_run = 0;
     if (!d) return 0;
     struct dirent *e;
     int any = 0;
-    while (!any && (e = readdir(d))) any = strcmp(e->d_name, ".") && strcmp(e->d_name, "..");
+    const char *run_files[] = {"config.json", "status.json", "metrics.jsonl", "model.safetensors"};
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        any = 1;
+        for (int i = 0; i < 4; i++) *is_run |= !strcmp(e->d_name, run_files[i]);
+    }
     closedir(d);
     return any;
 }
 
-// Moves an earlier run's directory aside (<dir>.1, .2, ...) so that a new run never overwrites it.
+// Moves an earlier run's directory aside (<dir>.1, .2, ...) so that a new run never overwrites it. A non-empty
+// directory that is not a run directory is refused rather than renamed.
 static void prepare_run_dir(const char *dir) {
-    if (dir_nonempty(dir)) {
+    int is_run;
+    if (dir_nonempty(dir, &is_run)) {
+        if (!is_run)
+            die_user("config key 'run.dir': '%s' is not empty and holds no earlier run; choose another directory",
+                     dir);
         char aside[1200];
         for (int i = 1;; i++) {
             snprintf(aside, sizeof aside, "%s.%d", dir, i);
             if (!path_exists(aside)) break;
         }
-        if (rename(dir, aside) != 0) die_user("run directory '%s': cannot move the earlier run aside: %s", dir,
-                                              strerror(errno));
+        if (rename(dir, aside) != 0)
+            die_user("run directory '%s': cannot move the earlier run aside: %s", dir, strerror(errno));
         printf("run directory %s held an earlier run: moved it to %s\n", dir, aside);
     }
     if (mkdir_p(dir) != 0) die_user("run directory '%s': cannot create: %s", dir, strerror(errno));
@@ -283,13 +312,6 @@ static void format_eta(char *buf, size_t n, double s) {
         snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
 }
 
-typedef struct {
-    StatusInfo info;
-    RankStatus *ranks;
-    double *sp_sq, *sp_cos;
-    char last_ckpt[1200];
-} RunStatus;
-
 // Every rank's step, heartbeat, speed and stall, gathered onto every rank (a small all-reduce).
 static void gather_ranks(Comm *comm, RankStatus *out, int64_t step, double ips, double stall) {
     int W = comm->world;
@@ -305,24 +327,171 @@ static void gather_ranks(Comm *comm, RankStatus *out, int64_t step, double ips, 
     free(buf);
 }
 
-static void save_weights(const Trainer *t, const char *dir, const char *name, const char *config_json, int64_t step,
-                         RunStatus *rs) {
-    char path[1200];
-    snprintf(path, sizeof path, "%s/%s", dir, name);
-    float *host = NULL;
-    if (t->ema) {
-        host = xmalloc(t->model->num_params * sizeof(float), "EMA weights");
-        t->be->download(t->be, host, t->ema, t->model->num_params * sizeof(float));
-    }
-    if (weights_save(t->model, path, host, config_json, step, t->ema != NULL) != 0)
-        DIE("cannot write %s: %s", path, strerror(errno));
-    free(host);
-    snprintf(rs->last_ckpt, sizeof rs->last_ckpt, "%s", path);
-    rs->info.last_checkpoint = rs->last_ckpt;
+// Everything one training run holds, so that the loop reads as setup, steps, logs, evals, finish.
+typedef struct {
+    const Config *cfg;
+    Comm *comm;
+    Backend *be;
+    Model *m;
+    Trainer t;
+    Dataset train_ds, eval_ds;
+    LoaderCtx lctx;
+    int eval_batch;
+    char *config_json;
+    FILE *metrics;  // rank 0 only
+    StatusInfo si;
+    RankStatus *ranks;      // (world)
+    double *sp_sq, *sp_cos;  // (depth) signal-propagation diagnostics
+    char last_ckpt[1200];
+    double t_start, t_log, t_status;
+    double interval_loss;
+    int64_t interval_count, interval_steps, saved_step;
+} Run;
+
+static void run_status(Run *r) {
+    if (r->comm->rank == 0 && status_write(r->cfg->run.dir, &r->si) != 0)
+        fprintf(stderr, "simplest-dist: warning: cannot write %s/status.json: %s\n", r->cfg->run.dir,
+                strerror(errno));
 }
 
-// Runs eval with the EMA weights when EMA is on (swapping them in and back).
-static EvalResult run_eval(Trainer *t, const Dataset *ds, int eval_batch) {
+// Rank 0 writes the weights; a failed periodic save is reported and retried at the next one, not fatal.
+static int run_save(Run *r, int64_t step) {
+    if (r->comm->rank != 0) return 0;
+    const Trainer *t = &r->t;
+    char path[1200];
+    snprintf(path, sizeof path, "%s/model.safetensors", r->cfg->run.dir);
+    float *host = NULL;
+    if (t->ema) {
+        host = xmalloc(r->m->num_params * sizeof(float), "EMA weights");  // (num_params)
+        r->be->download(r->be, host, t->ema, r->m->num_params * sizeof(float));
+    }
+    int rc = weights_save(r->m, path, host, r->config_json, step, t->ema != NULL);
+    free(host);
+    if (rc != 0) {
+        fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
+        return -1;
+    }
+    snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", path);
+    r->si.last_checkpoint = r->last_ckpt;
+    r->saved_step = step;
+    return 0;
+}
+
+// Every rank starts from rank 0's weights: LAPACK and BLAS kernels may differ by a bit across nodes.
+static void broadcast_weights(Model *m, Comm *comm) {
+    if (comm->world == 1) return;
+    Backend *be = m->be;
+    float *p = xmalloc(m->num_params * sizeof(float), "weights to broadcast");  // (num_params)
+    float *b = xmalloc((m->num_buffers ? m->num_buffers : 1) * sizeof(float), "buffers to broadcast");
+    be->download(be, p, m->params, m->num_params * sizeof(float));
+    be->download(be, b, m->buffers, m->num_buffers * sizeof(float));
+    comm_bcast(comm, p, m->num_params * sizeof(float), 0);
+    comm_bcast(comm, b, m->num_buffers * sizeof(float), 0);
+    be->upload(be, m->params, p, m->num_params * sizeof(float));
+    be->upload(be, m->buffers, b, m->num_buffers * sizeof(float));
+    be->params_changed(be, m->params, m->num_params);
+    free(p);
+    free(b);
+}
+
+static void run_setup(Run *r, const Config *cfg, Comm *comm) {
+    memset(r, 0, sizeof *r);
+    r->cfg = cfg;
+    r->comm = comm;
+    load_dataset(&r->train_ds, cfg, 1);
+    load_dataset(&r->eval_ds, cfg, 0);
+    int64_t spe = r->train_ds.n / cfg->train.batch_size;
+    if (spe == 0)
+        die_user("config key 'train.batch_size': %d is larger than the %lld training images", cfg->train.batch_size,
+                 (long long)r->train_ds.n);
+    int64_t T = cfg->train.steps > 0 ? cfg->train.steps : (int64_t)cfg->train.epochs * spe;
+    if (cfg->train.batch_size % (comm->world * cfg->train.grad_accum) != 0)
+        die_user("config key 'train.batch_size': %d is not divisible by ranks (%d) x train.grad_accum (%d)",
+                 cfg->train.batch_size, comm->world, cfg->train.grad_accum);
+    int micro = cfg->train.batch_size / (comm->world * cfg->train.grad_accum);
+    int group = cfg->mixup.group > 0 ? cfg->mixup.group : micro;
+    if (cfg->train.mixup_alpha > 0 && micro % group != 0)
+        die_user("config key 'mixup.group': %d does not divide the per-rank micro-batch %d", group, micro);
+    r->eval_batch = config_eval_batch(cfg, comm->world);
+    r->be = backend_for_config(cfg, comm);
+    ModelConfig mc = config_model(cfg);
+    r->m = model_create(&mc, r->be, micro > r->eval_batch ? micro : r->eval_batch);
+    model_init(r->m, (uint64_t)cfg->train.seed);
+    broadcast_weights(r->m, comm);
+    trainer_init(&r->t, cfg, comm, r->m, T);
+    r->lctx = (LoaderCtx){.ds = &r->train_ds,
+                          .aug = {cfg->data.augment, cfg->data.crop_padding, cfg->data.flip},
+                          .steps_per_epoch = spe,
+                          .epoch = -1,
+                          .perm = xmalloc((size_t)r->train_ds.n * sizeof(int64_t), "permutation"),  // (n)
+                          .mixup_group = group,
+                          .mixup_alpha = cfg->train.mixup_alpha};
+    r->config_json = config_to_json(cfg);
+    if (comm->rank == 0) {
+        prepare_run_dir(cfg->run.dir);
+        char path[1200];
+        snprintf(path, sizeof path, "%s/config.json", cfg->run.dir);
+        if (write_file_atomic(path, r->config_json, strlen(r->config_json)) != 0)
+            die_user("run directory '%s': cannot write config.json: %s", cfg->run.dir, strerror(errno));
+        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.dir);
+        r->metrics = fopen(path, "w");
+        if (!r->metrics)
+            die_user("run directory '%s': cannot write metrics.jsonl: %s", cfg->run.dir, strerror(errno));
+        printf("simplest-dist: %s%s, %zu params, %d ranks x %d images x %d accum = batch %d, %lld steps "
+               "(%lld per epoch), %s backend, run dir %s\n",
+               cfg->model.arch, cfg->model.seed_compat ? " (seed_compat)" : "", r->m->num_params, comm->world,
+               micro, cfg->train.grad_accum, cfg->train.batch_size, (long long)T, (long long)spe, r->be->name,
+               cfg->run.dir);
+        fflush(stdout);
+    }
+    r->ranks = xcalloc((size_t)comm->world * sizeof(RankStatus), "rank status");  // (world)
+    r->sp_sq = xcalloc((size_t)mc.depth * sizeof(double), "signalprop");           // (depth)
+    r->sp_cos = xcalloc((size_t)mc.depth * sizeof(double), "signalprop");          // (depth)
+    r->si = (StatusInfo){.state = "training", .run_dir = cfg->run.dir, .arch = cfg->model.arch,
+                         .device = r->be->name, .total_steps = T, .world_size = comm->world, .ranks = r->ranks,
+                         .depth = mc.depth, .best_top1 = -1.0, .loss = NAN, .lr = NAN, .grad_norm = NAN,
+                         .images_per_sec = NAN, .eta_s = NAN};
+    r->saved_step = -1;
+    r->t_start = r->t_log = r->t_status = now_sec();
+}
+
+// The progress line, metrics.jsonl record, rank heartbeats and signal-propagation diagnostics of one interval.
+static void run_log(Run *r, int64_t k, const StepResult *sr) {
+    double now = now_sec();
+    double sums[2] = {r->interval_loss, (double)r->interval_count};
+    comm_allreduce_sum_f64(r->comm, sums, 2);
+    double ips = (double)r->interval_steps * r->t.global_batch / fmax(now - r->t_log, 1e-9);
+    gather_ranks(r->comm, r->ranks, k, ips / r->comm->world, 0.0);
+    model_signal_stats(r->m, r->t.micro, r->sp_sq, r->sp_cos);
+    StatusInfo *si = &r->si;
+    si->step = k;
+    si->epoch = (double)k / r->lctx.steps_per_epoch;
+    si->loss = sums[0] / sums[1];
+    si->lr = sr->lr;
+    si->grad_norm = sr->grad_norm;
+    si->images_per_sec = ips;
+    si->elapsed_s = now - r->t_start;
+    si->eta_s = (now - r->t_start) / k * (r->t.total_steps - k);
+    si->sp_mean_sq = r->sp_sq;
+    si->sp_mean_cos = r->sp_cos;
+    si->sp_step = k;
+    if (r->comm->rank == 0) {
+        char eta[32];
+        format_eta(eta, sizeof eta, si->eta_s);
+        printf("step %lld/%lld | epoch %.2f | loss %.4f | lr %.3e | grad norm %.3f | %.0f img/s | ETA %s\n",
+               (long long)k, (long long)r->t.total_steps, si->epoch, si->loss, sr->lr, sr->grad_norm, ips, eta);
+        fflush(stdout);
+        const char *keys[] = {"step", "epoch", "train/loss", "lr", "grad_norm", "images_per_sec", "time_s"};
+        double vals[] = {(double)k, si->epoch, si->loss, sr->lr, sr->grad_norm, ips, now - r->t_start};
+        metrics_append(r->metrics, keys, vals, 7);
+    }
+    r->interval_loss = 0.0;
+    r->interval_count = r->interval_steps = 0;
+    r->t_log = now;
+}
+
+// Evaluation with the EMA weights when EMA is on (swapped in and back).
+static EvalResult eval_current(Trainer *t, const Dataset *ds, int eval_batch) {
     Model *m = t->model;
     Backend *be = t->be;
     size_t bytes = m->num_params * sizeof(float);
@@ -342,177 +511,108 @@ static EvalResult run_eval(Trainer *t, const Dataset *ds, int eval_batch) {
     return r;
 }
 
-int train_main(const Config *cfg, Comm *comm) {
-    int rank0 = comm->rank == 0;
-    Dataset train_ds, eval_ds;
-    load_dataset(&train_ds, cfg, 1);
-    load_dataset(&eval_ds, cfg, 0);
-    int64_t spe = train_ds.n / cfg->train.batch_size;
-    if (spe == 0)
-        die_user("config key 'train.batch_size': %d is larger than the %lld training images", cfg->train.batch_size,
-                 (long long)train_ds.n);
-    int64_t T = cfg->train.steps > 0 ? cfg->train.steps : (int64_t)cfg->train.epochs * spe;
-
-    Backend *be = backend_for_config(cfg, comm);
-    ModelConfig mc = config_model(cfg);
-    int micro = cfg->train.batch_size / (comm->world * cfg->train.grad_accum);
-    int eval_batch = cfg->data.eval_batch_size > 0 ? cfg->data.eval_batch_size : (micro > 0 ? micro : 1);
-    Model *m = model_create(&mc, be, micro > eval_batch ? micro : eval_batch);
-    model_init(m, (uint64_t)cfg->train.seed);
-    Trainer t;
-    trainer_init(&t, cfg, comm, m, T);
-    int group = cfg->mixup.group > 0 ? cfg->mixup.group : t.micro;
-    if (cfg->train.mixup_alpha > 0 && t.micro % group != 0)
-        die_user("config key 'mixup.group': %d does not divide the per-rank micro-batch %d", group, t.micro);
-    if (cfg->train.sam && cfg->model.seed_compat)
-        die_user("config key 'train.sam': the seed_compat variant (second pass on the next batch) is not supported");
-    LoaderCtx lctx = {.ds = &train_ds,
-                      .aug = {cfg->data.augment, cfg->data.crop_padding, cfg->data.flip},
-                      .steps_per_epoch = spe,
-                      .epoch = -1,
-                      .perm = xmalloc((size_t)train_ds.n * sizeof(int64_t), "permutation"),
-                      .mixup_group = group,
-                      .mixup_alpha = cfg->train.mixup_alpha};
-
-    char *config_json = config_to_json(cfg);
-    FILE *metrics = NULL;
-    if (rank0) {
-        prepare_run_dir(cfg->run.dir);
-        char path[1200];
-        snprintf(path, sizeof path, "%s/config.json", cfg->run.dir);
-        if (write_file_atomic(path, config_json, strlen(config_json)) != 0)
-            die_user("run directory '%s': cannot write config.json: %s", cfg->run.dir, strerror(errno));
-        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.dir);
-        metrics = fopen(path, "w");
-        if (!metrics) die_user("run directory '%s': cannot write metrics.jsonl: %s", cfg->run.dir, strerror(errno));
-        printf("simplest-dist: %s %s, %zu params, %d ranks x %d images x %d accum = batch %d, %lld steps "
-               "(%lld per epoch), %s backend, run dir %s\n",
-               cfg->model.arch, cfg->model.seed_compat ? "(seed_compat)" : "", m->num_params, comm->world, t.micro,
-               t.accum, t.global_batch, (long long)T, (long long)spe, be->name, cfg->run.dir);
-        fflush(stdout);
+static void run_eval(Run *r, int64_t k) {
+    double t0 = now_sec();
+    StatusInfo *si = &r->si;
+    si->state = "evaluating";
+    run_status(r);
+    EvalResult ev = eval_current(&r->t, &r->eval_ds, r->eval_batch);
+    si->state = "training";
+    si->has_eval = 1;
+    si->eval_step = k;
+    si->eval_top1 = ev.top1;
+    si->eval_top5 = ev.top5;
+    si->eval_loss = ev.loss;
+    if (ev.top1 > si->best_top1) {
+        si->best_top1 = ev.top1;
+        si->best_step = k;
     }
+    if (r->comm->rank == 0) {
+        printf("eval step %lld | top-1 %.4f | top-5 %.4f | loss %.4f | best %.4f (step %lld) | %lld images\n",
+               (long long)k, ev.top1, ev.top5, ev.loss, si->best_top1, (long long)si->best_step,
+               (long long)ev.count);
+        fflush(stdout);
+        const char *keys[] = {"step", "val/acc", "val/acc5", "val/loss", "val/acc_bm", "val/loss_bm", "time_s"};
+        double vals[] = {(double)k, ev.top1, ev.top5, ev.loss, ev.top1_bm, ev.loss_bm, now_sec() - r->t_start};
+        metrics_append(r->metrics, keys, vals, 7);
+    }
+    run_save(r, k);  // spec §12.1: weights at every evaluation
+    r->t_log += now_sec() - t0;  // eval time does not count against training speed
+}
+
+static void run_finish(Run *r, int64_t done, const char *state) {
+    StatusInfo *si = &r->si;
+    if (r->saved_step != done && strcmp(state, "failed") != 0) run_save(r, done);
+    si->state = state;
+    si->step = done;
+    si->elapsed_s = now_sec() - r->t_start;
+    si->eta_s = 0.0;
+    run_status(r);
+    if (r->comm->rank == 0) {
+        if (strcmp(state, "failed") != 0)
+            printf("%s after %lld steps in %.1f s; weights in %s\n",
+                   strcmp(state, "stopped") == 0 ? "stopped by a signal" : "done", (long long)done, si->elapsed_s,
+                   r->last_ckpt);
+        if (r->metrics && fclose(r->metrics) != 0)
+            fprintf(stderr, "simplest-dist: warning: closing metrics.jsonl: %s\n", strerror(errno));
+        r->metrics = NULL;
+    }
+}
+
+static void run_free(Run *r) {
+    free(r->config_json);
+    free(r->lctx.perm);
+    free(r->ranks);
+    free(r->sp_sq);
+    free(r->sp_cos);
+    trainer_free(&r->t);
+    model_free(r->m);
+    r->be->destroy(r->be);
+    dataset_free(&r->train_ds);
+    dataset_free(&r->eval_ds);
+}
+
+int train_main(const Config *cfg, Comm *comm) {
+    Run r;
+    run_setup(&r, cfg, comm);
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGUSR1, on_signal);
-
-    RunStatus rs;
-    memset(&rs, 0, sizeof rs);
-    rs.ranks = xcalloc((size_t)comm->world * sizeof(RankStatus), "rank status");
-    rs.sp_sq = xcalloc((size_t)mc.depth * sizeof(double), "signalprop");
-    rs.sp_cos = xcalloc((size_t)mc.depth * sizeof(double), "signalprop");
-    StatusInfo *si = &rs.info;
-    *si = (StatusInfo){.state = "training", .run_dir = cfg->run.dir, .arch = cfg->model.arch, .device = be->name,
-                       .total_steps = T, .world_size = comm->world, .ranks = rs.ranks, .depth = mc.depth,
-                       .best_top1 = -1.0, .loss = NAN, .lr = NAN, .grad_norm = NAN, .images_per_sec = NAN,
-                       .eta_s = NAN};
-    double t_start = now_sec(), t_log = t_start, t_status = t_start;
-    double interval_loss = 0.0;
-    int64_t interval_count = 0, interval_steps = 0, done = 0;
-    int stopped = 0;
-    int64_t saved_step = -1;  // step of the weights last written
+    int64_t T = r.t.total_steps, done = 0;
+    const char *state = "done";
+    int rc = 0;
     for (int64_t k = 1; k <= T; k++) {
-        StepResult r = trainer_step(&t, k, loader_source, &lctx);
-        interval_loss += r.loss_sum;
-        interval_count += r.count;
-        interval_steps++;
+        StepResult sr = trainer_step(&r.t, k, loader_source, &r.lctx);
+        if (sr.diverged) {  // identical on every rank: the norm is computed after the all-reduce
+            if (comm->rank == 0)
+                fprintf(stderr, "simplest-dist: error: training diverged at step %lld: the gradient norm is %g "
+                                "(the weights of step %lld are kept; lower opt.lr or check the data)\n",
+                        (long long)k, sr.grad_norm, (long long)done);
+            state = "failed";
+            rc = 1;
+            break;
+        }
+        r.interval_loss += sr.loss_sum;
+        r.interval_count += sr.count;
+        r.interval_steps++;
         done = k;
-        double now = now_sec();
-        int log_now = k % cfg->train.log_every == 0 || k == T;
-        int eval_now = (cfg->train.eval_every > 0 && k % cfg->train.eval_every == 0) || k == T;
         double stop_flag = g_stop_signal ? 1.0 : 0.0;
         if (comm->world > 1) comm_allreduce_sum_f64(comm, &stop_flag, 1);  // every rank stops at the same step
-        stopped = stop_flag > 0.0;
-        if (log_now || stopped) {
-            double sums[2] = {interval_loss, (double)interval_count};
-            comm_allreduce_sum_f64(comm, sums, 2);
-            double ips = (double)interval_steps * t.global_batch / (now - t_log);
-            gather_ranks(comm, rs.ranks, k, ips / comm->world, 0.0);
-            model_signal_stats(m, t.micro, rs.sp_sq, rs.sp_cos);
-            si->step = k;
-            si->epoch = (double)k / spe;
-            si->loss = sums[0] / sums[1];
-            si->lr = r.lr;
-            si->grad_norm = r.grad_norm;
-            si->images_per_sec = ips;
-            si->elapsed_s = now - t_start;
-            si->eta_s = (now - t_start) / k * (T - k);
-            si->sp_mean_sq = rs.sp_sq;
-            si->sp_mean_cos = rs.sp_cos;
-            si->sp_step = k;
-            if (rank0) {
-                char eta[32], line[512];
-                format_eta(eta, sizeof eta, si->eta_s);
-                printf("step %lld/%lld | epoch %.2f | loss %.4f | lr %.3e | grad norm %.3f | %.0f img/s | ETA %s\n",
-                       (long long)k, (long long)T, si->epoch, si->loss, r.lr, r.grad_norm, ips, eta);
-                fflush(stdout);
-                snprintf(line, sizeof line,
-                         "{\"step\": %lld, \"epoch\": %.4f, \"train/loss\": %.6g, \"lr\": %.6g, \"grad_norm\": "
-                         "%.6g, \"img_per_s\": %.1f, \"time_s\": %.2f}",
-                         (long long)k, si->epoch, si->loss, r.lr, r.grad_norm, ips, now - t_start);
-                metrics_append(metrics, line);
-            }
-            interval_loss = 0.0;
-            interval_count = interval_steps = 0;
-            t_log = now;
+        int stopped = stop_flag > 0.0 && k < T;
+        if (k % cfg->train.log_every == 0 || k == T || stopped) run_log(&r, k, &sr);
+        if (!stopped && ((cfg->train.eval_every > 0 && k % cfg->train.eval_every == 0) || k == T)) run_eval(&r, k);
+        if (k % cfg->train.log_every == 0 || now_sec() - r.t_status >= cfg->run.status_every_s) {
+            run_status(&r);
+            r.t_status = now_sec();
         }
-        if (eval_now && !stopped) {
-            si->state = "evaluating";
-            if (rank0) status_write(cfg->run.dir, si);
-            EvalResult ev = run_eval(&t, &eval_ds, eval_batch);
-            si->state = "training";
-            si->has_eval = 1;
-            si->eval_step = k;
-            si->eval_top1 = ev.top1;
-            si->eval_top5 = ev.top5;
-            si->eval_loss = ev.loss;
-            if (ev.top1 > si->best_top1) {
-                si->best_top1 = ev.top1;
-                si->best_step = k;
-            }
-            if (rank0) {
-                char line[400];
-                printf("eval step %lld | top-1 %.4f | top-5 %.4f | loss %.4f | best %.4f (step %lld) | %lld images\n",
-                       (long long)k, ev.top1, ev.top5, ev.loss, si->best_top1, (long long)si->best_step,
-                       (long long)ev.count);
-                fflush(stdout);
-                snprintf(line, sizeof line,
-                         "{\"step\": %lld, \"val/acc\": %.6f, \"val/acc5\": %.6f, \"val/loss\": %.6f, "
-                         "\"val/acc_bm\": %.6f, \"val/loss_bm\": %.6f, \"time_s\": %.2f}",
-                         (long long)k, ev.top1, ev.top5, ev.loss, ev.top1_bm, ev.loss_bm, now_sec() - t_start);
-                metrics_append(metrics, line);
-                save_weights(&t, cfg->run.dir, "model.safetensors", config_json, k, &rs);  // spec §12.1: every eval
-                saved_step = k;
-            }
-            t_log += now_sec() - now;  // eval time does not count against training speed
+        if (stopped) {
+            state = "stopped";
+            break;
         }
-        if (rank0 && (log_now || now - t_status >= cfg->run.status_every_s)) {
-            status_write(cfg->run.dir, si);
-            t_status = now;
-        }
-        if (stopped) break;
     }
-    if (rank0) {
-        if (saved_step != done) save_weights(&t, cfg->run.dir, "model.safetensors", config_json, done, &rs);
-        si->state = stopped ? "stopped" : "done";
-        si->step = done;
-        si->elapsed_s = now_sec() - t_start;
-        si->eta_s = 0.0;
-        status_write(cfg->run.dir, si);
-        printf("%s after %lld steps in %.1f s; weights in %s\n", stopped ? "stopped by a signal" : "done",
-               (long long)done, si->elapsed_s, rs.last_ckpt);
-        fclose(metrics);
-    }
-    free(config_json);
-    free(lctx.perm);
-    free(rs.ranks);
-    free(rs.sp_sq);
-    free(rs.sp_cos);
-    trainer_free(&t);
-    model_free(m);
-    be->destroy(be);
-    dataset_free(&train_ds);
-    dataset_free(&eval_ds);
-    return 0;
+    run_finish(&r, done, state);
+    run_free(&r);
+    return rc;
 }
 
 // ---------------------------------------------------------------- eval command
@@ -526,8 +626,9 @@ static float *logits_for_input(Model *m, Comm *comm, const char *input_path, int
     if (!x) die_user("%s", err);
     const ModelConfig *mc = &m->cfg;
     if (ndim != 4 || shape[1] != mc->channels || shape[2] != mc->image_size || shape[3] != mc->image_size)
-        die_user("%s: expected float32 [N, %d, %d, %d], got a %d-d array", input_path, mc->channels, mc->image_size,
-                 mc->image_size, ndim);
+        die_user("%s: expected float32 [N, %d, %d, %d], got shape [%lld, %lld, %lld, %lld] (%d-d)", input_path,
+                 mc->channels, mc->image_size, mc->image_size, (long long)shape[0], ndim > 1 ? (long long)shape[1] : 0,
+                 ndim > 2 ? (long long)shape[2] : 0, ndim > 3 ? (long long)shape[3] : 0, ndim);
     int64_t n = shape[0], begin, end;
     int C = mc->num_classes;
     size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
@@ -549,7 +650,7 @@ int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char 
               const char *input_path) {
     Backend *be = backend_for_config(cfg, comm);
     ModelConfig mc = config_model(cfg);
-    int eval_batch = cfg->data.eval_batch_size > 0 ? cfg->data.eval_batch_size : 256;
+    int eval_batch = config_eval_batch(cfg, comm->world);
     Model *m = model_create(&mc, be, eval_batch);
     model_init(m, (uint64_t)cfg->train.seed);  // posemb; every tensor is then replaced from the file
     char err[1024];

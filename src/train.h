@@ -31,6 +31,7 @@ typedef struct {
     int64_t count;    // samples on this rank
     double grad_norm;  // global norm before clipping (after the all-reduce)
     double lr;
+    int diverged;  // the gradient norm was not finite: nothing was applied
 } StepResult;
 
 // Sets up backend-independent trainer state for a model; micro-batch sizes from cfg and the world size.

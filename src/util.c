@@ -30,10 +30,23 @@ static void abort_all_ranks(int code) {
 #endif
 }
 
+// This process's MPI rank, or 0 outside MPI.
+static int mpi_rank(void) {
+#ifdef USE_MPI
+    int init = 0, fin = 0, rank = 0;
+    MPI_Initialized(&init);
+    MPI_Finalized(&fin);
+    if (init && !fin) MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    return rank;
+#else
+    return 0;
+#endif
+}
+
 void die_at(const char *file, int line, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "simplest-dist: internal error at %s:%d: ", file, line);
+    fprintf(stderr, "simplest-dist: internal error (rank %d) at %s:%d: ", mpi_rank(), file, line);
     vfprintf(stderr, fmt, ap);
     fputc('\n', stderr);
     va_end(ap);
@@ -45,9 +58,11 @@ void die_at(const char *file, int line, const char *fmt, ...) {
 void die_user(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    fprintf(stderr, "simplest-dist: error: ");
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
+    if (mpi_rank() == 0) {  // user errors are (nearly always) the same on every rank: say it once
+        fprintf(stderr, "simplest-dist: error: ");
+        vfprintf(stderr, fmt, ap);
+        fputc('\n', stderr);
+    }
     va_end(ap);
     fflush(stderr);
     abort_all_ranks(EXIT_USER);
@@ -143,8 +158,12 @@ int write_file_atomic(const char *path, const void *data, size_t len) {
         p += w;
         left -= (size_t)w;
     }
-    if (fsync(fd) != 0 || close(fd) != 0 || rename(tmp, path) != 0) {
-        int e = errno;
+    int synced = fsync(fd) == 0;
+    int e = errno;
+    int closed = close(fd) == 0;
+    if (!closed) e = errno;
+    if (!synced || !closed || rename(tmp, path) != 0) {
+        if (synced && closed) e = errno;
         unlink(tmp);
         free(tmp);
         errno = e;

@@ -78,6 +78,11 @@ int dataset_load_idx(Dataset *ds, const char *images_path, const char *labels_pa
         set_err(err, n, "dataset file '%s': implausible dims %u x %u x %u", images_path, idims[0], idims[1], idims[2]);
         goto out;
     }
+    if ((uint64_t)idims[0] * idims[1] * idims[2] > ((uint64_t)1 << 36)) {
+        set_err(err, n, "dataset file '%s': header claims %u images of %ux%u, more than 64 GiB", images_path,
+                idims[0], idims[1], idims[2]);
+        goto out;
+    }
     ds->n = idims[0];
     ds->height = (int)idims[1];
     ds->width = (int)idims[2];
