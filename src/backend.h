@@ -46,6 +46,9 @@ struct Backend {
     void (*sync)(Backend *be);
     // Device activations -> host fp32 (logits for metrics, tests): n elements, synchronous.
     void (*download_act)(Backend *be, float *host_dst, const void *src, size_t n);
+    // Bits independent of the thread count (the CPU backend then splits GEMMs in fixed chunks; slower). Needed for
+    // comm.deterministic, where ranks at different world sizes run different thread counts.
+    void (*set_deterministic)(Backend *be, int on);
     void (*set_params)(Backend *be, float *params, size_t n);       // register the param buffer
     void (*params_changed)(Backend *be, float *params, size_t n);  // after an optimizer step or a load
 

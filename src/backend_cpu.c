@@ -18,6 +18,7 @@
 
 typedef struct {
     int threads;
+    int deterministic;  // fixed GEMM chunks: the same bits at any thread count
 } CpuImpl;
 
 // ---------------------------------------------------------------- memory
@@ -60,14 +61,23 @@ static void cpu_patch_unfold(Backend *be, void *patches_, const float *img, int 
         }
 }
 
-// C (M, N) = alpha op(A) op(B) + beta C, row-major, split over rows of C across the OpenMP threads. OpenBLAS runs
-// single-threaded inside each thread: one thread pool (OpenMP) for everything, and the result of each element does
-// not depend on the split.
-static void par_sgemm(int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
-                      const float *B, int ldb, float beta, float *C, int ldc) {
-    int nt = omp_get_max_threads();
-    int chunk = (M + nt - 1) / nt;
-    chunk = (chunk + 15) & ~15;
+#define GEMM_CHUNK_ROWS 256  // deterministic mode: every GEMM call (and its bits) is the same at any thread count
+
+// C (M, N) = alpha op(A) op(B) + beta C, row-major, split over rows of C across the OpenMP threads; OpenBLAS runs
+// single-threaded inside each, so there is one thread pool (OpenMP) for everything. By default each thread takes
+// one equal share (fastest). OpenBLAS's kernels may round a row differently depending on where it falls in a call,
+// so deterministic mode splits into fixed chunks that do not depend on the thread count instead.
+static void par_sgemm(const Backend *be, int transA, int transB, int M, int N, int K, float alpha, const float *A,
+                      int lda, const float *B, int ldb, float beta, float *C, int ldc) {
+    const CpuImpl *impl = be->impl;
+    int chunk;
+    if (impl->deterministic) {
+        chunk = GEMM_CHUNK_ROWS;
+    } else {
+        int nt = omp_get_max_threads();
+        chunk = (M + nt - 1) / nt;
+        chunk = (chunk + 15) & ~15;
+    }
 #pragma omp parallel for schedule(static)
     for (int m0 = 0; m0 < M; m0 += chunk) {
         int rows = M - m0 < chunk ? M - m0 : chunk;
@@ -76,6 +86,8 @@ static void par_sgemm(int transA, int transB, int M, int N, int K, float alpha, 
                     K, alpha, Am, lda, B, ldb, beta, C + (size_t)m0 * ldc, ldc);
     }
 }
+
+static void cpu_set_deterministic(Backend *be, int on) { ((CpuImpl *)be->impl)->deterministic = on; }
 
 static void cpu_matmul_fwd(Backend *be, void *out_, const void *inp, const float *W, const float *bias, int R, int Din,
                            int Dout) {
@@ -86,7 +98,7 @@ static void cpu_matmul_fwd(Backend *be, void *out_, const void *inp, const float
         for (int r = 0; r < R; r++) memcpy(out + (size_t)r * Dout, bias, (size_t)Dout * sizeof(float));
         beta = 1.0f;
     }
-    par_sgemm(0, 1, R, Dout, Din, 1.0f, inp, Din, W, Din, beta, out, Dout);
+    par_sgemm(be, 0, 1, R, Dout, Din, 1.0f, inp, Din, W, Din, beta, out, Dout);
 }
 
 // acc (cols) += sum over rows of x (rows, cols): fp32 within fixed chunks of rows, fp64 across chunks, in order.
@@ -114,8 +126,8 @@ static void colsum_acc(float *acc, const float *x, int rows, int cols) {
 
 static void cpu_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, const void *dout, const void *inp,
                            const float *W, int R, int Din, int Dout) {
-    if (dinp) par_sgemm(0, 0, R, Din, Dout, 1.0f, dout, Dout, W, Din, 0.0f, dinp, Din);
-    par_sgemm(1, 0, Dout, Din, R, 1.0f, dout, Dout, inp, Din, 1.0f, dW, Din);
+    if (dinp) par_sgemm(be, 0, 0, R, Din, Dout, 1.0f, dout, Dout, W, Din, 0.0f, dinp, Din);
+    par_sgemm(be, 1, 0, Dout, Din, R, 1.0f, dout, Dout, inp, Din, 1.0f, dW, Din);
     if (dbias) colsum_acc(dbias, dout, R, Dout);
 }
 
@@ -532,6 +544,7 @@ Backend *backend_cpu_create(int threads) {
         .copy = cpu_copy,
         .sync = cpu_sync,
         .download_act = cpu_download_act,
+        .set_deterministic = cpu_set_deterministic,
         .set_params = cpu_set_params,
         .params_changed = cpu_params_changed,
         .patch_unfold = cpu_patch_unfold,

@@ -2,23 +2,52 @@
 #include "comm.h"
 
 #include <limits.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
+#include "status.h"
 #include "util.h"
+
+// out += s, elementwise (one fixed order per element whatever the thread count).
+static void add_into(float *out, const float *s, size_t n) {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] += s[i];
+}
 
 #ifdef USE_MPI
 #include <mpi.h>
 
-#define MPI_CHECK(c, call)                                                                        \
-    do {                                                                                          \
-        int rc_ = (call);                                                                         \
-        if (rc_ != MPI_SUCCESS) {                                                                 \
-            char msg_[MPI_MAX_ERROR_STRING];                                                      \
-            int len_ = 0;                                                                         \
-            MPI_Error_string(rc_, msg_, &len_);                                                   \
-            DIE("rank %d: %s failed: %s", (c)->rank, #call, msg_);                                \
-        }                                                                                         \
+#define MPI_CHECK(c, call)                                                   \
+    do {                                                                     \
+        int rc_ = (call);                                                    \
+        if (rc_ != MPI_SUCCESS) {                                            \
+            char msg_[MPI_MAX_ERROR_STRING];                                 \
+            int len_ = 0;                                                    \
+            MPI_Error_string(rc_, msg_, &len_);                              \
+            DIE("rank %d: %s failed: %s", (c)->rank, #call, msg_);           \
+        }                                                                    \
     } while (0)
+
+#define TAG_HEARTBEAT 1
+#define TAG_CHAIN 2
+#define MPI_CHUNK ((size_t)1 << 30)  // MPI counts are int: large buffers go in chunks
+
+struct CommState {
+    MPI_Comm hb_comm;  // heartbeats travel apart from the collectives
+    MPI_Request *reqs;  // pending bucket all-reduces
+    int nreq, cap;
+    double wait_s;
+    int64_t step;  // this rank's step, for messages
+    MPI_Request hb_req;
+    double hb_buf[4];     // step, images/s, loader stall, pid
+    double *last_heard;   // (world) rank 0: monotonic time each rank's last heartbeat arrived
+    double *last_unix;    // (world) rank 0: the same as wall-clock time
+    double *last_info;    // (world, 4) rank 0: the payload it carried
+    int64_t *last_step;   // (world) rank 0: the step it reported
+};
 
 void comm_init(Comm *c, int *argc, char ***argv) {
     memset(c, 0, sizeof *c);
@@ -35,54 +64,268 @@ void comm_init(Comm *c, int *argc, char ***argv) {
     MPI_CHECK(c, MPI_Comm_rank(local, &c->local_rank));
     MPI_CHECK(c, MPI_Comm_size(local, &c->local_world));
     MPI_CHECK(c, MPI_Comm_free(&local));
+    CommState *st = xcalloc(sizeof(CommState), "comm state");
+    MPI_CHECK(c, MPI_Comm_dup(MPI_COMM_WORLD, &st->hb_comm));
+    st->hb_req = MPI_REQUEST_NULL;
+    st->last_heard = xcalloc((size_t)c->world * sizeof(double), "heartbeats");
+    st->last_unix = xcalloc((size_t)c->world * sizeof(double), "heartbeat times");
+    st->last_info = xcalloc((size_t)c->world * 4 * sizeof(double), "heartbeat payloads");
+    st->last_step = xcalloc((size_t)c->world * sizeof(int64_t), "heartbeat steps");
+    double now = now_sec();
+    for (int r = 0; r < c->world; r++) st->last_heard[r] = now;
+    c->st = st;
+}
+
+void comm_set_timeout(Comm *c, double seconds) { c->timeout_s = seconds; }
+
+// Rank 0: record every heartbeat that has arrived.
+static void drain_heartbeats(Comm *c) {
+    CommState *st = c->st;
+    for (;;) {
+        int flag = 0;
+        MPI_Status s;
+        MPI_CHECK(c, MPI_Iprobe(MPI_ANY_SOURCE, TAG_HEARTBEAT, st->hb_comm, &flag, &s));
+        if (!flag) return;
+        double v[4];
+        MPI_CHECK(c, MPI_Recv(v, 4, MPI_DOUBLE, s.MPI_SOURCE, TAG_HEARTBEAT, st->hb_comm, MPI_STATUS_IGNORE));
+        if (v[0] < 0) continue;  // a goodbye, only sent at finalize
+        int r = s.MPI_SOURCE;
+        st->last_heard[r] = now_sec();
+        st->last_unix[r] = unix_time();
+        memcpy(st->last_info + 4 * r, v, sizeof v);
+        st->last_step[r] = (int64_t)v[0];
+    }
+}
+
+// Fails the job after a wait longer than the timeout, naming the silent ranks when this is rank 0.
+static void report_timeout(Comm *c, const char *what, double waited) {
+    CommState *st = c->st;
+    char silent[512] = "";
+    if (c->rank == 0) {
+        double now = now_sec();
+        for (int r = 1; r < c->world; r++)
+            if (now - st->last_heard[r] > c->timeout_s * 0.5 || st->last_step[r] < st->step) {
+                size_t len = strlen(silent);
+                snprintf(silent + len, sizeof silent - len, "%s%d (last heartbeat %.0f s ago, step %lld)",
+                         len ? ", " : "", r, now - st->last_heard[r], (long long)st->last_step[r]);
+            }
+    }
+    fprintf(stderr,
+            "simplest-dist: error: rank %d waited %.0f s in %s at step %lld (comm.timeout_s); %s%s; stopping the "
+            "job\n",
+            c->rank, waited, what, (long long)st->step, silent[0] ? "unresponsive rank(s): " : "a peer rank is "
+                                                                                              "unresponsive or dead",
+            silent);
+    fflush(stderr);
+    MPI_Abort(MPI_COMM_WORLD, 1);
+}
+
+// Completes requests by polling, so that heartbeats keep flowing and a dead peer ends the job.
+static void poll_wait(Comm *c, int n, MPI_Request *reqs, const char *what) {
+    double t0 = now_sec();
+    for (long spins = 0;; spins++) {
+        int done = 0;
+        MPI_CHECK(c, MPI_Testall(n, reqs, &done, MPI_STATUSES_IGNORE));
+        if (done) return;
+        if (c->rank == 0) drain_heartbeats(c);
+        double waited = now_sec() - t0;
+        if (c->timeout_s > 0 && waited > c->timeout_s) report_timeout(c, what, waited);
+        if (spins > 2000) {  // after a short spin, yield the core to the ranks still computing
+            struct timespec ts = {0, 50000};
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+void comm_heartbeat(Comm *c, int64_t step, double images_per_sec, double loader_stall_s) {
+    CommState *st = c->st;
+    if (!st) return;
+    st->step = step;
+    if (c->rank == 0) {
+        st->last_heard[0] = now_sec();
+        st->last_unix[0] = unix_time();
+        st->last_step[0] = step;
+        st->last_info[0] = (double)step;
+        st->last_info[1] = images_per_sec;
+        st->last_info[2] = loader_stall_s;
+        st->last_info[3] = (double)getpid();
+        if (c->world > 1) drain_heartbeats(c);
+        return;
+    }
+    int done = 1;
+    if (st->hb_req != MPI_REQUEST_NULL) MPI_CHECK(c, MPI_Test(&st->hb_req, &done, MPI_STATUS_IGNORE));
+    if (!done) return;  // rank 0 is behind: do not pile up messages
+    st->hb_buf[0] = (double)step;
+    st->hb_buf[1] = images_per_sec;
+    st->hb_buf[2] = loader_stall_s;
+    st->hb_buf[3] = (double)getpid();
+    MPI_CHECK(c, MPI_Isend(st->hb_buf, 4, MPI_DOUBLE, 0, TAG_HEARTBEAT, st->hb_comm, &st->hb_req));
+}
+
+int comm_rank_info(const Comm *c, int r, int64_t *step, double *heard_unix, double *images_per_sec,
+                   double *loader_stall_s, int *pid) {
+    const CommState *st = c->st;
+    if (!st || st->last_unix[r] == 0.0) return 0;
+    *step = st->last_step[r];
+    *heard_unix = st->last_unix[r];
+    *images_per_sec = st->last_info[4 * r + 1];
+    *loader_stall_s = st->last_info[4 * r + 2];
+    *pid = (int)st->last_info[4 * r + 3];
+    return 1;
 }
 
 void comm_finalize(Comm *c) {
-    if (c->mpi) MPI_CHECK(c, MPI_Finalize());
+    if (!c->mpi) return;
+    CommState *st = c->st;
+    comm_wait_all(c);
+    if (c->world > 1) {  // every rank says goodbye (step -1) so that rank 0 leaves no message unreceived
+        if (c->rank == 0) {
+            for (int byes = 0; byes < c->world - 1;) {
+                double v[4];
+                MPI_CHECK(c, MPI_Recv(v, 4, MPI_DOUBLE, MPI_ANY_SOURCE, TAG_HEARTBEAT, st->hb_comm,
+                                      MPI_STATUS_IGNORE));
+                byes += v[0] < 0;
+            }
+        } else {
+            if (st->hb_req != MPI_REQUEST_NULL) MPI_CHECK(c, MPI_Wait(&st->hb_req, MPI_STATUS_IGNORE));
+            double bye[4] = {-1.0, 0.0, 0.0, 0.0};
+            MPI_CHECK(c, MPI_Send(bye, 4, MPI_DOUBLE, 0, TAG_HEARTBEAT, st->hb_comm));
+        }
+    }
+    MPI_CHECK(c, MPI_Comm_free(&st->hb_comm));
+    free(st->reqs);
+    free(st->last_heard);
+    free(st->last_unix);
+    free(st->last_info);
+    free(st->last_step);
+    free(st);
+    c->st = NULL;
+    MPI_CHECK(c, MPI_Finalize());
     c->mpi = 0;
 }
 
-// MPI counts are int: large buffers go in chunks.
-#define MPI_CHUNK ((size_t)1 << 30)
-
-void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {
+static void allreduce(Comm *c, void *buf, size_t n, size_t esize, MPI_Datatype type, const char *what) {
     if (c->world == 1) return;
     for (size_t off = 0; off < n; off += MPI_CHUNK) {
         int cnt = (int)(n - off < MPI_CHUNK ? n - off : MPI_CHUNK);
-        MPI_CHECK(c, MPI_Allreduce(MPI_IN_PLACE, buf + off, cnt, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD));
+        MPI_Request req;
+        MPI_CHECK(c, MPI_Iallreduce(MPI_IN_PLACE, (char *)buf + off * esize, cnt, type, MPI_SUM, MPI_COMM_WORLD,
+                                    &req));
+        poll_wait(c, 1, &req, what);
     }
 }
 
+void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) { allreduce(c, buf, n, 4, MPI_FLOAT, "an all-reduce"); }
+
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n) {
-    if (c->world == 1) return;
-    for (size_t off = 0; off < n; off += MPI_CHUNK) {
-        int cnt = (int)(n - off < MPI_CHUNK ? n - off : MPI_CHUNK);
-        MPI_CHECK(c, MPI_Allreduce(MPI_IN_PLACE, buf + off, cnt, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD));
-    }
+    allreduce(c, buf, n, 8, MPI_DOUBLE, "an all-reduce");
 }
 
 void comm_bcast(Comm *c, void *buf, size_t bytes, int root) {
     if (c->world == 1) return;
     for (size_t off = 0; off < bytes; off += MPI_CHUNK) {
         int cnt = (int)(bytes - off < MPI_CHUNK ? bytes - off : MPI_CHUNK);
-        MPI_CHECK(c, MPI_Bcast((char *)buf + off, cnt, MPI_BYTE, root, MPI_COMM_WORLD));
+        MPI_Request req;
+        MPI_CHECK(c, MPI_Ibcast((char *)buf + off, cnt, MPI_BYTE, root, MPI_COMM_WORLD, &req));
+        poll_wait(c, 1, &req, "a broadcast");
     }
 }
 
 void comm_barrier(Comm *c) {
-    if (c->world > 1) MPI_CHECK(c, MPI_Barrier(MPI_COMM_WORLD));
+    if (c->world == 1) return;
+    MPI_Request req;
+    MPI_CHECK(c, MPI_Ibarrier(MPI_COMM_WORLD, &req));
+    poll_wait(c, 1, &req, "a barrier");
+}
+
+void comm_allreduce_start_f32(Comm *c, float *buf, size_t n) {
+    if (c->world == 1) return;
+    CommState *st = c->st;
+    for (size_t off = 0; off < n; off += MPI_CHUNK) {
+        if (st->nreq == st->cap) {
+            st->cap = st->cap ? 2 * st->cap : 64;
+            st->reqs = realloc(st->reqs, (size_t)st->cap * sizeof(MPI_Request));
+            CHECK(st->reqs, "out of memory for MPI requests");
+        }
+        int cnt = (int)(n - off < MPI_CHUNK ? n - off : MPI_CHUNK);
+        MPI_CHECK(c, MPI_Iallreduce(MPI_IN_PLACE, buf + off, cnt, MPI_FLOAT, MPI_SUM, MPI_COMM_WORLD,
+                                    &st->reqs[st->nreq++]));
+    }
+}
+
+void comm_progress(Comm *c) {
+    CommState *st = c->st;
+    if (c->world == 1 || st->nreq == 0) return;
+    int done = 0;
+    MPI_CHECK(c, MPI_Testall(st->nreq, st->reqs, &done, MPI_STATUSES_IGNORE));  // drives the non-blocking sums
+}
+
+void comm_wait_all(Comm *c) {
+    CommState *st = c->st;
+    if (c->world == 1 || st->nreq == 0) return;
+    double t0 = now_sec();
+    poll_wait(c, st->nreq, st->reqs, "the gradient all-reduce");
+    st->wait_s += now_sec() - t0;
+    st->nreq = 0;
+}
+
+double comm_wait_seconds(const Comm *c) { return c->st ? c->st->wait_s : 0.0; }
+
+// Point-to-point transfer of n floats, polled.
+static void chain_xfer(Comm *c, float *buf, size_t n, int peer, int send) {
+    for (size_t off = 0; off < n; off += MPI_CHUNK) {
+        int cnt = (int)(n - off < MPI_CHUNK ? n - off : MPI_CHUNK);
+        MPI_Request req;
+        if (send)
+            MPI_CHECK(c, MPI_Isend(buf + off, cnt, MPI_FLOAT, peer, TAG_CHAIN, MPI_COMM_WORLD, &req));
+        else
+            MPI_CHECK(c, MPI_Irecv(buf + off, cnt, MPI_FLOAT, peer, TAG_CHAIN, MPI_COMM_WORLD, &req));
+        poll_wait(c, 1, &req, "the deterministic gradient sum");
+    }
+}
+
+void comm_ordered_sum_f32(Comm *c, float *const *shards, int nlocal, float *out, size_t n) {
+    int first = 0;
+    if (c->rank == 0) {
+        memcpy(out, shards[0], n * sizeof(float));
+        first = 1;
+    } else {
+        chain_xfer(c, out, n, c->rank - 1, 0);  // the running sum of every earlier shard
+    }
+    for (int i = first; i < nlocal; i++) add_into(out, shards[i], n);
+    if (c->rank + 1 < c->world) chain_xfer(c, out, n, c->rank + 1, 1);
+    comm_bcast(c, out, n * sizeof(float), c->world - 1);
 }
 
 #else  // single process
+
+struct CommState {
+    int unused;
+};
 
 void comm_init(Comm *c, int *argc, char ***argv) {
     memset(c, 0, sizeof *c);
     c->world = c->local_world = 1;
 }
 void comm_finalize(Comm *c) {}
+void comm_set_timeout(Comm *c, double seconds) { c->timeout_s = seconds; }
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {}
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n) {}
 void comm_bcast(Comm *c, void *buf, size_t bytes, int root) {}
 void comm_barrier(Comm *c) {}
+void comm_allreduce_start_f32(Comm *c, float *buf, size_t n) {}
+void comm_progress(Comm *c) {}
+void comm_wait_all(Comm *c) {}
+double comm_wait_seconds(const Comm *c) { return 0.0; }
+void comm_heartbeat(Comm *c, int64_t step, double images_per_sec, double loader_stall_s) {}
+int comm_rank_info(const Comm *c, int r, int64_t *step, double *heard_unix, double *images_per_sec,
+                   double *loader_stall_s, int *pid) {
+    return 0;
+}
+
+void comm_ordered_sum_f32(Comm *c, float *const *shards, int nlocal, float *out, size_t n) {
+    memcpy(out, shards[0], n * sizeof(float));
+    for (int i = 1; i < nlocal; i++) add_into(out, shards[i], n);
+}
 
 #endif

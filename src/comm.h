@@ -1,17 +1,48 @@
-// comm.h: ranks and collectives. MPI when built with USE_MPI (and launched under mpirun/srun or alone); a single
+// comm.h: ranks and collectives. MPI when built with USE_MPI (launched under mpirun/srun, or alone); a single
 // process otherwise. The rank always comes from MPI, never from a scheduler's environment variables.
+//
+// No collective ever blocks inside MPI: each one is started non-blocking and completed by a polling wait that also
+// keeps the heartbeats. Every rank sends rank 0 a heartbeat each step; a rank that waits longer than the timeout
+// stops the job with one line naming the ranks it has not heard from (rank 0) or the operation it waited in
+// (other ranks). A rank that dies is reported by mpirun itself, which then ends the job.
 #pragma once
 #include <stddef.h>
+#include <stdint.h>
+
+typedef struct CommState CommState;
 
 typedef struct {
     int rank, world, local_rank, local_world;
-    int mpi;  // 1 when MPI is initialized and used
+    int mpi;           // 1 when MPI is initialized and used
+    double timeout_s;  // longest wait for a peer before the job is failed (0 = forever)
+    CommState *st;     // pending requests, heartbeat bookkeeping
 } Comm;
 
 void comm_init(Comm *c, int *argc, char ***argv);
 void comm_finalize(Comm *c);
-// In-place sum over ranks of n fp32 values in host-visible memory (the CPU backend's buffers).
+void comm_set_timeout(Comm *c, double seconds);
+
+// Blocking (but polled) collectives on host-visible memory.
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n);
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n);
 void comm_bcast(Comm *c, void *buf, size_t bytes, int root);
 void comm_barrier(Comm *c);
+
+// Bucketed gradient all-reduce that overlaps compute: start any number of in-place sums, poke progress while
+// computing, then wait for all of them.
+void comm_allreduce_start_f32(Comm *c, float *buf, size_t n);
+void comm_progress(Comm *c);
+void comm_wait_all(Comm *c);
+double comm_wait_seconds(const Comm *c);  // time spent in comm_wait_all so far (exposed communication)
+
+// Deterministic sum: rank r holds nlocal consecutive shards of a global sequence of world * nlocal shards; out gets
+// ((s_0 + s_1) + s_2) + ... in global shard order on every rank, bit-identical at any world size.
+void comm_ordered_sum_f32(Comm *c, float *const *shards, int nlocal, float *out, size_t n);
+
+// Called once per step by every rank: the heartbeat to rank 0, carrying this rank's step, speed (images/s) and
+// loader stall (s). Never blocks; if rank 0 has not taken the previous one yet, this one is skipped.
+void comm_heartbeat(Comm *c, int64_t step, double images_per_sec, double loader_stall_s);
+// Rank 0: the last heartbeat of rank r (its step, wall-clock time of arrival, images/s, stall, process id).
+// Returns 0 if none has arrived.
+int comm_rank_info(const Comm *c, int r, int64_t *step, double *heard_unix, double *images_per_sec,
+                   double *loader_stall_s, int *pid);

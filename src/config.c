@@ -98,6 +98,20 @@ static const KeySpec KEYS[] = {
     {"mixup.group", KT_INT, FIELD(mixup.group), "0", 0, 1 << 24, NULL,
      "images per Mixup group (one lambda and permutation each); 0 = the micro-batch; must divide it"},
 
+    {"comm.overlap", KT_BOOL, FIELD(comm.overlap), "true", NOLIM, NULL,
+     "start each block's gradient all-reduce as soon as its gradients are final, overlapping the rest of the "
+     "backward pass (false: one all-reduce after backward, for debugging)"},
+    {"comm.deterministic", KT_BOOL, FIELD(comm.deterministic), "false", NOLIM, NULL,
+     "sum the gradient in a fixed order so that any world size gives the same bits: the global batch is cut "
+     "into comm.shards micro-batches, each rank computes its own in order, and the sums chain rank to rank. "
+     "Slower; replaces train.grad_accum (which must be 1)"},
+    {"comm.shards", KT_INT, FIELD(comm.shards), "12", 1, 1 << 20, NULL,
+     "micro-batches per global batch in deterministic mode; must divide train.batch_size and be divisible by "
+     "the world size (12 suits 1, 2, 3, 4, 6 and 12 ranks)"},
+    {"comm.timeout_s", KT_DOUBLE, FIELD(comm.timeout_s), "300", 0, 1e7, NULL,
+     "a rank that waits this long for its peers stops the job with a line naming the silent ranks (0 = wait "
+     "forever)"},
+
     {"opt.name", KT_STR, FIELD(opt.name), "\"adam\"", NOLIM, "adam", "optimizer"},
     {"opt.lr", KT_DOUBLE, FIELD(opt.lr), NULL, 0, 1e3, NULL, "peak learning rate lr0 (required)"},
     {"opt.weight_decay", KT_DOUBLE, FIELD(opt.weight_decay), "0", 0, 1e3, NULL,
@@ -282,6 +296,12 @@ static int resolve(Config *c, char *err, size_t n) {
                       c->train.batch_size, c->train.grad_accum);
     if (c->train.epochs == 0 && c->train.steps == 0)
         return set_err(err, n, "config key 'train.steps': 0 with train.epochs 0 leaves nothing to train");
+    if (c->comm.deterministic && c->train.grad_accum != 1)
+        return set_err(err, n, "config key 'train.grad_accum': must be 1 with comm.deterministic (comm.shards "
+                               "sets the micro-batches)");
+    if (c->comm.deterministic && c->train.batch_size % c->comm.shards != 0)
+        return set_err(err, n, "config key 'comm.shards': %d does not divide train.batch_size %d", c->comm.shards,
+                       c->train.batch_size);
     if (c->train.sam && c->model.seed_compat)
         return set_err(err, n, "config key 'train.sam': the seed_compat variant (second pass on the next batch) is "
                                "not supported; use model.seed_compat false");
@@ -360,9 +380,14 @@ void config_load(Config *cfg, const char *path, const char *const *ov, int nov) 
     if (config_load_err(cfg, path, ov, nov, err, sizeof err) != 0) die_user("%s", err);
 }
 
+int config_micro_batch(const Config *c, int world) {
+    if (c->comm.deterministic) return c->train.batch_size / c->comm.shards;
+    return c->train.batch_size / (world * c->train.grad_accum);
+}
+
 int config_eval_batch(const Config *c, int world) {
     if (c->data.eval_batch_size > 0) return c->data.eval_batch_size;
-    int micro = c->train.batch_size / (world * c->train.grad_accum);
+    int micro = config_micro_batch(c, world);
     return micro > 0 ? micro : 1;
 }
 

@@ -49,6 +49,12 @@ typedef struct {
         int group;  // images per mixup group; 0: the micro-batch
     } mixup;
     struct {
+        int overlap;        // start the gradient all-reduce during backward
+        int deterministic;  // fixed-order gradient sum: the same bits at any world size
+        int shards;         // micro-shards of the global batch in deterministic mode
+        double timeout_s;   // a peer silent this long fails the job
+    } comm;
+    struct {
         char name[16];  // "adam"
         double lr;
         double weight_decay;
@@ -73,6 +79,9 @@ int config_load_err(Config *cfg, const char *path, const char *const *overrides,
 char *config_to_json(const Config *cfg);
 // docs/config.md as markdown text. Caller frees.
 char *config_doc_markdown(void);
+// Images per training micro-batch on each rank at this world size (train.batch_size / (world x grad_accum), or
+// train.batch_size / comm.shards in deterministic mode).
+int config_micro_batch(const Config *cfg, int world);
 // Images per eval batch on each rank: data.eval_batch_size, or the training micro-batch at this world size.
 int config_eval_batch(const Config *cfg, int world);
 // The model part as a ModelConfig.

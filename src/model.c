@@ -98,10 +98,13 @@ static void build_table(Model *m) {
     int D = c->dim, M = c->mlp_dim, C = c->num_classes, p = c->patch_size, N = m->N;
     TableBuilder tb = {0};
     m->blocks = xmalloc((size_t)c->depth * sizeof(BlockTensors), "block table");
+    m->block_params = xmalloc((size_t)(c->depth + 1) * sizeof(size_t), "block ranges");
     m->patch_w = ADD(&tb, 1, (D, c->channels, p, p), "to_patch_embedding.weight");
     m->patch_b = ADD(&tb, 1, (D), "to_patch_embedding.bias");
+    m->patch_params = tb.nparams;
     m->head_ln_w = m->head_ln_b = -1;
     for (int i = 0; i < c->depth; i++) {
+        m->block_params[i] = tb.nparams;
         BlockTensors *bt = &m->blocks[i];
         memset(bt, -1, sizeof *bt);
         if (c->arch == ARCH_SIMPLEST) {
@@ -127,6 +130,7 @@ static void build_table(Model *m) {
             bt->fc2_b = ADD(&tb, 1, (D), "transformer.layers.%d.1.ff.3.bias", i);
         }
     }
+    m->block_params[c->depth] = tb.nparams;
     if (c->arch == ARCH_SIMPLEST) {
         m->head_w = ADD(&tb, 1, (C, D), "linear_head.weight");
         m->head_b = ADD(&tb, 1, (C), "linear_head.bias");
@@ -270,6 +274,7 @@ void model_free(Model *m) {
     be->free(be, m->act_mem);
     free(m->tensors);
     free(m->blocks);
+    free(m->block_params);
     free(m->acts);
     free(m);
 }
@@ -538,6 +543,11 @@ static void simplevit_block_bwd(Model *m, int l, const void *x, int B) {
 }
 
 void model_backward(Model *m, int B, uint64_t seed, uint64_t step, uint64_t first_pos) {
+    model_backward_hooked(m, B, seed, step, first_pos, NULL, NULL);
+}
+
+void model_backward_hooked(Model *m, int B, uint64_t seed, uint64_t step, uint64_t first_pos, GradReadyFn ready,
+                           void *ctx) {
     Backend *be = m->be;
     const ModelConfig *c = &m->cfg;
     int R = B * m->N, D = c->dim, C = c->num_classes;
@@ -551,6 +561,7 @@ void model_backward(Model *m, int B, uint64_t seed, uint64_t step, uint64_t firs
         be->layernorm_bwd(be, m->g_pooled, G(m, m->head_ln_w), G(m, m->head_ln_b), m->g_head, m->pooled,
                           m->head_ln_mean, m->head_ln_rstd, T(m, m->head_ln_w), B, D);
     }
+    if (ready) ready(ctx, m->block_params[c->depth], m->num_params - m->block_params[c->depth]);  // the head
     be->meanpool_bwd(be, m->g_x, m->g_pooled, B, m->N, D);
     if (m->last_training && c->drop_p > 0.0f)
         be->dropout_bwd(be, m->g_x, m->g_x, B, (size_t)m->N * D, c->drop_p, seed, step, first_pos);
@@ -560,9 +571,11 @@ void model_backward(Model *m, int B, uint64_t seed, uint64_t step, uint64_t firs
             simplest_block_bwd(m, l, x, B);
         else
             simplevit_block_bwd(m, l, x, B);
+        if (ready) ready(ctx, m->block_params[l], m->block_params[l + 1] - m->block_params[l]);
     }
     be->matmul_bwd(be, NULL, G(m, m->patch_w), G(m, m->patch_b), m->g_x, m->patches, T(m, m->patch_w), R,
                    m->patch_dim, D);
+    if (ready) ready(ctx, 0, m->patch_params);
 }
 
 void model_zero_grad(Model *m) { m->be->zero(m->be, m->grads, m->num_params * sizeof(float)); }

@@ -63,6 +63,8 @@ typedef struct {
     size_t num_params, num_buffers;  // floats in params (trainable) and buffers (fixed)
     int patch_w, patch_b, head_ln_w, head_ln_b, head_w, head_b;  // tensor indices (-1 where absent)
     BlockTensors *blocks;
+    size_t *block_params;  // (depth + 1) block l's trainable floats are [block_params[l], block_params[l + 1])
+    size_t patch_params;   // floats of the patch embedding (the first range); the head is [block_params[depth], num_params)
 
     float *params, *grads;  // device, num_params each
     float *buffers;         // device, num_buffers
@@ -105,6 +107,11 @@ void model_forward(Model *m, int B, int training, uint64_t seed, uint64_t step, 
 void model_loss(Model *m, int B, float smoothing, float grad_scale, int want_grad);
 // Accumulates parameter gradients into m->grads (call model_zero_grad first).
 void model_backward(Model *m, int B, uint64_t seed, uint64_t step, uint64_t first_pos);
+// The same, calling ready(ctx, offset, count) each time a contiguous range of gradients is final (head, then each
+// block from the last, then the patch embedding), so that their all-reduce can start during the backward pass.
+typedef void (*GradReadyFn)(void *ctx, size_t offset, size_t count);
+void model_backward_hooked(Model *m, int B, uint64_t seed, uint64_t step, uint64_t first_pos, GradReadyFn ready,
+                           void *ctx);
 void model_zero_grad(Model *m);
 
 // Signal-propagation diagnostics of the last forward: per block output, mean square and mean token cosine.

@@ -60,6 +60,7 @@ int status_write(const char *dir, const StatusInfo *s) {
         add_num(x, "heartbeat_unix", s->ranks[r].heartbeat_unix);
         add_num(x, "images_per_sec", s->ranks[r].images_per_sec);
         add_num(x, "loader_stall_s", s->ranks[r].loader_stall_s);
+        add_num(x, "pid", s->ranks[r].pid);
         cJSON_AddItemToArray(ranks, x);
     }
     if (s->last_checkpoint)

@@ -10,6 +10,7 @@ typedef struct {
     double heartbeat_unix;  // wall-clock time of the rank's last report
     double images_per_sec;
     double loader_stall_s;  // total time spent waiting on the loader
+    int pid;                // the rank's process id (to find it on its node)
 } RankStatus;
 
 typedef struct {

@@ -50,11 +50,21 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
     t->model = model;
     t->be = model->be;
     t->global_batch = cfg->train.batch_size;
-    t->accum = cfg->train.grad_accum;
-    if (t->global_batch % (comm->world * t->accum) != 0)
-        die_user("config key 'train.batch_size': %d is not divisible by ranks (%d) x train.grad_accum (%d)",
-                 t->global_batch, comm->world, t->accum);
-    t->micro = t->global_batch / (comm->world * t->accum);
+    if (cfg->comm.deterministic) {
+        if (cfg->comm.shards % comm->world != 0)
+            die_user("config key 'comm.shards': %d is not divisible by the %d ranks", cfg->comm.shards, comm->world);
+        t->accum = cfg->comm.shards / comm->world;
+        t->shard_grads = xcalloc((size_t)t->accum * sizeof(float *), "shard gradients");
+        for (int i = 0; i < t->accum; i++)
+            t->shard_grads[i] = model->be->alloc(model->be, model->num_params * sizeof(float), "shard gradients");
+    } else {
+        t->accum = cfg->train.grad_accum;
+        if (t->global_batch % (comm->world * t->accum) != 0)
+            die_user("config key 'train.batch_size': %d is not divisible by ranks (%d) x train.grad_accum (%d)",
+                     t->global_batch, comm->world, t->accum);
+        t->overlap = cfg->comm.overlap && comm->world > 1;
+    }
+    t->micro = config_micro_batch(cfg, comm->world);
     t->seed = (uint64_t)cfg->train.seed;
     t->total_steps = total_steps;
     AdamConfig ac = {.lr0 = cfg->opt.lr,
@@ -79,6 +89,8 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
 void trainer_free(Trainer *t) {
     Backend *be = t->be;
     adam_free(&t->adam, t->model);
+    for (int i = 0; t->shard_grads && i < t->accum; i++) be->free(be, t->shard_grads[i]);
+    free(t->shard_grads);
     if (t->ema) be->free(be, t->ema);
     if (t->sam_e) be->free(be, t->sam_e);
     be->free_host(be, t->h_images);
@@ -90,28 +102,55 @@ static uint64_t slice_pos(const Trainer *t, int micro) {
     return (uint64_t)t->comm->rank * (t->global_batch / t->comm->world) + (uint64_t)micro * t->micro;
 }
 
-// Forward + backward over the step's micro-batches; grads end summed over ranks. Returns the loss sum.
-static double accumulate_grads(Trainer *t, int64_t k, BatchSource src, void *ctx) {
+// Starts the all-reduce of a range of gradients that the backward pass has just finished.
+static void start_bucket(void *ctx, size_t offset, size_t count) {
+    Trainer *t = ctx;
+    comm_allreduce_start_f32(t->comm, t->model->grads + offset, count);
+    comm_progress(t->comm);
+}
+
+// Forward + backward of micro-batch mi; adds its per-sample losses to *loss_sum.
+static void micro_step(Trainer *t, int64_t k, int mi, BatchSource src, void *ctx, int hooked, double *loss_sum) {
     Model *m = t->model;
     Backend *be = t->be;
     const ModelConfig *mc = &m->cfg;
     size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
-    float *losses = xmalloc((size_t)t->micro * sizeof(float), "losses");
-    double loss_sum = 0.0;
-    model_zero_grad(m);
-    for (int mi = 0; mi < t->accum; mi++) {
-        src(ctx, t, k, mi, t->h_images, t->h_targets);
-        be->upload(be, m->input, t->h_images, (size_t)t->micro * img * sizeof(float));
-        be->upload(be, m->targets, t->h_targets, (size_t)t->micro * mc->num_classes * sizeof(float));
-        model_forward(m, t->micro, 1, t->seed, (uint64_t)k, slice_pos(t, mi));
-        model_loss(m, t->micro, (float)t->cfg->train.label_smoothing, 1.0f / (float)t->global_batch, 1);
-        model_backward(m, t->micro, t->seed, (uint64_t)k, slice_pos(t, mi));
-        be->download(be, losses, m->losses, (size_t)t->micro * sizeof(float));
-        for (int i = 0; i < t->micro; i++) loss_sum += losses[i];
-    }
+    src(ctx, t, k, mi, t->h_images, t->h_targets);
+    be->upload(be, m->input, t->h_images, (size_t)t->micro * img * sizeof(float));
+    be->upload(be, m->targets, t->h_targets, (size_t)t->micro * mc->num_classes * sizeof(float));
+    model_forward(m, t->micro, 1, t->seed, (uint64_t)k, slice_pos(t, mi));
+    model_loss(m, t->micro, (float)t->cfg->train.label_smoothing, 1.0f / (float)t->global_batch, 1);
+    model_backward_hooked(m, t->micro, t->seed, (uint64_t)k, slice_pos(t, mi), hooked ? start_bucket : NULL, t);
+    float *losses = xmalloc((size_t)t->micro * sizeof(float), "losses");  // (micro)
+    be->download(be, losses, m->losses, (size_t)t->micro * sizeof(float));
+    for (int i = 0; i < t->micro; i++) *loss_sum += losses[i];
     free(losses);
+}
+
+// Forward + backward over the step's micro-batches; grads end summed over ranks. Returns the loss sum.
+static double accumulate_grads(Trainer *t, int64_t k, BatchSource src, void *ctx) {
+    Model *m = t->model;
+    Backend *be = t->be;
+    double loss_sum = 0.0;
+    if (t->shard_grads) {  // deterministic: each shard into its own buffer, then the fixed-order chain sum
+        float *grads = m->grads;
+        for (int mi = 0; mi < t->accum; mi++) {
+            m->grads = t->shard_grads[mi];
+            model_zero_grad(m);
+            micro_step(t, k, mi, src, ctx, 0, &loss_sum);
+        }
+        m->grads = grads;
+        be->sync(be);
+        comm_ordered_sum_f32(t->comm, t->shard_grads, t->accum, m->grads, m->num_params);
+        return loss_sum;
+    }
+    model_zero_grad(m);
+    for (int mi = 0; mi < t->accum; mi++) micro_step(t, k, mi, src, ctx, t->overlap && mi == t->accum - 1, &loss_sum);
     be->sync(be);
-    comm_allreduce_sum_f32(t->comm, m->grads, m->num_params);
+    if (t->overlap)
+        comm_wait_all(t->comm);
+    else
+        comm_allreduce_sum_f32(t->comm, m->grads, m->num_params);
     return loss_sum;
 }
 
@@ -312,19 +351,17 @@ static void format_eta(char *buf, size_t n, double s) {
         snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
 }
 
-// Every rank's step, heartbeat, speed and stall, gathered onto every rank (a small all-reduce).
-static void gather_ranks(Comm *comm, RankStatus *out, int64_t step, double ips, double stall) {
-    int W = comm->world;
-    double *buf = xcalloc((size_t)W * 4 * sizeof(double), "rank status");
-    double *mine = buf + (size_t)comm->rank * 4;
-    mine[0] = (double)step;
-    mine[1] = unix_time();
-    mine[2] = ips;
-    mine[3] = stall;
-    comm_allreduce_sum_f64(comm, buf, (size_t)W * 4);
-    for (int r = 0; r < W; r++)
-        out[r] = (RankStatus){r, (int64_t)buf[4 * r], buf[4 * r + 1], buf[4 * r + 2], buf[4 * r + 3]};
-    free(buf);
+// Every rank's step, heartbeat, speed and stall as rank 0 last heard them (heartbeats: no collective, no wait).
+static void rank_statuses(const Comm *comm, RankStatus *out, int64_t step, double ips, double stall) {
+    for (int r = 0; r < comm->world; r++) {
+        RankStatus *x = &out[r];
+        x->rank = r;
+        if (r == 0 || !comm_rank_info(comm, r, &x->step, &x->heartbeat_unix, &x->images_per_sec,
+                                      &x->loader_stall_s, &x->pid)) {
+            if (r != 0) continue;  // not heard from yet: keep the last known values
+            *x = (RankStatus){0, step, unix_time(), ips, stall, (int)getpid()};
+        }
+    }
 }
 
 // Everything one training run holds, so that the loop reads as setup, steps, logs, evals, finish.
@@ -346,6 +383,7 @@ typedef struct {
     double t_start, t_log, t_status;
     double interval_loss;
     int64_t interval_count, interval_steps, saved_step;
+    double rank_ips;  // this rank's images/s over the last log interval (sent in heartbeats)
 } Run;
 
 static void run_status(Run *r) {
@@ -405,15 +443,18 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
         die_user("config key 'train.batch_size': %d is larger than the %lld training images", cfg->train.batch_size,
                  (long long)r->train_ds.n);
     int64_t T = cfg->train.steps > 0 ? cfg->train.steps : (int64_t)cfg->train.epochs * spe;
-    if (cfg->train.batch_size % (comm->world * cfg->train.grad_accum) != 0)
+    if (!cfg->comm.deterministic && cfg->train.batch_size % (comm->world * cfg->train.grad_accum) != 0)
         die_user("config key 'train.batch_size': %d is not divisible by ranks (%d) x train.grad_accum (%d)",
                  cfg->train.batch_size, comm->world, cfg->train.grad_accum);
-    int micro = cfg->train.batch_size / (comm->world * cfg->train.grad_accum);
+    if (cfg->comm.deterministic && cfg->comm.shards % comm->world != 0)
+        die_user("config key 'comm.shards': %d is not divisible by the %d ranks", cfg->comm.shards, comm->world);
+    int micro = config_micro_batch(cfg, comm->world);
     int group = cfg->mixup.group > 0 ? cfg->mixup.group : micro;
     if (cfg->train.mixup_alpha > 0 && micro % group != 0)
         die_user("config key 'mixup.group': %d does not divide the per-rank micro-batch %d", group, micro);
     r->eval_batch = config_eval_batch(cfg, comm->world);
     r->be = backend_for_config(cfg, comm);
+    if (cfg->comm.deterministic) r->be->set_deterministic(r->be, 1);
     ModelConfig mc = config_model(cfg);
     r->m = model_create(&mc, r->be, micro > r->eval_batch ? micro : r->eval_batch);
     model_init(r->m, (uint64_t)cfg->train.seed);
@@ -440,7 +481,7 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
         printf("simplest-dist: %s%s, %zu params, %d ranks x %d images x %d accum = batch %d, %lld steps "
                "(%lld per epoch), %s backend, run dir %s\n",
                cfg->model.arch, cfg->model.seed_compat ? " (seed_compat)" : "", r->m->num_params, comm->world,
-               micro, cfg->train.grad_accum, cfg->train.batch_size, (long long)T, (long long)spe, r->be->name,
+               micro, cfg->train.batch_size / (micro * comm->world), cfg->train.batch_size, (long long)T, (long long)spe, r->be->name,
                cfg->run.dir);
         fflush(stdout);
     }
@@ -461,7 +502,8 @@ static void run_log(Run *r, int64_t k, const StepResult *sr) {
     double sums[2] = {r->interval_loss, (double)r->interval_count};
     comm_allreduce_sum_f64(r->comm, sums, 2);
     double ips = (double)r->interval_steps * r->t.global_batch / fmax(now - r->t_log, 1e-9);
-    gather_ranks(r->comm, r->ranks, k, ips / r->comm->world, 0.0);
+    r->rank_ips = ips / r->comm->world;
+    rank_statuses(r->comm, r->ranks, k, r->rank_ips, 0.0);
     model_signal_stats(r->m, r->t.micro, r->sp_sq, r->sp_cos);
     StatusInfo *si = &r->si;
     si->step = k;
@@ -502,7 +544,7 @@ static EvalResult eval_current(Trainer *t, const Dataset *ds, int eval_batch) {
         be->copy(be, m->params, t->ema, bytes);
         be->params_changed(be, m->params, m->num_params);
     }
-    EvalResult r = evaluate(m, t->comm, ds, eval_batch, t->global_batch / t->accum, NULL);
+    EvalResult r = evaluate(m, t->comm, ds, eval_batch, t->cfg->train.batch_size / t->cfg->train.grad_accum, NULL);
     if (saved) {
         be->copy(be, m->params, saved, bytes);
         be->params_changed(be, m->params, m->num_params);
@@ -581,7 +623,9 @@ int train_main(const Config *cfg, Comm *comm) {
     int64_t T = r.t.total_steps, done = 0;
     const char *state = "done";
     int rc = 0;
+    comm_set_timeout(comm, cfg->comm.timeout_s);
     for (int64_t k = 1; k <= T; k++) {
+        comm_heartbeat(comm, k, r.rank_ips, 0.0);
         StepResult sr = trainer_step(&r.t, k, loader_source, &r.lctx);
         if (sr.diverged) {  // identical on every rank: the norm is computed after the all-reduce
             if (comm->rank == 0)

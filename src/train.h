@@ -17,7 +17,11 @@ typedef struct {
     Adam adam;
     float *ema;    // device copy of the EMA weights (train.ema), else NULL
     float *sam_e;  // device SAM perturbation (train.sam), else NULL
-    int global_batch, accum, micro;  // micro = global_batch / (world * accum)
+    int global_batch;  // images per optimizer step, all ranks
+    int accum;         // micro-batches per step on this rank (train.grad_accum, or comm.shards / world)
+    int micro;         // images per micro-batch: global_batch / (world * accum)
+    int overlap;       // all-reduce each block's gradients during backward
+    float **shard_grads;  // deterministic mode: one gradient buffer per local shard (accum of them), else NULL
     float *h_images, *h_targets;     // host staging for one micro-batch
     uint64_t seed;
     int64_t total_steps;

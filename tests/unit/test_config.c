@@ -521,8 +521,8 @@ static void test_roundtrip(void) {
         EXPECT(rc == 0, "%s", err);
         char *j = config_to_json(&a);
         cJSON *root = cJSON_Parse(j);
-        const char *secs[] = {"model", "data", "train", "mixup", "opt", "run"};
-        for (int i = 0; i < 6; i++)
+        const char *secs[] = {"model", "data", "train", "mixup", "comm", "opt", "run"};
+        for (int i = 0; i < 7; i++)
             EXPECT(cJSON_IsObject(cJSON_GetObjectItem(root, secs[i])), "section %s", secs[i]);
         cJSON *m = cJSON_GetObjectItem(root, "model");
         EXPECT(cJSON_GetObjectItem(m, "dim") && cJSON_GetObjectItem(m, "dim")->valuedouble == 384, "model.dim");
