@@ -123,14 +123,14 @@ static void report_timeout(Comm *c, const char *what, double waited) {
 // Completes requests by polling, so that heartbeats keep flowing and a dead peer ends the job.
 static void poll_wait(Comm *c, int n, MPI_Request *reqs, const char *what) {
     double t0 = now_sec();
-    for (long spins = 0;; spins++) {
+    for (;;) {
         int done = 0;
         MPI_CHECK(c, MPI_Testall(n, reqs, &done, MPI_STATUSES_IGNORE));
         if (done) return;
         if (c->rank == 0) drain_heartbeats(c);
         double waited = now_sec() - t0;
         if (c->timeout_s > 0 && waited > c->timeout_s) report_timeout(c, what, waited);
-        if (spins > 2000) {  // after a short spin, yield the core to the ranks still computing
+        if (waited > 0.02) {  // spin first (each sleep delays a collective round); then yield the core
             struct timespec ts = {0, 50000};
             nanosleep(&ts, NULL);
         }

@@ -141,16 +141,23 @@ static double accumulate_grads(Trainer *t, int64_t k, BatchSource src, void *ctx
         }
         m->grads = grads;
         be->sync(be);
+        double t0 = now_sec();
         comm_ordered_sum_f32(t->comm, t->shard_grads, t->accum, m->grads, m->num_params);
+        t->reduce_wait_s += now_sec() - t0;
         return loss_sum;
     }
     model_zero_grad(m);
     for (int mi = 0; mi < t->accum; mi++) micro_step(t, k, mi, src, ctx, t->overlap && mi == t->accum - 1, &loss_sum);
     be->sync(be);
-    if (t->overlap)
+    double t0 = now_sec();
+    if (t->overlap) {
         comm_wait_all(t->comm);
-    else
+    } else {  // debug mode: a barrier first separates waiting for slower ranks from the sum itself
+        comm_barrier(t->comm);
+        t->skew_wait_s += now_sec() - t0;
         comm_allreduce_sum_f32(t->comm, m->grads, m->num_params);
+    }
+    t->reduce_wait_s += now_sec() - t0;
     return loss_sum;
 }
 
@@ -523,9 +530,11 @@ static void run_log(Run *r, int64_t k, const StepResult *sr) {
         printf("step %lld/%lld | epoch %.2f | loss %.4f | lr %.3e | grad norm %.3f | %.0f img/s | ETA %s\n",
                (long long)k, (long long)r->t.total_steps, si->epoch, si->loss, sr->lr, sr->grad_norm, ips, eta);
         fflush(stdout);
-        const char *keys[] = {"step", "epoch", "train/loss", "lr", "grad_norm", "images_per_sec", "time_s"};
-        double vals[] = {(double)k, si->epoch, si->loss, sr->lr, sr->grad_norm, ips, now - r->t_start};
-        metrics_append(r->metrics, keys, vals, 7);
+        const char *keys[] = {"step", "epoch", "train/loss", "lr", "grad_norm", "images_per_sec", "time_s",
+                              "allreduce_wait_s", "skew_wait_s"};
+        double vals[] = {(double)k, si->epoch, si->loss, sr->lr, sr->grad_norm, ips, now - r->t_start,
+                         r->t.reduce_wait_s, r->t.skew_wait_s};
+        metrics_append(r->metrics, keys, vals, 9);
     }
     r->interval_loss = 0.0;
     r->interval_count = r->interval_steps = 0;

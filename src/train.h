@@ -22,6 +22,8 @@ typedef struct {
     int micro;         // images per micro-batch: global_batch / (world * accum)
     int overlap;       // all-reduce each block's gradients during backward
     float **shard_grads;  // deterministic mode: one gradient buffer per local shard (accum of them), else NULL
+    double reduce_wait_s;  // time this rank spent waiting for the gradient sum after its backward (exposed comm)
+    double skew_wait_s;    // with comm.overlap off: the part of it spent waiting for slower ranks (a barrier)
     float *h_images, *h_targets;     // host staging for one micro-batch
     uint64_t seed;
     int64_t total_steps;
