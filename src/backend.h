@@ -108,6 +108,16 @@ struct Backend {
     void (*axpy)(Backend *be, float *y, const float *x, size_t n, float a);  // y += a x
     // ema = decay * ema + (1 - decay) * w
     void (*ema_update)(Backend *be, float *ema, const float *w, size_t n, float decay);
+    // Shampoo: C (M, N) = alpha op(A) op(B) + beta C on fp32 buffers, row-major with leading dimensions.
+    void (*gemm)(Backend *be, int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+                 const float *B, int ldb, float beta, float *C, int ldc);
+    // dst (rows, cols) with row stride ldd = src (rows, cols) with row stride lds (block gather and scatter).
+    void (*copy2d)(Backend *be, float *dst, int ldd, const float *src, int lds, int rows, int cols);
+    // m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2 (the Adam moments without the update).
+    void (*moments)(Backend *be, float *m, float *v, const float *g, size_t n, float b1, float b2);
+    // out = (m / bc1) / (sqrt(v / bc2) + eps): the Adam direction (Shampoo's graft).
+    void (*adam_dir)(Backend *be, float *out, const float *m, const float *v, size_t n, float bc1, float bc2,
+                     float eps);
 
     // ---- diagnostics ----
     // Over x (B, N, D): mean of x^2, and the mean cosine between distinct tokens of the same image.

@@ -473,6 +473,30 @@ static void cpu_ema_update(Backend *be, float *ema, const float *w, size_t n, fl
     for (size_t i = 0; i < n; i++) ema[i] = decay * ema[i] + (1.0f - decay) * w[i];
 }
 
+static void cpu_gemm(Backend *be, int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+                     const float *B, int ldb, float beta, float *C, int ldc) {
+    par_sgemm(be, transA, transB, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc);
+}
+
+static void cpu_copy2d(Backend *be, float *dst, int ldd, const float *src, int lds, int rows, int cols) {
+#pragma omp parallel for schedule(static) if (rows > 64)
+    for (int r = 0; r < rows; r++) memcpy(dst + (size_t)r * ldd, src + (size_t)r * lds, (size_t)cols * sizeof(float));
+}
+
+static void cpu_moments(Backend *be, float *m, float *v, const float *g, size_t n, float b1, float b2) {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) {
+        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+    }
+}
+
+static void cpu_adam_dir(Backend *be, float *out, const float *m, const float *v, size_t n, float bc1, float bc2,
+                         float eps) {
+#pragma omp parallel for simd schedule(static)
+    for (size_t i = 0; i < n; i++) out[i] = (m[i] / bc1) / (sqrtf(v[i] / bc2) + eps);
+}
+
 // ---------------------------------------------------------------- diagnostics
 
 static void cpu_signal_stats(Backend *be, const void *x_, int B, int N, int D, double *mean_sq, double *mean_cos) {
@@ -571,6 +595,10 @@ Backend *backend_cpu_create(int threads) {
         .scale = cpu_scale,
         .axpy = cpu_axpy,
         .ema_update = cpu_ema_update,
+        .gemm = cpu_gemm,
+        .copy2d = cpu_copy2d,
+        .moments = cpu_moments,
+        .adam_dir = cpu_adam_dir,
         .signal_stats = cpu_signal_stats,
         .destroy = cpu_destroy,
     };

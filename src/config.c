@@ -14,7 +14,7 @@
 
 #include "util.h"
 
-typedef enum { KT_INT, KT_I64, KT_DOUBLE, KT_BOOL, KT_STR } KeyType;
+typedef enum { KT_INT, KT_I64, KT_DOUBLE, KT_BOOL, KT_STR, KT_PAIR } KeyType;  // PAIR: [number, number]
 
 typedef struct {
     const char *path;
@@ -112,7 +112,8 @@ static const KeySpec KEYS[] = {
      "a rank that waits this long for its peers stops the job with a line naming the silent ranks (0 = wait "
      "forever)"},
 
-    {"opt.name", KT_STR, FIELD(opt.name), "\"adam\"", NOLIM, "adam", "optimizer"},
+    {"opt.name", KT_STR, FIELD(opt.name), "\"adam\"", NOLIM, "adam|shampoo",
+     "optimizer: adam, or shampoo (Distributed Shampoo with Adam grafting, keys shampoo.*)"},
     {"opt.lr", KT_DOUBLE, FIELD(opt.lr), NULL, 0, 1e3, NULL, "peak learning rate lr0 (required)"},
     {"opt.weight_decay", KT_DOUBLE, FIELD(opt.weight_decay), "0", 0, 1e3, NULL,
      "weight decay lambda on tensors whose name has no \"bias\""},
@@ -121,6 +122,29 @@ static const KeySpec KEYS[] = {
     {"opt.beta1", KT_DOUBLE, FIELD(opt.beta1), "0.9", 0, 0.999999, NULL, "Adam beta1"},
     {"opt.beta2", KT_DOUBLE, FIELD(opt.beta2), "0.999", 0, 0.9999999, NULL, "Adam beta2"},
     {"opt.eps", KT_DOUBLE, FIELD(opt.eps), "1e-8", 0, 1, NULL, "Adam epsilon"},
+
+    {"shampoo.betas", KT_PAIR, FIELD(shampoo.betas), "[0.9, 0.999]", 0, 0.9999999, NULL,
+     "[beta1, beta2]: the first moment's decay and the Kronecker factors' EMA decay"},
+    {"shampoo.eps", KT_DOUBLE, FIELD(shampoo.eps), "1e-12", 0, 1, NULL,
+     "added to every eigenvalue (after the shift of negative ones) before the inverse root"},
+    {"shampoo.momentum", KT_DOUBLE, FIELD(shampoo.momentum), "0", 0, 0, NULL, "only 0 is supported"},
+    {"shampoo.precondition_frequency", KT_INT, FIELD(shampoo.precondition_frequency), "25", 1, 1e9, NULL,
+     "f: the inverse roots are recomputed (by the owner ranks) and broadcast every f steps"},
+    {"shampoo.start_preconditioning_step", KT_INT, FIELD(shampoo.start_preconditioning_step), "25", 0, 1e9, NULL,
+     "S: steps 1..S are Adam (grafting) steps; 0 or a multiple of f"},
+    {"shampoo.max_preconditioner_dim", KT_INT, FIELD(shampoo.max_preconditioner_dim), "1024", 1, 1 << 16, NULL,
+     "b: dimensions are merged up to b and cut into blocks of at most b (the reference ran 8192)"},
+    {"shampoo.graft_beta2", KT_DOUBLE, FIELD(shampoo.graft_beta2), "0.999", 0, 0.9999999, NULL,
+     "beta2 of the Adam grafting direction"},
+    {"shampoo.graft_eps", KT_DOUBLE, FIELD(shampoo.graft_eps), "1e-8", 0, 1, NULL, "epsilon of the Adam grafting"},
+    {"shampoo.root_dtype", KT_STR, FIELD(shampoo.root_dtype), "\"fp64\"", NOLIM, "fp64|fp32",
+     "precision of the eigendecomposition (roots are stored and applied in fp32)"},
+    {"shampoo.one_d", KT_STR, FIELD(shampoo.one_d), "\"full\"", NOLIM, "full|adam",
+     "1-D parameters: full-matrix factors (the reference), or plain Adam"},
+    {"shampoo.root_delay", KT_INT, FIELD(shampoo.root_delay), "0", 0, 1, NULL,
+     "0: roots computed at step t are used from t on; 1: from t + 1"},
+    {"shampoo.root_threads", KT_INT, FIELD(shampoo.root_threads), "1", 1, 1024, NULL,
+     "LAPACK threads for the roots (the same on every rank, whatever the world size)"},
 
     {"run.dir", KT_STR, FIELD(run.dir), "\"\"", NOLIM, NULL,
      "run directory (config.json, status.json, metrics.jsonl, weights); \"\" = runs/<config file name>. A non-empty directory from an earlier run is moved aside to <dir>.1, .2, ... first"},
@@ -209,6 +233,20 @@ static int store_value(Config *cfg, const KeySpec *k, const cJSON *v, char *err,
             if (!ok) return set_err(err, n, "config key '%s': \"%s\" is not one of %s", k->path, s, k->choices);
         }
         strcpy(dst, s);
+        return 0;
+    }
+    case KT_PAIR: {
+        if (!cJSON_IsArray(v) || cJSON_GetArraySize(v) != 2)
+            return set_err(err, n, "config key '%s': expected [number, number], got %s", k->path, json_kind(v));
+        for (int i = 0; i < 2; i++) {
+            const cJSON *x = cJSON_GetArrayItem(v, i);
+            if (!cJSON_IsNumber(x) || !isfinite(x->valuedouble))
+                return set_err(err, n, "config key '%s': element %d is not a finite number", k->path, i);
+            if (x->valuedouble < k->min || x->valuedouble > k->max)
+                return set_err(err, n, "config key '%s': element %d (%g) is out of range [%g, %g]", k->path, i,
+                               x->valuedouble, k->min, k->max);
+            ((double *)dst)[i] = x->valuedouble;
+        }
         return 0;
     }
     default: {
@@ -302,6 +340,10 @@ static int resolve(Config *c, char *err, size_t n) {
     if (c->comm.deterministic && c->train.batch_size % c->comm.shards != 0)
         return set_err(err, n, "config key 'comm.shards': %d does not divide train.batch_size %d", c->comm.shards,
                        c->train.batch_size);
+    if (!strcmp(c->opt.name, "shampoo") && c->shampoo.start_preconditioning_step % c->shampoo.precondition_frequency)
+        return set_err(err, n, "config key 'shampoo.start_preconditioning_step': %d must be 0 or a multiple of "
+                               "shampoo.precondition_frequency %d (otherwise zero roots would be used)",
+                       c->shampoo.start_preconditioning_step, c->shampoo.precondition_frequency);
     if (c->train.sam && c->model.seed_compat)
         return set_err(err, n, "config key 'train.sam': the seed_compat variant (second pass on the next batch) is "
                                "not supported; use model.seed_compat false");
@@ -436,7 +478,7 @@ char *config_to_json(const Config *cfg) {
         char leaf[64];
         cJSON *sec = section_of(root, k->path, leaf, sizeof leaf);
         const char *src = (const char *)cfg + k->offset;
-        char num[40];
+        char num[80];
         switch (k->type) {
         case KT_BOOL: cJSON_AddBoolToObject(sec, leaf, *(const int *)src); break;
         case KT_STR: cJSON_AddStringToObject(sec, leaf, src); break;
@@ -449,6 +491,10 @@ char *config_to_json(const Config *cfg) {
             snprintf(num, sizeof num, "%.17g", *(const double *)src);
             cJSON_AddRawToObject(sec, leaf, num);
             break;
+        case KT_PAIR:
+            snprintf(num, sizeof num, "[%.17g, %.17g]", ((const double *)src)[0], ((const double *)src)[1]);
+            cJSON_AddRawToObject(sec, leaf, num);
+            break;
         }
     }
     char *s = cJSON_Print(root);
@@ -457,7 +503,7 @@ char *config_to_json(const Config *cfg) {
 }
 
 char *config_doc_markdown(void) {
-    static const char *types[] = {"int", "int", "number", "bool", "string"};
+    static const char *types[] = {"int", "int", "number", "bool", "string", "[number, number]"};
     StrBuf b = {0};
     sb_printf(&b, "# Config reference\n\n"
                   "Generated by `simplest-dist config-doc` from the key table in `src/config.c`; "

@@ -62,6 +62,19 @@ typedef struct {
         double beta1, beta2, eps;
     } opt;
     struct {
+        double betas[2];  // beta1 (first moment), beta2 (factor EMA)
+        double eps;
+        double momentum;  // only 0
+        int precondition_frequency;
+        int start_preconditioning_step;
+        int max_preconditioner_dim;
+        double graft_beta2, graft_eps;
+        char root_dtype[8];  // "fp64" | "fp32"
+        char one_d[8];       // "full" | "adam"
+        int root_delay;      // 0 | 1
+        int root_threads;
+    } shampoo;
+    struct {
         char dir[512];    // run directory; "" = runs/<config file name>
         char device[8];   // "cpu" | "cuda" | "auto"
         int threads;      // CPU threads per rank; 0 = all available

@@ -67,7 +67,20 @@ int status_write(const char *dir, const StatusInfo *s) {
         cJSON_AddStringToObject(o, "last_checkpoint", s->last_checkpoint);
     else
         cJSON_AddNullToObject(o, "last_checkpoint");
-    cJSON_AddNullToObject(o, "shampoo");  // filled in by the Shampoo optimizer when it runs
+    if (s->has_shampoo) {
+        cJSON *sh = cJSON_AddObjectToObject(o, "shampoo");
+        add_num(sh, "blocks", s->shampoo_blocks);
+        add_num(sh, "owned_by_rank0", s->shampoo_owned);
+        add_num(sh, "ownership_max_over_mean", s->shampoo_max_mean_load);
+        add_num(sh, "refreshes", (double)s->shampoo_refreshes);
+        add_num(sh, "failed_decompositions", (double)s->shampoo_failed);
+        add_num(sh, "last_refresh_s", s->shampoo_last_refresh_s);
+        add_num(sh, "eig_s_total", s->shampoo_eig_s);
+        add_num(sh, "broadcast_s_total", s->shampoo_bcast_s);
+        add_num(sh, "apply_s_total", s->shampoo_apply_s);
+    } else {
+        cJSON_AddNullToObject(o, "shampoo");
+    }
     if (s->sp_mean_sq) {
         cJSON *sp = cJSON_AddObjectToObject(o, "signalprop");
         add_num(sp, "step", (double)s->sp_step);

@@ -26,6 +26,10 @@ typedef struct {
     int world_size;
     const RankStatus *ranks;  // world_size entries
     const char *last_checkpoint;  // NULL: none yet
+    int has_shampoo;  // Shampoo root-refresh statistics below are valid
+    int shampoo_blocks, shampoo_owned;
+    int64_t shampoo_refreshes, shampoo_failed;
+    double shampoo_last_refresh_s, shampoo_eig_s, shampoo_bcast_s, shampoo_apply_s, shampoo_max_mean_load;
     int depth;
     const double *sp_mean_sq, *sp_mean_cos;  // per block, NULL before the first measurement
     int64_t sp_step;

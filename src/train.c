@@ -73,7 +73,29 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
                      .beta2 = cfg->opt.beta2,
                      .eps = cfg->opt.eps,
                      .decoupled = !strcmp(cfg->opt.weight_decay_mode, "decoupled")};
-    adam_create(&t->adam, model, &ac);
+    if (!strcmp(cfg->opt.name, "shampoo")) {
+        ShampooConfig sc = {.lr0 = cfg->opt.lr,
+                            .weight_decay = cfg->opt.weight_decay,
+                            .decoupled = ac.decoupled,
+                            .beta1 = cfg->shampoo.betas[0],
+                            .beta2 = cfg->shampoo.betas[1],
+                            .eps = cfg->shampoo.eps,
+                            .frequency = cfg->shampoo.precondition_frequency,
+                            .start_step = cfg->shampoo.start_preconditioning_step,
+                            .max_dim = cfg->shampoo.max_preconditioner_dim,
+                            .graft_beta2 = cfg->shampoo.graft_beta2,
+                            .graft_eps = cfg->shampoo.graft_eps,
+                            .root_fp64 = strcmp(cfg->shampoo.root_dtype, "fp32") != 0,
+                            .one_d_adam = !strcmp(cfg->shampoo.one_d, "adam"),
+                            .root_delay = cfg->shampoo.root_delay,
+                            .root_threads = cfg->shampoo.root_threads};
+        char err[512];
+        if (shampoo_config_check(&sc, err, sizeof err) != 0) die_user("%s", err);
+        t->shampoo = xcalloc(sizeof(Shampoo), "shampoo");
+        shampoo_create(t->shampoo, model, comm, &sc, NULL);
+    } else {
+        adam_create(&t->adam, model, &ac);
+    }
     size_t pbytes = model->num_params * sizeof(float);
     if (cfg->train.ema) {
         t->ema = t->be->alloc(t->be, pbytes, "EMA weights");
@@ -88,7 +110,12 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
 
 void trainer_free(Trainer *t) {
     Backend *be = t->be;
-    adam_free(&t->adam, t->model);
+    if (t->shampoo) {
+        shampoo_free(t->shampoo);
+        free(t->shampoo);
+    } else {
+        adam_free(&t->adam, t->model);
+    }
     for (int i = 0; t->shard_grads && i < t->accum; i++) be->free(be, t->shard_grads[i]);
     free(t->shard_grads);
     if (t->ema) be->free(be, t->ema);
@@ -186,7 +213,10 @@ StepResult trainer_step(Trainer *t, int64_t k, BatchSource src, void *ctx) {
         be->axpy(be, m->params, t->sam_e, m->num_params, -1.0f);
     }
     r.lr = lr_at_step(cfg->opt.lr, k, cfg->train.warmup_steps, t->total_steps, m->cfg.seed_compat);
-    adam_step(&t->adam, m, r.lr, cf);
+    if (t->shampoo)
+        shampoo_step(t->shampoo, r.lr, cf);
+    else
+        adam_step(&t->adam, m, r.lr, cf);
     if (t->ema && k % cfg->train.ema_every == 0)
         be->ema_update(be, t->ema, m->params, m->num_params, (float)cfg->train.ema_decay);
     return r;
@@ -524,6 +554,19 @@ static void run_log(Run *r, int64_t k, const StepResult *sr) {
     si->sp_mean_sq = r->sp_sq;
     si->sp_mean_cos = r->sp_cos;
     si->sp_step = k;
+    const Shampoo *sh = r->t.shampoo;
+    if (sh) {
+        si->has_shampoo = 1;
+        si->shampoo_blocks = sh->nblocks;
+        si->shampoo_owned = sh->nowned;
+        si->shampoo_max_mean_load = sh->max_mean_load;
+        si->shampoo_refreshes = sh->refreshes;
+        si->shampoo_failed = sh->failed_decomps;
+        si->shampoo_last_refresh_s = sh->last_refresh_s;
+        si->shampoo_eig_s = sh->eig_s;
+        si->shampoo_bcast_s = sh->bcast_s;
+        si->shampoo_apply_s = sh->apply_s;
+    }
     if (r->comm->rank == 0) {
         char eta[32];
         format_eta(eta, sizeof eta, si->eta_s);

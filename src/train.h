@@ -8,13 +8,15 @@
 #include "data/dataset.h"
 #include "model.h"
 #include "optim.h"
+#include "shampoo.h"
 
 typedef struct {
     const Config *cfg;
     Comm *comm;
     Backend *be;
     Model *model;
-    Adam adam;
+    Adam adam;          // opt.name "adam"
+    Shampoo *shampoo;   // opt.name "shampoo", else NULL
     float *ema;    // device copy of the EMA weights (train.ema), else NULL
     float *sam_e;  // device SAM perturbation (train.sam), else NULL
     int global_batch;  // images per optimizer step, all ranks

@@ -1,0 +1,439 @@
+// shampoo.c: see shampoo.h and spec/shampoo.md. The per-block math runs on the backend (GEMMs for statistics and
+// the preconditioned update); the eigendecompositions run on the host with LAPACK, by the block's owner only.
+#include "shampoo.h"
+
+#include <cblas.h>
+#include <lapacke.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util.h"
+
+int shampoo_config_check(const ShampooConfig *c, char *err, size_t n) {
+    if (c->frequency < 1) return set_err(err, n, "config key 'shampoo.precondition_frequency': must be >= 1");
+    if (c->start_step < 0 || c->start_step % c->frequency != 0)
+        return set_err(err, n, "config key 'shampoo.start_preconditioning_step': %d must be 0 or a multiple of "
+                               "shampoo.precondition_frequency %d (otherwise the zero roots would be used)",
+                       c->start_step, c->frequency);
+    if (c->root_delay != 0 && c->root_delay != 1)
+        return set_err(err, n, "config key 'shampoo.root_delay': must be 0 or 1");
+    if (c->max_dim < 1) return set_err(err, n, "config key 'shampoo.max_preconditioner_dim': must be >= 1");
+    return 0;
+}
+
+// ---------------------------------------------------------------- blocking
+
+int shampoo_merge_dims(const int *shape, int ndim, int b, int *merged) {
+    int order = 1;
+    merged[0] = ndim > 0 ? shape[0] : 1;
+    for (int i = 1; i < ndim; i++) {
+        int64_t last = merged[order - 1], s = shape[i];
+        if (last == 1 || s == 1 || last * s <= b)
+            merged[order - 1] = (int)(last * s);
+        else
+            merged[order++] = (int)s;
+    }
+    return order;
+}
+
+typedef struct {
+    ShampooBlock *b;
+    int n, cap;
+} BlockList;
+
+static ShampooBlock *push_block(BlockList *l) {
+    if (l->n == l->cap) {
+        l->cap = l->cap ? 2 * l->cap : 64;
+        l->b = realloc(l->b, (size_t)l->cap * sizeof(ShampooBlock));
+        CHECK(l->b, "out of memory for Shampoo blocks");
+    }
+    ShampooBlock *b = &l->b[l->n++];
+    memset(b, 0, sizeof *b);
+    return b;
+}
+
+// Cuts one trainable tensor into blocks of at most b per merged dimension, chunks in row-major order.
+static void block_tensor(BlockList *l, const TensorInfo *t, int param, int b) {
+    int merged[8];
+    int order = shampoo_merge_dims(t->shape, t->ndim, b, merged);
+    if (order > 2)
+        die_user("shampoo: tensor %s merges to %d dimensions at shampoo.max_preconditioner_dim %d; only 1-D and 2-D "
+                 "blocks are supported (raise the dimension)",
+                 t->name, order, b);
+    int m = merged[0], ncols = order == 2 ? merged[1] : 1;
+    for (int r0 = 0; r0 < m; r0 += b)
+        for (int c0 = 0; c0 < ncols; c0 += b) {
+            ShampooBlock *x = push_block(l);
+            x->param = param;
+            x->order = order;
+            x->rows = m - r0 < b ? m - r0 : b;
+            x->cols = order == 2 ? (ncols - c0 < b ? ncols - c0 : b) : 1;
+            x->offset = t->offset + (size_t)r0 * ncols + c0;
+            x->ld = order == 2 ? ncols : 1;
+            x->dim[0] = x->rows;
+            x->dim[1] = order == 2 ? x->cols : 0;
+            x->cost = pow(x->dim[0], 3) + (order == 2 ? pow(x->dim[1], 3) : 0.0);
+        }
+}
+
+// Longest-processing-time assignment: blocks by (cost desc, index asc) to the least-loaded rank (ties: lowest).
+static void assign_owners(ShampooBlock *blocks, int n, int world, double *max_mean) {
+    int *idx = xmalloc((size_t)n * sizeof(int), "block order");
+    double *load = xcalloc((size_t)world * sizeof(double), "rank loads");
+    for (int i = 0; i < n; i++) idx[i] = i;
+    for (int i = 1; i < n; i++)  // insertion sort: n is a few hundred
+        for (int j = i; j > 0; j--) {
+            const ShampooBlock *a = &blocks[idx[j - 1]], *b = &blocks[idx[j]];
+            if (a->cost > b->cost || (a->cost == b->cost && idx[j - 1] < idx[j])) break;
+            int t = idx[j];
+            idx[j] = idx[j - 1];
+            idx[j - 1] = t;
+        }
+    for (int i = 0; i < n; i++) {
+        int best = 0;
+        for (int r = 1; r < world; r++)
+            if (load[r] < load[best]) best = r;
+        blocks[idx[i]].owner = best;
+        load[best] += blocks[idx[i]].cost;
+    }
+    double mx = 0.0, sum = 0.0;
+    for (int r = 0; r < world; r++) {
+        mx = fmax(mx, load[r]);
+        sum += load[r];
+    }
+    *max_mean = sum > 0 ? mx / (sum / world) : 1.0;
+    free(idx);
+    free(load);
+}
+
+static int block_preconditioned(const Shampoo *s, const ShampooBlock *b) {
+    const TensorInfo *t = &s->model->tensors[b->param];
+    return !(s->cfg.one_d_adam && t->ndim == 1);  // the parameter's own rank decides (spec §2.6)
+}
+
+void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *cfg, const int *owner_map) {
+    memset(s, 0, sizeof *s);
+    s->cfg = *cfg;
+    s->model = model;
+    s->comm = comm;
+    BlockList l = {0};
+    for (int i = 0; i < model->ntensors; i++)
+        if (model->tensors[i].trainable) block_tensor(&l, &model->tensors[i], i, cfg->max_dim);
+    s->blocks = l.b;
+    s->nblocks = l.n;
+    assign_owners(s->blocks, s->nblocks, comm->world, &s->max_mean_load);
+    if (owner_map)
+        for (int i = 0; i < s->nblocks; i++) s->blocks[i].owner = owner_map[i] % comm->world;
+    size_t largest = 1;
+    s->owned = xmalloc((size_t)(s->nblocks ? s->nblocks : 1) * sizeof(int), "owned blocks");
+    for (int i = 0; i < s->nblocks; i++) {
+        ShampooBlock *b = &s->blocks[i];
+        size_t area = (size_t)b->rows * b->cols;
+        largest = area > largest ? area : largest;
+        if (!block_preconditioned(s, b)) continue;
+        for (int k = 0; k < b->order; k++) {
+            size_t sq = (size_t)b->dim[k] * b->dim[k];
+            largest = sq > largest ? sq : largest;
+            b->root_off[k] = s->root_floats;
+            s->root_floats += sq;
+            if (b->owner == comm->rank) {
+                b->fac_off[k] = s->factor_floats;
+                s->factor_floats += sq;
+            }
+        }
+        if (b->owner == comm->rank) s->owned[s->nowned++] = i;
+    }
+    Backend *be = model->be;
+    size_t np = model->num_params;
+    s->m = be->alloc(be, 3 * np * sizeof(float), "Shampoo m, v and G");  // one allocation: m, v, G
+    s->v = s->m + np;
+    s->G = s->v + np;
+    s->roots = be->alloc(be, (s->root_floats ? s->root_floats : 1) * sizeof(float), "Shampoo roots");
+    if (cfg->root_delay)
+        s->pending = be->alloc(be, (s->root_floats ? s->root_floats : 1) * sizeof(float), "Shampoo pending roots");
+    s->factors = be->alloc(be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float), "Shampoo factors");
+    s->scratch_floats = 4 * largest;
+    s->scratch = be->alloc(be, s->scratch_floats * sizeof(float), "Shampoo scratch");
+    // Factors start at eps I (the reference's local change), on the host then uploaded once.
+    float *f = xcalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factor init");
+    for (int i = 0; i < s->nowned; i++) {
+        const ShampooBlock *b = &s->blocks[s->owned[i]];
+        for (int k = 0; k < b->order; k++)
+            for (int d = 0; d < b->dim[k]; d++) f[b->fac_off[k] + (size_t)d * b->dim[k] + d] = (float)cfg->eps;
+    }
+    be->upload(be, s->factors, f, s->factor_floats * sizeof(float));
+    free(f);
+}
+
+void shampoo_free(Shampoo *s) {
+    Backend *be = s->model->be;
+    be->free(be, s->m);
+    be->free(be, s->roots);
+    if (s->pending) be->free(be, s->pending);
+    be->free(be, s->factors);
+    be->free(be, s->scratch);
+    free(s->blocks);
+    free(s->owned);
+}
+
+void shampoo_inject_failure(Shampoo *s, int block) { s->blocks[block].fails = -1000000; }
+
+// ---------------------------------------------------------------- statistics and roots
+
+// F <- beta2 F + (1 - beta2) G_b G_b^T (and G_b^T G_b): owner only, from the raw G of this step.
+static void update_factors(Shampoo *s) {
+    Backend *be = s->model->be;
+    float b2 = (float)s->cfg.beta2;
+    for (int i = 0; i < s->nowned; i++) {
+        const ShampooBlock *b = &s->blocks[s->owned[i]];
+        const float *g = s->G + b->offset;
+        float *F0 = s->factors + b->fac_off[0];
+        if (b->order == 1) {
+            be->gemm(be, 0, 1, b->rows, b->rows, 1, 1.0f - b2, g, 1, g, 1, b2, F0, b->rows);
+        } else {
+            be->gemm(be, 0, 1, b->rows, b->rows, b->cols, 1.0f - b2, g, b->ld, g, b->ld, b2, F0, b->rows);
+            be->gemm(be, 1, 0, b->cols, b->cols, b->rows, 1.0f - b2, g, b->ld, g, b->ld, b2,
+                     s->factors + b->fac_off[1], b->cols);
+        }
+    }
+}
+
+// X = A^(-1/r) of the bias-corrected factor (spec §2.4), into root (fp32, n x n). Returns 0, 1 if the
+// decomposition failed, 2 if the factor is not finite.
+static int inverse_root(const float *F, int n, double bias_corr, int r, double eps, int fp64, float *root) {
+    size_t nn = (size_t)n * n;
+    double *A = xmalloc(nn * sizeof(double), "root matrix");
+    double *w = xmalloc((size_t)n * sizeof(double), "eigenvalues");
+    int rc = 0;
+    for (size_t i = 0; i < nn; i++) {
+        A[i] = (double)F[i] / bias_corr;
+        if (!isfinite(A[i])) rc = 2;
+    }
+    if (rc == 0) {
+        int info;
+        if (fp64) {
+            info = LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'L', n, A, n, w);
+        } else {
+            float *Af = xmalloc(nn * sizeof(float), "root matrix fp32");
+            float *wf = xmalloc((size_t)n * sizeof(float), "eigenvalues fp32");
+            for (size_t i = 0; i < nn; i++) Af[i] = (float)A[i];
+            info = LAPACKE_ssyevd(LAPACK_ROW_MAJOR, 'V', 'L', n, Af, n, wf);
+            for (size_t i = 0; i < nn; i++) A[i] = Af[i];
+            for (int i = 0; i < n; i++) w[i] = wf[i];
+            free(Af);
+            free(wf);
+        }
+        if (info != 0) rc = 1;
+    }
+    if (rc == 0) {
+        double lmin = w[0];
+        for (int i = 1; i < n; i++) lmin = fmin(lmin, w[i]);
+        double shift = lmin < 0.0 ? lmin : 0.0;  // the reference's shift rule
+        for (int j = 0; j < n; j++) {            // Y = Q diag(lambda^(-1/(2r))), in place (column j of Q)
+            double sc = pow(w[j] - shift + eps, -1.0 / (2.0 * r));
+            if (!isfinite(sc)) rc = 1;
+            for (int i = 0; i < n; i++) A[(size_t)i * n + j] *= sc;
+        }
+        if (rc == 0) {
+            double *X = xmalloc(nn * sizeof(double), "root");
+            // X = Y Y^T: one triangle by SYRK, mirrored, so X is exactly symmetric.
+            cblas_dsyrk(CblasRowMajor, CblasLower, CblasNoTrans, n, n, 1.0, A, n, 0.0, X, n);
+            for (int i = 0; i < n && rc == 0; i++)
+                for (int j = 0; j <= i; j++) {
+                    double x = X[(size_t)i * n + j];
+                    if (!isfinite(x) || !isfinite((float)x)) {
+                        rc = 1;
+                        break;
+                    }
+                    root[(size_t)i * n + j] = root[(size_t)j * n + i] = (float)x;
+                }
+            free(X);
+        }
+    }
+    free(A);
+    free(w);
+    return rc;
+}
+
+// Owners compute their blocks' roots; each owner then broadcasts a status header and its roots packed in block
+// order, and every rank (the owner included) installs them from the broadcast bytes.
+static void refresh_roots(Shampoo *s, float *dest) {
+    Model *m = s->model;
+    Backend *be = m->be;
+    Comm *comm = s->comm;
+    double t0 = now_sec(), bias = 1.0 - pow(s->cfg.beta2, (double)s->t);
+    float *fac = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factors on host");
+    be->download(be, fac, s->factors, s->factor_floats * sizeof(float));
+    for (int r = 0; r < comm->world; r++) {
+        // Pack: int32 status per owned block, then the roots (fp32, row-major, factor by factor).
+        int nb = 0;
+        size_t floats = 0;
+        for (int i = 0; i < s->nblocks; i++) {
+            const ShampooBlock *b = &s->blocks[i];
+            if (b->owner != r || !block_preconditioned(s, b)) continue;
+            nb++;
+            for (int k = 0; k < b->order; k++) floats += (size_t)b->dim[k] * b->dim[k];
+        }
+        if (nb == 0) continue;
+        size_t bytes = (size_t)nb * sizeof(int32_t) + floats * sizeof(float);
+        unsigned char *buf = xcalloc(bytes, "root broadcast buffer");
+        int32_t *status = (int32_t *)buf;
+        float *roots = (float *)(buf + (size_t)nb * sizeof(int32_t));
+        if (r == comm->rank) {
+            double te = now_sec();
+            int j = 0;
+            size_t at = 0;  // this block's slot in the packed roots
+            for (int i = 0; i < s->nblocks; i++) {
+                ShampooBlock *b = &s->blocks[i];
+                if (b->owner != r || !block_preconditioned(s, b)) continue;
+                int st = b->fails < -1000 ? 1 : 0;  // an injected failure (tests)
+                size_t slot = at;
+                for (int k = 0; k < b->order && st == 0; k++) {
+                    st = inverse_root(fac + b->fac_off[k], b->dim[k], bias, 2 * b->order, s->cfg.eps,
+                                      s->cfg.root_fp64, roots + slot);
+                    if (st == 2)
+                        fprintf(stderr, "simplest-dist: error: shampoo: non-finite factor %d of %s block %d (%dx%d) "
+                                        "at step %lld\n",
+                                k, m->tensors[b->param].name, i, b->rows, b->cols, (long long)s->t);
+                    slot += (size_t)b->dim[k] * b->dim[k];
+                }
+                status[j++] = st;
+                for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
+            }
+            s->eig_s += now_sec() - te;
+        }
+        double tb = now_sec();
+        comm_bcast(comm, buf, bytes, r);
+        s->bcast_s += now_sec() - tb;
+        // Install: every rank takes the same decision from the same header.
+        int j = 0;
+        size_t at = 0;
+        for (int i = 0; i < s->nblocks; i++) {
+            ShampooBlock *b = &s->blocks[i];
+            if (b->owner != r || !block_preconditioned(s, b)) continue;
+            int st = status[j++];
+            size_t len = 0;
+            for (int k = 0; k < b->order; k++) len += (size_t)b->dim[k] * b->dim[k];
+            if (st == 2)
+                die_user("shampoo: non-finite factor in %s block %d at step %lld (lower opt.lr or check the data)",
+                         m->tensors[b->param].name, i, (long long)s->t);
+            if (st == 0) {
+                be->upload(be, dest + b->root_off[0], roots + at, len * sizeof(float));
+                b->has_roots = 1;
+                b->fails = 0;
+            } else {
+                b->fails = b->fails < 0 ? 1 : b->fails + 1;
+                s->failed_decomps++;
+                if (comm->rank == 0)
+                    fprintf(stderr, "simplest-dist: warning: shampoo: decomposition failed for %s block %d at step "
+                                    "%lld (%d in a row); keeping its previous roots\n",
+                            m->tensors[b->param].name, i, (long long)s->t, b->fails);
+                if (b->fails > 3)
+                    die_user("shampoo: decomposition failed 4 times in a row for %s block %d (step %lld)",
+                             m->tensors[b->param].name, i, (long long)s->t);
+            }
+            at += len;
+        }
+        free(buf);
+    }
+    free(fac);
+    s->refreshes++;
+    s->last_refresh_s = now_sec() - t0;
+}
+
+// ---------------------------------------------------------------- the step
+
+// W_b -= coef * P for a block (P contiguous rows x cols), through a gathered copy of W_b.
+static void block_axpy(Shampoo *s, const ShampooBlock *b, const float *P, float coef, float *work) {
+    Backend *be = s->model->be;
+    float *W = s->model->params + b->offset;
+    int rows = b->order == 2 ? b->rows : 1, cols = b->order == 2 ? b->cols : b->rows, ld = b->order == 2 ? b->ld : b->rows;
+    be->copy2d(be, work, cols, W, ld, rows, cols);
+    be->axpy(be, work, P, (size_t)rows * cols, -coef);
+    be->copy2d(be, W, ld, work, cols, rows, cols);
+}
+
+// The update of one block (spec §2.3 step 7), from m and v already updated.
+static void update_block(Shampoo *s, int i, double lr, float bc1, float bc2) {
+    Backend *be = s->model->be;
+    const ShampooBlock *b = &s->blocks[i];
+    int rows = b->order == 2 ? b->rows : 1, cols = b->order == 2 ? b->cols : b->rows;
+    int ld = b->order == 2 ? b->ld : b->rows;
+    size_t area = (size_t)rows * cols;
+    float *Pg = s->scratch, *Gb = Pg + area, *tmp = Gb + area, *Ps = tmp + area;  // each (rows, cols)
+    be->copy2d(be, Gb, cols, s->m + b->offset, ld, rows, cols);  // m_b
+    be->copy2d(be, tmp, cols, s->v + b->offset, ld, rows, cols);  // v_b
+    be->adam_dir(be, Pg, Gb, tmp, area, bc1, bc2, (float)s->cfg.graft_eps);
+    int shampoo = b->has_roots && block_preconditioned(s, b) && s->t > s->cfg.start_step;
+    if (!shampoo) {
+        block_axpy(s, b, Pg, (float)lr, tmp);
+        return;
+    }
+    be->scale(be, Gb, area, 1.0f / bc1);  // G-bar = m / (1 - beta1^t)
+    const float *X0 = s->roots + b->root_off[0];
+    if (b->order == 1) {
+        be->gemm(be, 0, 0, b->rows, 1, b->rows, 1.0f, X0, b->rows, Gb, 1, 0.0f, Ps, 1);
+    } else {
+        be->gemm(be, 0, 0, b->rows, b->cols, b->rows, 1.0f, X0, b->rows, Gb, b->cols, 0.0f, tmp, b->cols);
+        be->gemm(be, 0, 0, b->rows, b->cols, b->cols, 1.0f, tmp, b->cols, s->roots + b->root_off[1], b->cols, 0.0f,
+                 Ps, b->cols);
+    }
+    double ng = sqrt(be->sumsq(be, Pg, area)), ns = sqrt(be->sumsq(be, Ps, area));
+    block_axpy(s, b, Ps, (float)(lr * ng / (ns + 1e-16)), tmp);  // grafted: the Adam step's norm
+}
+
+// Refresh steps: t mod f = 0 and t >= max(S, 1).
+static int refresh_step(const Shampoo *s) {
+    int64_t lo = s->cfg.start_step > 1 ? s->cfg.start_step : 1;
+    return s->t % s->cfg.frequency == 0 && s->t >= lo;
+}
+
+void shampoo_step(Shampoo *s, double lr, double grad_scale) {
+    Model *m = s->model;
+    Backend *be = m->be;
+    const ShampooConfig *c = &s->cfg;
+    size_t np = m->num_params;
+    double t0 = now_sec();
+    s->t++;
+    // G = clipped gradient, plus L2 decay on the decay set: exactly the ops of the Adam kernel.
+    be->copy(be, s->G, m->grads, np * sizeof(float));
+    be->scale(be, s->G, np, (float)grad_scale);
+    if (!c->decoupled && c->weight_decay != 0.0)
+        for (int i = 0; i < m->ntensors; i++) {
+            const TensorInfo *t = &m->tensors[i];
+            if (t->decay) be->axpy(be, s->G + t->offset, m->params + t->offset, t->numel, (float)c->weight_decay);
+        }
+    update_factors(s);
+    if (c->root_delay && s->t > 1 && (s->t - 1) % c->frequency == 0 && s->t - 1 >= (c->start_step > 1 ? c->start_step : 1))
+        be->copy(be, s->roots, s->pending, s->root_floats * sizeof(float));  // the roots of step t - 1 go live
+    if (s->t <= c->start_step) {
+        // Graft-only phase: one Adam step, with the Adam kernel itself (bitwise the project's Adam).
+        AdamArgs a = {.lr = (float)lr, .beta1 = (float)c->beta1, .beta2 = (float)c->graft_beta2,
+                      .eps = (float)c->graft_eps, .decoupled = c->decoupled, .t = s->t,
+                      .grad_scale = (float)grad_scale};
+        for (int i = 0; i < m->ntensors; i++) {
+            const TensorInfo *t = &m->tensors[i];
+            if (!t->trainable) continue;
+            a.weight_decay = t->decay ? (float)c->weight_decay : 0.0f;
+            be->adam_step(be, m->params + t->offset, m->grads + t->offset, s->m + t->offset, s->v + t->offset,
+                          t->numel, &a);
+        }
+        if (refresh_step(s)) refresh_roots(s, c->root_delay ? s->pending : s->roots);
+    } else {
+        be->moments(be, s->m, s->v, s->G, np, (float)c->beta1, (float)c->graft_beta2);
+        if (refresh_step(s)) refresh_roots(s, c->root_delay ? s->pending : s->roots);
+        if (c->decoupled && c->weight_decay != 0.0)
+            for (int i = 0; i < m->ntensors; i++) {
+                const TensorInfo *t = &m->tensors[i];
+                if (t->decay) be->scale(be, m->params + t->offset, t->numel, (float)(1.0 - lr * c->weight_decay));
+            }
+        float bc1 = (float)(1.0 - pow(c->beta1, (double)s->t)), bc2 = (float)(1.0 - pow(c->graft_beta2, (double)s->t));
+        double ta = now_sec();
+        for (int i = 0; i < s->nblocks; i++) update_block(s, i, lr, bc1, bc2);
+        s->apply_s += now_sec() - ta;
+    }
+    be->params_changed(be, m->params, np);
+    (void)t0;
+}

@@ -1,0 +1,80 @@
+// shampoo.h: Distributed Shampoo with Adam grafting, as spec/shampoo.md: parameters merged and cut into blocks,
+// Kronecker-factor statistics kept only by each block's owner rank, inverse roots by fp64 (or fp32) symmetric
+// eigendecomposition every f steps, broadcast owner by owner so that every rank applies every block's roots and
+// the replicas stay bit-identical. The block table is derived from the model's parameter table.
+#pragma once
+#include <stddef.h>
+#include <stdint.h>
+
+#include "comm.h"
+#include "model.h"
+
+typedef struct {
+    double lr0, weight_decay;
+    int decoupled;                 // weight_decay_mode "decoupled" (else "l2")
+    double beta1, beta2;           // first moment; factor EMA
+    double eps;                    // added to eigenvalues at root time
+    int frequency;                 // f: roots every f steps
+    int start_step;                // S: graft-only through step S
+    int max_dim;                   // b: max preconditioner dimension
+    double graft_beta2, graft_eps;  // Adam grafting
+    int root_fp64;                 // root_dtype "fp64" (else "fp32")
+    int one_d_adam;                // one_d "adam" (else "full")
+    int root_delay;                // 0 or 1
+    int root_threads;              // LAPACK threads for roots
+} ShampooConfig;
+
+typedef struct {
+    int param;          // index into the model's tensor table
+    int order;          // 1 or 2
+    int rows, cols;     // block shape (cols = 1 for order 1)
+    size_t offset;      // float offset of the block's first element in params/grads
+    int ld;             // row stride of the merged [m, n] view (1 for order 1)
+    int dim[2];         // factor sizes n_0 (= rows) and n_1 (= cols, order 2)
+    size_t root_off[2];  // float offsets of the roots in the packed root store (every rank)
+    size_t fac_off[2];   // float offsets of the factors in this rank's factor store (owner only; else unused)
+    int owner;           // rank that keeps the statistics and computes the roots
+    int has_roots;       // roots installed at least once (identical on every rank)
+    int fails;           // consecutive failed decompositions (identical on every rank)
+    double cost;         // sum of n_k^3 (for the ownership balance)
+} ShampooBlock;
+
+typedef struct {
+    ShampooConfig cfg;
+    Model *model;
+    Comm *comm;
+    ShampooBlock *blocks;
+    int nblocks;
+    int64_t t;       // steps taken
+    float *m, *v;    // device (num_params): first moment, graft second moment
+    float *G;        // device (num_params): this step's clipped gradient with L2 decay
+    float *roots;    // device: every block's roots, packed in block order
+    float *pending;  // device: roots computed but not yet active (root_delay 1), else NULL
+    size_t root_floats;
+    float *factors;  // device: the owned blocks' factors
+    size_t factor_floats;
+    float *scratch;  // device: per-block work space (4 * the largest block)
+    size_t scratch_floats;
+    int *owned;      // indices of the blocks this rank owns, ascending
+    int nowned;
+    double max_mean_load;  // ownership balance (logged at start)
+    // statistics for status.json and benchmarks
+    int64_t refreshes, failed_decomps;
+    double last_refresh_s, eig_s, bcast_s, apply_s;
+} Shampoo;
+
+// Validates a config; returns 0 or -1 with a one-line reason naming the key.
+int shampoo_config_check(const ShampooConfig *c, char *err, size_t errlen);
+// Blocks (merge + split of spec §2.1) and ownership (LPT on sum n^3, ties to the lowest rank). owner_map, if
+// non-NULL, overrides the ownership (tests: round-robin, reversed, random).
+void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *cfg, const int *owner_map);
+void shampoo_free(Shampoo *s);
+// One optimizer step at learning rate lr on the all-reduced gradient in model->grads, scaled by grad_scale (the
+// clip factor) first. Stops the run on a non-finite factor or a 4th consecutive failed decomposition.
+void shampoo_step(Shampoo *s, double lr, double grad_scale);
+
+// Merged shape of a tensor shape under max dimension b (spec §2.1 step 1); returns its order.
+int shampoo_merge_dims(const int *shape, int ndim, int b, int *merged);
+
+// Test hook: the next refresh of block `block` fails its decomposition (as if the eigensolver reported failure).
+void shampoo_inject_failure(Shampoo *s, int block);
