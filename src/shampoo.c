@@ -5,11 +5,20 @@
 #include <cblas.h>
 #include <lapacke.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "util.h"
+
+// A refresh in flight: the owner's factor snapshot, and its packed roots once computed.
+typedef struct RootJob {
+    Shampoo *s;
+    float *factors;       // host snapshot of this rank's factors
+    unsigned char *out;   // this rank's packed buffer
+    int64_t t;            // the refresh step
+} RootJob;
 
 int shampoo_config_check(const ShampooConfig *c, char *err, size_t n) {
     if (c->frequency < 1) return set_err(err, n, "config key 'shampoo.precondition_frequency': must be >= 1");
@@ -151,8 +160,6 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
     s->v = s->m + np;
     s->G = s->v + np;
     s->roots = be->alloc(be, (s->root_floats ? s->root_floats : 1) * sizeof(float), "Shampoo roots");
-    if (cfg->root_delay)
-        s->pending = be->alloc(be, (s->root_floats ? s->root_floats : 1) * sizeof(float), "Shampoo pending roots");
     s->factors = be->alloc(be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float), "Shampoo factors");
     s->scratch_floats = 4 * largest;
     s->scratch = be->alloc(be, s->scratch_floats * sizeof(float), "Shampoo scratch");
@@ -171,7 +178,12 @@ void shampoo_free(Shampoo *s) {
     Backend *be = s->model->be;
     be->free(be, s->m);
     be->free(be, s->roots);
-    if (s->pending) be->free(be, s->pending);
+    if (s->job) {  // a root thread still running at the end of a run
+        pthread_join(s->thread, NULL);
+        free(s->job->factors);
+        free(s->job->out);
+        free(s->job);
+    }
     be->free(be, s->factors);
     be->free(be, s->scratch);
     free(s->blocks);
@@ -257,57 +269,84 @@ static int inverse_root(const float *F, int n, double bias_corr, int r, double e
     return rc;
 }
 
-// Owners compute their blocks' roots; each owner then broadcasts a status header and its roots packed in block
-// order, and every rank (the owner included) installs them from the broadcast bytes.
-static void refresh_roots(Shampoo *s, float *dest) {
+// The packed broadcast buffer of owner r: an int32 status per owned block (0 = new roots, 1 = failed, previous
+// roots kept, 2 = non-finite factor), then the roots of those blocks in block order, factor by factor (fp32).
+static size_t packed_size(const Shampoo *s, int r, int *nblocks) {
+    int nb = 0;
+    size_t floats = 0;
+    for (int i = 0; i < s->nblocks; i++) {
+        const ShampooBlock *b = &s->blocks[i];
+        if (b->owner != r || !block_preconditioned(s, b)) continue;
+        nb++;
+        for (int k = 0; k < b->order; k++) floats += (size_t)b->dim[k] * b->dim[k];
+    }
+    *nblocks = nb;
+    return (size_t)nb * sizeof(int32_t) + floats * sizeof(float);
+}
+
+
+// Owner work: roots of every owned block from the factor snapshot, into the packed buffer (host only: it may run
+// on a thread while the next step computes).
+static void *compute_roots(void *arg) {
+    RootJob *job = arg;
+    Shampoo *s = job->s;
+    double te = now_sec(), bias = 1.0 - pow(s->cfg.beta2, (double)job->t);
+    int nb;
+    packed_size(s, s->comm->rank, &nb);
+    int32_t *status = (int32_t *)job->out;
+    float *roots = (float *)(job->out + (size_t)nb * sizeof(int32_t));
+    // The same on every rank: the root bits depend on it. Only without a concurrent step (the setting is global).
+    if (!s->cfg.root_delay) openblas_set_num_threads(s->cfg.root_threads);
+    int j = 0;
+    size_t at = 0;  // this block's slot in the packed roots
+    for (int i = 0; i < s->nblocks; i++) {
+        const ShampooBlock *b = &s->blocks[i];
+        if (b->owner != s->comm->rank || !block_preconditioned(s, b)) continue;
+        int st = b->fails < -1000 ? 1 : 0;  // an injected failure (tests)
+        size_t slot = at;
+        for (int k = 0; k < b->order && st == 0; k++) {
+            st = inverse_root(job->factors + b->fac_off[k], b->dim[k], bias, 2 * b->order, s->cfg.eps,
+                              s->cfg.root_fp64, roots + slot);
+            slot += (size_t)b->dim[k] * b->dim[k];
+        }
+        status[j++] = st;
+        for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
+    }
+    if (!s->cfg.root_delay) openblas_set_num_threads(1);
+    s->eig_s += now_sec() - te;
+    return NULL;
+}
+
+// Snapshot of the owned factors and the job that turns them into roots.
+static RootJob *start_refresh(Shampoo *s) {
+    Backend *be = s->model->be;
+    RootJob *job = xcalloc(sizeof(RootJob), "root job");
+    int nb;
+    job->s = s;
+    job->t = s->t;
+    job->factors = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factor snapshot");
+    be->download(be, job->factors, s->factors, s->factor_floats * sizeof(float));
+    job->out = xcalloc(packed_size(s, s->comm->rank, &nb) + 1, "own root buffer");
+    return job;
+}
+
+// Every owner broadcasts its packed buffer; every rank (the owner included) installs the roots from the bytes it
+// holds, so that all ranks take the same decisions and hold the same bits.
+static void finish_refresh(Shampoo *s, RootJob *job) {
     Model *m = s->model;
     Backend *be = m->be;
     Comm *comm = s->comm;
-    double t0 = now_sec(), bias = 1.0 - pow(s->cfg.beta2, (double)s->t);
-    float *fac = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factors on host");
-    be->download(be, fac, s->factors, s->factor_floats * sizeof(float));
     for (int r = 0; r < comm->world; r++) {
-        // Pack: int32 status per owned block, then the roots (fp32, row-major, factor by factor).
-        int nb = 0;
-        size_t floats = 0;
-        for (int i = 0; i < s->nblocks; i++) {
-            const ShampooBlock *b = &s->blocks[i];
-            if (b->owner != r || !block_preconditioned(s, b)) continue;
-            nb++;
-            for (int k = 0; k < b->order; k++) floats += (size_t)b->dim[k] * b->dim[k];
-        }
+        int nb;
+        size_t bytes = packed_size(s, r, &nb);
         if (nb == 0) continue;
-        size_t bytes = (size_t)nb * sizeof(int32_t) + floats * sizeof(float);
-        unsigned char *buf = xcalloc(bytes, "root broadcast buffer");
-        int32_t *status = (int32_t *)buf;
-        float *roots = (float *)(buf + (size_t)nb * sizeof(int32_t));
-        if (r == comm->rank) {
-            double te = now_sec();
-            int j = 0;
-            size_t at = 0;  // this block's slot in the packed roots
-            for (int i = 0; i < s->nblocks; i++) {
-                ShampooBlock *b = &s->blocks[i];
-                if (b->owner != r || !block_preconditioned(s, b)) continue;
-                int st = b->fails < -1000 ? 1 : 0;  // an injected failure (tests)
-                size_t slot = at;
-                for (int k = 0; k < b->order && st == 0; k++) {
-                    st = inverse_root(fac + b->fac_off[k], b->dim[k], bias, 2 * b->order, s->cfg.eps,
-                                      s->cfg.root_fp64, roots + slot);
-                    if (st == 2)
-                        fprintf(stderr, "simplest-dist: error: shampoo: non-finite factor %d of %s block %d (%dx%d) "
-                                        "at step %lld\n",
-                                k, m->tensors[b->param].name, i, b->rows, b->cols, (long long)s->t);
-                    slot += (size_t)b->dim[k] * b->dim[k];
-                }
-                status[j++] = st;
-                for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
-            }
-            s->eig_s += now_sec() - te;
-        }
+        unsigned char *buf = r == comm->rank ? job->out : xcalloc(bytes, "root broadcast buffer");
         double tb = now_sec();
         comm_bcast(comm, buf, bytes, r);
         s->bcast_s += now_sec() - tb;
-        // Install: every rank takes the same decision from the same header.
+        s->bcast_bytes += bytes;
+        const int32_t *status = (const int32_t *)buf;
+        const float *roots = (const float *)(buf + (size_t)nb * sizeof(int32_t));
         int j = 0;
         size_t at = 0;
         for (int i = 0; i < s->nblocks; i++) {
@@ -317,10 +356,11 @@ static void refresh_roots(Shampoo *s, float *dest) {
             size_t len = 0;
             for (int k = 0; k < b->order; k++) len += (size_t)b->dim[k] * b->dim[k];
             if (st == 2)
-                die_user("shampoo: non-finite factor in %s block %d at step %lld (lower opt.lr or check the data)",
-                         m->tensors[b->param].name, i, (long long)s->t);
+                die_user("shampoo: non-finite factor in %s block %d (%dx%d) at step %lld (lower opt.lr or check the "
+                         "data)",
+                         m->tensors[b->param].name, i, b->rows, b->cols, (long long)job->t);
             if (st == 0) {
-                be->upload(be, dest + b->root_off[0], roots + at, len * sizeof(float));
+                be->upload(be, s->roots + b->root_off[0], roots + at, len * sizeof(float));
                 b->has_roots = 1;
                 b->fails = 0;
             } else {
@@ -329,18 +369,19 @@ static void refresh_roots(Shampoo *s, float *dest) {
                 if (comm->rank == 0)
                     fprintf(stderr, "simplest-dist: warning: shampoo: decomposition failed for %s block %d at step "
                                     "%lld (%d in a row); keeping its previous roots\n",
-                            m->tensors[b->param].name, i, (long long)s->t, b->fails);
+                            m->tensors[b->param].name, i, (long long)job->t, b->fails);
                 if (b->fails > 3)
                     die_user("shampoo: decomposition failed 4 times in a row for %s block %d (step %lld)",
-                             m->tensors[b->param].name, i, (long long)s->t);
+                             m->tensors[b->param].name, i, (long long)job->t);
             }
             at += len;
         }
-        free(buf);
+        if (r != comm->rank) free(buf);
     }
-    free(fac);
+    free(job->factors);
+    free(job->out);
+    free(job);
     s->refreshes++;
-    s->last_refresh_s = now_sec() - t0;
 }
 
 // ---------------------------------------------------------------- the step
@@ -395,7 +436,6 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
     Backend *be = m->be;
     const ShampooConfig *c = &s->cfg;
     size_t np = m->num_params;
-    double t0 = now_sec();
     s->t++;
     // G = clipped gradient, plus L2 decay on the decay set: exactly the ops of the Adam kernel.
     be->copy(be, s->G, m->grads, np * sizeof(float));
@@ -406,8 +446,25 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
             if (t->decay) be->axpy(be, s->G + t->offset, m->params + t->offset, t->numel, (float)c->weight_decay);
         }
     update_factors(s);
-    if (c->root_delay && s->t > 1 && (s->t - 1) % c->frequency == 0 && s->t - 1 >= (c->start_step > 1 ? c->start_step : 1))
-        be->copy(be, s->roots, s->pending, s->root_floats * sizeof(float));  // the roots of step t - 1 go live
+    if (s->job) {  // root_delay 1: the roots of step t - 1 were computed on a thread during this step's compute
+        pthread_join(s->thread, NULL);
+        finish_refresh(s, s->job);
+        s->job = NULL;
+        s->last_refresh_s = now_sec() - s->refresh_t0;
+    }
+    int refresh = refresh_step(s);
+    if (refresh) {
+        s->refresh_t0 = now_sec();
+        RootJob *job = start_refresh(s);
+        if (c->root_delay) {
+            s->job = job;
+            CHECK(pthread_create(&s->thread, NULL, compute_roots, job) == 0, "cannot start the root thread");
+        } else {
+            compute_roots(job);
+            finish_refresh(s, job);
+            s->last_refresh_s = now_sec() - s->refresh_t0;
+        }
+    }
     if (s->t <= c->start_step) {
         // Graft-only phase: one Adam step, with the Adam kernel itself (bitwise the project's Adam).
         AdamArgs a = {.lr = (float)lr, .beta1 = (float)c->beta1, .beta2 = (float)c->graft_beta2,
@@ -420,10 +477,8 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
             be->adam_step(be, m->params + t->offset, m->grads + t->offset, s->m + t->offset, s->v + t->offset,
                           t->numel, &a);
         }
-        if (refresh_step(s)) refresh_roots(s, c->root_delay ? s->pending : s->roots);
     } else {
         be->moments(be, s->m, s->v, s->G, np, (float)c->beta1, (float)c->graft_beta2);
-        if (refresh_step(s)) refresh_roots(s, c->root_delay ? s->pending : s->roots);
         if (c->decoupled && c->weight_decay != 0.0)
             for (int i = 0; i < m->ntensors; i++) {
                 const TensorInfo *t = &m->tensors[i];
@@ -435,5 +490,4 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
         s->apply_s += now_sec() - ta;
     }
     be->params_changed(be, m->params, np);
-    (void)t0;
 }

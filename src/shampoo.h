@@ -4,6 +4,7 @@
 // the replicas stay bit-identical. The block table is derived from the model's parameter table.
 #pragma once
 #include <stddef.h>
+#include <pthread.h>
 #include <stdint.h>
 
 #include "comm.h"
@@ -49,8 +50,10 @@ typedef struct {
     float *m, *v;    // device (num_params): first moment, graft second moment
     float *G;        // device (num_params): this step's clipped gradient with L2 decay
     float *roots;    // device: every block's roots, packed in block order
-    float *pending;  // device: roots computed but not yet active (root_delay 1), else NULL
     size_t root_floats;
+    struct RootJob *job;  // root_delay 1: the refresh running on `thread` since the previous step, else NULL
+    pthread_t thread;
+    double refresh_t0;
     float *factors;  // device: the owned blocks' factors
     size_t factor_floats;
     float *scratch;  // device: per-block work space (4 * the largest block)
@@ -61,6 +64,7 @@ typedef struct {
     // statistics for status.json and benchmarks
     int64_t refreshes, failed_decomps;
     double last_refresh_s, eig_s, bcast_s, apply_s;
+    size_t bcast_bytes;  // bytes broadcast by all owners so far (status headers included)
 } Shampoo;
 
 // Validates a config; returns 0 or -1 with a one-line reason naming the key.
