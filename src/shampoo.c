@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "safetensors.h"
 #include "util.h"
 
 // A refresh in flight: the owner's factor snapshot, and its packed roots once computed.
@@ -490,4 +491,168 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
         s->apply_s += now_sec() - ta;
     }
     be->params_changed(be, m->params, np);
+}
+
+// ---------------------------------------------------------------- state
+
+// "<param>.block<j>" where j counts the blocks of the same parameter.
+static void block_name(const Shampoo *s, int i, char *out, size_t n) {
+    int j = 0;
+    for (int k = 0; k < i; k++) j += s->blocks[k].param == s->blocks[i].param;
+    snprintf(out, n, "%s.block%d", s->model->tensors[s->blocks[i].param].name, j);
+}
+
+int shampoo_save(Shampoo *s, const char *path) {
+    Model *m = s->model;
+    Backend *be = m->be;
+    Comm *comm = s->comm;
+    if (s->job) {  // the pending roots are the ones the next step uses: install them now
+        pthread_join(s->thread, NULL);
+        finish_refresh(s, s->job);
+        s->job = NULL;
+    }
+    size_t np = m->num_params;
+    float *mv = xmalloc(2 * np * sizeof(float), "Shampoo m and v");
+    float *roots = xmalloc((s->root_floats ? s->root_floats : 1) * sizeof(float), "roots");
+    float *own = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factors");
+    be->download(be, mv, s->m, 2 * np * sizeof(float));
+    be->download(be, roots, s->roots, s->root_floats * sizeof(float));
+    be->download(be, own, s->factors, s->factor_floats * sizeof(float));
+    // Gather every block's factors onto every rank in global root order (root_off doubles as the factor slot).
+    float *fac = xcalloc((s->root_floats ? s->root_floats : 1) * sizeof(float), "all factors");
+    for (int i = 0; i < s->nblocks; i++) {
+        const ShampooBlock *b = &s->blocks[i];
+        if (!block_preconditioned(s, b)) continue;
+        size_t len = 0;
+        for (int k = 0; k < b->order; k++) len += (size_t)b->dim[k] * b->dim[k];
+        if (b->owner == comm->rank) memcpy(fac + b->root_off[0], own + b->fac_off[0], len * sizeof(float));
+        comm_bcast(comm, fac + b->root_off[0], len * sizeof(float), b->owner);
+    }
+    int rc = 0;
+    if (comm->rank == 0) {
+        int cap = 2 * m->ntensors + 6 * s->nblocks + 1, n = 0;
+        StEntry *e = xcalloc((size_t)cap * sizeof(StEntry), "state entries");
+        char (*names)[200] = xcalloc((size_t)cap * 200, "state names");
+        int32_t *flags = xmalloc((size_t)(2 * s->nblocks + 1) * sizeof(int32_t), "block flags");
+        for (int i = 0; i < m->ntensors; i++) {
+            const TensorInfo *t = &m->tensors[i];
+            if (!t->trainable) continue;
+            for (int w = 0; w < 2; w++) {
+                snprintf(names[n], 200, "%s.%s", t->name, w ? "graft_v" : "exp_avg");
+                e[n] = (StEntry){names[n], "F32", t->ndim, {0}, mv + (size_t)w * np + t->offset};
+                for (int d = 0; d < t->ndim; d++) e[n].shape[d] = t->shape[d];
+                n++;
+            }
+        }
+        for (int i = 0; i < s->nblocks; i++) {
+            const ShampooBlock *b = &s->blocks[i];
+            char base[160];
+            block_name(s, i, base, sizeof base);
+            flags[2 * i] = b->fails;
+            flags[2 * i + 1] = b->has_roots;
+            snprintf(names[n], 200, "%s.fails", base);
+            e[n] = (StEntry){names[n], "I32", 1, {1}, &flags[2 * i]};
+            n++;
+            snprintf(names[n], 200, "%s.has_roots", base);
+            e[n] = (StEntry){names[n], "I32", 1, {1}, &flags[2 * i + 1]};
+            n++;
+            if (!block_preconditioned(s, b)) continue;
+            size_t off = b->root_off[0];
+            for (int k = 0; k < b->order; k++) {
+                snprintf(names[n], 200, "%s.factor%d", base, k);
+                e[n] = (StEntry){names[n], "F32", 2, {b->dim[k], b->dim[k]}, fac + off};
+                n++;
+                snprintf(names[n], 200, "%s.root%d", base, k);
+                e[n] = (StEntry){names[n], "F32", 2, {b->dim[k], b->dim[k]}, roots + off};
+                n++;
+                off += (size_t)b->dim[k] * b->dim[k];
+            }
+        }
+        char tbuf[32];
+        snprintf(tbuf, sizeof tbuf, "%lld", (long long)s->t);
+        const char *keys[] = {"format", "t"}, *vals[] = {"simplest-dist-shampoo-state-1", tbuf};
+        rc = st_write(path, e, n, keys, vals, 2);
+        free(e);
+        free(names);
+        free(flags);
+    }
+    free(mv);
+    free(roots);
+    free(own);
+    free(fac);
+    return rc;
+}
+
+// Copies tensor `name` of the file into dst (n floats or int32s) after checking its dtype and size.
+static int load_tensor(const StFile *f, const char *path, const char *name, const char *dtype, size_t n, void *dst,
+                       char *err, size_t errlen) {
+    const StTensor *t = st_find(f, name);
+    if (!t) return set_err(err, errlen, "%s: Shampoo state lacks tensor '%s'", path, name);
+    if (strcmp(t->dtype, dtype) != 0 || t->numel != n)
+        return set_err(err, errlen, "%s: Shampoo state tensor '%s' is %s with %zu elements, expected %s with %zu",
+                       path, name, t->dtype, t->numel, dtype, n);
+    memcpy(dst, st_data(f, t), n * 4);
+    return 0;
+}
+
+int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
+    Model *m = s->model;
+    Backend *be = m->be;
+    StFile f;
+    if (st_open(path, &f, err, errlen) != 0) return -1;
+    const char *fmt = st_meta(&f, "format"), *tstr = st_meta(&f, "t");
+    if (!fmt || strcmp(fmt, "simplest-dist-shampoo-state-1") != 0 || !tstr) {
+        st_close(&f);
+        return set_err(err, errlen, "%s: not a Shampoo state file", path);
+    }
+    size_t np = m->num_params;
+    float *mv = xmalloc(2 * np * sizeof(float), "Shampoo m and v");
+    float *roots = xmalloc((s->root_floats ? s->root_floats : 1) * sizeof(float), "roots");
+    float *own = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factors");
+    float *tmp = xmalloc(((size_t)s->scratch_floats + 1) * sizeof(float), "factor");
+    int rc = 0;
+    for (int i = 0; i < m->ntensors && rc == 0; i++) {
+        const TensorInfo *t = &m->tensors[i];
+        if (!t->trainable) continue;
+        char name[200];
+        for (int w = 0; w < 2 && rc == 0; w++) {
+            snprintf(name, sizeof name, "%s.%s", t->name, w ? "graft_v" : "exp_avg");
+            rc = load_tensor(&f, path, name, "F32", t->numel, mv + (size_t)w * np + t->offset, err, errlen);
+        }
+    }
+    for (int i = 0; i < s->nblocks && rc == 0; i++) {
+        ShampooBlock *b = &s->blocks[i];
+        char base[160], name[200];
+        int32_t flag;
+        block_name(s, i, base, sizeof base);
+        snprintf(name, sizeof name, "%s.fails", base);
+        rc = load_tensor(&f, path, name, "I32", 1, &flag, err, errlen);
+        b->fails = flag;
+        snprintf(name, sizeof name, "%s.has_roots", base);
+        if (rc == 0) rc = load_tensor(&f, path, name, "I32", 1, &flag, err, errlen);
+        b->has_roots = flag;
+        if (!block_preconditioned(s, b)) continue;
+        size_t off = b->root_off[0];
+        for (int k = 0; k < b->order && rc == 0; k++) {
+            size_t sq = (size_t)b->dim[k] * b->dim[k];
+            snprintf(name, sizeof name, "%s.root%d", base, k);
+            rc = load_tensor(&f, path, name, "F32", sq, roots + off, err, errlen);
+            snprintf(name, sizeof name, "%s.factor%d", base, k);
+            if (rc == 0) rc = load_tensor(&f, path, name, "F32", sq, tmp, err, errlen);
+            if (rc == 0 && b->owner == s->comm->rank) memcpy(own + b->fac_off[k], tmp, sq * sizeof(float));
+            off += sq;
+        }
+    }
+    if (rc == 0) {
+        be->upload(be, s->m, mv, 2 * np * sizeof(float));
+        be->upload(be, s->roots, roots, s->root_floats * sizeof(float));
+        be->upload(be, s->factors, own, s->factor_floats * sizeof(float));
+        s->t = strtoll(tstr, NULL, 10);
+    }
+    free(mv);
+    free(roots);
+    free(own);
+    free(tmp);
+    st_close(&f);
+    return rc;
 }

@@ -82,3 +82,12 @@ int shampoo_merge_dims(const int *shape, int ndim, int b, int *merged);
 
 // Test hook: the next refresh of block `block` fails its decomposition (as if the eigensolver reported failure).
 void shampoo_inject_failure(Shampoo *s, int block);
+
+// Optimizer state (spec §3.5): t, per parameter "<name>.exp_avg" and "<name>.graft_v", per block
+// "<name>.block<j>.factor<k>" (gathered from the owners) and ".root<k>" (the roots the next step uses: a refresh
+// still pending under root_delay 1 is installed first), and the block flags ".fails" and ".has_roots" (I32).
+// Every rank must call shampoo_save (collective); rank 0 writes path atomically. Returns 0 or -1 (errno).
+int shampoo_save(Shampoo *s, const char *path);
+// Every rank loads the same file; owners take their factors, whatever the rank count that saved it. Returns 0 or
+// -1 with a one-line reason naming the file and tensor.
+int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen);
