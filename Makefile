@@ -48,7 +48,8 @@ ifeq ($(USE_CUDA),1)
   CUDA_HOME_DIR := $(patsubst %/bin/nvcc,%,$(NVCC))
   NVCCFLAGS ?= -O3 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   CFLAGS += -DUSE_CUDA -I$(CUDA_HOME_DIR)/include
-  LDLIBS += -L$(CUDA_HOME_DIR)/lib64 -lcudart -lcublas -lcublasLt -lcusolver -lnccl -lstdc++
+  # NCCL joins with the GPU all-reduce (issue 5); cuSOLVER with GPU Shampoo roots.
+  LDLIBS += -L$(CUDA_HOME_DIR)/lib64 -Wl,-rpath,$(CUDA_HOME_DIR)/lib64 -lcudart -lcublas -lcublasLt -lstdc++
   CUDA_OBJS := $(patsubst kernels/%.cu,$(BUILD)/kernels/%.o,$(CUDA_SRCS))
 endif
 
@@ -77,7 +78,7 @@ $(BUILD)/src/%.o: src/%.c $(wildcard src/*.h src/data/*.h) $(BUILD)/flags
 
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh src/*.h) $(BUILD)/flags
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -Isrc -c $< -o $@
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA $(if $(wildcard kernels/flash_attn.cu),-DSD_HAVE_FLASH) -Isrc $(EXTRA_CFLAGS) -c $< -o $@
 
 $(BUILD)/libsimplest.a: $(LIB_OBJS)
 	ar rcs $@ $^

@@ -79,8 +79,9 @@ struct Backend {
                           const float *mean, const float *rstd, const float *gamma, int R, int D);
     // Attention per head h: out[b, i, h*dh + e] = rowscale_i * sum_j P_ij v_j, P = softmax(q k^T / sqrt(dh) + bias).
     // qkv (B, N, 3D) with feature s*D + h*dh + e; bias (N, N) and rowscale (N) fp32, each may be NULL.
-    // saved: attn_saved_elems(B, N, H) fp32 elements the backend keeps for backward (probabilities on CPU).
-    size_t (*attn_saved_elems)(Backend *be, int B, int N, int H);
+    // saved: attn_saved_elems(B, N, H, dh) fp32 elements the backend keeps for backward (probabilities on CPU; the
+    // CUDA backend's own layout).
+    size_t (*attn_saved_elems)(Backend *be, int B, int N, int H, int dh);
     void (*attention_fwd)(Backend *be, void *out, float *saved, const void *qkv, const float *bias,
                           const float *rowscale, int B, int N, int H, int dh);
     // dqkv (B, N, 3D) overwritten.
@@ -133,5 +134,11 @@ Backend *backend_cpu_create(int threads);
 // it re-executes the program with OPENBLAS_CORETYPE set (once; a user's own setting always wins).
 void backend_cpu_fix_blas_core(char **argv);
 #ifdef USE_CUDA
+// The CUDA backend on GPU `device` (bf16 activations, fp32 master weights and optimizer state). Exits with a clear
+// message when no usable GPU is there; backend_cuda_available() asks first (for run.device "auto").
 Backend *backend_cuda_create(int device);
+int backend_cuda_available(void);
+// Attention implementation: 0 = cuBLAS batched GEMMs + softmax kernels (P kept in bf16), 1 = fused flash-style
+// kernels. The default is the one tests/gpu validated; SD_ATTN=flash|unfused overrides it at create time.
+void backend_cuda_set_attention(Backend *be, int fused);
 #endif

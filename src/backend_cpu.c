@@ -257,7 +257,7 @@ static void cpu_layernorm_bwd(Backend *be, void *dx_, float *dgamma, float *dbet
 
 // ---------------------------------------------------------------- attention
 
-static size_t cpu_attn_saved_elems(Backend *be, int B, int N, int H) { return (size_t)B * H * N * N; }
+static size_t cpu_attn_saved_elems(Backend *be, int B, int N, int H, int dh) { return (size_t)B * H * N * N; }
 
 // Per (image, head): S = Q K^T / sqrt(dh) + bias, P = softmax_rows(S), O = diag(rowscale) P V, as small GEMMs on
 // strided views of qkv (row stride 3D). Heads run in parallel; each GEMM is single-threaded.

@@ -192,7 +192,7 @@ static void layout_acts(Model *m, Arena *a) {
     m->losses = carve(a, B * sizeof(float));
     m->patches = carve(a, R * m->patch_dim * as);
     m->x0 = carve(a, R * D * as);
-    size_t saved = be->attn_saved_elems(be, (int)B, m->N, c->heads);
+    size_t saved = be->attn_saved_elems(be, (int)B, m->N, c->heads, m->dh);
     for (int l = 0; l < c->depth; l++) {
         BlockActs *x = &m->acts[l];
         memset(x, 0, sizeof *x);

@@ -6,6 +6,12 @@
 #include <stdint.h>
 
 #define RNG_GOLDEN 0x9E3779B97F4A7C15ULL
+// The counter functions compile for the GPU too (kernels/ derive the same dropout bits).
+#ifdef __CUDACC__
+#define RNG_HD __host__ __device__
+#else
+#define RNG_HD
+#endif
 
 // Domains: one per purpose, so that streams never collide.
 enum {
@@ -16,13 +22,13 @@ enum {
     RNG_INIT = 0x494E4954ULL,       // parameter init: (parameter index, 0)
 };
 
-static inline uint64_t rng_mix64(uint64_t z) {
+RNG_HD static inline uint64_t rng_mix64(uint64_t z) {
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
     return z ^ (z >> 31);
 }
 
-static inline uint64_t rng_key(uint64_t seed, uint64_t domain, uint64_t a, uint64_t b) {
+RNG_HD static inline uint64_t rng_key(uint64_t seed, uint64_t domain, uint64_t a, uint64_t b) {
     return rng_mix64(rng_mix64(rng_mix64(seed ^ domain) + a) + b);
 }
 
@@ -89,6 +95,6 @@ static inline double rng_beta_sym(Rng *r, double alpha) {
 }
 
 // Counter-based uniform for element j of a keyed stream (dropout masks): the same bits on CPU and GPU.
-static inline float rng_counter_uniform(uint64_t key, uint64_t j) {
+RNG_HD static inline float rng_counter_uniform(uint64_t key, uint64_t j) {
     return (float)(rng_mix64(key + (j + 1) * RNG_GOLDEN) >> 40) * 0x1.0p-24f;
 }

@@ -25,11 +25,19 @@ static void on_signal(int sig) { g_stop_signal = sig; }
 Backend *backend_for_config(const Config *cfg, const Comm *comm) {
     const char *dev = cfg->run.device;
 #ifdef USE_CUDA
-    if (!strcmp(dev, "cuda") || !strcmp(dev, "auto")) return backend_cuda_create(comm->local_rank);
-#endif
+    if (!strcmp(dev, "cuda") || (!strcmp(dev, "auto") && backend_cuda_available())) {
+        // The gradient all-reduce over NCCL is not written yet (issue 5): refuse rather than train wrong.
+        if (comm->world > 1)
+            die_user("config key 'run.device': \"cuda\" with %d ranks needs the NCCL all-reduce, not built yet; "
+                     "run one rank per job or use \"cpu\"", comm->world);
+        return backend_cuda_create(comm->local_rank);
+    }
+    if (!strcmp(dev, "auto") && comm->rank == 0) printf("run.device auto: no usable GPU found, using the CPU\n");
+#else
     if (!strcmp(dev, "cuda")) die_user("config key 'run.device': \"cuda\" but this build has no CUDA backend");
     if (!strcmp(dev, "auto") && comm->rank == 0)
         printf("run.device auto: no CUDA backend in this build, using the CPU\n");
+#endif
     // Ranks on one node share its cores: more threads than cores makes OpenMP barriers spin against each other.
     // omp_get_num_procs() honours the affinity mask: divide only when every rank sees the whole node (unbound).
     int threads = cfg->run.threads;

@@ -437,7 +437,7 @@ static void test_attention_shape(int N, int H, int dh) {
     float *bias = fbuf((size_t)N * N), *rowscale = fbuf(N);
     fill_normal(bias, (size_t)N * N, 1.0, 71);
     fill_uniform(rowscale, N, 0.5, 2.0, 72);
-    AttnCtx c = {fbuf(nq), fbuf(no), fbuf(be->attn_saved_elems(be, B, N, H)), NULL, NULL, fbuf(no), B, N, H, dh};
+    AttnCtx c = {fbuf(nq), fbuf(no), fbuf(be->attn_saved_elems(be, B, N, H, dh)), NULL, NULL, fbuf(no), B, N, H, dh};
     fill_normal(c.qkv, nq, 1.0, 73);
     fill_normal(c.R, no, 1.0, 74);
     double *ref = malloc(no * sizeof(double));

@@ -1,0 +1,1045 @@
+// backend_cuda.cu: the CUDA backend. bf16 activations, fp32 accumulation, fp32 master weights, gradients and
+// optimizer state (src/backend.h has the contract). The linear layers run on cuBLASLt (bf16 in, fp32 accumulate,
+// bias epilogue) against a bf16 shadow of the parameters that params_changed refreshes; parameter gradients are
+// accumulated in fp32 by the same GEMMs (beta = 1). Attention runs either as cuBLAS strided-batched GEMMs around
+// softmax kernels (P kept in bf16, the "unfused" path) or as the fused flash-style kernels of flash_attn.cu.
+// Every reduction is done in a fixed order (no float atomics), so a step's bits do not depend on scheduling.
+// Everything runs on one stream; download() and the host-valued reductions synchronize it.
+#include <cublasLt.h>
+#include <cublas_v2.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+extern "C" {
+#include "backend.h"
+#include "rng.h"
+#include "util.h"
+}
+
+#ifdef SD_HAVE_FLASH  // set by the Makefile when kernels/flash_attn.cu is there
+#include "flash_attn.cuh"
+#define HAVE_FLASH 1
+#else
+#define HAVE_FLASH 0
+#endif
+
+typedef __nv_bfloat16 bf16;
+
+// ---------------------------------------------------------------- error checks
+
+#define CUDA_CHECK(call)                                                                                           \
+    do {                                                                                                           \
+        cudaError_t err_ = (call);                                                                                 \
+        if (err_ != cudaSuccess) die_at(__FILE__, __LINE__, "CUDA error %s in %s", cudaGetErrorString(err_), #call); \
+    } while (0)
+#define KERNEL_CHECK(name)                                                                                         \
+    do {                                                                                                           \
+        cudaError_t err_ = cudaGetLastError();                                                                     \
+        if (err_ != cudaSuccess) die_at(__FILE__, __LINE__, "CUDA kernel %s: %s", name, cudaGetErrorString(err_)); \
+    } while (0)
+#define CUBLAS_CHECK(call)                                                                                         \
+    do {                                                                                                           \
+        cublasStatus_t st_ = (call);                                                                               \
+        if (st_ != CUBLAS_STATUS_SUCCESS) die_at(__FILE__, __LINE__, "cuBLAS error %d in %s", (int)st_, #call);     \
+    } while (0)
+
+// ---------------------------------------------------------------- state
+
+typedef struct {
+    int device;
+    cudaStream_t st;
+    cublasHandle_t blas;
+    cublasLtHandle_t lt;
+    void *lt_ws;
+    size_t lt_ws_bytes;
+    float *params;  // registered fp32 params and their bf16 shadow
+    size_t nparams;
+    bf16 *shadow;
+    void *scratch;  // grows on demand (stream-ordered reuse: one stream)
+    size_t scratch_bytes;
+    double *red;    // device reduction partials
+    double *h_red;  // pinned host copy
+    int fused_attn;
+    int sms;
+} CudaImpl;
+
+static CudaImpl *IM(Backend *be) { return (CudaImpl *)be->impl; }
+
+#define RED_BLOCKS 512  // partial sums per reduction (fixed: the bits do not depend on the GPU)
+
+static void *scratch_get(CudaImpl *im, size_t bytes) {
+    if (bytes > im->scratch_bytes) {
+        if (im->scratch) CUDA_CHECK(cudaFree(im->scratch));  // implicit device sync: no kernel still reads it
+        size_t want = bytes + bytes / 4;
+        if (cudaMalloc(&im->scratch, want) != cudaSuccess) {
+            size_t fr = 0, tot = 0;
+            cudaGetLastError();
+            cudaMemGetInfo(&fr, &tot);
+            die_user("out of GPU memory: scratch space needs %.1f MiB (%.1f MiB free of %.1f); lower "
+                     "train.batch_size or raise train.grad_accum",
+                     want / 1048576.0, fr / 1048576.0, tot / 1048576.0);
+        }
+        im->scratch_bytes = want;
+    }
+    return im->scratch;
+}
+
+static inline size_t align_up(size_t x, size_t a) { return (x + a - 1) / a * a; }
+
+static inline unsigned grid_for(size_t n, int threads) {
+    size_t g = (n + threads - 1) / threads;
+    if (g > (1u << 30)) g = 1u << 30;
+    return (unsigned)(g ? g : 1);
+}
+
+// ---------------------------------------------------------------- memory
+
+static void *cu_alloc(Backend *be, size_t bytes, const char *what) {
+    void *p = NULL;
+    size_t n = bytes ? bytes : 16;
+    if (cudaMalloc(&p, n) != cudaSuccess) {
+        size_t fr = 0, tot = 0;
+        cudaGetLastError();
+        cudaMemGetInfo(&fr, &tot);
+        die_user("out of GPU memory: %s needs %.1f MiB (%.1f MiB free of %.1f); lower train.batch_size or raise "
+                 "train.grad_accum",
+                 what, bytes / 1048576.0, fr / 1048576.0, tot / 1048576.0);
+    }
+    CUDA_CHECK(cudaMemsetAsync(p, 0, n, IM(be)->st));
+    return p;
+}
+
+static void cu_free(Backend *be, void *p) {
+    if (p) CUDA_CHECK(cudaFree(p));
+}
+
+static void *cu_alloc_host(Backend *be, size_t bytes, const char *what) {
+    void *p = NULL;
+    size_t n = bytes ? bytes : 16;
+    if (cudaMallocHost(&p, n) != cudaSuccess) {
+        cudaGetLastError();
+        die_user("out of pinned host memory: %s needs %.1f MiB", what, bytes / 1048576.0);
+    }
+    memset(p, 0, n);
+    return p;
+}
+
+static void cu_free_host(Backend *be, void *p) {
+    if (p) CUDA_CHECK(cudaFreeHost(p));
+}
+
+static void cu_upload(Backend *be, void *dst, const void *src, size_t n) {
+    if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, IM(be)->st));
+}
+
+static void cu_download(Backend *be, void *dst, const void *src, size_t n) {
+    if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, IM(be)->st));
+    CUDA_CHECK(cudaStreamSynchronize(IM(be)->st));
+}
+
+static void cu_zero(Backend *be, void *p, size_t n) {
+    if (n) CUDA_CHECK(cudaMemsetAsync(p, 0, n, IM(be)->st));
+}
+
+static void cu_copy(Backend *be, void *dst, const void *src, size_t n) {
+    if (n && dst != src) CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToDevice, IM(be)->st));
+}
+
+static void cu_sync(Backend *be) { CUDA_CHECK(cudaStreamSynchronize(IM(be)->st)); }
+
+static inline float host_bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static void cu_download_act(Backend *be, float *dst, const void *src, size_t n) {
+    uint16_t *tmp = (uint16_t *)xmalloc(n * 2 + 2, "activation download");
+    cu_download(be, tmp, src, n * 2);
+    for (size_t i = 0; i < n; i++) dst[i] = host_bf16_to_f32(tmp[i]);
+    free(tmp);
+}
+
+static void cu_set_deterministic(Backend *be, int on) {}  // every kernel here is deterministic already
+
+__global__ void k_f32_to_bf16(bf16 *dst, const float *src, size_t n) {
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        dst[i] = __float2bfloat16(src[i]);
+}
+
+static void cu_set_params(Backend *be, float *params, size_t n) {
+    CudaImpl *im = IM(be);
+    if (im->shadow) CUDA_CHECK(cudaFree(im->shadow));
+    im->params = params;
+    im->nparams = n;
+    im->shadow = (bf16 *)cu_alloc(be, n * sizeof(bf16), "bf16 weight shadow");
+}
+
+static void cu_params_changed(Backend *be, float *params, size_t n) {
+    CudaImpl *im = IM(be);
+    CHECK(params == im->params && n == im->nparams, "params_changed on a buffer that was not registered");
+    k_f32_to_bf16<<<grid_for(n, 256), 256, 0, im->st>>>(im->shadow, params, n);
+    KERNEL_CHECK("f32_to_bf16");
+}
+
+// The bf16 copy of a weight (or bias) pointer into the registered params.
+static const bf16 *shadow_of(CudaImpl *im, const float *w) {
+    CHECK(w >= im->params && w < im->params + im->nparams, "matmul weight outside the registered params");
+    return im->shadow + (w - im->params);
+}
+
+// ---------------------------------------------------------------- GEMMs
+
+static size_t ptr_align(const void *p) {
+    uintptr_t a = (uintptr_t)p;
+    size_t al = 256;
+    while (al > 1 && (a % al)) al >>= 1;
+    return al;
+}
+
+// Column-major D (m, n) = alpha op(A) op(B) + beta D through cuBLASLt, with an optional bias (length m, bf16,
+// added along the rows) epilogue. Returns 0 when Lt offers no algorithm (the caller falls back).
+static int lt_try(CudaImpl *im, int transA, int transB, int m, int n, int k, float alpha, const void *A,
+                      cudaDataType ta, int lda, const void *B, cudaDataType tb, int ldb, float beta, void *D,
+                      cudaDataType td, int ldd, const bf16 *bias) {
+    cublasLtMatmulDesc_t op;
+    CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
+    cublasOperation_t oa = transA ? CUBLAS_OP_T : CUBLAS_OP_N, ob = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSA, &oa, sizeof oa));
+    CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_TRANSB, &ob, sizeof ob));
+    if (bias) {
+        cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BIAS;
+        cudaDataType bt = CUDA_R_16BF;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
+    }
+    cublasLtMatrixLayout_t la, lb, ld;
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&la, ta, transA ? k : m, transA ? m : k, lda));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&lb, tb, transB ? n : k, transB ? k : n, ldb));
+    CUBLAS_CHECK(cublasLtMatrixLayoutCreate(&ld, td, m, n, ldd));
+    cublasLtMatmulPreference_t pref;
+    CUBLAS_CHECK(cublasLtMatmulPreferenceCreate(&pref));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &im->lt_ws_bytes,
+                                                      sizeof im->lt_ws_bytes));
+    uint32_t al_a = (uint32_t)ptr_align(A), al_b = (uint32_t)ptr_align(B), al_d = (uint32_t)ptr_align(D);
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, &al_a, 4));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, 4));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, 4));
+    CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, 4));
+    cublasLtMatmulHeuristicResult_t res;
+    int found = 0;
+    cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(im->lt, op, la, lb, ld, ld, pref, 1, &res, &found);
+    cublasStatus_t ms = CUBLAS_STATUS_NOT_SUPPORTED;
+    if (hs == CUBLAS_STATUS_SUCCESS && found > 0)
+        ms = cublasLtMatmul(im->lt, op, &alpha, A, la, B, lb, &beta, D, ld, D, ld, &res.algo, im->lt_ws,
+                            im->lt_ws_bytes, im->st);
+    cublasLtMatmulPreferenceDestroy(pref);
+    cublasLtMatrixLayoutDestroy(la);
+    cublasLtMatrixLayoutDestroy(lb);
+    cublasLtMatrixLayoutDestroy(ld);
+    cublasLtMatmulDescDestroy(op);
+    if (ms == CUBLAS_STATUS_SUCCESS) return 1;
+    if (hs == CUBLAS_STATUS_SUCCESS && found > 0) CUBLAS_CHECK(ms);  // an algorithm was offered and then failed
+    return 0;
+}
+
+// lt_try without a bias, else plain cublasGemmEx (any alignment).
+static void lt_matmul(CudaImpl *im, int transA, int transB, int m, int n, int k, float alpha, const void *A,
+                      cudaDataType ta, int lda, const void *B, cudaDataType tb, int ldb, float beta, void *D,
+                      cudaDataType td, int ldd) {
+    if (lt_try(im, transA, transB, m, n, k, alpha, A, ta, lda, B, tb, ldb, beta, D, td, ldd, NULL)) return;
+    CUBLAS_CHECK(cublasGemmEx(im->blas, transA ? CUBLAS_OP_T : CUBLAS_OP_N, transB ? CUBLAS_OP_T : CUBLAS_OP_N, m, n,
+                              k, &alpha, A, ta, lda, B, tb, ldb, &beta, D, td, ldd, CUBLAS_COMPUTE_32F,
+                              CUBLAS_GEMM_DEFAULT));
+}
+
+// out (R, Dout) += bias along columns (row-major), for biases that the epilogue cannot take.
+__global__ void k_add_bias(bf16 *out, const float *bias, size_t R, int Dout) {
+    size_t n = R * Dout;
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.x * blockDim.x)
+        out[i] = __float2bfloat16(__bfloat162float(out[i]) + bias[i % Dout]);
+}
+
+static void cu_matmul_fwd(Backend *be, void *out, const void *inp, const float *W, const float *bias, int R, int Din,
+                          int Dout) {
+    CudaImpl *im = IM(be);
+    // Row-major out (R, Dout) = inp W^T is column-major out^T (Dout, R) = W (op T on the (Din, Dout) view) inp^T.
+    // The bias rides in the epilogue when its bf16 copy is 16-byte aligned; otherwise (or when Lt has no algorithm)
+    // a kernel adds the fp32 bias afterwards.
+    const bf16 *bsh = bias ? shadow_of(im, bias) : NULL, *Wsh = shadow_of(im, W);
+    int epi = bsh && ptr_align(bsh) >= 16;
+    if (epi && !lt_try(im, 1, 0, Dout, R, Din, 1.0f, Wsh, CUDA_R_16BF, Din, inp, CUDA_R_16BF, Din, 0.0f, out,
+                       CUDA_R_16BF, Dout, bsh))
+        epi = 0;
+    if (!epi) lt_matmul(im, 1, 0, Dout, R, Din, 1.0f, Wsh, CUDA_R_16BF, Din, inp, CUDA_R_16BF, Din, 0.0f, out, CUDA_R_16BF, Dout);
+    if (bias && !epi) {
+        k_add_bias<<<grid_for((size_t)R * Dout, 256), 256, 0, im->st>>>((bf16 *)out, bias, (size_t)R, Dout);
+        KERNEL_CHECK("add_bias");
+    }
+}
+
+// Column sums of x (rows, cols) bf16 (and, for layernorm, of x * xhat) into fixed chunks of rows, then a fixed-order
+// fp64 sum over the chunks added into acc (fp32). mode 0: acc0 += colsum(dy). mode 1: acc0 += colsum(dy * xhat),
+// acc1 += colsum(dy) with xhat = (x - mean) * rstd.
+#define COL_CHUNK 64
+__global__ void k_col_partial(float *part, const bf16 *dy, const bf16 *x, const float *mean, const float *rstd,
+                              int rows, int cols, int mode) {
+    __shared__ float s0[8][33], s1[8][33];
+    int c = blockIdx.x * 32 + threadIdx.x, chunk = blockIdx.y;
+    int r0 = chunk * COL_CHUNK, r1 = min(rows, r0 + COL_CHUNK);
+    float a0 = 0.0f, a1 = 0.0f;
+    if (c < cols)
+        for (int r = r0 + threadIdx.y; r < r1; r += 8) {
+            float g = __bfloat162float(dy[(size_t)r * cols + c]);
+            if (mode) {
+                float xh = (__bfloat162float(x[(size_t)r * cols + c]) - mean[r]) * rstd[r];
+                a0 += g * xh;
+                a1 += g;
+            } else {
+                a0 += g;
+            }
+        }
+    s0[threadIdx.y][threadIdx.x] = a0;
+    s1[threadIdx.y][threadIdx.x] = a1;
+    __syncthreads();
+    if (threadIdx.y == 0 && c < cols) {
+        float t0 = 0.0f, t1 = 0.0f;
+        for (int y = 0; y < 8; y++) {
+            t0 += s0[y][threadIdx.x];
+            t1 += s1[y][threadIdx.x];
+        }
+        int nchunks = gridDim.y;
+        part[(size_t)chunk * cols + c] = t0;
+        if (mode) part[((size_t)nchunks + chunk) * cols + c] = t1;
+    }
+}
+
+__global__ void k_col_finish(float *acc0, float *acc1, const float *part, int nchunks, int cols) {
+    int c = blockIdx.x * blockDim.x + threadIdx.x;
+    if (c >= cols) return;
+    double s0 = 0.0, s1 = 0.0;
+    for (int k = 0; k < nchunks; k++) {
+        s0 += part[(size_t)k * cols + c];
+        if (acc1) s1 += part[((size_t)nchunks + k) * cols + c];
+    }
+    acc0[c] += (float)s0;
+    if (acc1) acc1[c] += (float)s1;
+}
+
+static void col_sums(CudaImpl *im, float *acc0, float *acc1, const bf16 *dy, const bf16 *x, const float *mean,
+                     const float *rstd, int rows, int cols) {
+    int nchunks = (rows + COL_CHUNK - 1) / COL_CHUNK;
+    float *part = (float *)scratch_get(im, (size_t)2 * nchunks * cols * sizeof(float));
+    dim3 grid((cols + 31) / 32, nchunks), block(32, 8);
+    k_col_partial<<<grid, block, 0, im->st>>>(part, dy, x, mean, rstd, rows, cols, acc1 ? 1 : 0);
+    KERNEL_CHECK("col_partial");
+    k_col_finish<<<(cols + 127) / 128, 128, 0, im->st>>>(acc0, acc1, part, nchunks, cols);
+    KERNEL_CHECK("col_finish");
+}
+
+static void cu_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, const void *dout, const void *inp,
+                          const float *W, int R, int Din, int Dout) {
+    CudaImpl *im = IM(be);
+    // dinp (R, Din) = dout W: column-major dinp^T (Din, R) = W-view (Din, Dout) dout^T (Dout, R).
+    if (dinp)
+        lt_matmul(im, 0, 0, Din, R, Dout, 1.0f, shadow_of(im, W), CUDA_R_16BF, Din, dout, CUDA_R_16BF, Dout, 0.0f,
+                  dinp, CUDA_R_16BF, Din);
+    // dW (Dout, Din) += dout^T inp: column-major dW^T (Din, Dout) = inp^T (Din, R) (dout^T)^T, fp32 out, beta 1.
+    lt_matmul(im, 0, 1, Din, Dout, R, 1.0f, inp, CUDA_R_16BF, Din, dout, CUDA_R_16BF, Dout, 1.0f, dW, CUDA_R_32F,
+              Din);
+    if (dbias) col_sums(im, dbias, NULL, (const bf16 *)dout, NULL, NULL, NULL, R, Dout);
+}
+
+// ---------------------------------------------------------------- elementwise
+
+#define GRID_STRIDE(i, n) \
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < (n); i += (size_t)gridDim.x * blockDim.x)
+
+__global__ void k_patch_unfold(bf16 *patches, const float *img, int B, int C, int H, int W, int p) {
+    int w = W / p, N = (H / p) * w, K = C * p * p;
+    size_t total = (size_t)B * N * K;
+    GRID_STRIDE(i, total) {
+        int k = (int)(i % K);
+        size_t row = i / K;
+        int n = (int)(row % N), b = (int)(row / N);
+        int ch = k / (p * p), ky = (k / p) % p, kx = k % p;
+        int r = n / w, c = n % w;
+        patches[i] = __float2bfloat16(img[(((size_t)b * C + ch) * H + (size_t)r * p + ky) * W + (size_t)c * p + kx]);
+    }
+}
+
+static void cu_patch_unfold(Backend *be, void *patches, const float *img, int B, int C, int H, int W, int p) {
+    size_t total = (size_t)B * (H / p) * (W / p) * C * p * p;
+    k_patch_unfold<<<grid_for(total, 256), 256, 0, IM(be)->st>>>((bf16 *)patches, img, B, C, H, W, p);
+    KERNEL_CHECK("patch_unfold");
+}
+
+__global__ void k_add_posemb(bf16 *x, const float *pe, size_t total, size_t ND) {
+    GRID_STRIDE(i, total) x[i] = __float2bfloat16(__bfloat162float(x[i]) + pe[i % ND]);
+}
+
+static void cu_add_posemb(Backend *be, void *x, const float *pe, int B, int N, int D) {
+    size_t total = (size_t)B * N * D;
+    k_add_posemb<<<grid_for(total, 256), 256, 0, IM(be)->st>>>((bf16 *)x, pe, total, (size_t)N * D);
+    KERNEL_CHECK("add_posemb");
+}
+
+__global__ void k_add(bf16 *out, const bf16 *a, const bf16 *b, size_t n) {
+    GRID_STRIDE(i, n) out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+}
+
+static void cu_add(Backend *be, void *out, const void *a, const void *b, size_t n) {
+    k_add<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)out, (const bf16 *)a, (const bf16 *)b, n);
+    KERNEL_CHECK("add");
+}
+
+__global__ void k_trelu_fwd(bf16 *y, const bf16 *x, size_t n, float s, float sn) {
+    GRID_STRIDE(i, n) {
+        float v = __bfloat162float(x[i]);
+        y[i] = __float2bfloat16(v > 0.0f ? s * v : sn * v);
+    }
+}
+
+__global__ void k_trelu_bwd(bf16 *dx, const bf16 *dy, const bf16 *y, size_t n, float s, float sn) {
+    GRID_STRIDE(i, n) {
+        float g = __bfloat162float(dy[i]);
+        dx[i] = __float2bfloat16(g * (__bfloat162float(y[i]) > 0.0f ? s : sn));
+    }
+}
+
+static void cu_trelu_fwd(Backend *be, void *y, const void *x, size_t n, float s, float a) {
+    k_trelu_fwd<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)y, (const bf16 *)x, n, s, s * a);
+    KERNEL_CHECK("trelu_fwd");
+}
+
+static void cu_trelu_bwd(Backend *be, void *dx, const void *dy, const void *y, size_t n, float s, float a) {
+    k_trelu_bwd<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)dx, (const bf16 *)dy, (const bf16 *)y, n, s, s * a);
+    KERNEL_CHECK("trelu_bwd");
+}
+
+__global__ void k_gelu_fwd(bf16 *y, const bf16 *x, size_t n) {
+    GRID_STRIDE(i, n) {
+        float v = __bfloat162float(x[i]);
+        y[i] = __float2bfloat16(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
+    }
+}
+
+__global__ void k_gelu_bwd(bf16 *dx, const bf16 *dy, const bf16 *x, size_t n) {
+    GRID_STRIDE(i, n) {
+        float v = __bfloat162float(x[i]);
+        float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
+        float pdf = 0.3989422804014327f * expf(-0.5f * v * v);
+        dx[i] = __float2bfloat16(__bfloat162float(dy[i]) * (cdf + v * pdf));
+    }
+}
+
+static void cu_gelu_fwd(Backend *be, void *y, const void *x, size_t n) {
+    k_gelu_fwd<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)y, (const bf16 *)x, n);
+    KERNEL_CHECK("gelu_fwd");
+}
+
+static void cu_gelu_bwd(Backend *be, void *dx, const void *dy, const void *x, size_t n) {
+    k_gelu_bwd<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)dx, (const bf16 *)dy, (const bf16 *)x, n);
+    KERNEL_CHECK("gelu_bwd");
+}
+
+// ---------------------------------------------------------------- layernorm (one warp per row)
+
+__device__ __forceinline__ float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+__global__ void k_layernorm_fwd(bf16 *y, float *mean, float *rstd, const bf16 *x, const float *gamma,
+                                const float *beta, int R, int D, float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= R) return;
+    const bf16 *xr = x + (size_t)row * D;
+    float s = 0.0f;
+    for (int i = lane; i < D; i += 32) s += __bfloat162float(xr[i]);
+    float m = warp_sum(s) / (float)D;
+    float v = 0.0f;
+    for (int i = lane; i < D; i += 32) {
+        float d = __bfloat162float(xr[i]) - m;
+        v += d * d;
+    }
+    float rs = rsqrtf(warp_sum(v) / (float)D + eps);
+    bf16 *yr = y + (size_t)row * D;
+    for (int i = lane; i < D; i += 32) yr[i] = __float2bfloat16((__bfloat162float(xr[i]) - m) * rs * gamma[i] + beta[i]);
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = rs;
+    }
+}
+
+static void cu_layernorm_fwd(Backend *be, void *y, float *mean, float *rstd, const void *x, const float *gamma,
+                             const float *beta, int R, int D, float eps) {
+    k_layernorm_fwd<<<(R + 7) / 8, 256, 0, IM(be)->st>>>((bf16 *)y, mean, rstd, (const bf16 *)x, gamma, beta, R, D,
+                                                         eps);
+    KERNEL_CHECK("layernorm_fwd");
+}
+
+__global__ void k_layernorm_bwd_dx(bf16 *dx, const bf16 *dy, const bf16 *x, const float *mean, const float *rstd,
+                                   const float *gamma, int R, int D) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= R) return;
+    const bf16 *xr = x + (size_t)row * D, *dyr = dy + (size_t)row * D;
+    bf16 *dxr = dx + (size_t)row * D;
+    float m = mean[row], rs = rstd[row];
+    float sdn = 0.0f, sdx = 0.0f;
+    for (int i = lane; i < D; i += 32) {
+        float xh = (__bfloat162float(xr[i]) - m) * rs;
+        float dn = __bfloat162float(dyr[i]) * gamma[i];
+        sdn += dn;
+        sdx += dn * xh;
+    }
+    sdn = warp_sum(sdn) / (float)D;
+    sdx = warp_sum(sdx) / (float)D;
+    for (int i = lane; i < D; i += 32) {
+        float xh = (__bfloat162float(xr[i]) - m) * rs;
+        float g = (__bfloat162float(dyr[i]) * gamma[i] - sdn - xh * sdx) * rs;
+        dxr[i] = __float2bfloat16(__bfloat162float(dxr[i]) + g);
+    }
+}
+
+static void cu_layernorm_bwd(Backend *be, void *dx, float *dgamma, float *dbeta, const void *dy, const void *x,
+                             const float *mean, const float *rstd, const float *gamma, int R, int D) {
+    CudaImpl *im = IM(be);
+    col_sums(im, dgamma, dbeta, (const bf16 *)dy, (const bf16 *)x, mean, rstd, R, D);
+    k_layernorm_bwd_dx<<<(R + 7) / 8, 256, 0, im->st>>>((bf16 *)dx, (const bf16 *)dy, (const bf16 *)x, mean, rstd,
+                                                        gamma, R, D);
+    KERNEL_CHECK("layernorm_bwd_dx");
+}
+
+// ---------------------------------------------------------------- attention
+
+// Unfused layout of `saved`: P (B, H, N, N) in bf16. Fused layout: lse (B, H, N) fp32, then O (B, N, D) bf16.
+static size_t unfused_saved_floats(int B, int N, int H) { return ((size_t)B * H * N * N + 1) / 2; }
+static size_t fused_saved_floats(int B, int N, int H, int dh) {
+    return (size_t)B * H * N + ((size_t)B * N * H * dh + 1) / 2;
+}
+
+static size_t cu_attn_saved_elems(Backend *be, int B, int N, int H, int dh) {
+    size_t u = unfused_saved_floats(B, N, H), f = fused_saved_floats(B, N, H, dh);
+    return u > f ? u : f;  // the implementation can be switched between runs (tests compare both)
+}
+
+// One warp per row (b, i) of one head: P = softmax(S + bias) (S already scaled), written as bf16 into the saved
+// (B, H, N, N) block of head h.
+__global__ void k_softmax_rows(bf16 *P, const float *S, const float *bias, int B, int N, int H, int h) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= B * N) return;
+    int b = row / N, i = row % N;
+    const float *Si = S + (size_t)row * N;
+    const float *Bi = bias ? bias + (size_t)i * N : NULL;
+    float mx = -INFINITY;
+    for (int j = lane; j < N; j += 32) mx = fmaxf(mx, Si[j] + (Bi ? Bi[j] : 0.0f));
+    mx = warp_max(mx);
+    float sum = 0.0f;
+    for (int j = lane; j < N; j += 32) sum += __expf(Si[j] + (Bi ? Bi[j] : 0.0f) - mx);
+    float inv = 1.0f / warp_sum(sum);
+    bf16 *Pi = P + (((size_t)b * H + h) * N + i) * N;
+    for (int j = lane; j < N; j += 32) Pi[j] = __float2bfloat16(__expf(Si[j] + (Bi ? Bi[j] : 0.0f) - mx) * inv);
+}
+
+// x (B, N, D) bf16: row i of every image scaled by rs[i] (into y; may alias).
+__global__ void k_rowscale(bf16 *y, const bf16 *x, const float *rs, int N, int D, size_t total) {
+    GRID_STRIDE(idx, total) {
+        int i = (int)((idx / D) % N);
+        y[idx] = __float2bfloat16(__bfloat162float(x[idx]) * rs[i]);
+    }
+}
+
+// dS = P * (dP - rowsum(P * dP)) * scale, one warp per row, for head h; dP fp32 (B, N, N), dS bf16 (B, N, N).
+__global__ void k_softmax_bwd(bf16 *dS, const float *dP, const bf16 *P, int B, int N, int H, int h, float scale) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= B * N) return;
+    int b = row / N, i = row % N;
+    const bf16 *Pi = P + (((size_t)b * H + h) * N + i) * N;
+    const float *dPi = dP + (size_t)row * N;
+    float dot = 0.0f;
+    for (int j = lane; j < N; j += 32) dot += __bfloat162float(Pi[j]) * dPi[j];
+    dot = warp_sum(dot);
+    bf16 *dSi = dS + (size_t)row * N;
+    for (int j = lane; j < N; j += 32) dSi[j] = __float2bfloat16(__bfloat162float(Pi[j]) * (dPi[j] - dot) * scale);
+}
+
+static void batched_gemm(CudaImpl *im, int transA, int transB, int m, int n, int k, float alpha, const void *A,
+                         int lda, long long sA, const void *Bm, int ldb, long long sB, float beta, void *C,
+                         cudaDataType tc, int ldc, long long sC, int batch) {
+    CUBLAS_CHECK(cublasGemmStridedBatchedEx(im->blas, transA ? CUBLAS_OP_T : CUBLAS_OP_N, transB ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                            m, n, k, &alpha, A, CUDA_R_16BF, lda, sA, Bm, CUDA_R_16BF, ldb, sB, &beta, C,
+                                            tc, ldc, sC, batch, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT));
+}
+
+static void attn_fwd_unfused(CudaImpl *im, bf16 *out, bf16 *P, const bf16 *qkv, const float *bias,
+                             const float *rowscale, int B, int N, int H, int dh) {
+    int D = H * dh, D3 = 3 * D;
+    float scale = 1.0f / sqrtf((float)dh);
+    float *S = (float *)scratch_get(im, (size_t)B * N * N * sizeof(float));
+    long long sq = (long long)N * D3, sNN = (long long)N * N, sO = (long long)N * D;
+    for (int h = 0; h < H; h++) {
+        const bf16 *Q = qkv + h * dh, *K = Q + D, *V = Q + 2 * D;
+        // S (N_i, N_j) row-major = column-major (j, i) = K (op T on the (dh, N) view) Q-view (dh, N).
+        batched_gemm(im, 1, 0, N, N, dh, scale, K, D3, sq, Q, D3, sq, 0.0f, S, CUDA_R_32F, N, sNN, B);
+        k_softmax_rows<<<(B * N + 7) / 8, 256, 0, im->st>>>(P, S, bias, B, N, H, h);
+        KERNEL_CHECK("softmax_rows");
+        // O (N, dh) row-major (ld D) = column-major (dh, N) = V-view (dh, N_j) P-view (N_j, N_i).
+        batched_gemm(im, 0, 0, dh, N, N, 1.0f, V, D3, sq, P + (size_t)h * N * N, N, (long long)H * N * N, 0.0f,
+                     out + h * dh, CUDA_R_16BF, D, sO, B);
+    }
+    if (rowscale) {
+        size_t total = (size_t)B * N * D;
+        k_rowscale<<<grid_for(total, 256), 256, 0, im->st>>>(out, out, rowscale, N, D, total);
+        KERNEL_CHECK("rowscale");
+    }
+}
+
+static void attn_bwd_unfused(CudaImpl *im, bf16 *dqkv, const bf16 *dout, const bf16 *qkv, const bf16 *P,
+                             const float *rowscale, int B, int N, int H, int dh) {
+    int D = H * dh, D3 = 3 * D;
+    float scale = 1.0f / sqrtf((float)dh);
+    size_t nU = align_up((size_t)B * N * D * sizeof(bf16), 256), nP = align_up((size_t)B * N * N * sizeof(float), 256);
+    size_t nS = align_up((size_t)B * N * N * sizeof(bf16), 256);
+    char *base = (char *)scratch_get(im, nU + nP + nS);
+    bf16 *dU = (bf16 *)base;
+    float *dP = (float *)(base + nU);
+    bf16 *dS = (bf16 *)(base + nU + nP);
+    const bf16 *U = dout;
+    if (rowscale) {
+        size_t total = (size_t)B * N * D;
+        k_rowscale<<<grid_for(total, 256), 256, 0, im->st>>>(dU, dout, rowscale, N, D, total);
+        KERNEL_CHECK("rowscale");
+        U = dU;
+    }
+    long long sq = (long long)N * D3, sNN = (long long)N * N, sO = (long long)N * D, sP = (long long)H * N * N;
+    for (int h = 0; h < H; h++) {
+        const bf16 *Q = qkv + h * dh, *K = Q + D, *V = Q + 2 * D, *Ph = P + (size_t)h * N * N, *Uh = U + h * dh;
+        bf16 *dQ = dqkv + h * dh, *dK = dQ + D, *dV = dQ + 2 * D;
+        // dP (i, j) = sum_e U(i, e) V(j, e): column-major (j, i) = V (op T on the (dh, N) view) U-view (dh, N).
+        batched_gemm(im, 1, 0, N, N, dh, 1.0f, V, D3, sq, Uh, D, sO, 0.0f, dP, CUDA_R_32F, N, sNN, B);
+        // dV (j, e) = sum_i P(i, j) U(i, e): column-major (e, j) = U-view (dh, N_i) (P-view (N_j, N_i))^T.
+        batched_gemm(im, 0, 1, dh, N, N, 1.0f, Uh, D, sO, Ph, N, sP, 0.0f, dV, CUDA_R_16BF, D3, sq, B);
+        k_softmax_bwd<<<(B * N + 7) / 8, 256, 0, im->st>>>(dS, dP, P, B, N, H, h, scale);
+        KERNEL_CHECK("softmax_bwd");
+        // dQ (i, e) = sum_j dS(i, j) K(j, e): column-major (e, i) = K-view (dh, N_j) dS-view (N_j, N_i).
+        batched_gemm(im, 0, 0, dh, N, N, 1.0f, K, D3, sq, dS, N, sNN, 0.0f, dQ, CUDA_R_16BF, D3, sq, B);
+        // dK (j, e) = sum_i dS(i, j) Q(i, e): column-major (e, j) = Q-view (dh, N_i) (dS-view (N_j, N_i))^T.
+        batched_gemm(im, 0, 1, dh, N, N, 1.0f, Q, D3, sq, dS, N, sNN, 0.0f, dK, CUDA_R_16BF, D3, sq, B);
+    }
+}
+
+static void cu_attention_fwd(Backend *be, void *out, float *saved, const void *qkv, const float *bias,
+                             const float *rowscale, int B, int N, int H, int dh) {
+    CudaImpl *im = IM(be);
+#if HAVE_FLASH
+    if (im->fused_attn && flash_attn_supported(N, dh)) {
+        float *lse = saved;
+        bf16 *o = (bf16 *)(saved + (size_t)B * H * N);
+        flash_attn_fwd((bf16 *)out, lse, o, (const bf16 *)qkv, bias, rowscale, B, N, H, dh, im->st);
+        return;
+    }
+#endif
+    attn_fwd_unfused(im, (bf16 *)out, (bf16 *)saved, (const bf16 *)qkv, bias, rowscale, B, N, H, dh);
+}
+
+static void cu_attention_bwd(Backend *be, void *dqkv, const void *dout, const void *qkv, const float *saved,
+                             const float *bias, const float *rowscale, int B, int N, int H, int dh) {
+    CudaImpl *im = IM(be);
+#if HAVE_FLASH
+    if (im->fused_attn && flash_attn_supported(N, dh)) {
+        const float *lse = saved;
+        const bf16 *o = (const bf16 *)(saved + (size_t)B * H * N);
+        size_t ws = flash_attn_bwd_workspace(B, N, H, dh);
+        void *w = ws ? scratch_get(im, ws) : NULL;
+        flash_attn_bwd((bf16 *)dqkv, (const bf16 *)dout, (const bf16 *)qkv, o, lse, bias, rowscale, B, N, H, dh, w,
+                       im->st);
+        return;
+    }
+#endif
+    attn_bwd_unfused(im, (bf16 *)dqkv, (const bf16 *)dout, (const bf16 *)qkv, (const bf16 *)saved, rowscale, B, N, H,
+                     dh);
+}
+
+void backend_cuda_set_attention(Backend *be, int fused) { IM(be)->fused_attn = fused && HAVE_FLASH; }
+
+// ---------------------------------------------------------------- dropout, pooling, loss
+
+__global__ void k_dropout(bf16 *y, const bf16 *x, size_t per_sample, size_t total, float p, float keep_scale,
+                          uint64_t seed, uint64_t step, uint64_t first_pos) {
+    GRID_STRIDE(i, total) {
+        uint64_t b = i / per_sample, j = i % per_sample;
+        uint64_t key = rng_key(seed, RNG_DROPOUT, step, first_pos + b);
+        y[i] = rng_counter_uniform(key, j) >= p ? __float2bfloat16(__bfloat162float(x[i]) * keep_scale)
+                                                : __float2bfloat16(0.0f);
+    }
+}
+
+static void cu_dropout_fwd(Backend *be, void *y, const void *x, int B, size_t per_sample, float p, uint64_t seed,
+                           uint64_t step, uint64_t first_pos) {
+    size_t total = (size_t)B * per_sample;
+    k_dropout<<<grid_for(total, 256), 256, 0, IM(be)->st>>>((bf16 *)y, (const bf16 *)x, per_sample, total, p,
+                                                            1.0f / (1.0f - p), seed, step, first_pos);
+    KERNEL_CHECK("dropout");
+}
+
+static void cu_dropout_bwd(Backend *be, void *dx, const void *dy, int B, size_t per_sample, float p, uint64_t seed,
+                           uint64_t step, uint64_t first_pos) {
+    cu_dropout_fwd(be, dx, dy, B, per_sample, p, seed, step, first_pos);  // the mask is linear: the same op
+}
+
+__global__ void k_meanpool_fwd(bf16 *pooled, const bf16 *x, int B, int N, int D) {
+    size_t total = (size_t)B * D;
+    GRID_STRIDE(i, total) {
+        int b = (int)(i / D), d = (int)(i % D);
+        float s = 0.0f;
+        for (int n = 0; n < N; n++) s += __bfloat162float(x[((size_t)b * N + n) * D + d]);
+        pooled[i] = __float2bfloat16(s / (float)N);
+    }
+}
+
+__global__ void k_meanpool_bwd(bf16 *dx, const bf16 *dp, int B, int N, int D) {
+    size_t total = (size_t)B * N * D;
+    GRID_STRIDE(i, total) {
+        int d = (int)(i % D);
+        size_t b = i / ((size_t)N * D);
+        dx[i] = __float2bfloat16(__bfloat162float(dp[b * D + d]) / (float)N);
+    }
+}
+
+static void cu_meanpool_fwd(Backend *be, void *pooled, const void *x, int B, int N, int D) {
+    k_meanpool_fwd<<<grid_for((size_t)B * D, 256), 256, 0, IM(be)->st>>>((bf16 *)pooled, (const bf16 *)x, B, N, D);
+    KERNEL_CHECK("meanpool_fwd");
+}
+
+static void cu_meanpool_bwd(Backend *be, void *dx, const void *dpooled, int B, int N, int D) {
+    k_meanpool_bwd<<<grid_for((size_t)B * N * D, 256), 256, 0, IM(be)->st>>>((bf16 *)dx, (const bf16 *)dpooled, B, N,
+                                                                              D);
+    KERNEL_CHECK("meanpool_bwd");
+}
+
+// Block-wide sums (256 threads) in double, deterministic order.
+__device__ double block_sum_d(double v, double *sh) {
+    int t = threadIdx.x;
+    sh[t] = v;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (t < s) sh[t] += sh[t + s];
+        __syncthreads();
+    }
+    double r = sh[0];
+    __syncthreads();
+    return r;
+}
+
+__global__ void k_xent(float *losses, bf16 *dlogits, const bf16 *logits, const float *targets, int C, float smoothing,
+                       float grad_scale) {
+    __shared__ double sh[256];
+    int b = blockIdx.x;
+    const bf16 *z = logits + (size_t)b * C;
+    const float *t = targets + (size_t)b * C;
+    double mx = -INFINITY;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) mx = fmax(mx, (double)__bfloat162float(z[c]));
+    // max through the same tree (as a sum would not do): reuse sh
+    sh[threadIdx.x] = mx;
+    __syncthreads();
+    for (int s = blockDim.x / 2; s > 0; s >>= 1) {
+        if (threadIdx.x < s) sh[threadIdx.x] = fmax(sh[threadIdx.x], sh[threadIdx.x + s]);
+        __syncthreads();
+    }
+    mx = sh[0];
+    __syncthreads();
+    double se = 0.0;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) se += exp((double)__bfloat162float(z[c]) - mx);
+    double lse = mx + log(block_sum_d(se, sh));
+    double loss = 0.0;
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        double zc = (double)__bfloat162float(z[c]);
+        double tc = (1.0 - smoothing) * t[c] + smoothing / C;
+        loss -= tc * (zc - lse);
+        if (dlogits) dlogits[(size_t)b * C + c] = __float2bfloat16((float)(grad_scale * (exp(zc - lse) - tc)));
+    }
+    loss = block_sum_d(loss, sh);
+    if (threadIdx.x == 0) losses[b] = (float)loss;
+}
+
+static void cu_xent_fwd_bwd(Backend *be, float *losses, void *dlogits, const void *logits, const float *targets, int B,
+                            int C, float smoothing, float grad_scale) {
+    k_xent<<<B, 256, 0, IM(be)->st>>>(losses, (bf16 *)dlogits, (const bf16 *)logits, targets, C, smoothing,
+                                      grad_scale);
+    KERNEL_CHECK("xent");
+}
+
+// ---------------------------------------------------------------- optimizer
+
+__global__ void k_sumsq_partial(double *part, const float *x, size_t n) {
+    __shared__ double sh[256];
+    double s = 0.0;
+    GRID_STRIDE(i, n) s += (double)x[i] * x[i];
+    s = block_sum_d(s, sh);
+    if (threadIdx.x == 0) part[blockIdx.x] = s;
+}
+
+__global__ void k_sum_partials(double *out, const double *part, int n) {
+    __shared__ double sh[256];
+    double s = 0.0;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) s += part[i];
+    s = block_sum_d(s, sh);
+    if (threadIdx.x == 0) out[0] = s;
+}
+
+static double cu_sumsq(Backend *be, const float *x, size_t n) {
+    CudaImpl *im = IM(be);
+    k_sumsq_partial<<<RED_BLOCKS, 256, 0, im->st>>>(im->red, x, n);
+    KERNEL_CHECK("sumsq_partial");
+    k_sum_partials<<<1, 256, 0, im->st>>>(im->red + RED_BLOCKS, im->red, RED_BLOCKS);
+    KERNEL_CHECK("sum_partials");
+    cu_download(be, im->h_red, im->red + RED_BLOCKS, sizeof(double));
+    return im->h_red[0];
+}
+
+__global__ void k_adam(float *w, const float *g, float *m, float *v, size_t n, float lr, float b1, float b2, float eps,
+                       float wd, int decoupled, float bc1, float bc2, float gs) {
+    GRID_STRIDE(i, n) {
+        float gi = g[i] * gs, wi = w[i];
+        if (decoupled)
+            wi *= 1.0f - lr * wd;
+        else
+            gi += wd * wi;
+        float mi = b1 * m[i] + (1.0f - b1) * gi;
+        float vi = b2 * v[i] + (1.0f - b2) * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        w[i] = wi - lr * (mi / bc1) / (sqrtf(vi / bc2) + eps);
+    }
+}
+
+static void cu_adam_step(Backend *be, float *w, const float *g, float *m, float *v, size_t n, const AdamArgs *a) {
+    float bc1 = (float)(1.0 - pow(a->beta1, (double)a->t)), bc2 = (float)(1.0 - pow(a->beta2, (double)a->t));
+    k_adam<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(w, g, m, v, n, a->lr, a->beta1, a->beta2, a->eps, a->weight_decay,
+                                                     a->decoupled, bc1, bc2, a->grad_scale);
+    KERNEL_CHECK("adam");
+}
+
+__global__ void k_scale(float *x, size_t n, float s) { GRID_STRIDE(i, n) x[i] *= s; }
+__global__ void k_axpy(float *y, const float *x, size_t n, float a) { GRID_STRIDE(i, n) y[i] += a * x[i]; }
+__global__ void k_ema(float *e, const float *w, size_t n, float d) { GRID_STRIDE(i, n) e[i] = d * e[i] + (1.0f - d) * w[i]; }
+__global__ void k_moments(float *m, float *v, const float *g, size_t n, float b1, float b2) {
+    GRID_STRIDE(i, n) {
+        m[i] = b1 * m[i] + (1.0f - b1) * g[i];
+        v[i] = b2 * v[i] + (1.0f - b2) * g[i] * g[i];
+    }
+}
+__global__ void k_adam_dir(float *out, const float *m, const float *v, size_t n, float bc1, float bc2, float eps) {
+    GRID_STRIDE(i, n) out[i] = (m[i] / bc1) / (sqrtf(v[i] / bc2) + eps);
+}
+
+static void cu_scale(Backend *be, float *x, size_t n, float s) {
+    k_scale<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(x, n, s);
+    KERNEL_CHECK("scale");
+}
+static void cu_axpy(Backend *be, float *y, const float *x, size_t n, float a) {
+    k_axpy<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(y, x, n, a);
+    KERNEL_CHECK("axpy");
+}
+static void cu_ema_update(Backend *be, float *ema, const float *w, size_t n, float decay) {
+    k_ema<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(ema, w, n, decay);
+    KERNEL_CHECK("ema");
+}
+static void cu_moments(Backend *be, float *m, float *v, const float *g, size_t n, float b1, float b2) {
+    k_moments<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(m, v, g, n, b1, b2);
+    KERNEL_CHECK("moments");
+}
+static void cu_adam_dir(Backend *be, float *out, const float *m, const float *v, size_t n, float bc1, float bc2,
+                        float eps) {
+    k_adam_dir<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(out, m, v, n, bc1, bc2, eps);
+    KERNEL_CHECK("adam_dir");
+}
+
+// Row-major C (M, N) = alpha op(A) op(B) + beta C in fp32 (no TF32): column-major C^T = op(B)^T op(A)^T.
+static void cu_gemm(Backend *be, int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+                    const float *B, int ldb, float beta, float *C, int ldc) {
+    CudaImpl *im = IM(be);
+    CUBLAS_CHECK(cublasSgemm(im->blas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
+                             &alpha, B, ldb, A, lda, &beta, C, ldc));
+}
+
+static void cu_copy2d(Backend *be, float *dst, int ldd, const float *src, int lds, int rows, int cols) {
+    if (rows <= 0 || cols <= 0) return;
+    CUDA_CHECK(cudaMemcpy2DAsync(dst, (size_t)ldd * 4, src, (size_t)lds * 4, (size_t)cols * 4, rows,
+                                 cudaMemcpyDeviceToDevice, IM(be)->st));
+}
+
+// ---------------------------------------------------------------- diagnostics
+
+// One block per image: (mean of x^2, mean cosine between distinct tokens), as the CPU backend defines them.
+__global__ void k_signal_stats(double *out, const bf16 *x, int N, int D) {
+    extern __shared__ double u[];  // (D) sum of unit vectors, then 256 for the reductions
+    double *sh = u + D;
+    int b = blockIdx.x;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) u[d] = 0.0;
+    __syncthreads();
+    double ssq = 0.0;
+    for (int n = 0; n < N; n++) {
+        const bf16 *xn = x + ((size_t)b * N + n) * D;
+        double nn = 0.0;
+        for (int d = threadIdx.x; d < D; d += blockDim.x) {
+            double v = __bfloat162float(xn[d]);
+            nn += v * v;
+        }
+        nn = block_sum_d(nn, sh);
+        ssq += nn;
+        double inv = nn > 0.0 ? 1.0 / sqrt(nn) : 0.0;
+        for (int d = threadIdx.x; d < D; d += blockDim.x) u[d] += (double)__bfloat162float(xn[d]) * inv;
+        __syncthreads();
+    }
+    double su = 0.0;
+    for (int d = threadIdx.x; d < D; d += blockDim.x) su += u[d] * u[d];
+    su = block_sum_d(su, sh);
+    if (threadIdx.x == 0) {
+        out[2 * b] = ssq / ((double)N * D);
+        out[2 * b + 1] = N > 1 ? (su - N) / ((double)N * (N - 1)) : 1.0;
+    }
+}
+
+static void cu_signal_stats(Backend *be, const void *x, int B, int N, int D, double *mean_sq, double *mean_cos) {
+    CudaImpl *im = IM(be);
+    double *d = (double *)scratch_get(im, (size_t)B * 2 * sizeof(double));
+    size_t smem = ((size_t)D + 256) * sizeof(double);
+    if (smem > 48 * 1024) CUDA_CHECK(cudaFuncSetAttribute(k_signal_stats, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                          (int)smem));
+    k_signal_stats<<<B, 256, smem, im->st>>>(d, (const bf16 *)x, N, D);
+    KERNEL_CHECK("signal_stats");
+    double *h = (double *)xmalloc((size_t)B * 2 * sizeof(double), "signal stats");
+    cu_download(be, h, d, (size_t)B * 2 * sizeof(double));
+    double ms = 0.0, mc = 0.0;
+    for (int b = 0; b < B; b++) {
+        ms += h[2 * b];
+        mc += h[2 * b + 1];
+    }
+    free(h);
+    *mean_sq = ms / B;
+    *mean_cos = mc / B;
+}
+
+// ---------------------------------------------------------------- create / destroy
+
+static void cu_destroy(Backend *be) {
+    CudaImpl *im = IM(be);
+    cudaStreamSynchronize(im->st);
+    if (im->shadow) cudaFree(im->shadow);
+    if (im->scratch) cudaFree(im->scratch);
+    cudaFree(im->red);
+    cudaFreeHost(im->h_red);
+    cudaFree(im->lt_ws);
+    cublasLtDestroy(im->lt);
+    cublasDestroy(im->blas);
+    cudaStreamDestroy(im->st);
+    free(im);
+    free(be);
+}
+
+int backend_cuda_available(void) {
+    int n = 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return n > 0;
+}
+
+Backend *backend_cuda_create(int device) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess || n == 0)
+        die_user("config key 'run.device': \"cuda\" but no usable GPU (%s)",
+                 e != cudaSuccess ? cudaGetErrorString(e) : "no devices");
+    if (device >= n)
+        die_user("config key 'run.device': this rank wants GPU %d but the node has %d (one rank per GPU)", device, n);
+    CUDA_CHECK(cudaSetDevice(device));
+    cudaDeviceProp prop;
+    CUDA_CHECK(cudaGetDeviceProperties(&prop, device));
+    if (prop.major < 8)
+        die_user("config key 'run.device': GPU %d (%s, sm_%d%d) has no bf16 tensor cores; sm_80 or newer is needed",
+                 device, prop.name, prop.major, prop.minor);
+    CudaImpl *im = (CudaImpl *)xcalloc(sizeof(CudaImpl), "cuda backend");
+    im->device = device;
+    im->sms = prop.multiProcessorCount;
+    CUDA_CHECK(cudaStreamCreate(&im->st));
+    CUBLAS_CHECK(cublasCreate(&im->blas));
+    CUBLAS_CHECK(cublasSetStream(im->blas, im->st));
+    CUBLAS_CHECK(cublasSetMathMode(im->blas, CUBLAS_DEFAULT_MATH));  // fp32 GEMMs stay fp32 (no TF32)
+    CUBLAS_CHECK(cublasLtCreate(&im->lt));
+    im->lt_ws_bytes = 32u << 20;
+    CUDA_CHECK(cudaMalloc(&im->lt_ws, im->lt_ws_bytes));
+    CUBLAS_CHECK(cublasSetWorkspace(im->blas, im->lt_ws, im->lt_ws_bytes));
+    CUDA_CHECK(cudaMalloc(&im->red, (RED_BLOCKS + 8) * sizeof(double)));
+    CUDA_CHECK(cudaMallocHost(&im->h_red, 8 * sizeof(double)));
+    im->fused_attn = 0;  // the validated default; tests/gpu compares both
+    const char *env = getenv("SD_ATTN");
+    if (env && !strcmp(env, "flash")) im->fused_attn = HAVE_FLASH;
+    Backend *be = (Backend *)xcalloc(sizeof(Backend), "backend");
+    be->name = "cuda";
+    be->act_dtype = DTYPE_BF16;
+    be->act_size = 2;
+    be->impl = im;
+    be->alloc = cu_alloc;
+    be->free = cu_free;
+    be->alloc_host = cu_alloc_host;
+    be->free_host = cu_free_host;
+    be->upload = cu_upload;
+    be->download = cu_download;
+    be->zero = cu_zero;
+    be->copy = cu_copy;
+    be->sync = cu_sync;
+    be->download_act = cu_download_act;
+    be->set_deterministic = cu_set_deterministic;
+    be->set_params = cu_set_params;
+    be->params_changed = cu_params_changed;
+    be->patch_unfold = cu_patch_unfold;
+    be->matmul_fwd = cu_matmul_fwd;
+    be->matmul_bwd = cu_matmul_bwd;
+    be->add_posemb = cu_add_posemb;
+    be->add = cu_add;
+    be->trelu_fwd = cu_trelu_fwd;
+    be->trelu_bwd = cu_trelu_bwd;
+    be->gelu_fwd = cu_gelu_fwd;
+    be->gelu_bwd = cu_gelu_bwd;
+    be->layernorm_fwd = cu_layernorm_fwd;
+    be->layernorm_bwd = cu_layernorm_bwd;
+    be->attn_saved_elems = cu_attn_saved_elems;
+    be->attention_fwd = cu_attention_fwd;
+    be->attention_bwd = cu_attention_bwd;
+    be->dropout_fwd = cu_dropout_fwd;
+    be->dropout_bwd = cu_dropout_bwd;
+    be->meanpool_fwd = cu_meanpool_fwd;
+    be->meanpool_bwd = cu_meanpool_bwd;
+    be->xent_fwd_bwd = cu_xent_fwd_bwd;
+    be->sumsq = cu_sumsq;
+    be->adam_step = cu_adam_step;
+    be->scale = cu_scale;
+    be->axpy = cu_axpy;
+    be->ema_update = cu_ema_update;
+    be->gemm = cu_gemm;
+    be->copy2d = cu_copy2d;
+    be->moments = cu_moments;
+    be->adam_dir = cu_adam_dir;
+    be->signal_stats = cu_signal_stats;
+    be->destroy = cu_destroy;
+    size_t fr = 0, tot = 0;
+    cudaMemGetInfo(&fr, &tot);
+    printf("cuda: GPU %d %s (sm_%d%d, %d SMs, %.0f MiB free of %.0f), attention %s\n", device, prop.name, prop.major,
+           prop.minor, prop.multiProcessorCount, fr / 1048576.0, tot / 1048576.0, im->fused_attn ? "fused" : "unfused");
+    return be;
+}
