@@ -151,6 +151,8 @@ static void cu_copy(Backend *be, void *dst, const void *src, size_t n) {
 
 static void cu_sync(Backend *be) { CUDA_CHECK(cudaStreamSynchronize(IM(be)->st)); }
 
+static void cu_mem_info(Backend *be, size_t *free_b, size_t *total_b) { CUDA_CHECK(cudaMemGetInfo(free_b, total_b)); }
+
 static inline float host_bf16_to_f32(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -526,8 +528,9 @@ static void cu_layernorm_bwd(Backend *be, void *dx, float *dgamma, float *dbeta,
 
 // Unfused layout of `saved`: P (B, H, N, N) in bf16. Fused layout: lse (B, H, N) fp32, then O (B, N, D) bf16.
 static size_t unfused_saved_floats(int B, int N, int H) { return ((size_t)B * H * N * N + 1) / 2; }
+static size_t fused_o_offset(int B, int N, int H) { return align_up((size_t)B * H * N, 64); }  // 256-byte aligned O
 static size_t fused_saved_floats(int B, int N, int H, int dh) {
-    return (size_t)B * H * N + ((size_t)B * N * H * dh + 1) / 2;
+    return fused_o_offset(B, N, H) + ((size_t)B * N * H * dh + 1) / 2;
 }
 
 static size_t cu_attn_saved_elems(Backend *be, int B, int N, int H, int dh) {
@@ -646,7 +649,7 @@ static void cu_attention_fwd(Backend *be, void *out, float *saved, const void *q
 #if HAVE_FLASH
     if (im->fused_attn && flash_attn_supported(N, dh)) {
         float *lse = saved;
-        bf16 *o = (bf16 *)(saved + (size_t)B * H * N);
+        bf16 *o = (bf16 *)(saved + fused_o_offset(B, N, H));
         flash_attn_fwd((bf16 *)out, lse, o, (const bf16 *)qkv, bias, rowscale, B, N, H, dh, im->st);
         return;
     }
@@ -660,7 +663,7 @@ static void cu_attention_bwd(Backend *be, void *dqkv, const void *dout, const vo
 #if HAVE_FLASH
     if (im->fused_attn && flash_attn_supported(N, dh)) {
         const float *lse = saved;
-        const bf16 *o = (const bf16 *)(saved + (size_t)B * H * N);
+        const bf16 *o = (const bf16 *)(saved + fused_o_offset(B, N, H));
         size_t ws = flash_attn_bwd_workspace(B, N, H, dh);
         void *w = ws ? scratch_get(im, ws) : NULL;
         flash_attn_bwd((bf16 *)dqkv, (const bf16 *)dout, (const bf16 *)qkv, o, lse, bias, rowscale, B, N, H, dh, w,
@@ -1003,6 +1006,7 @@ Backend *backend_cuda_create(int device) {
     be->zero = cu_zero;
     be->copy = cu_copy;
     be->sync = cu_sync;
+    be->mem_info = cu_mem_info;
     be->download_act = cu_download_act;
     be->set_deterministic = cu_set_deterministic;
     be->set_params = cu_set_params;

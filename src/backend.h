@@ -44,6 +44,8 @@ struct Backend {
     void (*zero)(Backend *be, void *p, size_t bytes);
     void (*copy)(Backend *be, void *dst, const void *src, size_t bytes);  // device -> device
     void (*sync)(Backend *be);
+    // Free and total bytes of the memory that alloc draws on (GPU memory; host RAM on the CPU).
+    void (*mem_info)(Backend *be, size_t *free_bytes, size_t *total_bytes);
     // Device activations -> host fp32 (logits for metrics, tests): n elements, synchronous.
     void (*download_act)(Backend *be, float *host_dst, const void *src, size_t n);
     // Bits independent of the thread count (the CPU backend then splits GEMMs in fixed chunks; slower). Needed for

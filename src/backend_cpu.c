@@ -39,6 +39,11 @@ static void cpu_download(Backend *be, void *dst, const void *src, size_t n) { me
 static void cpu_zero(Backend *be, void *p, size_t n) { memset(p, 0, n); }
 static void cpu_copy(Backend *be, void *dst, const void *src, size_t n) { memmove(dst, src, n); }
 static void cpu_sync(Backend *be) {}
+static void cpu_mem_info(Backend *be, size_t *free_b, size_t *total_b) {
+    long pg = sysconf(_SC_PAGESIZE);
+    *free_b = (size_t)sysconf(_SC_AVPHYS_PAGES) * (size_t)pg;
+    *total_b = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)pg;
+}
 static void cpu_download_act(Backend *be, float *dst, const void *src, size_t n) { memcpy(dst, src, n * 4); }
 static void cpu_set_params(Backend *be, float *params, size_t n) {}
 static void cpu_params_changed(Backend *be, float *params, size_t n) {}
@@ -567,6 +572,7 @@ Backend *backend_cpu_create(int threads) {
         .zero = cpu_zero,
         .copy = cpu_copy,
         .sync = cpu_sync,
+        .mem_info = cpu_mem_info,
         .download_act = cpu_download_act,
         .set_deterministic = cpu_set_deterministic,
         .set_params = cpu_set_params,

@@ -175,7 +175,7 @@ typedef struct {
 } Arena;
 
 static void *carve(Arena *a, size_t bytes) {
-    size_t at = (a->used + 63) & ~(size_t)63;
+    size_t at = (a->used + 255) & ~(size_t)255;  // 256-byte aligned views (GPU vector loads, cuBLASLt)
     a->used = at + bytes;
     return a->base ? a->base + at : NULL;
 }
@@ -258,6 +258,7 @@ Model *model_create(const ModelConfig *cfg, Backend *be, int max_batch) {
     m->acts = xcalloc((size_t)cfg->depth * sizeof(BlockActs), "block activations");
     Arena a = {0, NULL};
     layout_acts(m, &a);
+    m->act_bytes = a.used;
     m->act_mem = be->alloc(be, a.used, "activations");
     a = (Arena){0, m->act_mem};
     layout_acts(m, &a);

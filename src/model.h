@@ -72,6 +72,7 @@ typedef struct {
 
     int max_batch;
     void *act_mem;    // one allocation for every activation
+    size_t act_bytes; // its size, for max_batch images
     float *input;     // (B, C, H, W) fp32: the trainer uploads images here
     float *targets;   // (B, num_classes) fp32 soft targets
     float *losses;    // (B) per-sample loss

@@ -18,6 +18,7 @@ typedef struct RootJob {
     Shampoo *s;
     float *factors;       // host snapshot of this rank's factors
     unsigned char *out;   // this rank's packed buffer
+    int *inject;          // per block: an injected failure (tests), taken from the blocks when the job starts
     int64_t t;            // the refresh step
 } RootJob;
 
@@ -136,6 +137,27 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
     assign_owners(s->blocks, s->nblocks, comm->world, &s->max_mean_load);
     if (owner_map)
         for (int i = 0; i < s->nblocks; i++) s->blocks[i].owner = owner_map[i] % comm->world;
+    // Test hook (spec §3.2, P15): SD_SHAMPOO_OWNERS=roundrobin|reversed|random<seed> replaces the LPT map in a
+    // whole run; the trajectory must not change. Every rank derives the same map from the same string.
+    const char *ov = owner_map ? NULL : getenv("SD_SHAMPOO_OWNERS");
+    if (ov && *ov && strcmp(ov, "lpt") != 0) {
+        uint64_t seed = 0;
+        int mode = !strcmp(ov, "roundrobin") ? 0 : !strcmp(ov, "reversed") ? 1 : !strncmp(ov, "random", 6) ? 2 : -1;
+        if (mode < 0) die_user("SD_SHAMPOO_OWNERS: '%s' is not lpt, roundrobin, reversed or random<seed>", ov);
+        if (mode == 2) seed = strtoull(ov + 6, NULL, 10);
+        for (int i = 0; i < s->nblocks; i++) {
+            int o = i % comm->world;
+            if (mode == 1) o = comm->world - 1 - o;
+            if (mode == 2) {  // splitmix64 of (seed, i)
+                uint64_t z = seed * 0x9E3779B97F4A7C15ull + (uint64_t)i + 1;
+                z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+                z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+                o = (int)((z ^ (z >> 31)) % (uint64_t)comm->world);
+            }
+            s->blocks[i].owner = o;
+        }
+        if (comm->rank == 0) fprintf(stderr, "simplest-dist: shampoo: ownership map replaced (%s)\n", ov);
+    }
     size_t largest = 1;
     s->owned = xmalloc((size_t)(s->nblocks ? s->nblocks : 1) * sizeof(int), "owned blocks");
     for (int i = 0; i < s->nblocks; i++) {
@@ -183,6 +205,7 @@ void shampoo_free(Shampoo *s) {
         pthread_join(s->thread, NULL);
         free(s->job->factors);
         free(s->job->out);
+        free(s->job->inject);
         free(s->job);
     }
     be->free(be, s->factors);
@@ -191,23 +214,24 @@ void shampoo_free(Shampoo *s) {
     free(s->owned);
 }
 
-void shampoo_inject_failure(Shampoo *s, int block) { s->blocks[block].fails = -1000000; }
+void shampoo_inject_failure(Shampoo *s, int block) { s->blocks[block].inject = 1; }
 
 // ---------------------------------------------------------------- statistics and roots
 
 // F <- beta2 F + (1 - beta2) G_b G_b^T (and G_b^T G_b): owner only, from the raw G of this step.
 static void update_factors(Shampoo *s) {
     Backend *be = s->model->be;
-    float b2 = (float)s->cfg.beta2;
+    // 1 - beta2 rounded once from double: 1.0f - (float)0.999 would be 1.3e-5 off 0.001, a bias of the statistics.
+    float b2 = (float)s->cfg.beta2, a = (float)(1.0 - s->cfg.beta2);
     for (int i = 0; i < s->nowned; i++) {
         const ShampooBlock *b = &s->blocks[s->owned[i]];
         const float *g = s->G + b->offset;
         float *F0 = s->factors + b->fac_off[0];
         if (b->order == 1) {
-            be->gemm(be, 0, 1, b->rows, b->rows, 1, 1.0f - b2, g, 1, g, 1, b2, F0, b->rows);
+            be->gemm(be, 0, 1, b->rows, b->rows, 1, a, g, 1, g, 1, b2, F0, b->rows);
         } else {
-            be->gemm(be, 0, 1, b->rows, b->rows, b->cols, 1.0f - b2, g, b->ld, g, b->ld, b2, F0, b->rows);
-            be->gemm(be, 1, 0, b->cols, b->cols, b->rows, 1.0f - b2, g, b->ld, g, b->ld, b2,
+            be->gemm(be, 0, 1, b->rows, b->rows, b->cols, a, g, b->ld, g, b->ld, b2, F0, b->rows);
+            be->gemm(be, 1, 0, b->cols, b->cols, b->rows, a, g, b->ld, g, b->ld, b2,
                      s->factors + b->fac_off[1], b->cols);
         }
     }
@@ -215,7 +239,7 @@ static void update_factors(Shampoo *s) {
 
 // X = A^(-1/r) of the bias-corrected factor (spec §2.4), into root (fp32, n x n). Returns 0, 1 if the
 // decomposition failed, 2 if the factor is not finite.
-static int inverse_root(const float *F, int n, double bias_corr, int r, double eps, int fp64, float *root) {
+int shampoo_inverse_root(const float *F, int n, double bias_corr, int r, double eps, int fp64, float *root) {
     size_t nn = (size_t)n * n;
     double *A = xmalloc(nn * sizeof(double), "root matrix");
     double *w = xmalloc((size_t)n * sizeof(double), "eigenvalues");
@@ -270,6 +294,13 @@ static int inverse_root(const float *F, int n, double bias_corr, int r, double e
     return rc;
 }
 
+// j of "<param> block j": the index of block i among the blocks of its parameter.
+static int param_block_index(const Shampoo *s, int i) {
+    int j = 0;
+    for (int k = 0; k < i; k++) j += s->blocks[k].param == s->blocks[i].param;
+    return j;
+}
+
 // The packed broadcast buffer of owner r: an int32 status per owned block (0 = new roots, 1 = failed, previous
 // roots kept, 2 = non-finite factor), then the roots of those blocks in block order, factor by factor (fp32).
 static size_t packed_size(const Shampoo *s, int r, int *nblocks) {
@@ -303,13 +334,17 @@ static void *compute_roots(void *arg) {
     for (int i = 0; i < s->nblocks; i++) {
         const ShampooBlock *b = &s->blocks[i];
         if (b->owner != s->comm->rank || !block_preconditioned(s, b)) continue;
-        int st = b->fails < -1000 ? 1 : 0;  // an injected failure (tests)
+        int st = job->inject[i] ? 1 : 0;  // an injected failure (tests)
         size_t slot = at;
-        for (int k = 0; k < b->order && st == 0; k++) {
-            st = inverse_root(job->factors + b->fac_off[k], b->dim[k], bias, 2 * b->order, s->cfg.eps,
-                              s->cfg.root_fp64, roots + slot);
+        int k = 0;
+        for (; k < b->order && st == 0; k++) {
+            st = shampoo_inverse_root(job->factors + b->fac_off[k], b->dim[k], bias, 2 * b->order, s->cfg.eps,
+                                      s->cfg.root_fp64, roots + slot);
             slot += (size_t)b->dim[k] * b->dim[k];
         }
+        // A non-finite factor: the (otherwise unused) first root slot of the block carries the factor's index, so
+        // that every rank's error message names it.
+        if (st == 2) roots[at] = (float)(k - 1);
         status[j++] = st;
         for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
     }
@@ -328,6 +363,11 @@ static RootJob *start_refresh(Shampoo *s) {
     job->factors = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factor snapshot");
     be->download(be, job->factors, s->factors, s->factor_floats * sizeof(float));
     job->out = xcalloc(packed_size(s, s->comm->rank, &nb) + 1, "own root buffer");
+    job->inject = xcalloc((size_t)(s->nblocks ? s->nblocks : 1) * sizeof(int), "injected failures");
+    for (int i = 0; i < s->nblocks; i++) {
+        job->inject[i] = s->blocks[i].inject;
+        s->blocks[i].inject = 0;
+    }
     return job;
 }
 
@@ -356,24 +396,25 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
             int st = status[j++];
             size_t len = 0;
             for (int k = 0; k < b->order; k++) len += (size_t)b->dim[k] * b->dim[k];
+            int pj = param_block_index(s, i);  // blocks are named within their parameter (spec §2.7, §3.5)
             if (st == 2)
-                die_user("shampoo: non-finite factor in %s block %d (%dx%d) at step %lld (lower opt.lr or check the "
-                         "data)",
-                         m->tensors[b->param].name, i, b->rows, b->cols, (long long)job->t);
+                die_user("shampoo: non-finite factor %d of %s block %d (%dx%d) at step %lld (lower opt.lr or check "
+                         "the data)",
+                         (int)roots[at], m->tensors[b->param].name, pj, b->rows, b->cols, (long long)job->t);
             if (st == 0) {
                 be->upload(be, s->roots + b->root_off[0], roots + at, len * sizeof(float));
                 b->has_roots = 1;
                 b->fails = 0;
             } else {
-                b->fails = b->fails < 0 ? 1 : b->fails + 1;
+                b->fails++;
                 s->failed_decomps++;
                 if (comm->rank == 0)
-                    fprintf(stderr, "simplest-dist: warning: shampoo: decomposition failed for %s block %d at step "
-                                    "%lld (%d in a row); keeping its previous roots\n",
-                            m->tensors[b->param].name, i, (long long)job->t, b->fails);
+                    fprintf(stderr, "simplest-dist: warning: shampoo: decomposition failed for %s block %d (%dx%d) at "
+                                    "step %lld (%d in a row); keeping its previous roots\n",
+                            m->tensors[b->param].name, pj, b->rows, b->cols, (long long)job->t, b->fails);
                 if (b->fails > 3)
-                    die_user("shampoo: decomposition failed 4 times in a row for %s block %d (step %lld)",
-                             m->tensors[b->param].name, i, (long long)job->t);
+                    die_user("shampoo: decomposition failed 4 times in a row for %s block %d (%dx%d) (step %lld)",
+                             m->tensors[b->param].name, pj, b->rows, b->cols, (long long)job->t);
             }
             at += len;
         }
@@ -381,6 +422,7 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
     }
     free(job->factors);
     free(job->out);
+    free(job->inject);
     free(job);
     s->refreshes++;
 }
@@ -466,30 +508,35 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
             s->last_refresh_s = now_sec() - s->refresh_t0;
         }
     }
-    if (s->t <= c->start_step) {
-        // Graft-only phase: one Adam step, with the Adam kernel itself (bitwise the project's Adam).
-        AdamArgs a = {.lr = (float)lr, .beta1 = (float)c->beta1, .beta2 = (float)c->graft_beta2,
-                      .eps = (float)c->graft_eps, .decoupled = c->decoupled, .t = s->t,
-                      .grad_scale = (float)grad_scale};
-        for (int i = 0; i < m->ntensors; i++) {
-            const TensorInfo *t = &m->tensors[i];
-            if (!t->trainable) continue;
+    // A tensor that takes the graft step as a whole (the graft-only phase t <= S, a 1-D parameter under one_d
+    // "adam", or no block with roots yet) takes it with the Adam kernel itself, so it is bitwise the project's Adam
+    // (spec §2.3 step 7, §2.6). The other tensors: moments, decoupled decay, then the per-block update.
+    AdamArgs a = {.lr = (float)lr, .beta1 = (float)c->beta1, .beta2 = (float)c->graft_beta2,
+                  .eps = (float)c->graft_eps, .decoupled = c->decoupled, .t = s->t, .grad_scale = (float)grad_scale};
+    float bc1 = (float)(1.0 - pow(c->beta1, (double)s->t)), bc2 = (float)(1.0 - pow(c->graft_beta2, (double)s->t));
+    double ta = now_sec();
+    int any_block_step = 0;
+    for (int i = 0, bi = 0; i < m->ntensors; i++) {
+        const TensorInfo *t = &m->tensors[i];
+        if (!t->trainable) continue;
+        while (bi < s->nblocks && s->blocks[bi].param < i) bi++;
+        int b0 = bi, b1 = bi, rooted = 0;
+        while (b1 < s->nblocks && s->blocks[b1].param == i) rooted |= s->blocks[b1++].has_roots;
+        int whole_graft = s->t <= c->start_step || !rooted || (c->one_d_adam && t->ndim == 1);
+        if (whole_graft) {
             a.weight_decay = t->decay ? (float)c->weight_decay : 0.0f;
             be->adam_step(be, m->params + t->offset, m->grads + t->offset, s->m + t->offset, s->v + t->offset,
                           t->numel, &a);
+            continue;
         }
-    } else {
-        be->moments(be, s->m, s->v, s->G, np, (float)c->beta1, (float)c->graft_beta2);
-        if (c->decoupled && c->weight_decay != 0.0)
-            for (int i = 0; i < m->ntensors; i++) {
-                const TensorInfo *t = &m->tensors[i];
-                if (t->decay) be->scale(be, m->params + t->offset, t->numel, (float)(1.0 - lr * c->weight_decay));
-            }
-        float bc1 = (float)(1.0 - pow(c->beta1, (double)s->t)), bc2 = (float)(1.0 - pow(c->graft_beta2, (double)s->t));
-        double ta = now_sec();
-        for (int i = 0; i < s->nblocks; i++) update_block(s, i, lr, bc1, bc2);
-        s->apply_s += now_sec() - ta;
+        any_block_step = 1;
+        be->moments(be, s->m + t->offset, s->v + t->offset, s->G + t->offset, t->numel, (float)c->beta1,
+                    (float)c->graft_beta2);
+        if (c->decoupled && c->weight_decay != 0.0 && t->decay)
+            be->scale(be, m->params + t->offset, t->numel, (float)(1.0 - lr * c->weight_decay));
+        for (int j = b0; j < b1; j++) update_block(s, j, lr, bc1, bc2);
     }
+    if (any_block_step) s->apply_s += now_sec() - ta;
     be->params_changed(be, m->params, np);
 }
 
@@ -497,9 +544,7 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
 
 // "<param>.block<j>" where j counts the blocks of the same parameter.
 static void block_name(const Shampoo *s, int i, char *out, size_t n) {
-    int j = 0;
-    for (int k = 0; k < i; k++) j += s->blocks[k].param == s->blocks[i].param;
-    snprintf(out, n, "%s.block%d", s->model->tensors[s->blocks[i].param].name, j);
+    snprintf(out, n, "%s.block%d", s->model->tensors[s->blocks[i].param].name, param_block_index(s, i));
 }
 
 int shampoo_save(Shampoo *s, const char *path) {

@@ -37,6 +37,7 @@ typedef struct {
     int owner;           // rank that keeps the statistics and computes the roots
     int has_roots;       // roots installed at least once (identical on every rank)
     int fails;           // consecutive failed decompositions (identical on every rank)
+    int inject;          // test hook: the next refresh of this block fails (owner only reads it)
     double cost;         // sum of n_k^3 (for the ownership balance)
 } ShampooBlock;
 
@@ -79,6 +80,11 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale);
 
 // Merged shape of a tensor shape under max dimension b (spec §2.1 step 1); returns its order.
 int shampoo_merge_dims(const int *shape, int ndim, int b, int *merged);
+
+// X = (F / bias_corr + shift + eps I)^(-1/r) of one factor (spec §2.4), n x n fp32 row-major, computed in fp64
+// (or fp32) by symmetric eigendecomposition; X is exactly symmetric. Returns 0, 1 if the decomposition failed or
+// gave non-finite values, 2 if F is not finite.
+int shampoo_inverse_root(const float *F, int n, double bias_corr, int r, double eps, int fp64, float *root);
 
 // Test hook: the next refresh of block `block` fails its decomposition (as if the eigensolver reported failure).
 void shampoo_inject_failure(Shampoo *s, int block);

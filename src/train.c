@@ -528,6 +528,15 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
                cfg->model.arch, cfg->model.seed_compat ? " (seed_compat)" : "", r->m->num_params, comm->world,
                micro, cfg->train.batch_size / (micro * comm->world), cfg->train.batch_size, (long long)T, (long long)spe, r->be->name,
                cfg->run.dir);
+        // Memory: activations scale with the per-rank batch; everything else (params, grads, optimizer state,
+        // scratch) does not. The largest batch assumes the free memory all goes to activations.
+        size_t fr = 0, tot = 0;
+        r->be->mem_info(r->be, &fr, &tot);
+        double per_img = (double)r->m->act_bytes / r->m->max_batch;
+        printf("memory: %.2f MiB of activations per image (%.0f MiB for %d), %.0f MiB free of %.0f on the %s: "
+               "largest per-rank batch that fits about %.0f\n",
+               per_img / 1048576.0, r->m->act_bytes / 1048576.0, r->m->max_batch, fr / 1048576.0, tot / 1048576.0,
+               r->be->name, floor((fr + (double)r->m->act_bytes) / per_img));
         fflush(stdout);
     }
     r->ranks = xcalloc((size_t)comm->world * sizeof(RankStatus), "rank status");  // (world)
