@@ -114,3 +114,36 @@ bench: simplest-dist $(BENCH_BINS)
 
 clean:
 	rm -rf $(BUILD) simplest-dist .simplest-dist.flags
+
+# ---- GPU checks and vendored packages
+# tests/gpu/run.sh is the one-shot GPU check (docs/gpu-validation.md). `make gpu-bins` builds what it runs:
+# the binary, build/gpu/test_cuda (CUDA against the CPU backend; in a build without CUDA it checks the CPU backend
+# against itself) and the step benchmark.
+GPU_BINS := $(BUILD)/gpu/test_cuda
+.PHONY: gpu-bins gpu-check
+gpu-bins: simplest-dist $(GPU_BINS) $(BUILD)/bench/bench_step
+
+$(BUILD)/gpu/%: tests/gpu/%.c $(BUILD)/libsimplest.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
+
+gpu-check:
+	tests/gpu/run.sh
+
+# Air-gapped GPU nodes: `make vendor-debs` (on a connected Debian 12 machine, no root needed) downloads the .debs
+# that a USE_MPI=0 build needs into vendor-debs/, and copies the Fashion-MNIST files for the GPU check beside them.
+# tests/gpu/run.sh (or tests/gpu/unpack-debs.sh PREFIX) unpacks them with dpkg -x into a prefix, never into /, and
+# builds with EXTRA_CFLAGS/EXTRA_LDFLAGS pointing there (-Wl,-rpath, so nothing else needs setting at run time).
+# Runtime libraries that ldd showed the binary needs: libcjson.so.1, libopenblas.so.0 (+ libgfortran.so.5,
+# libquadmath.so.0), liblapacke.so.3 (whose liblapack.so.3 and libblas.so.3 come from the openblas-pthread folder,
+# so liblapack3 and libblas3 are not needed), libz.so.1 (zlib1g: the dev package's libz.so points at it).
+VENDOR_DEBS := libcjson1 libcjson-dev libopenblas0-pthread libopenblas-pthread-dev libopenblas-dev liblapacke \
+               liblapacke-dev libgfortran5 libquadmath0 zlib1g zlib1g-dev
+FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
+vendor-debs:
+	@mkdir -p vendor-debs/fashion-mnist
+	rm -f vendor-debs/*.deb
+	cd vendor-debs && apt-get download $(VENDOR_DEBS)
+	@if ls $(FMNIST_SRC)/*-ubyte.gz >/dev/null 2>&1; then cp $(FMNIST_SRC)/*-ubyte.gz vendor-debs/fashion-mnist/; \
+	else echo "vendor-debs: no Fashion-MNIST in $(FMNIST_SRC) (make deps installs dataset-fashion-mnist)"; fi
+	@du -sh vendor-debs

@@ -1,0 +1,1146 @@
+// test_cuda.c: every backend op, and one whole training step of both models in both init modes, on the CUDA
+// backend against the CPU backend (the reference). Part of the one-shot GPU check, tests/gpu/run.sh.
+//
+//   build/gpu/test_cuda [--group NAME]... [--cpu] [--device N] [-v]
+//     groups: ops (patch embedding, matmuls, elementwise, layernorm, dropout, pooling, loss), attn (the unfused
+//     attention), fused (the fused flash-style attention), optim (the fp32 optimizer and Shampoo ops, diagnostics),
+//     step (whole training steps). Default: all of them.
+//     --cpu: compare the CPU backend against a second CPU backend (1 thread) instead: a self-check of this harness
+//     that runs without a GPU (and the default in a build without CUDA). --cpu-faults: the same with four planted
+//     bugs in the backend under test, to show that the checks catch them (it must fail).
+//
+// Output: TAP-like lines "ok - name (rel=..., max_abs=..., tol=...)" / "not ok - ...", then a summary. The metric
+// is rel = ||gpu - cpu||_2 / ||cpu||_2 over the tensor, with max |gpu - cpu| beside it; a NaN or Inf in the GPU
+// result fails the check whatever its rel (outputs that an op overwrites are NaN-filled before it runs, so an
+// element it never writes shows up). Inputs are random (never zero) and rounded to bf16 first, so both backends
+// see the same values: the CPU computes in fp32 what the GPU computes with bf16 activations.
+//
+// Tolerances (rel), per tensor:
+//   bf16 activation outputs of one op ................ 1e-2   (bf16 keeps 8 bits: rounding alone is <= 2^-9)
+//   activation gradients, weight gradients of one op .. 2e-2
+//   patch unfold (fp32 image -> bf16 patches) ......... 4e-3   (only the output rounding)
+//   per-sample losses of the fused cross-entropy ...... 1e-4   (fp32 math on the same bf16 logits)
+//   LayerNorm mean / rstd (fp32) ...................... 1e-4
+//   fp32 optimizer ops (adam, scale, axpy, ema, moments, adam_dir, sumsq) ... 1e-6; Adam's update w1 - w0: 1e-4
+//   fp32 gemm (Shampoo) ............................... 1e-5   (fails if cuBLAS runs it in TF32)
+//   copy2d ............................................ 0      (a copy)
+//   dropout mask ...................................... bit-identical: the same elements are zero
+//   whole step (depth 8, every layer in bf16): loss 1e-2, per-sample losses and logits 3e-2, every parameter
+//   gradient tensor 5e-2, global grad norm 3e-2, weights after one Adam step 1e-2 of ||w|| (tensors with a
+//   non-zero init), and on every tensor at most 1 % of the elements with a clear gradient (|g| > 0.1 rms) may
+//   move the other way; logits of a forward with the updated weights 3e-2 (this checks the bf16 weight shadow).
+//
+// Exit code: 0 all passed; 1 a check outside the fused attention failed; 2 only fused-attention checks failed
+// (reported as such: the backend can run the unfused attention instead).
+#include <math.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "backend.h"
+#include "model.h"
+#include "optim.h"
+#include "rng.h"
+#include "util.h"
+
+// ---------------------------------------------------------------- bf16 on the host
+
+// fp32 -> bf16 bits, round to nearest even; NaN stays a (quiet) NaN.
+static uint16_t f2bf(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+
+static float bf2f(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static float bfround(float f) { return bf2f(f2bf(f)); }
+
+// ---------------------------------------------------------------- results
+
+static int g_pass, g_fail_core, g_fail_fused, g_verbose;
+static int g_fused;           // checks now belong to the fused attention
+static const char *g_group;   // the group now running (for the summary)
+static char g_worst_core[160];
+
+static void report(int ok, const char *name, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
+static void report(int ok, const char *name, const char *fmt, ...) {
+    char detail[400];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(detail, sizeof detail, fmt, ap);
+    va_end(ap);
+    const char *tag = g_fused ? "[fused attention] " : "";
+    if (ok) {
+        g_pass++;
+    } else if (g_fused) {
+        g_fail_fused++;
+    } else {
+        g_fail_core++;
+        if (!g_worst_core[0]) snprintf(g_worst_core, sizeof g_worst_core, "%s", name);
+    }
+    printf("%s - %s%s (%s)\n", ok ? "ok" : "not ok", tag, name, detail);
+    fflush(stdout);
+}
+
+typedef struct {
+    double rel, max_abs, norm;
+    size_t nonfinite;
+} Diff;
+
+static Diff diff(const float *got, const float *want, size_t n) {
+    Diff d = {0};
+    double num = 0.0, den = 0.0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i])) {
+            d.nonfinite++;
+            continue;
+        }
+        double e = (double)got[i] - want[i];
+        num += e * e;
+        den += (double)want[i] * want[i];
+        if (fabs(e) > d.max_abs) d.max_abs = fabs(e);
+    }
+    d.norm = sqrt(den);
+    d.rel = den > 0 ? sqrt(num) / sqrt(den) : sqrt(num);
+    if (d.nonfinite) d.rel = INFINITY;
+    return d;
+}
+
+// Compares a tensor; returns 1 if it passed.
+static int check(const char *name, const float *got, const float *want, size_t n, double tol) {
+    Diff d = diff(got, want, n);
+    int ok = d.nonfinite == 0 && d.rel <= tol;
+    if (d.nonfinite)
+        report(ok, name, "%zu of %zu elements NaN/Inf (unwritten or overflow), tol=%.0e", d.nonfinite, n, tol);
+    else
+        report(ok, name, "rel=%.2e, max_abs=%.2e, tol=%.0e, n=%zu", d.rel, d.max_abs, tol, n);
+    return ok;
+}
+
+static int check_scalar(const char *name, double got, double want, double tol) {
+    double rel = fabs(got - want) / (fabs(want) > 0 ? fabs(want) : 1.0);
+    int ok = isfinite(got) && rel <= tol;
+    report(ok, name, "got=%.9g, want=%.9g, rel=%.2e, tol=%.0e", got, want, rel, tol);
+    return ok;
+}
+
+// ---------------------------------------------------------------- the two sides
+
+enum { REF = 0, DUT = 1 };  // the CPU reference and the device under test
+typedef struct {
+    Backend *be;
+    float *params;  // registered with set_params: matmul weights and LayerNorm parameters live here
+    size_t cap;
+} Side;
+static Side S[2];
+static int g_cpu_mode;
+#define PARAM_CAP ((size_t)4 << 20)
+
+static void *xalloc_host(size_t n) { return xmalloc(n ? n : 1, "test host buffer"); }
+
+// Uploads host fp32 values as activations (bf16 on CUDA).
+static void act_set(int s, void *dev, const float *host, size_t n) {
+    Backend *be = S[s].be;
+    if (be->act_dtype == DTYPE_BF16) {
+        uint16_t *h = xalloc_host(n * 2);
+        for (size_t i = 0; i < n; i++) h[i] = f2bf(host[i]);
+        be->upload(be, dev, h, n * 2);
+        free(h);
+    } else {
+        be->upload(be, dev, host, n * 4);
+    }
+}
+
+static void act_poison(int s, void *dev, size_t n) {
+    float *h = xalloc_host(n * 4);
+    for (size_t i = 0; i < n; i++) h[i] = NAN;
+    act_set(s, dev, h, n);
+    free(h);
+}
+
+// A new activation buffer: the values, or NaN where host is NULL.
+static void *act_new(int s, const float *host, size_t n) {
+    Backend *be = S[s].be;
+    void *d = be->alloc(be, (n ? n : 1) * be->act_size, "test activation");
+    if (host)
+        act_set(s, d, host, n);
+    else
+        act_poison(s, d, n);
+    return d;
+}
+
+static void act_get(int s, float *host, const void *dev, size_t n) { S[s].be->download_act(S[s].be, host, dev, n); }
+
+static float *f32_new(int s, const float *host, size_t n) {
+    Backend *be = S[s].be;
+    float *d = be->alloc(be, (n ? n : 1) * 4, "test fp32 buffer");
+    if (host) {
+        be->upload(be, d, host, n * 4);
+    } else {
+        float *h = xalloc_host(n * 4);
+        for (size_t i = 0; i < n; i++) h[i] = NAN;
+        be->upload(be, d, h, n * 4);
+        free(h);
+    }
+    return d;
+}
+
+static void f32_get(int s, float *host, const float *dev, size_t n) { S[s].be->download(S[s].be, host, dev, n * 4); }
+
+static void dfree(int s, void *p) {
+    if (p) S[s].be->free(S[s].be, p);
+}
+
+// Puts host values into the registered params buffer at offset off (floats); returns the device pointer.
+static float *par_put(int s, size_t off, const float *host, size_t n) {
+    CHECK(off + n <= S[s].cap, "test params buffer too small");
+    S[s].be->upload(S[s].be, S[s].params + off, host, n * 4);
+    return S[s].params + off;
+}
+
+static void par_commit(int s) { S[s].be->params_changed(S[s].be, S[s].params, S[s].cap); }
+
+// ---------------------------------------------------------------- random inputs
+
+static uint64_t g_tag = 1;
+
+// n normals times scale plus shift, rounded to bf16 if round; never exactly zero.
+static float *rnd(size_t n, double scale, double shift, int round) {
+    float *x = xalloc_host(n * 4);
+    Rng r = rng_stream(20261127, 0x7e57, g_tag++, 0);
+    for (size_t i = 0; i < n; i++) {
+        float v = (float)(rng_normal(&r) * scale + shift);
+        if (round) v = bfround(v);
+        if (v == 0.0f) v = (float)(0.5 * scale + 1e-3);
+        x[i] = round ? bfround(v) : v;
+    }
+    return x;
+}
+
+static float *rnd_uniform(size_t n, double lo, double hi) {
+    float *x = xalloc_host(n * 4);
+    Rng r = rng_stream(20261127, 0x7e58, g_tag++, 0);
+    for (size_t i = 0; i < n; i++) x[i] = bfround((float)(lo + (hi - lo) * rng_uniform(&r)));
+    return x;
+}
+
+static float *hbuf(size_t n) { return xalloc_host(n * 4); }
+
+#define TOL_FWD 1e-2
+#define TOL_GRAD 2e-2
+#define TOL_F32 1e-6
+#define TOL_GEMM 1e-5
+
+// ---------------------------------------------------------------- ops: patch embedding, matmuls
+
+static void test_patch_unfold(int B, int C, int H, int p) {
+    int N = (H / p) * (H / p), K = C * p * p;
+    size_t nimg = (size_t)B * C * H * H, nout = (size_t)B * N * K;
+    float *img = rnd(nimg, 1.0, 0.0, 0);  // fp32 image: the unfold itself rounds to bf16
+    float *out[2];
+    for (int s = 0; s < 2; s++) {
+        float *dimg = f32_new(s, img, nimg);
+        void *dp = act_new(s, NULL, nout);
+        S[s].be->patch_unfold(S[s].be, dp, dimg, B, C, H, H, p);
+        act_get(s, out[s] = hbuf(nout), dp, nout);
+        dfree(s, dimg);
+        dfree(s, dp);
+    }
+    char name[128];
+    snprintf(name, sizeof name, "patch_unfold B%d C%d %dpx p%d", B, C, H, p);
+    check(name, out[DUT], out[REF], nout, 4e-3);
+    free(img);
+    free(out[0]);
+    free(out[1]);
+}
+
+static void test_matmul(int R, int Din, int Dout) {
+    size_t nW = (size_t)Dout * Din;
+    float *W = rnd(nW, 1.0 / sqrt(Din), 0.0, 1), *bias = rnd(Dout, 0.3, 0.0, 1);
+    float *inp = rnd((size_t)R * Din, 1.0, 0.0, 1), *dout = rnd((size_t)R * Dout, 1.0, 0.0, 1);
+    float *dW0 = rnd(nW, sqrt(R), 0.0, 0), *db0 = rnd(Dout, sqrt(R), 0.0, 0);  // accumulated into
+    float *out[2][2], *dinp[2], *dW[2], *db[2], *dW_nb[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        float *dWt = par_put(s, 0, W, nW), *dbt = par_put(s, nW, bias, Dout);
+        par_commit(s);
+        void *di = act_new(s, inp, (size_t)R * Din), *dout_d = act_new(s, dout, (size_t)R * Dout);
+        for (int wb = 0; wb < 2; wb++) {
+            void *o = act_new(s, NULL, (size_t)R * Dout);
+            be->matmul_fwd(be, o, di, dWt, wb ? dbt : NULL, R, Din, Dout);
+            act_get(s, out[s][wb] = hbuf((size_t)R * Dout), o, (size_t)R * Dout);
+            dfree(s, o);
+        }
+        void *g_in = act_new(s, NULL, (size_t)R * Din);
+        float *gW = f32_new(s, dW0, nW), *gb = f32_new(s, db0, Dout);
+        be->matmul_bwd(be, g_in, gW, gb, dout_d, di, dWt, R, Din, Dout);
+        act_get(s, dinp[s] = hbuf((size_t)R * Din), g_in, (size_t)R * Din);
+        f32_get(s, dW[s] = hbuf(nW), gW, nW);
+        f32_get(s, db[s] = hbuf(Dout), gb, Dout);
+        // Without dinp and dbias (the patch embedding's backward, a bias-free layer).
+        be->upload(be, gW, dW0, nW * 4);
+        be->matmul_bwd(be, NULL, gW, NULL, dout_d, di, dWt, R, Din, Dout);
+        f32_get(s, dW_nb[s] = hbuf(nW), gW, nW);
+        dfree(s, di);
+        dfree(s, dout_d);
+        dfree(s, g_in);
+        dfree(s, gW);
+        dfree(s, gb);
+    }
+    char name[160];
+    const char *shape = "";
+    char sh[64];
+    snprintf(sh, sizeof sh, "R%d Din%d Dout%d", R, Din, Dout);
+    shape = sh;
+    snprintf(name, sizeof name, "matmul_fwd %s no bias: out", shape);
+    check(name, out[DUT][0], out[REF][0], (size_t)R * Dout, TOL_FWD);
+    snprintf(name, sizeof name, "matmul_fwd %s bias: out", shape);
+    check(name, out[DUT][1], out[REF][1], (size_t)R * Dout, TOL_FWD);
+    snprintf(name, sizeof name, "matmul_bwd %s: dinp", shape);
+    check(name, dinp[DUT], dinp[REF], (size_t)R * Din, TOL_GRAD);
+    snprintf(name, sizeof name, "matmul_bwd %s: dW += (pre-filled)", shape);
+    check(name, dW[DUT], dW[REF], nW, TOL_GRAD);
+    snprintf(name, sizeof name, "matmul_bwd %s: dbias += (pre-filled)", shape);
+    check(name, db[DUT], db[REF], Dout, TOL_GRAD);
+    snprintf(name, sizeof name, "matmul_bwd %s, dinp and dbias NULL: dW +=", shape);
+    check(name, dW_nb[DUT], dW_nb[REF], nW, TOL_GRAD);
+    for (int s = 0; s < 2; s++) {
+        free(out[s][0]);
+        free(out[s][1]);
+        free(dinp[s]);
+        free(dW[s]);
+        free(db[s]);
+        free(dW_nb[s]);
+    }
+    free(W);
+    free(bias);
+    free(inp);
+    free(dout);
+    free(dW0);
+    free(db0);
+}
+
+// ---------------------------------------------------------------- ops: elementwise
+
+static void test_posemb_add(void) {
+    int B = 3, N = 50, D = 64;
+    size_t n = (size_t)B * N * D;
+    float *x = rnd(n, 1.0, 0.0, 1), *pe = rnd((size_t)N * D, 0.7, 0.0, 0), *b = rnd(n, 1.0, 0.0, 1);
+    float *o1[2], *o2[2], *o3[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        void *dx = act_new(s, x, n), *db = act_new(s, b, n), *dout = act_new(s, NULL, n);
+        float *dpe = f32_new(s, pe, (size_t)N * D);
+        be->add(be, dout, dx, db, n);
+        act_get(s, o2[s] = hbuf(n), dout, n);
+        be->add(be, dx, dx, db, n);  // out aliases a
+        act_get(s, o3[s] = hbuf(n), dx, n);
+        act_set(s, dx, x, n);
+        be->add_posemb(be, dx, dpe, B, N, D);
+        act_get(s, o1[s] = hbuf(n), dx, n);
+        dfree(s, dx);
+        dfree(s, db);
+        dfree(s, dout);
+        dfree(s, dpe);
+    }
+    check("add_posemb B3 N50 D64 (in place)", o1[DUT], o1[REF], n, TOL_FWD);
+    check("add", o2[DUT], o2[REF], n, TOL_FWD);
+    check("add, out aliases a", o3[DUT], o3[REF], n, TOL_FWD);
+    for (int s = 0; s < 2; s++) {
+        free(o1[s]);
+        free(o2[s]);
+        free(o3[s]);
+    }
+    free(x);
+    free(pe);
+    free(b);
+}
+
+static void test_activations(void) {
+    size_t n = 40007;  // odd: a tail for vectorized kernels
+    float a = 0.2734f, sc = sqrtf(2.0f / (1.0f + a * a));
+    float *x = rnd(n, 1.5, 0.0, 1), *dy = rnd(n, 1.0, 0.0, 1);
+    float *y_ref = hbuf(n);  // TReLU output fed to both backwards (rounded)
+    for (size_t i = 0; i < n; i++) y_ref[i] = bfround(x[i] > 0 ? sc * x[i] : sc * a * x[i]);
+    float *tf[2], *tb[2], *gf[2], *gb[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        void *dx = act_new(s, x, n), *ddy = act_new(s, dy, n), *dyy = act_new(s, y_ref, n), *o = act_new(s, NULL, n);
+        be->trelu_fwd(be, o, dx, n, sc, a);
+        act_get(s, tf[s] = hbuf(n), o, n);
+        act_poison(s, o, n);
+        be->trelu_bwd(be, o, ddy, dyy, n, sc, a);
+        act_get(s, tb[s] = hbuf(n), o, n);
+        act_poison(s, o, n);
+        be->gelu_fwd(be, o, dx, n);
+        act_get(s, gf[s] = hbuf(n), o, n);
+        act_poison(s, o, n);
+        be->gelu_bwd(be, o, ddy, dx, n);
+        act_get(s, gb[s] = hbuf(n), o, n);
+        dfree(s, dx);
+        dfree(s, ddy);
+        dfree(s, dyy);
+        dfree(s, o);
+    }
+    check("trelu_fwd n40007", tf[DUT], tf[REF], n, TOL_FWD);
+    check("trelu_bwd n40007", tb[DUT], tb[REF], n, TOL_GRAD);
+    check("gelu_fwd n40007 (exact erf)", gf[DUT], gf[REF], n, TOL_FWD);
+    check("gelu_bwd n40007", gb[DUT], gb[REF], n, TOL_GRAD);
+    for (int s = 0; s < 2; s++) {
+        free(tf[s]);
+        free(tb[s]);
+        free(gf[s]);
+        free(gb[s]);
+    }
+    free(x);
+    free(dy);
+    free(y_ref);
+}
+
+static void test_layernorm(int R, int D) {
+    size_t n = (size_t)R * D;
+    float *x = rnd(n, 2.0, 0.5, 1), *gamma = rnd(D, 0.2, 1.0, 1), *beta = rnd(D, 0.2, 0.0, 1);
+    float *dy = rnd(n, 1.0, 0.0, 1), *dx0 = rnd(n, 1.0, 0.0, 1);
+    float *dg0 = rnd(D, sqrt(R), 0.0, 0), *dbt0 = rnd(D, sqrt(R), 0.0, 0);
+    float *y[2], *mean[2], *rstd[2], *dx[2], *dg[2], *dbt[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        float *pg = par_put(s, 0, gamma, D), *pb = par_put(s, D, beta, D);
+        par_commit(s);
+        void *dxx = act_new(s, x, n), *dyy = act_new(s, NULL, n);
+        float *dm = f32_new(s, NULL, R), *dr = f32_new(s, NULL, R);
+        be->layernorm_fwd(be, dyy, dm, dr, dxx, pg, pb, R, D, 1e-5f);
+        act_get(s, y[s] = hbuf(n), dyy, n);
+        f32_get(s, mean[s] = hbuf(R), dm, R);
+        f32_get(s, rstd[s] = hbuf(R), dr, R);
+        dfree(s, dm);
+        dfree(s, dr);
+        dfree(s, dyy);
+        dfree(s, dxx);
+    }
+    for (int s = 0; s < 2; s++) {  // backward from the same saved statistics (the reference's)
+        Backend *be = S[s].be;
+        float *pg = par_put(s, 0, gamma, D);
+        par_commit(s);
+        void *dxx = act_new(s, x, n), *ddy = act_new(s, dy, n), *gx = act_new(s, dx0, n);
+        float *dm = f32_new(s, mean[REF], R), *dr = f32_new(s, rstd[REF], R);
+        float *gg = f32_new(s, dg0, D), *gb = f32_new(s, dbt0, D);
+        be->layernorm_bwd(be, gx, gg, gb, ddy, dxx, dm, dr, pg, R, D);
+        act_get(s, dx[s] = hbuf(n), gx, n);
+        f32_get(s, dg[s] = hbuf(D), gg, D);
+        f32_get(s, dbt[s] = hbuf(D), gb, D);
+        dfree(s, dxx);
+        dfree(s, ddy);
+        dfree(s, gx);
+        dfree(s, dm);
+        dfree(s, dr);
+        dfree(s, gg);
+        dfree(s, gb);
+    }
+    char name[128];
+    snprintf(name, sizeof name, "layernorm_fwd R%d D%d: y", R, D);
+    check(name, y[DUT], y[REF], n, TOL_FWD);
+    snprintf(name, sizeof name, "layernorm_fwd R%d D%d: mean", R, D);
+    check(name, mean[DUT], mean[REF], R, 1e-4);
+    snprintf(name, sizeof name, "layernorm_fwd R%d D%d: rstd", R, D);
+    check(name, rstd[DUT], rstd[REF], R, 1e-4);
+    snprintf(name, sizeof name, "layernorm_bwd R%d D%d: dx += (pre-filled)", R, D);
+    check(name, dx[DUT], dx[REF], n, TOL_GRAD);
+    snprintf(name, sizeof name, "layernorm_bwd R%d D%d: dgamma +=", R, D);
+    check(name, dg[DUT], dg[REF], D, TOL_GRAD);
+    snprintf(name, sizeof name, "layernorm_bwd R%d D%d: dbeta +=", R, D);
+    check(name, dbt[DUT], dbt[REF], D, TOL_GRAD);
+    for (int s = 0; s < 2; s++) {
+        free(y[s]);
+        free(mean[s]);
+        free(rstd[s]);
+        free(dx[s]);
+        free(dg[s]);
+        free(dbt[s]);
+    }
+    free(x);
+    free(gamma);
+    free(beta);
+    free(dy);
+    free(dx0);
+    free(dg0);
+    free(dbt0);
+}
+
+// The dropout mask must be bit-identical: the same elements are zero on both sides.
+static void check_mask(const char *name, const float *got, const float *want, size_t n) {
+    size_t mism = 0, zeros = 0, nonfinite = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (!isfinite(got[i])) nonfinite++;
+        if ((got[i] == 0.0f) != (want[i] == 0.0f)) mism++;
+        zeros += want[i] == 0.0f;
+    }
+    report(mism == 0 && nonfinite == 0, name, "%zu of %zu elements differ in the mask (%zu dropped on the CPU), %zu NaN",
+           mism, n, zeros, nonfinite);
+}
+
+static void test_dropout(int B, size_t per, float p, uint64_t seed, uint64_t step, uint64_t first_pos) {
+    size_t n = (size_t)B * per;
+    float *x = rnd(n, 1.0, 0.0, 1), *dy = rnd(n, 1.0, 0.0, 1);
+    float *yf[2], *yb[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        void *dx = act_new(s, x, n), *ddy = act_new(s, dy, n), *o = act_new(s, NULL, n);
+        be->dropout_fwd(be, o, dx, B, per, p, seed, step, first_pos);
+        act_get(s, yf[s] = hbuf(n), o, n);
+        act_poison(s, o, n);
+        be->dropout_bwd(be, o, ddy, B, per, p, seed, step, first_pos);
+        act_get(s, yb[s] = hbuf(n), o, n);
+        dfree(s, dx);
+        dfree(s, ddy);
+        dfree(s, o);
+    }
+    char name[160];
+    snprintf(name, sizeof name, "dropout_fwd p%.2f step %llu pos %llu: mask", p, (unsigned long long)step,
+             (unsigned long long)first_pos);
+    check_mask(name, yf[DUT], yf[REF], n);
+    snprintf(name, sizeof name, "dropout_fwd p%.2f step %llu pos %llu: values", p, (unsigned long long)step,
+             (unsigned long long)first_pos);
+    check(name, yf[DUT], yf[REF], n, TOL_FWD);
+    snprintf(name, sizeof name, "dropout_bwd p%.2f: mask", p);
+    check_mask(name, yb[DUT], yb[REF], n);
+    snprintf(name, sizeof name, "dropout_bwd p%.2f: values", p);
+    check(name, yb[DUT], yb[REF], n, TOL_GRAD);
+    for (int s = 0; s < 2; s++) {
+        free(yf[s]);
+        free(yb[s]);
+    }
+    free(x);
+    free(dy);
+}
+
+static void test_meanpool(int B, int N, int D) {
+    size_t n = (size_t)B * N * D;
+    float *x = rnd(n, 1.0, 0.3, 1), *dp = rnd((size_t)B * D, 1.0, 0.0, 1);
+    float *pf[2], *pb[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        void *dx = act_new(s, x, n), *dpo = act_new(s, NULL, (size_t)B * D), *ddp = act_new(s, dp, (size_t)B * D);
+        be->meanpool_fwd(be, dpo, dx, B, N, D);
+        act_get(s, pf[s] = hbuf((size_t)B * D), dpo, (size_t)B * D);
+        act_poison(s, dx, n);
+        be->meanpool_bwd(be, dx, ddp, B, N, D);
+        act_get(s, pb[s] = hbuf(n), dx, n);
+        dfree(s, dx);
+        dfree(s, dpo);
+        dfree(s, ddp);
+    }
+    char name[128];
+    snprintf(name, sizeof name, "meanpool_fwd B%d N%d D%d", B, N, D);
+    check(name, pf[DUT], pf[REF], (size_t)B * D, TOL_FWD);
+    snprintf(name, sizeof name, "meanpool_bwd B%d N%d D%d", B, N, D);
+    check(name, pb[DUT], pb[REF], n, TOL_GRAD);
+    for (int s = 0; s < 2; s++) {
+        free(pf[s]);
+        free(pb[s]);
+    }
+    free(x);
+    free(dp);
+}
+
+static void test_xent(int B, int C) {
+    size_t n = (size_t)B * C;
+    float *z = rnd(n, 3.0, 0.0, 1);
+    float *t = hbuf(n);  // soft targets (mixup-like) on even rows, one-hot on odd rows
+    Rng r = rng_stream(5, 6, (uint64_t)C, 0);
+    for (int b = 0; b < B; b++) {
+        float *tb = t + (size_t)b * C;
+        memset(tb, 0, (size_t)C * 4);
+        int c1 = (int)rng_below(&r, (uint64_t)C), c2 = (int)rng_below(&r, (uint64_t)C);
+        if (b % 2) {
+            tb[c1] = 1.0f;
+        } else {
+            float lam = 0.2f + 0.6f * (float)rng_uniform(&r);
+            tb[c1] += lam;
+            tb[c2] += 1.0f - lam;
+        }
+    }
+    float *loss[2], *dl[2], *loss_nd[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        void *dz = act_new(s, z, n), *ddz = act_new(s, NULL, n);
+        float *dt = f32_new(s, t, n), *dlo = f32_new(s, NULL, B);
+        be->xent_fwd_bwd(be, dlo, ddz, dz, dt, B, C, 0.1f, 1.0f / (float)B);
+        f32_get(s, loss[s] = hbuf(B), dlo, B);
+        act_get(s, dl[s] = hbuf(n), ddz, n);
+        dfree(s, dlo);
+        dlo = f32_new(s, NULL, B);
+        be->xent_fwd_bwd(be, dlo, NULL, dz, dt, B, C, 0.0f, 1.0f);  // eval: no gradient, no smoothing
+        f32_get(s, loss_nd[s] = hbuf(B), dlo, B);
+        dfree(s, dz);
+        dfree(s, ddz);
+        dfree(s, dt);
+        dfree(s, dlo);
+    }
+    char name[128];
+    snprintf(name, sizeof name, "xent_fwd_bwd B%d C%d soft targets, smoothing 0.1: losses", B, C);
+    check(name, loss[DUT], loss[REF], B, 1e-4);
+    snprintf(name, sizeof name, "xent_fwd_bwd B%d C%d soft targets, smoothing 0.1: dlogits", B, C);
+    check(name, dl[DUT], dl[REF], n, TOL_GRAD);
+    snprintf(name, sizeof name, "xent_fwd_bwd B%d C%d, dlogits NULL: losses", B, C);
+    check(name, loss_nd[DUT], loss_nd[REF], B, 1e-4);
+    for (int s = 0; s < 2; s++) {
+        free(loss[s]);
+        free(dl[s]);
+        free(loss_nd[s]);
+    }
+    free(z);
+    free(t);
+}
+
+// ---------------------------------------------------------------- attention
+
+// Splits dqkv (B, N, 3D) into its q, k, v parts and checks each.
+static void check_qkv(const char *prefix, const float *got, const float *want, int B, int N, int D, double tol) {
+    size_t rows = (size_t)B * N, n = rows * D;
+    float *g = hbuf(n), *w = hbuf(n);
+    const char *part[3] = {"dq", "dk", "dv"};
+    for (int p = 0; p < 3; p++) {
+        for (size_t r = 0; r < rows; r++) {
+            memcpy(g + r * D, got + r * 3 * D + (size_t)p * D, (size_t)D * 4);
+            memcpy(w + r * D, want + r * 3 * D + (size_t)p * D, (size_t)D * 4);
+        }
+        char name[300];
+        snprintf(name, sizeof name, "%s: %s", prefix, part[p]);
+        check(name, g, w, n, tol);
+    }
+    free(g);
+    free(w);
+}
+
+static void test_attention(int fused, int B, int N, int H, int dh, int with_bias, int with_scale) {
+    int D = H * dh;
+    size_t nqkv = (size_t)B * N * 3 * D, nout = (size_t)B * N * D;
+    float *qkv = rnd(nqkv, 1.0, 0.0, 1), *dout = rnd(nout, 1.0, 0.0, 1);
+    float *bias = rnd((size_t)N * N, 1.0, -2.0, 0), *rs = rnd_uniform(N, 0.5, 1.5);
+    float *out[2], *dq[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+#ifdef USE_CUDA
+        if (s == DUT && !g_cpu_mode) backend_cuda_set_attention(be, fused);
+#endif
+        void *dqkv_in = act_new(s, qkv, nqkv), *o = act_new(s, NULL, nout), *ddo = act_new(s, dout, nout);
+        void *g = act_new(s, NULL, nqkv);
+        float *db = with_bias ? f32_new(s, bias, (size_t)N * N) : NULL;
+        float *drs = with_scale ? f32_new(s, rs, N) : NULL;
+        size_t ns = be->attn_saved_elems(be, B, N, H, dh);
+        float *saved = f32_new(s, NULL, ns);
+        be->attention_fwd(be, o, saved, dqkv_in, db, drs, B, N, H, dh);
+        act_get(s, out[s] = hbuf(nout), o, nout);
+        be->attention_bwd(be, g, ddo, dqkv_in, saved, db, drs, B, N, H, dh);
+        act_get(s, dq[s] = hbuf(nqkv), g, nqkv);
+        dfree(s, dqkv_in);
+        dfree(s, o);
+        dfree(s, ddo);
+        dfree(s, g);
+        dfree(s, db);
+        dfree(s, drs);
+        dfree(s, saved);
+    }
+    char name[200];
+    snprintf(name, sizeof name, "attention%s B%d N%d H%d dh%d%s%s", fused ? " fused" : "", B, N, H, dh,
+             with_bias ? " +bias" : "", with_scale ? " +rowscale" : "");
+    char full[240];
+    snprintf(full, sizeof full, "%s fwd: out", name);
+    check(full, out[DUT], out[REF], nout, TOL_FWD);
+    snprintf(full, sizeof full, "%s bwd", name);
+    check_qkv(full, dq[DUT], dq[REF], B, N, D, TOL_GRAD);
+    for (int s = 0; s < 2; s++) {
+        free(out[s]);
+        free(dq[s]);
+    }
+    free(qkv);
+    free(dout);
+    free(bias);
+    free(rs);
+}
+
+static void group_attention(int fused) {
+    g_fused = fused;
+    const int Ns[2] = {50, 197}, dhs[2] = {32, 64};
+    for (int i = 0; i < 2; i++)
+        for (int j = 0; j < 2; j++)
+            for (int v = 0; v < 4; v++) test_attention(fused, 2, Ns[i], 3, dhs[j], v & 1, v >> 1);
+    test_attention(fused, 3, 256, 2, 64, 1, 1);  // the upper bound on N
+    test_attention(fused, 2, 16, 4, 32, 1, 1);   // Fashion-MNIST at patch 7
+    g_fused = 0;
+#ifdef USE_CUDA
+    if (!g_cpu_mode) backend_cuda_set_attention(S[DUT].be, 0);
+#endif
+}
+
+// ---------------------------------------------------------------- optimizer ops (fp32)
+
+static void test_optim(void) {
+    size_t n = 100003;
+    float *w = rnd(n, 0.01, 0.0, 0), *g = rnd(n, 1.0, 0.0, 0), *m = rnd(n, 0.3, 0.0, 0), *v = hbuf(n);
+    for (size_t i = 0; i < n; i++) v[i] = fabsf(g[(i * 7919) % n]) * 0.05f + 1e-6f;
+    for (int dec = 0; dec < 2; dec++) {
+        AdamArgs a = {.lr = 1e-3f, .beta1 = 0.9f, .beta2 = 0.999f, .eps = 1e-8f, .weight_decay = 0.05f,
+                      .decoupled = dec, .t = 3, .grad_scale = 0.7f};
+        float *wo[2], *mo[2], *vo[2];
+        for (int s = 0; s < 2; s++) {
+            Backend *be = S[s].be;
+            float *dw = f32_new(s, w, n), *dg = f32_new(s, g, n), *dm = f32_new(s, m, n), *dv = f32_new(s, v, n);
+            be->adam_step(be, dw, dg, dm, dv, n, &a);
+            f32_get(s, wo[s] = hbuf(n), dw, n);
+            f32_get(s, mo[s] = hbuf(n), dm, n);
+            f32_get(s, vo[s] = hbuf(n), dv, n);
+            dfree(s, dw);
+            dfree(s, dg);
+            dfree(s, dm);
+            dfree(s, dv);
+        }
+        const char *mode = dec ? "decoupled" : "l2";
+        char name[128];
+        snprintf(name, sizeof name, "adam_step %s (wd 0.05, t 3, grad_scale 0.7): w", mode);
+        check(name, wo[DUT], wo[REF], n, TOL_F32);
+        float *d0 = hbuf(n), *d1 = hbuf(n);
+        for (size_t i = 0; i < n; i++) {
+            d0[i] = (float)((double)wo[REF][i] - w[i]);
+            d1[i] = (float)((double)wo[DUT][i] - w[i]);
+        }
+        snprintf(name, sizeof name, "adam_step %s: the update w1 - w0", mode);
+        check(name, d1, d0, n, 1e-4);
+        snprintf(name, sizeof name, "adam_step %s: m", mode);
+        check(name, mo[DUT], mo[REF], n, TOL_F32);
+        snprintf(name, sizeof name, "adam_step %s: v", mode);
+        check(name, vo[DUT], vo[REF], n, TOL_F32);
+        free(d0);
+        free(d1);
+        for (int s = 0; s < 2; s++) {
+            free(wo[s]);
+            free(mo[s]);
+            free(vo[s]);
+        }
+    }
+    // sumsq, scale, axpy, ema_update, moments, adam_dir
+    double ss[2];
+    float *o_scale[2], *o_axpy[2], *o_ema[2], *o_m[2], *o_v[2], *o_dir[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        float *dg = f32_new(s, g, n), *dw = f32_new(s, w, n), *dm = f32_new(s, m, n), *dv = f32_new(s, v, n);
+        ss[s] = be->sumsq(be, dg, n);
+        float *x = f32_new(s, g, n);
+        be->scale(be, x, n, 0.37f);
+        f32_get(s, o_scale[s] = hbuf(n), x, n);
+        be->upload(be, x, w, n * 4);
+        be->axpy(be, x, dg, n, -0.013f);
+        f32_get(s, o_axpy[s] = hbuf(n), x, n);
+        be->upload(be, x, m, n * 4);
+        be->ema_update(be, x, dw, n, 0.99f);
+        f32_get(s, o_ema[s] = hbuf(n), x, n);
+        be->moments(be, dm, dv, dg, n, 0.9f, 0.999f);
+        f32_get(s, o_m[s] = hbuf(n), dm, n);
+        f32_get(s, o_v[s] = hbuf(n), dv, n);
+        float *out = f32_new(s, NULL, n);
+        be->adam_dir(be, out, dm, dv, n, 1.0f - 0.729f, 1.0f - 0.997003f, 1e-8f);
+        f32_get(s, o_dir[s] = hbuf(n), out, n);
+        dfree(s, dg);
+        dfree(s, dw);
+        dfree(s, dm);
+        dfree(s, dv);
+        dfree(s, x);
+        dfree(s, out);
+    }
+    check_scalar("sumsq n100003 (fp64 result)", ss[DUT], ss[REF], TOL_F32);
+    check("scale", o_scale[DUT], o_scale[REF], n, TOL_F32);
+    check("axpy", o_axpy[DUT], o_axpy[REF], n, TOL_F32);
+    check("ema_update decay 0.99", o_ema[DUT], o_ema[REF], n, TOL_F32);
+    check("moments: m", o_m[DUT], o_m[REF], n, TOL_F32);
+    check("moments: v", o_v[DUT], o_v[REF], n, TOL_F32);
+    check("adam_dir", o_dir[DUT], o_dir[REF], n, TOL_F32);
+    for (int s = 0; s < 2; s++) {
+        free(o_scale[s]);
+        free(o_axpy[s]);
+        free(o_ema[s]);
+        free(o_m[s]);
+        free(o_v[s]);
+        free(o_dir[s]);
+    }
+    free(w);
+    free(g);
+    free(m);
+    free(v);
+}
+
+static void test_gemm(int M, int N, int K, int tA, int tB) {
+    int ar = tA ? K : M, ac = tA ? M : K, br = tB ? N : K, bc = tB ? K : N;
+    int lda = ac + 3, ldb = bc + 2, ldc = N + 4;
+    size_t nA = (size_t)ar * lda, nB = (size_t)br * ldb, nC = (size_t)M * ldc;
+    float *A = rnd(nA, 1.0, 0.0, 0), *Bm = rnd(nB, 1.0, 0.0, 0), *C0 = rnd(nC, 1.0, 0.0, 0);
+    float *Co[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        float *dA = f32_new(s, A, nA), *dB = f32_new(s, Bm, nB), *dC = f32_new(s, C0, nC);
+        be->gemm(be, tA, tB, M, N, K, 1.3f, dA, lda, dB, ldb, 0.5f, dC, ldc);
+        f32_get(s, Co[s] = hbuf(nC), dC, nC);
+        dfree(s, dA);
+        dfree(s, dB);
+        dfree(s, dC);
+    }
+    char name[128];
+    snprintf(name, sizeof name, "gemm %c%c M%d N%d K%d (fp32, padded ld, beta 0.5)", tA ? 'T' : 'N', tB ? 'T' : 'N',
+             M, N, K);
+    check(name, Co[DUT], Co[REF], nC, TOL_GEMM);
+    free(Co[0]);
+    free(Co[1]);
+    free(A);
+    free(Bm);
+    free(C0);
+}
+
+static void test_copy2d(void) {
+    int rows = 37, cols = 29, lds = 50, ldd = 41;
+    float *src = rnd((size_t)rows * lds, 1.0, 0.0, 0), *dst0 = rnd((size_t)rows * ldd, 1.0, 0.0, 0);
+    float *o[2];
+    for (int s = 0; s < 2; s++) {
+        float *ds = f32_new(s, src, (size_t)rows * lds), *dd = f32_new(s, dst0, (size_t)rows * ldd);
+        S[s].be->copy2d(S[s].be, dd, ldd, ds, lds, rows, cols);
+        f32_get(s, o[s] = hbuf((size_t)rows * ldd), dd, (size_t)rows * ldd);
+        dfree(s, ds);
+        dfree(s, dd);
+    }
+    check("copy2d 37x29, lds 50, ldd 41 (padding untouched)", o[DUT], o[REF], (size_t)rows * ldd, 0.0);
+    free(o[0]);
+    free(o[1]);
+    free(src);
+    free(dst0);
+}
+
+static void test_signal_stats(int B, int N, int D) {
+    size_t n = (size_t)B * N * D;
+    float *x = rnd(n, 1.0, 0.0, 1), *common = rnd((size_t)B * D, 1.0, 0.0, 0);
+    for (int b = 0; b < B; b++)  // tokens of one image share a component: mean cosine about 0.5
+        for (int t = 0; t < N; t++)
+            for (int d = 0; d < D; d++) {
+                float *e = &x[((size_t)b * N + t) * D + d];
+                *e = bfround(*e + common[(size_t)b * D + d]);
+            }
+    double sq[2], cs[2];
+    for (int s = 0; s < 2; s++) {
+        void *dx = act_new(s, x, n);
+        S[s].be->signal_stats(S[s].be, dx, B, N, D, &sq[s], &cs[s]);
+        dfree(s, dx);
+    }
+    check_scalar("signal_stats: mean square", sq[DUT], sq[REF], 1e-4);
+    check_scalar("signal_stats: mean token cosine", cs[DUT], cs[REF], 1e-4);
+    free(x);
+    free(common);
+}
+
+// ---------------------------------------------------------------- one whole training step
+
+typedef struct {
+    float *logits, *losses, *grads, *w1, *logits2;
+    double gnorm;
+} StepOut;
+
+static void run_step(int s, const ModelConfig *mc, int B, const float *images, const float *targets, int decoupled,
+                     StepOut *o, float **w0_out, Model **mout) {
+    Backend *be = S[s].be;
+    Model *m = model_create(mc, be, B);
+    model_init(m, 3407);
+    if (w0_out) f32_get(s, *w0_out = hbuf(m->num_params), m->params, m->num_params);
+    size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
+    size_t C = (size_t)mc->num_classes;
+    be->upload(be, m->input, images, (size_t)B * img * 4);
+    be->upload(be, m->targets, targets, (size_t)B * C * 4);
+    model_zero_grad(m);
+    model_forward(m, B, 1, 3407, 1, 0);
+    model_loss(m, B, 0.1f, 1.0f / (float)B, 1);
+    model_backward(m, B, 3407, 1, 0);
+    act_get(s, o->logits = hbuf((size_t)B * C), m->logits, (size_t)B * C);
+    f32_get(s, o->losses = hbuf(B), m->losses, B);
+    f32_get(s, o->grads = hbuf(m->num_params), m->grads, m->num_params);
+    o->gnorm = grad_global_norm(m);
+    Adam a;
+    AdamConfig ac = {.lr0 = 1e-3, .weight_decay = 0.05, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8,
+                     .decoupled = decoupled};
+    adam_create(&a, m, &ac);
+    adam_step(&a, m, 1e-3, clip_factor(o->gnorm, 1.0));
+    f32_get(s, o->w1 = hbuf(m->num_params), m->params, m->num_params);
+    model_forward(m, B, 0, 0, 0, 0);  // eval forward with the updated weights: the bf16 shadow was refreshed
+    act_get(s, o->logits2 = hbuf((size_t)B * C), m->logits, (size_t)B * C);
+    adam_free(&a, m);
+    *mout = m;
+}
+
+static void test_step(const char *label, ModelConfig mc, int B) {
+    size_t img = (size_t)mc.channels * mc.image_size * mc.image_size, C = (size_t)mc.num_classes;
+    float *images = rnd((size_t)B * img, 1.0, 0.0, 0);
+    float *targets = xcalloc((size_t)B * C * 4, "targets");
+    for (int b = 0; b < B; b++) {
+        targets[(size_t)b * C + (size_t)(b * 7 + 3) % C] += 0.7f;
+        targets[(size_t)b * C + (size_t)(b * 3 + 1) % C] += 0.3f;
+    }
+    StepOut o[2];
+    float *w0 = NULL;
+    Model *m[2];
+    int decoupled = mc.seed_compat ? 0 : 1;  // both weight-decay modes over the cases
+    for (int s = 0; s < 2; s++) run_step(s, &mc, B, images, targets, decoupled, &o[s], s == REF ? &w0 : NULL, &m[s]);
+    Model *ref = m[REF];
+    char name[256];
+    double lr = 0, lg = 0;
+    for (int b = 0; b < B; b++) {
+        lr += o[REF].losses[b];
+        lg += o[DUT].losses[b];
+    }
+    snprintf(name, sizeof name, "step %s: mean loss", label);
+    check_scalar(name, lg / B, lr / B, 1e-2);
+    snprintf(name, sizeof name, "step %s: per-sample losses", label);
+    check(name, o[DUT].losses, o[REF].losses, B, 3e-2);
+    snprintf(name, sizeof name, "step %s: logits", label);
+    check(name, o[DUT].logits, o[REF].logits, (size_t)B * C, 3e-2);
+    snprintf(name, sizeof name, "step %s: global grad norm", label);
+    check_scalar(name, o[DUT].gnorm, o[REF].gnorm, 3e-2);
+    // Every trainable tensor: gradient, and the weights after one Adam step.
+    int nt = 0, bad_g = 0, bad_w = 0, worst_g = -1, worst_w = -1;
+    double wg = -1, ww = -1, worst_flip = 0;
+    int worst_flip_t = -1;
+    for (int i = 0; i < ref->ntensors; i++) {
+        const TensorInfo *t = &ref->tensors[i];
+        if (!t->trainable) continue;
+        nt++;
+        const float *gg = o[DUT].grads + t->offset, *gr = o[REF].grads + t->offset;
+        Diff dg = diff(gg, gr, t->numel);
+        int okg = dg.nonfinite == 0 && dg.rel <= 5e-2;
+        if (!okg) bad_g++;
+        if (dg.rel > wg) wg = dg.rel, worst_g = i;
+        if (!okg || g_verbose)
+            printf("#   %s grad %-40s rel=%.2e max_abs=%.2e |g|=%.2e tol=5e-02\n", okg ? "ok    " : "NOT OK",
+                   t->name, dg.rel, dg.max_abs, dg.norm);
+        // weights: rel to ||w|| for tensors with a non-zero init; direction of the update everywhere
+        const float *w1g = o[DUT].w1 + t->offset, *w1r = o[REF].w1 + t->offset, *w0t = w0 + t->offset;
+        double n0 = 0, rms = 0;
+        for (size_t j = 0; j < t->numel; j++) {
+            n0 += (double)w0t[j] * w0t[j];
+            rms += (double)gr[j] * gr[j];
+        }
+        rms = sqrt(rms / (double)t->numel);
+        size_t strong = 0, flips = 0;
+        for (size_t j = 0; j < t->numel; j++) {
+            if (fabs(gr[j]) <= 0.1 * rms) continue;
+            strong++;
+            double d1 = (double)w1g[j] - w0t[j], d0 = (double)w1r[j] - w0t[j];
+            if (!(fabs(d1 - d0) <= 1e-3)) flips++;  // lr = 1e-3: a flipped update differs by ~2 lr; NaN counts
+        }
+        double flip = strong ? (double)flips / (double)strong : 0.0;
+        Diff dw = diff(w1g, w1r, t->numel);
+        int okw = dw.nonfinite == 0 && flip <= 0.01 && (n0 == 0.0 || dw.rel <= 1e-2);
+        if (!okw) bad_w++;
+        if (n0 > 0 && dw.rel > ww) ww = dw.rel, worst_w = i;
+        if (flip > worst_flip || worst_flip_t < 0) worst_flip = flip, worst_flip_t = i;
+        if (!okw || g_verbose)
+            printf("#   %s weights %-37s rel=%.2e (%s) updates the other way: %.2f %% of %zu\n",
+                   okw ? "ok    " : "NOT OK", t->name, dw.rel, n0 > 0 ? "tol 1e-02" : "zero init, not checked",
+                   100 * flip, strong);
+    }
+    snprintf(name, sizeof name, "step %s: gradients of all %d trainable tensors", label, nt);
+    report(bad_g == 0, name, "%d over tol, worst %s rel=%.2e, tol=5e-02", bad_g,
+           worst_g >= 0 ? ref->tensors[worst_g].name : "-", wg);
+    snprintf(name, sizeof name, "step %s: weights after one Adam step (%s)", label, decoupled ? "decoupled" : "l2");
+    report(bad_w == 0, name, "%d tensors failed, worst rel %s %.2e (tol 1e-02), most updates the other way %s %.2f %% "
+           "(tol 1 %%)", bad_w, worst_w >= 0 ? ref->tensors[worst_w].name : "-", ww,
+           worst_flip_t >= 0 ? ref->tensors[worst_flip_t].name : "-", 100 * worst_flip);
+    snprintf(name, sizeof name, "step %s: logits after the step (bf16 weight shadow refreshed)", label);
+    check(name, o[DUT].logits2, o[REF].logits2, (size_t)B * C, 3e-2);
+    for (int s = 0; s < 2; s++) {
+        free(o[s].logits);
+        free(o[s].losses);
+        free(o[s].grads);
+        free(o[s].w1);
+        free(o[s].logits2);
+        model_free(m[s]);
+    }
+    free(w0);
+    free(images);
+    free(targets);
+    for (int s = 0; s < 2; s++) S[s].be->set_params(S[s].be, S[s].params, S[s].cap);  // the op tests' buffer again
+}
+
+static void group_step(void) {
+    ModelConfig base = {.arch = ARCH_SIMPLEST, .image_size = 32, .patch_size = 4, .channels = 3, .num_classes = 10,
+                        .dim = 64, .depth = 8, .heads = 2, .mlp_dim = 128, .eta = 0.9, .gamma_L = 0.005,
+                        .qkv_bias = 1, .mlp_bias = 1};
+    for (int arch = 0; arch < 2; arch++)
+        for (int compat = 0; compat < 2; compat++) {
+            ModelConfig mc = base;
+            mc.arch = arch ? ARCH_SIMPLEVIT : ARCH_SIMPLEST;
+            mc.seed_compat = compat;
+            if (arch) mc.heads = 4;
+            char label[160];
+            snprintf(label, sizeof label, "%s%s 32px p4 D64 L8 H%d", arch ? "simplevit" : "simplest",
+                     compat ? " seed_compat" : " default", mc.heads);
+            test_step(label, mc, 8);
+        }
+    // dh 64 at 196 tokens, with token dropout (the mask must match inside the model too)
+    for (int arch = 0; arch < 2; arch++) {
+        ModelConfig mc = base;
+        mc.arch = arch ? ARCH_SIMPLEVIT : ARCH_SIMPLEST;
+        mc.image_size = 28;
+        mc.patch_size = 2;
+        mc.channels = 1;
+        mc.dim = 128;
+        mc.heads = 2;
+        mc.mlp_dim = 256;
+        mc.drop_p = 0.1f;
+        char label[160];
+        snprintf(label, sizeof label, "%s default 28px p2 (N196) D128 H2 (dh64) drop 0.1", arch ? "simplevit" : "simplest");
+        test_step(label, mc, 4);
+    }
+}
+
+// ---------------------------------------------------------------- planted faults (--cpu-faults)
+
+// Harness self-test without a GPU: the CPU backend under test gets four planted bugs, each of which some check
+// must report: dW overwritten instead of accumulated, a dropout mask from another seed, LayerNorm's dx
+// overwritten, GELU leaving its last element unwritten.
+static Backend g_orig;
+static void fault_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, const void *dout, const void *inp,
+                             const float *W, int R, int Din, int Dout) {
+    be->zero(be, dW, (size_t)Dout * Din * 4);
+    g_orig.matmul_bwd(be, dinp, dW, dbias, dout, inp, W, R, Din, Dout);
+}
+static void fault_dropout_fwd(Backend *be, void *y, const void *x, int B, size_t per, float p, uint64_t seed,
+                              uint64_t step, uint64_t first_pos) {
+    g_orig.dropout_fwd(be, y, x, B, per, p, seed + 1, step, first_pos);
+}
+static void fault_layernorm_bwd(Backend *be, void *dx, float *dgamma, float *dbeta, const void *dy, const void *x,
+                                const float *mean, const float *rstd, const float *gamma, int R, int D) {
+    be->zero(be, dx, (size_t)R * D * be->act_size);
+    g_orig.layernorm_bwd(be, dx, dgamma, dbeta, dy, x, mean, rstd, gamma, R, D);
+}
+static void fault_gelu_fwd(Backend *be, void *y, const void *x, size_t n) {
+    g_orig.gelu_fwd(be, y, x, n);
+    ((float *)y)[n - 1] = NAN;  // as if never written (the poison)
+}
+static void plant_faults(Backend *be) {
+    g_orig = *be;
+    be->matmul_bwd = fault_matmul_bwd;
+    be->dropout_fwd = fault_dropout_fwd;
+    be->layernorm_bwd = fault_layernorm_bwd;
+    be->gelu_fwd = fault_gelu_fwd;
+}
+
+// ---------------------------------------------------------------- main
+
+static void group_ops(void) {
+    test_patch_unfold(3, 3, 32, 4);
+    test_patch_unfold(2, 1, 28, 7);
+    test_patch_unfold(2, 3, 224, 16);
+    test_matmul(200, 49, 64);    // Fashion-MNIST patch embedding (odd K)
+    test_matmul(394, 128, 384);  // qkv
+    test_matmul(256, 256, 10);   // a head
+    test_matmul(130, 96, 160);
+    test_posemb_add();
+    test_activations();
+    test_layernorm(200, 64);
+    test_layernorm(394, 384);
+    test_dropout(4, 50 * 64, 0.1f, 3407, 5, 8);
+    test_dropout(3, 197 * 96 + 5, 0.5f, 0xFFFFFFFFFFull, 123456789012ull, 1000003);
+    test_meanpool(4, 50, 64);
+    test_meanpool(3, 197, 384);
+    test_xent(8, 10);
+    test_xent(16, 1000);
+}
+
+static void group_optim(void) {
+    test_optim();
+    for (int t = 0; t < 4; t++) test_gemm(70, 50, 90, t & 1, t >> 1);
+    for (int t = 0; t < 4; t++) test_gemm(384, 384, 384, t & 1, t >> 1);
+    test_copy2d();
+    test_signal_stats(4, 50, 64);
+}
+
+int main(int argc, char **argv) {
+    const char *groups[8];
+    int ngroups = 0, device = 0, faults = 0;
+#ifndef USE_CUDA
+    g_cpu_mode = 1;
+#endif
+    for (int i = 1; i < argc; i++) {
+        if (!strcmp(argv[i], "--group") && i + 1 < argc && ngroups < 8) groups[ngroups++] = argv[++i];
+        else if (!strcmp(argv[i], "--cpu")) g_cpu_mode = 1;
+        else if (!strcmp(argv[i], "--cpu-faults")) g_cpu_mode = faults = 1;
+        else if (!strcmp(argv[i], "--device") && i + 1 < argc) device = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "-v")) g_verbose = 1;
+        else {
+            fprintf(stderr, "usage: %s [--group ops|attn|fused|optim|step]... [--cpu | --cpu-faults] [--device N] [-v]\n",
+                    argv[0]);
+            return 64;
+        }
+    }
+    if (!ngroups) {
+        static const char *all[] = {"ops", "attn", "fused", "optim", "step"};
+        for (int i = 0; i < 5; i++) groups[ngroups++] = all[i];
+    }
+    S[REF].be = backend_cpu_create(0);
+#ifdef USE_CUDA
+    if (!g_cpu_mode) {
+        if (!backend_cuda_available()) {
+            printf("Bail out! no usable GPU (backend_cuda_available() = 0)\n");
+            return 77;
+        }
+        S[DUT].be = backend_cuda_create(device);
+    }
+#endif
+    if (g_cpu_mode) {
+        printf("# --cpu: the CPU backend against a second CPU backend (a self-check of this harness, no GPU)\n");
+        S[DUT].be = backend_cpu_create(1);
+        if (faults) {
+            printf("# --cpu-faults: four planted bugs in the backend under test; checks must fail\n");
+            plant_faults(S[DUT].be);
+        }
+    }
+    (void)device;
+    printf("# reference: %s (act %s); under test: %s (act %s)\n", S[REF].be->name,
+           S[REF].be->act_dtype == DTYPE_BF16 ? "bf16" : "fp32", S[DUT].be->name,
+           S[DUT].be->act_dtype == DTYPE_BF16 ? "bf16" : "fp32");
+    for (int s = 0; s < 2; s++) {
+        S[s].cap = PARAM_CAP;
+        S[s].params = S[s].be->alloc(S[s].be, PARAM_CAP * 4, "test params");
+        S[s].be->set_params(S[s].be, S[s].params, PARAM_CAP);
+    }
+    double t0 = now_sec();
+    for (int gi = 0; gi < ngroups; gi++) {
+        g_group = groups[gi];
+        printf("# group %s\n", g_group);
+        fflush(stdout);
+        if (!strcmp(g_group, "ops")) group_ops();
+        else if (!strcmp(g_group, "attn")) group_attention(0);
+        else if (!strcmp(g_group, "fused")) group_attention(1);
+        else if (!strcmp(g_group, "optim")) group_optim();
+        else if (!strcmp(g_group, "step")) group_step();
+        else {
+            fprintf(stderr, "unknown group %s\n", g_group);
+            return 64;
+        }
+    }
+    int total = g_pass + g_fail_core + g_fail_fused;
+    printf("# summary: %d checks, %d passed, %d failed outside the fused attention, %d failed in the fused "
+           "attention%s (%.1f s)\n",
+           total, g_pass, g_fail_core, g_fail_fused,
+           g_fail_fused ? " (labelled [fused attention]: the unfused attention is the fallback)" : "",
+           now_sec() - t0);
+    if (g_fail_core) printf("# first failure: %s\n", g_worst_core);
+    for (int s = 0; s < 2; s++) S[s].be->free(S[s].be, S[s].params);
+    S[DUT].be->destroy(S[DUT].be);
+    S[REF].be->destroy(S[REF].be);
+    return g_fail_core ? 1 : g_fail_fused ? 2 : 0;
+}
