@@ -49,7 +49,17 @@ typedef __nv_bfloat16 bf16;
 
 // ---------------------------------------------------------------- state
 
+// cuBLASLt's heuristic costs tens of microseconds per call: its answer is cached per GEMM signature.
 typedef struct {
+    int key[16];
+    int found;  // 0: Lt has no algorithm for this signature
+    cublasLtMatmulAlgo_t algo;
+} LtAlgo;
+#define LT_CACHE 256
+
+typedef struct {
+    LtAlgo lt_cache[LT_CACHE];
+    int lt_cached;
     int device;
     cudaStream_t st;
     cublasHandle_t blas;
@@ -234,12 +244,30 @@ static int lt_try(CudaImpl *im, int transA, int transB, int m, int n, int k, flo
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, &al_b, 4));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, 4));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, 4));
-    cublasLtMatmulHeuristicResult_t res;
-    int found = 0;
-    cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(im->lt, op, la, lb, ld, ld, pref, 1, &res, &found);
+    int key[16] = {transA, transB, m, n, k, (int)ta, lda, (int)tb, ldb, (int)td, ldd, (int)al_a, (int)al_b,
+                   (int)al_d, bias != NULL, 0};
+    LtAlgo *hit = NULL;
+    for (int i = 0; i < im->lt_cached && !hit; i++)
+        if (!memcmp(im->lt_cache[i].key, key, sizeof key)) hit = &im->lt_cache[i];
+    if (!hit) {
+        cublasLtMatmulHeuristicResult_t res;
+        int found = 0;
+        cublasStatus_t hs = cublasLtMatmulAlgoGetHeuristic(im->lt, op, la, lb, ld, ld, pref, 1, &res, &found);
+        LtAlgo fresh;
+        memcpy(fresh.key, key, sizeof key);
+        fresh.found = hs == CUBLAS_STATUS_SUCCESS && found > 0;
+        if (fresh.found) fresh.algo = res.algo;
+        if (im->lt_cached < LT_CACHE) {
+            im->lt_cache[im->lt_cached] = fresh;
+            hit = &im->lt_cache[im->lt_cached++];
+        } else {
+            im->lt_cache[0] = fresh;  // full (not expected: a model has a few dozen signatures)
+            hit = &im->lt_cache[0];
+        }
+    }
     cublasStatus_t ms = CUBLAS_STATUS_NOT_SUPPORTED;
-    if (hs == CUBLAS_STATUS_SUCCESS && found > 0)
-        ms = cublasLtMatmul(im->lt, op, &alpha, A, la, B, lb, &beta, D, ld, D, ld, &res.algo, im->lt_ws,
+    if (hit->found)
+        ms = cublasLtMatmul(im->lt, op, &alpha, A, la, B, lb, &beta, D, ld, D, ld, &hit->algo, im->lt_ws,
                             im->lt_ws_bytes, im->st);
     cublasLtMatmulPreferenceDestroy(pref);
     cublasLtMatrixLayoutDestroy(la);
@@ -247,7 +275,7 @@ static int lt_try(CudaImpl *im, int transA, int transB, int m, int n, int k, flo
     cublasLtMatrixLayoutDestroy(ld);
     cublasLtMatmulDescDestroy(op);
     if (ms == CUBLAS_STATUS_SUCCESS) return 1;
-    if (hs == CUBLAS_STATUS_SUCCESS && found > 0) CUBLAS_CHECK(ms);  // an algorithm was offered and then failed
+    if (hit->found) CUBLAS_CHECK(ms);  // an algorithm was offered and then failed
     return 0;
 }
 
@@ -382,73 +410,100 @@ static void cu_patch_unfold(Backend *be, void *patches, const float *img, int B,
     KERNEL_CHECK("patch_unfold");
 }
 
-__global__ void k_add_posemb(bf16 *x, const float *pe, size_t total, size_t ND) {
-    GRID_STRIDE(i, total) x[i] = __float2bfloat16(__bfloat162float(x[i]) + pe[i % ND]);
+// Elementwise maps over bf16: out[i] = f(a[i], b[i], i) in fp32, rounded once. Eight elements (16 bytes) per
+// thread when every pointer is 16-byte aligned (the tail and unaligned buffers go element by element).
+template <class F>
+__global__ void k_map(bf16 *out, const bf16 *a, const bf16 *b, size_t n, size_t nvec, F f) {
+    size_t tid = blockIdx.x * (size_t)blockDim.x + threadIdx.x, stride = (size_t)gridDim.x * blockDim.x;
+    for (size_t v = tid; v < nvec; v += stride) {
+        int4 ra = ((const int4 *)a)[v], rb = b ? ((const int4 *)b)[v] : ra, ro;
+        const bf16 *pa = (const bf16 *)&ra, *pb = (const bf16 *)&rb;
+        bf16 *po = (bf16 *)&ro;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            po[k] = __float2bfloat16(f(__bfloat162float(pa[k]), __bfloat162float(pb[k]), v * 8 + k));
+        ((int4 *)out)[v] = ro;
+    }
+    for (size_t i = nvec * 8 + tid; i < n; i += stride)
+        out[i] = __float2bfloat16(f(__bfloat162float(a[i]), b ? __bfloat162float(b[i]) : 0.0f, i));
 }
+
+template <class F>
+static void launch_map(CudaImpl *im, void *out, const void *a, const void *b, size_t n, F f, const char *name) {
+    int vec = ((uintptr_t)out % 16 == 0) && ((uintptr_t)a % 16 == 0) && (!b || (uintptr_t)b % 16 == 0);
+    size_t nvec = vec ? n / 8 : 0;
+    size_t work = nvec ? nvec : n;
+    unsigned grid = grid_for(work, 256);
+    unsigned cap = (unsigned)im->sms * 16;  // grid-stride beyond a few waves
+    if (grid > cap) grid = cap;
+    k_map<<<grid, 256, 0, im->st>>>((bf16 *)out, (const bf16 *)a, (const bf16 *)b, n, nvec, f);
+    KERNEL_CHECK(name);
+}
+
+struct PosembF {
+    const float *pe;
+    size_t nd;
+    __device__ float operator()(float x, float, size_t i) const { return x + pe[i % nd]; }
+};
+struct AddF {
+    __device__ float operator()(float x, float y, size_t) const { return x + y; }
+};
+struct TreluF {
+    float s, sn;
+    __device__ float operator()(float x, float, size_t) const { return x > 0.0f ? s * x : sn * x; }
+};
+struct TreluBwdF {  // (dy, y)
+    float s, sn;
+    __device__ float operator()(float g, float y, size_t) const { return g * (y > 0.0f ? s : sn); }
+};
+struct GeluF {
+    __device__ float operator()(float x, float, size_t) const {
+        return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+    }
+};
+struct GeluBwdF {  // (dy, x)
+    __device__ float operator()(float g, float x, size_t) const {
+        float cdf = 0.5f * (1.0f + erff(x * 0.70710678118654752f));
+        float pdf = 0.3989422804014327f * expf(-0.5f * x * x);
+        return g * (cdf + x * pdf);
+    }
+};
+struct RowscaleF {  // x (B, N, D): row n scaled by rs[n]
+    const float *rs;
+    int N, D;
+    __device__ float operator()(float x, float, size_t i) const { return x * rs[(i / D) % N]; }
+};
+struct DropoutF {  // sample i / per_sample keeps element j iff its counter uniform >= p (rng.h, same as the CPU)
+    size_t per_sample;
+    float p, keep_scale;
+    uint64_t seed, step, first_pos;
+    __device__ float operator()(float x, float, size_t i) const {
+        uint64_t b = i / per_sample, j = i % per_sample;
+        uint64_t key = rng_key(seed, RNG_DROPOUT, step, first_pos + b);
+        return rng_counter_uniform(key, j) >= p ? x * keep_scale : 0.0f;
+    }
+};
 
 static void cu_add_posemb(Backend *be, void *x, const float *pe, int B, int N, int D) {
-    size_t total = (size_t)B * N * D;
-    k_add_posemb<<<grid_for(total, 256), 256, 0, IM(be)->st>>>((bf16 *)x, pe, total, (size_t)N * D);
-    KERNEL_CHECK("add_posemb");
-}
-
-__global__ void k_add(bf16 *out, const bf16 *a, const bf16 *b, size_t n) {
-    GRID_STRIDE(i, n) out[i] = __float2bfloat16(__bfloat162float(a[i]) + __bfloat162float(b[i]));
+    launch_map(IM(be), x, x, NULL, (size_t)B * N * D, PosembF{pe, (size_t)N * D}, "add_posemb");
 }
 
 static void cu_add(Backend *be, void *out, const void *a, const void *b, size_t n) {
-    k_add<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)out, (const bf16 *)a, (const bf16 *)b, n);
-    KERNEL_CHECK("add");
-}
-
-__global__ void k_trelu_fwd(bf16 *y, const bf16 *x, size_t n, float s, float sn) {
-    GRID_STRIDE(i, n) {
-        float v = __bfloat162float(x[i]);
-        y[i] = __float2bfloat16(v > 0.0f ? s * v : sn * v);
-    }
-}
-
-__global__ void k_trelu_bwd(bf16 *dx, const bf16 *dy, const bf16 *y, size_t n, float s, float sn) {
-    GRID_STRIDE(i, n) {
-        float g = __bfloat162float(dy[i]);
-        dx[i] = __float2bfloat16(g * (__bfloat162float(y[i]) > 0.0f ? s : sn));
-    }
+    launch_map(IM(be), out, a, b, n, AddF{}, "add");
 }
 
 static void cu_trelu_fwd(Backend *be, void *y, const void *x, size_t n, float s, float a) {
-    k_trelu_fwd<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)y, (const bf16 *)x, n, s, s * a);
-    KERNEL_CHECK("trelu_fwd");
+    launch_map(IM(be), y, x, NULL, n, TreluF{s, s * a}, "trelu_fwd");
 }
 
 static void cu_trelu_bwd(Backend *be, void *dx, const void *dy, const void *y, size_t n, float s, float a) {
-    k_trelu_bwd<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)dx, (const bf16 *)dy, (const bf16 *)y, n, s, s * a);
-    KERNEL_CHECK("trelu_bwd");
+    launch_map(IM(be), dx, dy, y, n, TreluBwdF{s, s * a}, "trelu_bwd");
 }
 
-__global__ void k_gelu_fwd(bf16 *y, const bf16 *x, size_t n) {
-    GRID_STRIDE(i, n) {
-        float v = __bfloat162float(x[i]);
-        y[i] = __float2bfloat16(0.5f * v * (1.0f + erff(v * 0.70710678118654752f)));
-    }
-}
-
-__global__ void k_gelu_bwd(bf16 *dx, const bf16 *dy, const bf16 *x, size_t n) {
-    GRID_STRIDE(i, n) {
-        float v = __bfloat162float(x[i]);
-        float cdf = 0.5f * (1.0f + erff(v * 0.70710678118654752f));
-        float pdf = 0.3989422804014327f * expf(-0.5f * v * v);
-        dx[i] = __float2bfloat16(__bfloat162float(dy[i]) * (cdf + v * pdf));
-    }
-}
-
-static void cu_gelu_fwd(Backend *be, void *y, const void *x, size_t n) {
-    k_gelu_fwd<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)y, (const bf16 *)x, n);
-    KERNEL_CHECK("gelu_fwd");
-}
+static void cu_gelu_fwd(Backend *be, void *y, const void *x, size_t n) { launch_map(IM(be), y, x, NULL, n, GeluF{}, "gelu_fwd"); }
 
 static void cu_gelu_bwd(Backend *be, void *dx, const void *dy, const void *x, size_t n) {
-    k_gelu_bwd<<<grid_for(n, 256), 256, 0, IM(be)->st>>>((bf16 *)dx, (const bf16 *)dy, (const bf16 *)x, n);
-    KERNEL_CHECK("gelu_bwd");
+    launch_map(IM(be), dx, dy, x, n, GeluBwdF{}, "gelu_bwd");
 }
 
 // ---------------------------------------------------------------- layernorm (one warp per row)
@@ -556,14 +611,6 @@ __global__ void k_softmax_rows(bf16 *P, const float *S, const float *bias, int B
     for (int j = lane; j < N; j += 32) Pi[j] = __float2bfloat16(__expf(Si[j] + (Bi ? Bi[j] : 0.0f) - mx) * inv);
 }
 
-// x (B, N, D) bf16: row i of every image scaled by rs[i] (into y; may alias).
-__global__ void k_rowscale(bf16 *y, const bf16 *x, const float *rs, int N, int D, size_t total) {
-    GRID_STRIDE(idx, total) {
-        int i = (int)((idx / D) % N);
-        y[idx] = __float2bfloat16(__bfloat162float(x[idx]) * rs[i]);
-    }
-}
-
 // dS = P * (dP - rowsum(P * dP)) * scale, one warp per row, for head h; dP fp32 (B, N, N), dS bf16 (B, N, N).
 __global__ void k_softmax_bwd(bf16 *dS, const float *dP, const bf16 *P, int B, int N, int H, int h, float scale) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -604,8 +651,7 @@ static void attn_fwd_unfused(CudaImpl *im, bf16 *out, bf16 *P, const bf16 *qkv, 
     }
     if (rowscale) {
         size_t total = (size_t)B * N * D;
-        k_rowscale<<<grid_for(total, 256), 256, 0, im->st>>>(out, out, rowscale, N, D, total);
-        KERNEL_CHECK("rowscale");
+        launch_map(im, out, out, NULL, total, RowscaleF{rowscale, N, D}, "rowscale");
     }
 }
 
@@ -622,8 +668,7 @@ static void attn_bwd_unfused(CudaImpl *im, bf16 *dqkv, const bf16 *dout, const b
     const bf16 *U = dout;
     if (rowscale) {
         size_t total = (size_t)B * N * D;
-        k_rowscale<<<grid_for(total, 256), 256, 0, im->st>>>(dU, dout, rowscale, N, D, total);
-        KERNEL_CHECK("rowscale");
+        launch_map(im, dU, dout, NULL, total, RowscaleF{rowscale, N, D}, "rowscale");
         U = dU;
     }
     long long sq = (long long)N * D3, sNN = (long long)N * N, sO = (long long)N * D, sP = (long long)H * N * N;
@@ -679,22 +724,10 @@ void backend_cuda_set_attention(Backend *be, int fused) { IM(be)->fused_attn = f
 
 // ---------------------------------------------------------------- dropout, pooling, loss
 
-__global__ void k_dropout(bf16 *y, const bf16 *x, size_t per_sample, size_t total, float p, float keep_scale,
-                          uint64_t seed, uint64_t step, uint64_t first_pos) {
-    GRID_STRIDE(i, total) {
-        uint64_t b = i / per_sample, j = i % per_sample;
-        uint64_t key = rng_key(seed, RNG_DROPOUT, step, first_pos + b);
-        y[i] = rng_counter_uniform(key, j) >= p ? __float2bfloat16(__bfloat162float(x[i]) * keep_scale)
-                                                : __float2bfloat16(0.0f);
-    }
-}
-
 static void cu_dropout_fwd(Backend *be, void *y, const void *x, int B, size_t per_sample, float p, uint64_t seed,
                            uint64_t step, uint64_t first_pos) {
-    size_t total = (size_t)B * per_sample;
-    k_dropout<<<grid_for(total, 256), 256, 0, IM(be)->st>>>((bf16 *)y, (const bf16 *)x, per_sample, total, p,
-                                                            1.0f / (1.0f - p), seed, step, first_pos);
-    KERNEL_CHECK("dropout");
+    launch_map(IM(be), y, x, NULL, (size_t)B * per_sample,
+               DropoutF{per_sample, p, 1.0f / (1.0f - p), seed, step, first_pos}, "dropout");
 }
 
 static void cu_dropout_bwd(Backend *be, void *dx, const void *dy, int B, size_t per_sample, float p, uint64_t seed,
