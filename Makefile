@@ -135,10 +135,11 @@ gpu-check:
 # tests/gpu/run.sh (or tests/gpu/unpack-debs.sh PREFIX) unpacks them with dpkg -x into a prefix, never into /, and
 # builds with EXTRA_CFLAGS/EXTRA_LDFLAGS pointing there (-Wl,-rpath, so nothing else needs setting at run time).
 # Runtime libraries that ldd showed the binary needs: libcjson.so.1, libopenblas.so.0 (+ libgfortran.so.5,
-# libquadmath.so.0), liblapacke.so.3 (whose liblapack.so.3 and libblas.so.3 come from the openblas-pthread folder,
-# so liblapack3 and libblas3 are not needed), libz.so.1 (zlib1g: the dev package's libz.so points at it).
+# libquadmath.so.0), liblapacke.so.3 (+ libtmglib.so.3; its liblapack.so.3 and libblas.so.3 come from the
+# openblas-pthread folder, so liblapack3 and libblas3 are not needed), libz.so.1 (zlib1g: the dev package's libz.so
+# points at it). The rest is the toolchain's (libc, libm, libgomp, libstdc++, libgcc_s) and CUDA's.
 VENDOR_DEBS := libcjson1 libcjson-dev libopenblas0-pthread libopenblas-pthread-dev libopenblas-dev liblapacke \
-               liblapacke-dev libgfortran5 libquadmath0 zlib1g zlib1g-dev
+               liblapacke-dev libtmglib3 libgfortran5 libquadmath0 zlib1g zlib1g-dev
 FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
 vendor-debs:
 	@mkdir -p vendor-debs/fashion-mnist

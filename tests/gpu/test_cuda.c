@@ -1090,6 +1090,7 @@ int main(int argc, char **argv) {
         static const char *all[] = {"ops", "attn", "fused", "optim", "step"};
         for (int i = 0; i < 5; i++) groups[ngroups++] = all[i];
     }
+    backend_cpu_fix_blas_core(argv);  // OpenBLAS's own CPU detection can pick slow kernels in VMs
     S[REF].be = backend_cpu_create(0);
 #ifdef USE_CUDA
     if (!g_cpu_mode) {

@@ -1,0 +1,198 @@
+#!/usr/bin/env bash
+# tests/gpu/run.sh: the one-shot GPU check of the CUDA backend (issue 4; docs/gpu-validation.md). One command,
+# under 8 minutes on one H100/H200, no network needed:
+#   0. environment facts (GPU, driver, nvcc, PyTorch, where the CUDA libraries are);
+#   1. build: make USE_MPI=0 -j16 gpu-bins, against the .debs of vendor-debs/ (from `make vendor-debs`) unpacked
+#      with dpkg -x into /tmp/sd-deps (never into /) when that folder exists; cuBLAS/cuSOLVER/NCCL from the CUDA
+#      toolkit, else from pip's nvidia-* packages (NCCL: nvidia-nccl-cu13);
+#   2. build/gpu/test_cuda: every op, and a whole training step of both models in both init modes, CUDA against the
+#      CPU backend, with per-tensor bf16 tolerances (one process per group: a crash loses one group only);
+#   3. 300 Fashion-MNIST steps on the GPU, loss and accuracy against a CPU run of the same config
+#      (tests/gpu/fixtures/fmnist_cpu_300.jsonl);
+#   4. benchmark: bench_step --device cuda for SimplEsT-ViT-S/16 and SimpleViT-S/16 at 224 px, batch 256, both
+#      attention implementations; PyTorch (tests/gpu/torch_bench.py, the reference models) eager and torch.compile;
+#      images/s and MFU (tests/gpu/flops.py);
+#   5. one report, $OUT/gpu-report.md (tests/out/ when OUT is unset), and a summary table printed last.
+# Every stage runs under `timeout`; a failing stage is reported and the script goes on. Exit code 0 when the build,
+# the op/step checks outside the fused attention and the Fashion-MNIST tracking passed, else 1.
+#
+# Knobs (environment): SD_GPU_BUDGET_S (default 450: optional stages are skipped past it), SD_GPU_WORK (logs,
+# default /tmp/sd-gpu), SD_COMMIT (the commit to name in the report when there is no .git), SD_SKIP_TORCH=1,
+# SD_TORCH_SDPA=1 (also PyTorch with F.scaled_dot_product_attention, compiled, if time is left), SD_FMNIST_DIR.
+set -u
+cd "$(dirname "$0")/../.." || exit 2
+ROOT=$(pwd)
+OUTDIR=${OUT:-$ROOT/tests/out}
+mkdir -p "$OUTDIR"
+W=${SD_GPU_WORK:-/tmp/sd-gpu}
+rm -rf "$W" && mkdir -p "$W"
+DEPS=/tmp/sd-deps
+BUILD=build-gpu
+BUDGET=${SD_GPU_BUDGET_S:-450}
+T0=$(date +%s)
+elapsed() { echo $(($(date +%s) - T0)); }
+left() { echo $((BUDGET - $(elapsed))); }
+
+# stage NAME TIMEOUT CMD...: runs CMD with a timeout; log in $W/NAME.log, exit code in NAME.rc, seconds in NAME.secs.
+stage() {
+    local name=$1 to=$2
+    shift 2
+    local t=$(date +%s)
+    echo "== [$(elapsed)s] $name (timeout ${to}s)"
+    timeout -k 10 "$to" "$@" >"$W/$name.log" 2>&1
+    local rc=$?
+    echo "$rc" >"$W/$name.rc"
+    echo $(($(date +%s) - t)) >"$W/$name.secs"
+    [ "$rc" = 124 ] || [ "$rc" = 137 ] && echo "   TIMED OUT after ${to}s" | tee -a "$W/$name.log"
+    echo "   rc=$rc in $(cat "$W/$name.secs")s"
+    tail -n 3 "$W/$name.log" | cut -c1-200 | sed 's/^/   | /'
+    return "$rc"
+}
+skip() {  # skip NAME REASON
+    echo "== [$(elapsed)s] $1 skipped: $2"
+    echo "skipped: $2" >"$W/$1.log"
+    echo skip >"$W/$1.rc"
+}
+
+# ---- 0. environment
+if ! command -v nvcc >/dev/null 2>&1; then
+    for d in ${CUDA_HOME:-} /usr/local/cuda; do [ -n "$d" ] && [ -x "$d/bin/nvcc" ] && export PATH="$d/bin:$PATH" && break; done
+fi
+PY=python3
+{
+    echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')"
+    echo "commit: ${SD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}$(git diff --quiet HEAD 2>/dev/null || echo ' (+ uncommitted changes, or no .git)')"
+    echo "host: $(uname -srm), $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo)"
+    echo "glibc: $(ldd --version 2>/dev/null | head -1)"
+    echo "cc: $(cc --version 2>/dev/null | head -1); make: $(command -v make || echo 'MISSING: the build stage cannot run')"
+    echo "--- nvidia-smi -L"
+    nvidia-smi -L 2>&1 | head -4
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,power.limit --format=csv 2>&1 | head -3
+    echo "--- nvcc: $(command -v nvcc || echo 'not found')"
+    nvcc --version 2>&1 | tail -2
+    echo "--- python3: $(command -v $PY) $($PY --version 2>&1)"
+    $PY -c 'import torch; print("torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")' 2>&1 | tail -1
+    echo "--- CUDA libraries"
+    NVCC_BIN=$(command -v nvcc || true)
+    CUDA_DIR=${NVCC_BIN%/bin/nvcc}
+    for l in cudart cublas cublasLt cusolver nccl; do
+        echo "lib$l: $(ls "$CUDA_DIR"/lib64/lib$l.so* "$CUDA_DIR"/targets/x86_64-linux/lib/lib$l.so* 2>/dev/null | head -2 | tr '\n' ' ')"
+    done
+    echo "pip nvidia libs: $($PY -c 'import site, glob; print(" ".join(sorted({p for s in site.getsitepackages() for p in glob.glob(s + "/nvidia/*/lib")})))' 2>/dev/null)"
+    echo "ldconfig: $(ldconfig -p 2>/dev/null | grep -E 'lib(nccl|cublas|cjson|openblas|lapacke|gfortran)\.so' | awk '{print $1}' | sort -u | tr '\n' ' ')"
+    echo "vendor-debs: $(ls vendor-debs/*.deb 2>/dev/null | wc -l) .debs, $(du -sh vendor-debs 2>/dev/null | cut -f1)"
+} >"$W/env.txt" 2>&1
+cat "$W/env.txt"
+
+# ---- 1. build
+EXTRA_CFLAGS=${EXTRA_CFLAGS:-}
+EXTRA_LDFLAGS=${EXTRA_LDFLAGS:-}
+LIBDIRS=""
+{
+    if ls vendor-debs/*.deb >/dev/null 2>&1; then
+        rm -rf "$DEPS"
+        flags=$(tests/gpu/unpack-debs.sh vendor-debs "$DEPS") || echo "unpack-debs failed"
+        EXTRA_CFLAGS="$EXTRA_CFLAGS $(echo "$flags" | sed -n 's/^EXTRA_CFLAGS=//p')"
+        EXTRA_LDFLAGS="$EXTRA_LDFLAGS $(echo "$flags" | sed -n 's/^EXTRA_LDFLAGS=//p')"
+        LIBDIRS=$(echo "$flags" | sed -n 's/^LIBDIRS=//p')
+        # pkg-config must not mix in the node's own packages: the Makefile then uses -lcjson -lopenblas -llapacke -lz
+        mkdir -p "$DEPS/no-pkgconfig"
+        export PKG_CONFIG_LIBDIR="$DEPS/no-pkgconfig"
+        echo "vendored: $(ls vendor-debs/*.deb | wc -l) .debs unpacked into $DEPS"
+    else
+        echo "no vendor-debs/: building against the node's own packages"
+    fi
+    # CUDA libraries the Makefile links (-L$CUDA/lib64 -lcudart -lcublas -lcublasLt -lcusolver -lnccl): where the
+    # toolkit lacks one (NCCL often), link the copy of pip's nvidia-* packages through a lib<name>.so symlink.
+    NVCC_BIN=$(command -v nvcc || true)
+    CUDA_DIR=${NVCC_BIN%/bin/nvcc}
+    mkdir -p "$DEPS/cudalibs"
+    pipdirs=$($PY -c 'import site, glob; print(" ".join(sorted({p for s in site.getsitepackages() for p in glob.glob(s + "/nvidia/*/lib") + glob.glob(s + "/nvidia/cu*/lib")})))' 2>/dev/null)
+    for l in cudart cublas cublasLt cusolver nccl; do
+        [ -e "$CUDA_DIR/lib64/lib$l.so" ] && continue
+        f=$(ls "$CUDA_DIR"/targets/x86_64-linux/lib/lib$l.so* /usr/lib/x86_64-linux-gnu/lib$l.so* 2>/dev/null | head -1)
+        [ -z "$f" ] && for d in $pipdirs; do f=$(ls "$d"/lib$l.so* 2>/dev/null | head -1); [ -n "$f" ] && break; done
+        if [ -n "$f" ]; then
+            ln -sfn "$f" "$DEPS/cudalibs/lib$l.so"
+            EXTRA_LDFLAGS="$EXTRA_LDFLAGS -Wl,-rpath,$(dirname "$f")"
+            echo "lib$l: $f (linked through $DEPS/cudalibs)"
+        else
+            echo "lib$l: NOT FOUND (the link will fail if the backend needs it)"
+        fi
+    done
+    EXTRA_LDFLAGS="$EXTRA_LDFLAGS -L$DEPS/cudalibs"
+    echo "EXTRA_CFLAGS=$EXTRA_CFLAGS"
+    echo "EXTRA_LDFLAGS=$EXTRA_LDFLAGS"
+} >"$W/build-setup.txt" 2>&1
+cat "$W/build-setup.txt" | sed 's/^/   /' | cut -c1-220
+[ -n "$LIBDIRS" ] && export LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+stage build 300 make USE_MPI=0 BUILD=$BUILD -j16 EXTRA_CFLAGS="$EXTRA_CFLAGS" EXTRA_LDFLAGS="$EXTRA_LDFLAGS" gpu-bins
+{ ldd ./simplest-dist; echo "--- test_cuda"; ldd $BUILD/gpu/test_cuda | grep -E 'not found|cjson|openblas|lapack|blas|gfortran|quadmath|libz|cuda|cublas|nccl|cusolver'; } >"$W/ldd.txt" 2>&1
+
+# ---- 2. every op and a whole step against the CPU backend
+if [ -x $BUILD/gpu/test_cuda ]; then
+    for g in ops attn fused optim step; do
+        stage "test_cuda_$g" 150 $BUILD/gpu/test_cuda --group $g
+    done
+else
+    for g in ops attn fused optim step; do skip "test_cuda_$g" "no build/gpu/test_cuda (the build failed)"; done
+fi
+
+# ---- 3. Fashion-MNIST: 300 steps on the GPU against the CPU run in tests/gpu/fixtures
+FM=${SD_FMNIST_DIR:-}
+[ -z "$FM" ] && for d in vendor-debs/fashion-mnist /usr/share/datasets/fashion-mnist; do
+    [ -e "$d/train-images-idx3-ubyte.gz" ] && FM=$d && break
+done
+if [ ! -x ./simplest-dist ]; then
+    skip fmnist_gpu "no ./simplest-dist (the build failed)"
+elif [ -z "$FM" ]; then
+    skip fmnist_gpu "no Fashion-MNIST files (vendor-debs/fashion-mnist or SD_FMNIST_DIR)"
+else
+    stage fmnist_gpu 240 ./simplest-dist configs/fashion-mnist.json --set run.device=cuda --set train.steps=300 \
+        --set train.log_every=10 --set train.eval_every=150 --set data.root="$FM" --set run.dir="$W/fm-gpu"
+fi
+
+# ---- 4. benchmarks: ours, then PyTorch
+VITS="--image 224 --patch 16 --channels 3 --dim 384 --depth 12 --heads 6 --mlp 1536 --classes 1000 --batch 256"
+for arch in simplest simplevit; do
+    for attn in unfused fused; do
+        if [ -x $BUILD/bench/bench_step ]; then
+            stage "bench_${arch}_${attn}" 120 $BUILD/bench/bench_step --device cuda --attn $attn --arch $arch $VITS \
+                --steps 20 --warmup 5
+        else
+            skip "bench_${arch}_${attn}" "no bench_step (the build failed)"
+        fi
+    done
+done
+export PYTHONUNBUFFERED=1
+if [ "${SD_SKIP_TORCH:-0}" = 1 ]; then
+    skip torch_eager "SD_SKIP_TORCH=1"
+    skip torch_compile "SD_SKIP_TORCH=1"
+elif ! $PY -c 'import torch' >/dev/null 2>&1; then
+    skip torch_eager "no PyTorch for $PY"
+    skip torch_compile "no PyTorch for $PY"
+else
+    stage torch_eager 150 $PY tests/gpu/torch_bench.py --mode eager --steps 20 --warmup 5
+    if [ "$(left)" -gt 120 ]; then
+        to=$(left); [ "$to" -gt 300 ] && to=300
+        stage torch_compile "$to" $PY tests/gpu/torch_bench.py --mode compile --steps 20 --warmup 3
+    else
+        skip torch_compile "only $(left)s of the ${BUDGET}s budget left"
+    fi
+    if [ "${SD_TORCH_SDPA:-0}" = 1 ] && [ "$(left)" -gt 120 ]; then
+        to=$(left); [ "$to" -gt 240 ] && to=240
+        stage torch_compile_sdpa "$to" $PY tests/gpu/torch_bench.py --mode compile --attn sdpa --steps 20 --warmup 3
+    fi
+fi
+
+# ---- 5. the report
+REPORT="$OUTDIR/gpu-report.md"
+if $PY tests/gpu/report.py "$W" "$REPORT"; then
+    rc=$(cat "$W/report.rc" 2>/dev/null || echo 1)
+else
+    echo "report.py failed; raw logs follow" | tee "$REPORT"
+    for f in "$W"/*.log "$W"/*.txt; do echo "--- $f"; cat "$f"; done >>"$REPORT"
+    rc=1
+fi
+echo "report: $REPORT ($(elapsed)s in all)"
+exit "$rc"
