@@ -125,7 +125,7 @@ LIBDIRS=""
     echo "EXTRA_LDFLAGS=$EXTRA_LDFLAGS"
 } >"$W/build-setup.txt" 2>&1
 cat "$W/build-setup.txt" | sed 's/^/   /' | cut -c1-220
-[ -n "$LIBDIRS" ] && export LD_LIBRARY_PATH="$LIBDIRS${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+# No LD_LIBRARY_PATH: the RPATH finds the vendored libraries ($LIBDIRS), and PyTorch keeps the node's own zlib.
 stage build 300 make USE_MPI=0 BUILD=$BUILD -j16 EXTRA_CFLAGS="$EXTRA_CFLAGS" EXTRA_LDFLAGS="$EXTRA_LDFLAGS" gpu-bins
 { ldd ./simplest-dist; echo "--- test_cuda"; ldd $BUILD/gpu/test_cuda | grep -E 'not found|cjson|openblas|lapack|blas|gfortran|quadmath|libz|cuda|cublas|nccl|cusolver'; } >"$W/ldd.txt" 2>&1
 

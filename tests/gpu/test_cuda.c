@@ -27,8 +27,9 @@
 //   dropout mask ...................................... bit-identical: the same elements are zero
 //   whole step (depth 8, every layer in bf16): loss 1e-2, per-sample losses and logits 3e-2, every parameter
 //   gradient tensor 5e-2, global grad norm 3e-2, weights after one Adam step 1e-2 of ||w|| (tensors with a
-//   non-zero init), and on every tensor at most 1 % of the elements with a clear gradient (|g| > 0.1 rms) may
-//   move the other way; logits of a forward with the updated weights 3e-2 (this checks the bf16 weight shadow).
+//   non-zero init), and on every tensor at most 1 % (+ 1 element) of the elements with a clear gradient
+//   (|g| > 0.25 rms) may move the other way (Adam's first step is about lr * sign(g)); logits of a forward with
+//   the updated weights 3e-2 (this checks the bf16 weight shadow).
 //
 // Exit code: 0 all passed; 1 a check outside the fused attention failed; 2 only fused-attention checks failed
 // (reported as such: the backend can run the unfused attention instead).
@@ -935,14 +936,14 @@ static void test_step(const char *label, ModelConfig mc, int B) {
         rms = sqrt(rms / (double)t->numel);
         size_t strong = 0, flips = 0;
         for (size_t j = 0; j < t->numel; j++) {
-            if (fabs(gr[j]) <= 0.1 * rms) continue;
+            if (fabs(gr[j]) <= 0.25 * rms) continue;
             strong++;
             double d1 = (double)w1g[j] - w0t[j], d0 = (double)w1r[j] - w0t[j];
             if (!(fabs(d1 - d0) <= 1e-3)) flips++;  // lr = 1e-3: a flipped update differs by ~2 lr; NaN counts
         }
         double flip = strong ? (double)flips / (double)strong : 0.0;
         Diff dw = diff(w1g, w1r, t->numel);
-        int okw = dw.nonfinite == 0 && flip <= 0.01 && (n0 == 0.0 || dw.rel <= 1e-2);
+        int okw = dw.nonfinite == 0 && (double)flips <= 0.01 * (double)strong + 1.0 && (n0 == 0.0 || dw.rel <= 1e-2);
         if (!okw) bad_w++;
         if (n0 > 0 && dw.rel > ww) ww = dw.rel, worst_w = i;
         if (flip > worst_flip || worst_flip_t < 0) worst_flip = flip, worst_flip_t = i;
@@ -956,7 +957,7 @@ static void test_step(const char *label, ModelConfig mc, int B) {
            worst_g >= 0 ? ref->tensors[worst_g].name : "-", wg);
     snprintf(name, sizeof name, "step %s: weights after one Adam step (%s)", label, decoupled ? "decoupled" : "l2");
     report(bad_w == 0, name, "%d tensors failed, worst rel %s %.2e (tol 1e-02), most updates the other way %s %.2f %% "
-           "(tol 1 %%)", bad_w, worst_w >= 0 ? ref->tensors[worst_w].name : "-", ww,
+           "(tol 1 %% + 1)", bad_w, worst_w >= 0 ? ref->tensors[worst_w].name : "-", ww,
            worst_flip_t >= 0 ? ref->tensors[worst_flip_t].name : "-", 100 * worst_flip);
     snprintf(name, sizeof name, "step %s: logits after the step (bf16 weight shadow refreshed)", label);
     check(name, o[DUT].logits2, o[REF].logits2, (size_t)B * C, 3e-2);
