@@ -11,7 +11,9 @@ debs=${1:?usage: unpack-debs.sh DEB_DIR PREFIX}
 prefix=${2:?usage: unpack-debs.sh DEB_DIR PREFIX}
 case "$prefix" in /|"") echo "unpack-debs: refusing to unpack into '$prefix'" >&2; exit 2 ;; esac
 mkdir -p "$prefix"
-prefix=$(cd "$prefix" && pwd)
+prefix=$(cd "$prefix" && pwd -P)
+[ "$prefix" = / ] && { echo "unpack-debs: refusing to unpack into /" >&2; exit 2; }
+debs=$(cd "$debs" && pwd)
 shopt -s nullglob
 files=("$debs"/*.deb)
 [ ${#files[@]} -gt 0 ] || { echo "unpack-debs: no .deb in $debs" >&2; exit 1; }
@@ -20,7 +22,7 @@ for f in "${files[@]}"; do
         dpkg -x "$f" "$prefix"
     else  # a .deb is an ar archive holding data.tar.{xz,zst,gz}
         tmp=$(mktemp -d)
-        (cd "$tmp" && ar x "$(cd "$(dirname "$f")" && pwd)/$(basename "$f")")
+        (cd "$tmp" && ar x "$f")
         tar -xf "$tmp"/data.tar.* -C "$prefix"
         rm -rf "$tmp"
     fi
