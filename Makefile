@@ -147,4 +147,5 @@ vendor-debs:
 	cd vendor-debs && apt-get download $(VENDOR_DEBS)
 	@if ls $(FMNIST_SRC)/*-ubyte.gz >/dev/null 2>&1; then cp $(FMNIST_SRC)/*-ubyte.gz vendor-debs/fashion-mnist/; \
 	else echo "vendor-debs: no Fashion-MNIST in $(FMNIST_SRC) (make deps installs dataset-fashion-mnist)"; fi
+	@mkdir -p vendor-debs/bin && cp "$$(command -v make)" vendor-debs/bin/make  # for nodes without make (glibc only)
 	@du -sh vendor-debs
