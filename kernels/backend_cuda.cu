@@ -75,9 +75,49 @@ typedef struct {
     double *h_red;  // pinned host copy
     int fused_attn;
     int sms;
+    int profiling;  // SD_CUDA_PROFILE=1: every op timed with events (serializes the stream), table at destroy
+    struct {
+        const char *name;
+        double ms;
+        long calls;
+    } prof[64];
+    int nprof;
 } CudaImpl;
 
 static CudaImpl *IM(Backend *be) { return (CudaImpl *)be->impl; }
+
+// Per-op GPU time when profiling: events around the op, synchronized (so ops do not overlap while measured).
+struct ProfScope {
+    CudaImpl *im;
+    const char *name;
+    cudaEvent_t e0, e1;
+    ProfScope(CudaImpl *i, const char *n) : im(i), name(n) {
+        if (!im->profiling) return;
+        CUDA_CHECK(cudaEventCreate(&e0));
+        CUDA_CHECK(cudaEventCreate(&e1));
+        CUDA_CHECK(cudaEventRecord(e0, im->st));
+    }
+    ~ProfScope() {
+        if (!im->profiling) return;
+        CUDA_CHECK(cudaEventRecord(e1, im->st));
+        CUDA_CHECK(cudaEventSynchronize(e1));
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
+        cudaEventDestroy(e0);
+        cudaEventDestroy(e1);
+        int k = 0;
+        while (k < im->nprof && strcmp(im->prof[k].name, name)) k++;
+        if (k == im->nprof) {
+            if (im->nprof == 64) return;
+            im->prof[im->nprof++] = {name, 0.0, 0};
+        }
+        im->prof[k].ms += ms;
+        im->prof[k].calls++;
+    }
+};
+#define PROF(be_or_im, name) ProfScope prof_scope_(prof_impl(be_or_im), name)
+static inline CudaImpl *prof_impl(Backend *be) { return IM(be); }
+static inline CudaImpl *prof_impl(CudaImpl *im) { return im; }
 
 #define RED_BLOCKS 512  // partial sums per reduction (fixed: the bits do not depend on the GPU)
 
@@ -143,15 +183,18 @@ static void cu_free_host(Backend *be, void *p) {
 }
 
 static void cu_upload(Backend *be, void *dst, const void *src, size_t n) {
+    PROF(be, "upload");
     if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, IM(be)->st));
 }
 
 static void cu_download(Backend *be, void *dst, const void *src, size_t n) {
+    PROF(be, "download");
     if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyDeviceToHost, IM(be)->st));
     CUDA_CHECK(cudaStreamSynchronize(IM(be)->st));
 }
 
 static void cu_zero(Backend *be, void *p, size_t n) {
+    PROF(be, "zero");
     if (n) CUDA_CHECK(cudaMemsetAsync(p, 0, n, IM(be)->st));
 }
 
@@ -193,6 +236,7 @@ static void cu_set_params(Backend *be, float *params, size_t n) {
 }
 
 static void cu_params_changed(Backend *be, float *params, size_t n) {
+    PROF(be, "params_to_bf16");
     CudaImpl *im = IM(be);
     CHECK(params == im->params && n == im->nparams, "params_changed on a buffer that was not registered");
     k_f32_to_bf16<<<grid_for(n, 256), 256, 0, im->st>>>(im->shadow, params, n);
@@ -298,6 +342,7 @@ __global__ void k_add_bias(bf16 *out, const float *bias, size_t R, int Dout) {
 
 static void cu_matmul_fwd(Backend *be, void *out, const void *inp, const float *W, const float *bias, int R, int Din,
                           int Dout) {
+    PROF(be, "matmul_fwd");
     CudaImpl *im = IM(be);
     // Row-major out (R, Dout) = inp W^T is column-major out^T (Dout, R) = W (op T on the (Din, Dout) view) inp^T.
     // The bias rides in the epilogue when its bf16 copy is 16-byte aligned; otherwise (or when Lt has no algorithm)
@@ -362,8 +407,73 @@ __global__ void k_col_finish(float *acc0, float *acc1, const float *part, int nc
     if (acc1) acc1[c] += (float)s1;
 }
 
+// The same with 16-byte loads: a block is 8 warps over a strip of 256 columns (8 per lane) and COL_CHUNK_V rows;
+// warp w takes rows w, w + 8, ...; the 8 warps' sums are combined in a fixed order. Needs cols % 8 == 0 and
+// 16-byte aligned rows.
+#define COL_CHUNK_V 128
+__device__ __forceinline__ void bf16x8_to_f32(int4 v, float *f) {
+    const bf16 *p = (const bf16 *)&v;
+#pragma unroll
+    for (int k = 0; k < 8; k++) f[k] = __bfloat162float(p[k]);
+}
+
+__global__ void __launch_bounds__(256) k_col_partial_vec(float *part, const bf16 *dy, const bf16 *x, const float *mean,
+                                                         const float *rstd, int rows, int cols, int mode) {
+    __shared__ float s0[8][256], s1[8][256];
+    int lane = threadIdx.x % 32, w = threadIdx.x / 32;
+    int c0 = blockIdx.x * 256 + lane * 8, chunk = blockIdx.y, nchunks = gridDim.y;
+    int r0 = chunk * COL_CHUNK_V, r1 = min(rows, r0 + COL_CHUNK_V);
+    float a0[8] = {0, 0, 0, 0, 0, 0, 0, 0}, a1[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    if (c0 < cols)
+        for (int r = r0 + w; r < r1; r += 8) {
+            float g[8];
+            bf16x8_to_f32(*(const int4 *)(dy + (size_t)r * cols + c0), g);
+            if (mode) {
+                float xv[8], m = mean[r], rs = rstd[r];
+                bf16x8_to_f32(*(const int4 *)(x + (size_t)r * cols + c0), xv);
+#pragma unroll
+                for (int k = 0; k < 8; k++) {
+                    a0[k] += g[k] * ((xv[k] - m) * rs);
+                    a1[k] += g[k];
+                }
+            } else {
+#pragma unroll
+                for (int k = 0; k < 8; k++) a0[k] += g[k];
+            }
+        }
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        s0[w][lane * 8 + k] = a0[k];
+        s1[w][lane * 8 + k] = a1[k];
+    }
+    __syncthreads();
+    int c = blockIdx.x * 256 + threadIdx.x;
+    if (c < cols) {
+        float t0 = 0.0f, t1 = 0.0f;
+        for (int k = 0; k < 8; k++) {
+            t0 += s0[k][threadIdx.x];
+            t1 += s1[k][threadIdx.x];
+        }
+        part[(size_t)chunk * cols + c] = t0;
+        if (mode) part[((size_t)nchunks + chunk) * cols + c] = t1;
+    }
+}
+
 static void col_sums(CudaImpl *im, float *acc0, float *acc1, const bf16 *dy, const bf16 *x, const float *mean,
                      const float *rstd, int rows, int cols) {
+    int vec = cols % 8 == 0 && (uintptr_t)dy % 16 == 0 && (!acc1 || (uintptr_t)x % 16 == 0);
+    if (vec) {
+        PROF(im, acc1 ? "  layernorm dgamma/dbeta" : "  matmul dbias (colsum)");
+        int nchunks = (rows + COL_CHUNK_V - 1) / COL_CHUNK_V;
+        float *part = (float *)scratch_get(im, (size_t)2 * nchunks * cols * sizeof(float));
+        dim3 grid((cols + 255) / 256, nchunks);
+        k_col_partial_vec<<<grid, 256, 0, im->st>>>(part, dy, x, mean, rstd, rows, cols, acc1 ? 1 : 0);
+        KERNEL_CHECK("col_partial_vec");
+        k_col_finish<<<(cols + 127) / 128, 128, 0, im->st>>>(acc0, acc1, part, nchunks, cols);
+        KERNEL_CHECK("col_finish");
+        return;
+    }
+    PROF(im, acc1 ? "  layernorm dgamma/dbeta" : "  matmul dbias (colsum)");
     int nchunks = (rows + COL_CHUNK - 1) / COL_CHUNK;
     float *part = (float *)scratch_get(im, (size_t)2 * nchunks * cols * sizeof(float));
     dim3 grid((cols + 31) / 32, nchunks), block(32, 8);
@@ -375,6 +485,7 @@ static void col_sums(CudaImpl *im, float *acc0, float *acc1, const bf16 *dy, con
 
 static void cu_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, const void *dout, const void *inp,
                           const float *W, int R, int Din, int Dout) {
+    PROF(be, "matmul_bwd");
     CudaImpl *im = IM(be);
     // dinp (R, Din) = dout W: column-major dinp^T (Din, R) = W-view (Din, Dout) dout^T (Dout, R).
     if (dinp)
@@ -405,6 +516,7 @@ __global__ void k_patch_unfold(bf16 *patches, const float *img, int B, int C, in
 }
 
 static void cu_patch_unfold(Backend *be, void *patches, const float *img, int B, int C, int H, int W, int p) {
+    PROF(be, "patch_unfold");
     size_t total = (size_t)B * (H / p) * (W / p) * C * p * p;
     k_patch_unfold<<<grid_for(total, 256), 256, 0, IM(be)->st>>>((bf16 *)patches, img, B, C, H, W, p);
     KERNEL_CHECK("patch_unfold");
@@ -485,24 +597,32 @@ struct DropoutF {  // sample i / per_sample keeps element j iff its counter unif
 };
 
 static void cu_add_posemb(Backend *be, void *x, const float *pe, int B, int N, int D) {
+    PROF(be, "add_posemb");
     launch_map(IM(be), x, x, NULL, (size_t)B * N * D, PosembF{pe, (size_t)N * D}, "add_posemb");
 }
 
 static void cu_add(Backend *be, void *out, const void *a, const void *b, size_t n) {
+    PROF(be, "add");
     launch_map(IM(be), out, a, b, n, AddF{}, "add");
 }
 
 static void cu_trelu_fwd(Backend *be, void *y, const void *x, size_t n, float s, float a) {
+    PROF(be, "trelu_fwd");
     launch_map(IM(be), y, x, NULL, n, TreluF{s, s * a}, "trelu_fwd");
 }
 
 static void cu_trelu_bwd(Backend *be, void *dx, const void *dy, const void *y, size_t n, float s, float a) {
+    PROF(be, "trelu_bwd");
     launch_map(IM(be), dx, dy, y, n, TreluBwdF{s, s * a}, "trelu_bwd");
 }
 
-static void cu_gelu_fwd(Backend *be, void *y, const void *x, size_t n) { launch_map(IM(be), y, x, NULL, n, GeluF{}, "gelu_fwd"); }
+static void cu_gelu_fwd(Backend *be, void *y, const void *x, size_t n) {
+    PROF(be, "gelu_fwd");
+    launch_map(IM(be), y, x, NULL, n, GeluF{}, "gelu_fwd");
+}
 
 static void cu_gelu_bwd(Backend *be, void *dx, const void *dy, const void *x, size_t n) {
+    PROF(be, "gelu_bwd");
     launch_map(IM(be), dx, dy, x, n, GeluBwdF{}, "gelu_bwd");
 }
 
@@ -540,8 +660,85 @@ __global__ void k_layernorm_fwd(bf16 *y, float *mean, float *rstd, const bf16 *x
     }
 }
 
+// 16-byte variants (D % 8 == 0, aligned rows): each lane takes 8 consecutive features per step.
+__global__ void k_layernorm_fwd_vec(bf16 *y, float *mean, float *rstd, const bf16 *x, const float *gamma,
+                                    const float *beta, int R, int D, float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= R) return;
+    const bf16 *xr = x + (size_t)row * D;
+    float f[8], s = 0.0f;
+    for (int i = lane * 8; i < D; i += 256) {
+        bf16x8_to_f32(*(const int4 *)(xr + i), f);
+#pragma unroll
+        for (int k = 0; k < 8; k++) s += f[k];
+    }
+    float m = warp_sum(s) / (float)D, v = 0.0f;
+    for (int i = lane * 8; i < D; i += 256) {
+        bf16x8_to_f32(*(const int4 *)(xr + i), f);
+#pragma unroll
+        for (int k = 0; k < 8; k++) v += (f[k] - m) * (f[k] - m);
+    }
+    float rs = rsqrtf(warp_sum(v) / (float)D + eps);
+    bf16 *yr = y + (size_t)row * D;
+    for (int i = lane * 8; i < D; i += 256) {
+        bf16x8_to_f32(*(const int4 *)(xr + i), f);
+        int4 o;
+        bf16 *po = (bf16 *)&o;
+#pragma unroll
+        for (int k = 0; k < 8; k++) po[k] = __float2bfloat16((f[k] - m) * rs * gamma[i + k] + beta[i + k]);
+        *(int4 *)(yr + i) = o;
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = rs;
+    }
+}
+
+__global__ void k_layernorm_bwd_dx_vec(bf16 *dx, const bf16 *dy, const bf16 *x, const float *mean, const float *rstd,
+                                       const float *gamma, int R, int D) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= R) return;
+    const bf16 *xr = x + (size_t)row * D, *dyr = dy + (size_t)row * D;
+    bf16 *dxr = dx + (size_t)row * D;
+    float m = mean[row], rs = rstd[row], sdn = 0.0f, sdx = 0.0f, xf[8], gf[8];
+    for (int i = lane * 8; i < D; i += 256) {
+        bf16x8_to_f32(*(const int4 *)(xr + i), xf);
+        bf16x8_to_f32(*(const int4 *)(dyr + i), gf);
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            float dn = gf[k] * gamma[i + k];
+            sdn += dn;
+            sdx += dn * ((xf[k] - m) * rs);
+        }
+    }
+    sdn = warp_sum(sdn) / (float)D;
+    sdx = warp_sum(sdx) / (float)D;
+    for (int i = lane * 8; i < D; i += 256) {
+        float of[8];
+        bf16x8_to_f32(*(const int4 *)(xr + i), xf);
+        bf16x8_to_f32(*(const int4 *)(dyr + i), gf);
+        bf16x8_to_f32(*(const int4 *)(dxr + i), of);
+        int4 o;
+        bf16 *po = (bf16 *)&o;
+#pragma unroll
+        for (int k = 0; k < 8; k++)
+            po[k] = __float2bfloat16(of[k] + (gf[k] * gamma[i + k] - sdn - ((xf[k] - m) * rs) * sdx) * rs);
+        *(int4 *)(dxr + i) = o;
+    }
+}
+
+static int rows16(const void *p, int D) { return D % 8 == 0 && (uintptr_t)p % 16 == 0; }
+
 static void cu_layernorm_fwd(Backend *be, void *y, float *mean, float *rstd, const void *x, const float *gamma,
                              const float *beta, int R, int D, float eps) {
+    if (rows16(x, D) && rows16(y, D)) {
+        PROF(be, "layernorm_fwd");
+        k_layernorm_fwd_vec<<<(R + 7) / 8, 256, 0, IM(be)->st>>>((bf16 *)y, mean, rstd, (const bf16 *)x, gamma, beta,
+                                                                 R, D, eps);
+        KERNEL_CHECK("layernorm_fwd_vec");
+        return;
+    }
+    PROF(be, "layernorm_fwd");
     k_layernorm_fwd<<<(R + 7) / 8, 256, 0, IM(be)->st>>>((bf16 *)y, mean, rstd, (const bf16 *)x, gamma, beta, R, D,
                                                          eps);
     KERNEL_CHECK("layernorm_fwd");
@@ -572,8 +769,15 @@ __global__ void k_layernorm_bwd_dx(bf16 *dx, const bf16 *dy, const bf16 *x, cons
 
 static void cu_layernorm_bwd(Backend *be, void *dx, float *dgamma, float *dbeta, const void *dy, const void *x,
                              const float *mean, const float *rstd, const float *gamma, int R, int D) {
+    PROF(be, "layernorm_bwd");
     CudaImpl *im = IM(be);
     col_sums(im, dgamma, dbeta, (const bf16 *)dy, (const bf16 *)x, mean, rstd, R, D);
+    if (rows16(x, D) && rows16(dy, D) && rows16(dx, D)) {
+        k_layernorm_bwd_dx_vec<<<(R + 7) / 8, 256, 0, im->st>>>((bf16 *)dx, (const bf16 *)dy, (const bf16 *)x, mean,
+                                                                rstd, gamma, R, D);
+        KERNEL_CHECK("layernorm_bwd_dx_vec");
+        return;
+    }
     k_layernorm_bwd_dx<<<(R + 7) / 8, 256, 0, im->st>>>((bf16 *)dx, (const bf16 *)dy, (const bf16 *)x, mean, rstd,
                                                         gamma, R, D);
     KERNEL_CHECK("layernorm_bwd_dx");
@@ -642,10 +846,17 @@ static void attn_fwd_unfused(CudaImpl *im, bf16 *out, bf16 *P, const bf16 *qkv, 
     for (int h = 0; h < H; h++) {
         const bf16 *Q = qkv + h * dh, *K = Q + D, *V = Q + 2 * D;
         // S (N_i, N_j) row-major = column-major (j, i) = K (op T on the (dh, N) view) Q-view (dh, N).
-        batched_gemm(im, 1, 0, N, N, dh, scale, K, D3, sq, Q, D3, sq, 0.0f, S, CUDA_R_32F, N, sNN, B);
-        k_softmax_rows<<<(B * N + 7) / 8, 256, 0, im->st>>>(P, S, bias, B, N, H, h);
-        KERNEL_CHECK("softmax_rows");
+        {
+            PROF(im, "  attn fwd gemms");
+            batched_gemm(im, 1, 0, N, N, dh, scale, K, D3, sq, Q, D3, sq, 0.0f, S, CUDA_R_32F, N, sNN, B);
+        }
+        {
+            PROF(im, "  attn fwd softmax");
+            k_softmax_rows<<<(B * N + 7) / 8, 256, 0, im->st>>>(P, S, bias, B, N, H, h);
+            KERNEL_CHECK("softmax_rows");
+        }
         // O (N, dh) row-major (ld D) = column-major (dh, N) = V-view (dh, N_j) P-view (N_j, N_i).
+        PROF(im, "  attn fwd gemms");
         batched_gemm(im, 0, 0, dh, N, N, 1.0f, V, D3, sq, P + (size_t)h * N * N, N, (long long)H * N * N, 0.0f,
                      out + h * dh, CUDA_R_16BF, D, sO, B);
     }
@@ -676,11 +887,18 @@ static void attn_bwd_unfused(CudaImpl *im, bf16 *dqkv, const bf16 *dout, const b
         const bf16 *Q = qkv + h * dh, *K = Q + D, *V = Q + 2 * D, *Ph = P + (size_t)h * N * N, *Uh = U + h * dh;
         bf16 *dQ = dqkv + h * dh, *dK = dQ + D, *dV = dQ + 2 * D;
         // dP (i, j) = sum_e U(i, e) V(j, e): column-major (j, i) = V (op T on the (dh, N) view) U-view (dh, N).
-        batched_gemm(im, 1, 0, N, N, dh, 1.0f, V, D3, sq, Uh, D, sO, 0.0f, dP, CUDA_R_32F, N, sNN, B);
-        // dV (j, e) = sum_i P(i, j) U(i, e): column-major (e, j) = U-view (dh, N_i) (P-view (N_j, N_i))^T.
-        batched_gemm(im, 0, 1, dh, N, N, 1.0f, Uh, D, sO, Ph, N, sP, 0.0f, dV, CUDA_R_16BF, D3, sq, B);
-        k_softmax_bwd<<<(B * N + 7) / 8, 256, 0, im->st>>>(dS, dP, P, B, N, H, h, scale);
-        KERNEL_CHECK("softmax_bwd");
+        {
+            PROF(im, "  attn bwd gemms");
+            batched_gemm(im, 1, 0, N, N, dh, 1.0f, V, D3, sq, Uh, D, sO, 0.0f, dP, CUDA_R_32F, N, sNN, B);
+            // dV (j, e) = sum_i P(i, j) U(i, e): column-major (e, j) = U-view (dh, N_i) (P-view (N_j, N_i))^T.
+            batched_gemm(im, 0, 1, dh, N, N, 1.0f, Uh, D, sO, Ph, N, sP, 0.0f, dV, CUDA_R_16BF, D3, sq, B);
+        }
+        {
+            PROF(im, "  attn bwd softmax");
+            k_softmax_bwd<<<(B * N + 7) / 8, 256, 0, im->st>>>(dS, dP, P, B, N, H, h, scale);
+            KERNEL_CHECK("softmax_bwd");
+        }
+        PROF(im, "  attn bwd gemms");
         // dQ (i, e) = sum_j dS(i, j) K(j, e): column-major (e, i) = K-view (dh, N_j) dS-view (N_j, N_i).
         batched_gemm(im, 0, 0, dh, N, N, 1.0f, K, D3, sq, dS, N, sNN, 0.0f, dQ, CUDA_R_16BF, D3, sq, B);
         // dK (j, e) = sum_i dS(i, j) Q(i, e): column-major (e, j) = Q-view (dh, N_i) (dS-view (N_j, N_i))^T.
@@ -690,6 +908,7 @@ static void attn_bwd_unfused(CudaImpl *im, bf16 *dqkv, const bf16 *dout, const b
 
 static void cu_attention_fwd(Backend *be, void *out, float *saved, const void *qkv, const float *bias,
                              const float *rowscale, int B, int N, int H, int dh) {
+    PROF(be, "attention_fwd");
     CudaImpl *im = IM(be);
 #if HAVE_FLASH
     if (im->fused_attn && flash_attn_supported(N, dh)) {
@@ -704,6 +923,7 @@ static void cu_attention_fwd(Backend *be, void *out, float *saved, const void *q
 
 static void cu_attention_bwd(Backend *be, void *dqkv, const void *dout, const void *qkv, const float *saved,
                              const float *bias, const float *rowscale, int B, int N, int H, int dh) {
+    PROF(be, "attention_bwd");
     CudaImpl *im = IM(be);
 #if HAVE_FLASH
     if (im->fused_attn && flash_attn_supported(N, dh)) {
@@ -726,6 +946,7 @@ void backend_cuda_set_attention(Backend *be, int fused) { IM(be)->fused_attn = f
 
 static void cu_dropout_fwd(Backend *be, void *y, const void *x, int B, size_t per_sample, float p, uint64_t seed,
                            uint64_t step, uint64_t first_pos) {
+    PROF(be, "dropout");
     launch_map(IM(be), y, x, NULL, (size_t)B * per_sample,
                DropoutF{per_sample, p, 1.0f / (1.0f - p), seed, step, first_pos}, "dropout");
 }
@@ -755,11 +976,13 @@ __global__ void k_meanpool_bwd(bf16 *dx, const bf16 *dp, int B, int N, int D) {
 }
 
 static void cu_meanpool_fwd(Backend *be, void *pooled, const void *x, int B, int N, int D) {
+    PROF(be, "meanpool_fwd");
     k_meanpool_fwd<<<grid_for((size_t)B * D, 256), 256, 0, IM(be)->st>>>((bf16 *)pooled, (const bf16 *)x, B, N, D);
     KERNEL_CHECK("meanpool_fwd");
 }
 
 static void cu_meanpool_bwd(Backend *be, void *dx, const void *dpooled, int B, int N, int D) {
+    PROF(be, "meanpool_bwd");
     k_meanpool_bwd<<<grid_for((size_t)B * N * D, 256), 256, 0, IM(be)->st>>>((bf16 *)dx, (const bf16 *)dpooled, B, N,
                                                                               D);
     KERNEL_CHECK("meanpool_bwd");
@@ -812,6 +1035,7 @@ __global__ void k_xent(float *losses, bf16 *dlogits, const bf16 *logits, const f
 
 static void cu_xent_fwd_bwd(Backend *be, float *losses, void *dlogits, const void *logits, const float *targets, int B,
                             int C, float smoothing, float grad_scale) {
+    PROF(be, "xent");
     k_xent<<<B, 256, 0, IM(be)->st>>>(losses, (bf16 *)dlogits, (const bf16 *)logits, targets, C, smoothing,
                                       grad_scale);
     KERNEL_CHECK("xent");
@@ -836,6 +1060,7 @@ __global__ void k_sum_partials(double *out, const double *part, int n) {
 }
 
 static double cu_sumsq(Backend *be, const float *x, size_t n) {
+    PROF(be, "sumsq");
     CudaImpl *im = IM(be);
     k_sumsq_partial<<<RED_BLOCKS, 256, 0, im->st>>>(im->red, x, n);
     KERNEL_CHECK("sumsq_partial");
@@ -862,6 +1087,7 @@ __global__ void k_adam(float *w, const float *g, float *m, float *v, size_t n, f
 }
 
 static void cu_adam_step(Backend *be, float *w, const float *g, float *m, float *v, size_t n, const AdamArgs *a) {
+    PROF(be, "adam");
     float bc1 = (float)(1.0 - pow(a->beta1, (double)a->t)), bc2 = (float)(1.0 - pow(a->beta2, (double)a->t));
     k_adam<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(w, g, m, v, n, a->lr, a->beta1, a->beta2, a->eps, a->weight_decay,
                                                      a->decoupled, bc1, bc2, a->grad_scale);
@@ -882,10 +1108,12 @@ __global__ void k_adam_dir(float *out, const float *m, const float *v, size_t n,
 }
 
 static void cu_scale(Backend *be, float *x, size_t n, float s) {
+    PROF(be, "scale");
     k_scale<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(x, n, s);
     KERNEL_CHECK("scale");
 }
 static void cu_axpy(Backend *be, float *y, const float *x, size_t n, float a) {
+    PROF(be, "axpy");
     k_axpy<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(y, x, n, a);
     KERNEL_CHECK("axpy");
 }
@@ -906,6 +1134,7 @@ static void cu_adam_dir(Backend *be, float *out, const float *m, const float *v,
 // Row-major C (M, N) = alpha op(A) op(B) + beta C in fp32 (no TF32): column-major C^T = op(B)^T op(A)^T.
 static void cu_gemm(Backend *be, int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
                     const float *B, int ldb, float beta, float *C, int ldc) {
+    PROF(be, "gemm_f32");
     CudaImpl *im = IM(be);
     CUBLAS_CHECK(cublasSgemm(im->blas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N, N, M, K,
                              &alpha, B, ldb, A, lda, &beta, C, ldc));
@@ -974,6 +1203,20 @@ static void cu_signal_stats(Backend *be, const void *x, int B, int N, int D, dou
 static void cu_destroy(Backend *be) {
     CudaImpl *im = IM(be);
     cudaStreamSynchronize(im->st);
+    if (im->profiling && im->nprof) {
+        double total = 0;
+        for (int k = 0; k < im->nprof; k++) total += im->prof[k].ms;
+        fprintf(stderr, "cuda profile (SD_CUDA_PROFILE=1; nested rows are also inside their parent):\n");
+        for (int done = 0; done < im->nprof; done++) {  // largest first
+            int best = -1;
+            for (int k = 0; k < im->nprof; k++)
+                if (im->prof[k].calls >= 0 && (best < 0 || im->prof[k].ms > im->prof[best].ms)) best = k;
+            fprintf(stderr, "  %-28s %10.2f ms %6.1f %%  %8ld calls  %8.1f us/call\n", im->prof[best].name,
+                    im->prof[best].ms, 100 * im->prof[best].ms / total, im->prof[best].calls,
+                    1000 * im->prof[best].ms / im->prof[best].calls);
+            im->prof[best].calls = -1;
+        }
+    }
     if (im->shadow) cudaFree(im->shadow);
     if (im->scratch) cudaFree(im->scratch);
     cudaFree(im->red);
@@ -1023,6 +1266,8 @@ Backend *backend_cuda_create(int device) {
     CUDA_CHECK(cudaMalloc(&im->red, (RED_BLOCKS + 8) * sizeof(double)));
     CUDA_CHECK(cudaMallocHost(&im->h_red, 8 * sizeof(double)));
     im->fused_attn = 0;  // the validated default; tests/gpu compares both
+    const char *pe = getenv("SD_CUDA_PROFILE");
+    im->profiling = pe && *pe && strcmp(pe, "0");
     const char *env = getenv("SD_ATTN");
     if (env && !strcmp(env, "flash")) im->fused_attn = HAVE_FLASH;
     Backend *be = (Backend *)xcalloc(sizeof(Backend), "backend");

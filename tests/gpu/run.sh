@@ -153,6 +153,25 @@ else
     for g in ops attn fused optim step; do skip "test_cuda_$g" "no build/gpu/test_cuda (the build failed)"; done
 fi
 
+# ---- 2b. optional: where the step's time goes (SD_GPU_PROFILE=1): every backend op timed with CUDA events
+# (bench_step with SD_CUDA_PROFILE=1; the stream is serialized while measured, so the total exceeds a real step).
+if [ "${SD_GPU_PROFILE:-0}" = 1 ] && [ -x $BUILD/bench/bench_step ]; then
+    for arch in simplest simplevit; do
+        for attn in unfused fused; do
+            stage "profile_${arch}_${attn}" 60 env SD_CUDA_PROFILE=1 $BUILD/bench/bench_step --device cuda --attn $attn \
+                --arch $arch --image 224 --patch 16 --channels 3 --dim 384 --depth 12 --heads 6 --mlp 1536 \
+                --classes 1000 --batch 256 --steps 5 --warmup 1
+        done
+    done
+fi
+# SD_GPU_QUICK=1: the build, the checks and the profile only (no Fashion-MNIST, no benchmarks).
+if [ "${SD_GPU_QUICK:-0}" = 1 ]; then
+    $PY tests/gpu/report.py "$W" "$OUTDIR/gpu-report.md" >/dev/null 2>&1
+    for f in "$W"/profile_*.log; do [ -f "$f" ] && { echo "--- $f"; grep -v '^{' "$f"; }; done
+    echo "quick run: $(elapsed)s"
+    exit 0
+fi
+
 # ---- 3. Fashion-MNIST: 300 steps on the GPU against the CPU run in tests/gpu/fixtures
 FM=${SD_FMNIST_DIR:-}
 [ -z "$FM" ] && for d in vendor-debs/fashion-mnist /usr/share/datasets/fashion-mnist; do
