@@ -47,6 +47,7 @@ struct CommState {
     double *last_unix;    // (world) rank 0: the same as wall-clock time
     double *last_info;    // (world, 4) rank 0: the payload it carried
     int64_t *last_step;   // (world) rank 0: the step it reported
+    int byes;             // rank 0: goodbyes already received while draining (a rank may finalize first)
 };
 
 void comm_init(Comm *c, int *argc, char ***argv) {
@@ -88,7 +89,10 @@ static void drain_heartbeats(Comm *c) {
         if (!flag) return;
         double v[4];
         MPI_CHECK(c, MPI_Recv(v, 4, MPI_DOUBLE, s.MPI_SOURCE, TAG_HEARTBEAT, st->hb_comm, MPI_STATUS_IGNORE));
-        if (v[0] < 0) continue;  // a goodbye, only sent at finalize
+        if (v[0] < 0) {  // a goodbye, only sent at finalize: counted, or comm_finalize would wait for it forever
+            st->byes++;
+            continue;
+        }
         int r = s.MPI_SOURCE;
         st->last_heard[r] = now_sec();
         st->last_unix[r] = unix_time();
@@ -180,7 +184,7 @@ void comm_finalize(Comm *c) {
     comm_wait_all(c);
     if (c->world > 1) {  // every rank says goodbye (step -1) so that rank 0 leaves no message unreceived
         if (c->rank == 0) {
-            for (int byes = 0; byes < c->world - 1;) {
+            for (int byes = st->byes; byes < c->world - 1;) {
                 double v[4];
                 MPI_CHECK(c, MPI_Recv(v, 4, MPI_DOUBLE, MPI_ANY_SOURCE, TAG_HEARTBEAT, st->hb_comm,
                                       MPI_STATUS_IGNORE));
