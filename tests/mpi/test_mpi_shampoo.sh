@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# Distributed Shampoo over MPI ranks on the CPU backend (issue 6, spec/shampoo.md §5 P14, P15, P18):
+#  - rank-count invariance: with comm.deterministic (the gradient of the global batch is summed over 12 fixed
+#    shards in one order, whatever the rank count), np = 1, 2, 3 and 4 give bit-identical weights after 60 steps
+#    (f = S = 10: refreshes at 10, 20, ..., 60 and 50 Shampoo steps; b = 64 cuts the qkv weight and bias into two blocks each, so np = 3
+#    owns an uneven share), for root_delay 0 and 1 and one_d "adam";
+#  - ownership invariance: round-robin, reversed and a random block -> owner map (SD_SHAMPOO_OWNERS) at np = 3
+#    give the same bits as LPT;
+#  - status.json counts the refreshes and records a refresh time and the bytes broadcast.
+# Tiny model (image 28, patch 7, dim 32, depth 7, batch 24) so that the whole file takes well under a minute on
+# two cores.
+set -u
+BIN=${SIMPLEST_BIN:-./simplest-dist}
+TMP=${TEST_TMP:-$(mktemp -d)}/mpi_shampoo
+PY=${PYTHON:-/usr/bin/python3}
+rm -rf "$TMP"
+mkdir -p "$TMP"
+if ! command -v mpirun >/dev/null; then
+  echo "ok - mpi shampoo # SKIP mpirun not installed"
+  exit 0
+fi
+MPI="mpirun --oversubscribe"
+[ "$(id -u)" = 0 ] && MPI="$MPI --allow-run-as-root"
+export OMPI_MCA_rmaps_base_oversubscribe=1
+DATA=""
+if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
+  "$PY" - "$TMP/data" <<'PYEOF'
+import gzip, os, sys, numpy as np
+d = sys.argv[1]; os.makedirs(d, exist_ok=True); rng = np.random.default_rng(0)
+for split, n in (("train", 2000), ("t10k", 500)):
+    y = rng.integers(0, 10, n).astype(np.uint8)
+    x = (rng.integers(0, 60, (n, 28, 28)) + y[:, None, None] * 20).astype(np.uint8)
+    with gzip.open(f"{d}/{split}-images-idx3-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,3]) + n.to_bytes(4,"big") + (28).to_bytes(4,"big")*2 + x.tobytes())
+    with gzip.open(f"{d}/{split}-labels-idx1-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,1]) + n.to_bytes(4,"big") + y.tobytes())
+PYEOF
+  DATA="--set data.root=$TMP/data"
+fi
+TINY="--set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7 --set model.patch_size=7
+  --set train.batch_size=24 --set train.steps=60 --set train.warmup_steps=5 --set train.log_every=10
+  --set train.eval_every=0 --set data.train_limit=2000 --set data.eval_limit=500 --set run.threads=1
+  --set comm.deterministic=true --set opt.name=shampoo --set opt.lr=0.002 --set opt.weight_decay=0.0001
+  --set shampoo.precondition_frequency=10 --set shampoo.start_preconditioning_step=10
+  --set shampoo.max_preconditioner_dim=64 --set shampoo.eps=1e-6 $DATA"
+run() {  # name np extra...
+  local name=$1 np=$2; shift 2
+  timeout 300 $MPI -np "$np" "$BIN" configs/fashion-mnist.json $TINY --set run.dir="$TMP/$name" "$@" \
+    > "$TMP/$name.log" 2>&1
+}
+# The weights (tensor data) of two runs, bit for bit; the header metadata may hold paths and times.
+same() {
+  "$PY" - "$TMP/$1/model.safetensors" "$TMP/$2/model.safetensors" <<'PYEOF'
+import sys
+sys.path.insert(0, "tests/reference")
+import numpy as np, st
+a, b = st.load(sys.argv[1])[0], st.load(sys.argv[2])[0]
+if list(a) != list(b):
+    print("different tensor lists"); sys.exit(1)
+bad = [k for k in a if a[k].tobytes() != b[k].tobytes()]
+if bad:
+    k = bad[0]
+    print(f"{len(bad)} tensors differ, e.g. {k}: max abs diff {float(np.max(np.abs(a[k] - b[k]))):.3g}"); sys.exit(1)
+print(f"{len(a)} tensors identical")
+PYEOF
+}
+
+check_set() {  # label ref others... (runs already done)
+  local label=$1 ref=$2; shift 2
+  for o in "$@"; do
+    if out=$(same "$ref" "$o"); then
+      echo "ok - $label: $o equals $ref bit for bit after 60 steps ($out)"
+    else
+      echo "not ok - $label: $o differs from $ref: $out"
+    fi
+  done
+}
+
+ok=1
+for np in 1 2 3 4; do run d0_np$np $np || ok=0; done
+if [ $ok = 1 ]; then
+  check_set "rank-count invariance (root_delay 0)" d0_np1 d0_np2 d0_np3 d0_np4
+else
+  echo "not ok - rank-count invariance (root_delay 0): runs failed"; tail -n 5 "$TMP"/d0_np*.log
+fi
+
+ok=1
+for np in 1 3; do run d1_np$np $np --set shampoo.root_delay=1 || ok=0; done
+if [ $ok = 1 ]; then
+  check_set "rank-count invariance (root_delay 1)" d1_np1 d1_np3
+  if ! same d0_np1 d1_np1 >/dev/null; then
+    echo "ok - root_delay 1 changes the trajectory (roots installed one step late)"
+  else
+    echo "not ok - root_delay 1 gave the same weights as root_delay 0"
+  fi
+else
+  echo "not ok - rank-count invariance (root_delay 1): runs failed"; tail -n 5 "$TMP"/d1_np*.log
+fi
+
+ok=1
+for np in 1 2; do run adam1d_np$np $np --set shampoo.one_d=adam || ok=0; done
+if [ $ok = 1 ]; then
+  check_set "rank-count invariance (one_d adam)" adam1d_np1 adam1d_np2
+else
+  echo "not ok - rank-count invariance (one_d adam): runs failed"; tail -n 5 "$TMP"/adam1d_np*.log
+fi
+
+ok=1
+for map in roundrobin reversed random7; do
+  SD_SHAMPOO_OWNERS=$map run own_$map 3 || ok=0
+done
+if [ $ok = 1 ] && grep -q "ownership map replaced (random7)" "$TMP/own_random7.log"; then
+  check_set "ownership invariance (np = 3)" d0_np1 own_roundrobin own_reversed own_random7
+else
+  echo "not ok - ownership invariance: runs failed or the map was not replaced"; tail -n 5 "$TMP"/own_*.log
+fi
+
+if "$PY" - "$TMP/d0_np3/status.json" <<'PYEOF'
+import json, sys
+s = json.load(open(sys.argv[1]))["shampoo"]
+print(json.dumps(s))
+ok = s["refreshes"] == 6 and s["failed_decompositions"] == 0 and s["last_refresh_s"] > 0
+sys.exit(0 if ok else 1)
+PYEOF
+then
+  echo "ok - status.json (np = 3): 6 refreshes (t = 10, 20, ..., 60), no failed decompositions, a refresh time"
+else
+  echo "not ok - status.json shampoo section at np = 3"; cat "$TMP/d0_np3/status.json"
+fi
