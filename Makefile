@@ -119,7 +119,7 @@ clean:
 # tests/gpu/run.sh is the one-shot GPU check (docs/gpu-validation.md). `make gpu-bins` builds what it runs:
 # the binary, build/gpu/test_cuda (CUDA against the CPU backend; in a build without CUDA it checks the CPU backend
 # against itself) and the step benchmark.
-GPU_BINS := $(BUILD)/gpu/test_cuda
+GPU_BINS := $(BUILD)/gpu/test_cuda $(BUILD)/gpu/bench_ops
 .PHONY: gpu-bins gpu-check
 gpu-bins: simplest-dist $(GPU_BINS) $(BUILD)/bench/bench_step
 

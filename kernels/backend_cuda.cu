@@ -75,6 +75,7 @@ typedef struct {
     double *h_red;  // pinned host copy
     int fused_attn;
     int sms;
+    int no_lt;      // SD_LT=0: every GEMM through cublasGemmEx (to compare with cuBLASLt)
     int profiling;  // SD_CUDA_PROFILE=1: every op timed with events (serializes the stream), table at destroy
     struct {
         const char *name;
@@ -86,33 +87,65 @@ typedef struct {
 
 static CudaImpl *IM(Backend *be) { return (CudaImpl *)be->impl; }
 
-// Per-op GPU time when profiling: events around the op, synchronized (so ops do not overlap while measured).
-struct ProfScope {
-    CudaImpl *im;
+// Per-op GPU time when profiling: a pair of events around each op, recorded without synchronizing (the stream runs
+// as usual); the pairs are read back when the pool fills, at destroy, or by prof_flush. Times include any gap
+// in which the GPU waited for the host to launch the op.
+#define PROF_POOL 16384
+typedef struct {
     const char *name;
     cudaEvent_t e0, e1;
-    ProfScope(CudaImpl *i, const char *n) : im(i), name(n) {
+} ProfRec;
+static ProfRec *g_prof_recs;  // PROF_POOL pairs, created on first use
+static int g_prof_used, g_prof_depth;  // records in use; scopes open now
+
+static void prof_add(CudaImpl *im, const char *name, float ms) {
+    int k = 0;
+    while (k < im->nprof && strcmp(im->prof[k].name, name)) k++;
+    if (k == im->nprof) {
+        if (im->nprof == 64) return;
+        im->prof[im->nprof].name = name;
+        im->prof[im->nprof].ms = 0.0;
+        im->prof[im->nprof].calls = 0;
+        im->nprof++;
+    }
+    im->prof[k].ms += ms;
+    im->prof[k].calls++;
+}
+
+static void prof_flush(CudaImpl *im) {
+    if (!g_prof_used) return;
+    CUDA_CHECK(cudaStreamSynchronize(im->st));
+    for (int i = 0; i < g_prof_used; i++) {
+        float ms = 0;
+        CUDA_CHECK(cudaEventElapsedTime(&ms, g_prof_recs[i].e0, g_prof_recs[i].e1));
+        prof_add(im, g_prof_recs[i].name, ms);
+    }
+    g_prof_used = 0;
+}
+
+struct ProfScope {
+    CudaImpl *im;
+    ProfRec *r;
+    ProfScope(CudaImpl *i, const char *n) : im(i), r(NULL) {
         if (!im->profiling) return;
-        CUDA_CHECK(cudaEventCreate(&e0));
-        CUDA_CHECK(cudaEventCreate(&e1));
-        CUDA_CHECK(cudaEventRecord(e0, im->st));
+        if (!g_prof_recs) {
+            g_prof_recs = (ProfRec *)xcalloc(PROF_POOL * sizeof(ProfRec), "profile events");
+            for (int k = 0; k < PROF_POOL; k++) {
+                CUDA_CHECK(cudaEventCreate(&g_prof_recs[k].e0));
+                CUDA_CHECK(cudaEventCreate(&g_prof_recs[k].e1));
+            }
+        }
+        if (g_prof_used == PROF_POOL && g_prof_depth == 0) prof_flush(im);  // no open scope: every pair is complete
+        if (g_prof_used == PROF_POOL) return;  // full inside an open scope: this one goes unmeasured
+        g_prof_depth++;
+        r = &g_prof_recs[g_prof_used++];
+        r->name = n;
+        CUDA_CHECK(cudaEventRecord(r->e0, im->st));
     }
     ~ProfScope() {
-        if (!im->profiling) return;
-        CUDA_CHECK(cudaEventRecord(e1, im->st));
-        CUDA_CHECK(cudaEventSynchronize(e1));
-        float ms = 0;
-        CUDA_CHECK(cudaEventElapsedTime(&ms, e0, e1));
-        cudaEventDestroy(e0);
-        cudaEventDestroy(e1);
-        int k = 0;
-        while (k < im->nprof && strcmp(im->prof[k].name, name)) k++;
-        if (k == im->nprof) {
-            if (im->nprof == 64) return;
-            im->prof[im->nprof++] = {name, 0.0, 0};
-        }
-        im->prof[k].ms += ms;
-        im->prof[k].calls++;
+        if (!r) return;
+        CUDA_CHECK(cudaEventRecord(r->e1, im->st));
+        g_prof_depth--;
     }
 };
 #define PROF(be_or_im, name) ProfScope prof_scope_(prof_impl(be_or_im), name)
@@ -263,6 +296,7 @@ static size_t ptr_align(const void *p) {
 static int lt_try(CudaImpl *im, int transA, int transB, int m, int n, int k, float alpha, const void *A,
                       cudaDataType ta, int lda, const void *B, cudaDataType tb, int ldb, float beta, void *D,
                       cudaDataType td, int ldd, const bf16 *bias) {
+    if (im->no_lt) return 0;
     cublasLtMatmulDesc_t op;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     cublasOperation_t oa = transA ? CUBLAS_OP_T : CUBLAS_OP_N, ob = transB ? CUBLAS_OP_T : CUBLAS_OP_N;
@@ -785,8 +819,11 @@ static void cu_layernorm_bwd(Backend *be, void *dx, float *dgamma, float *dbeta,
 
 // ---------------------------------------------------------------- attention
 
-// Unfused layout of `saved`: P (B, H, N, N) in bf16. Fused layout: lse (B, H, N) fp32, then O (B, N, D) bf16.
-static size_t unfused_saved_floats(int B, int N, int H) { return ((size_t)B * H * N * N + 1) / 2; }
+// Unfused layout of `saved`: P (B, H, N, pad8(N)) in bf16. Fused layout: lse (B, H, N) fp32, then O (B, N, D) bf16.
+// Rows of S, P, dP and dS are padded to a multiple of 8 elements (16 bytes in bf16): cuBLAS's fast kernels need
+// 16-byte aligned leading dimensions (N = 196 gives 392-byte rows otherwise).
+static inline int pad8(int n) { return (n + 7) & ~7; }
+static size_t unfused_saved_floats(int B, int N, int H) { return ((size_t)B * H * N * pad8(N) + 1) / 2; }
 static size_t fused_o_offset(int B, int N, int H) { return align_up((size_t)B * H * N, 64); }  // 256-byte aligned O
 static size_t fused_saved_floats(int B, int N, int H, int dh) {
     return fused_o_offset(B, N, H) + ((size_t)B * N * H * dh + 1) / 2;
@@ -798,12 +835,12 @@ static size_t cu_attn_saved_elems(Backend *be, int B, int N, int H, int dh) {
 }
 
 // One warp per row (b, i) of one head: P = softmax(S + bias) (S already scaled), written as bf16 into the saved
-// (B, H, N, N) block of head h.
-__global__ void k_softmax_rows(bf16 *P, const float *S, const float *bias, int B, int N, int H, int h) {
+// (B, H, N, Np) block of head h (row stride Np).
+__global__ void k_softmax_rows(bf16 *P, const float *S, const float *bias, int B, int N, int Np, int H, int h) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= B * N) return;
     int b = row / N, i = row % N;
-    const float *Si = S + (size_t)row * N;
+    const float *Si = S + (size_t)row * Np;
     const float *Bi = bias ? bias + (size_t)i * N : NULL;
     float mx = -INFINITY;
     for (int j = lane; j < N; j += 32) mx = fmaxf(mx, Si[j] + (Bi ? Bi[j] : 0.0f));
@@ -811,21 +848,22 @@ __global__ void k_softmax_rows(bf16 *P, const float *S, const float *bias, int B
     float sum = 0.0f;
     for (int j = lane; j < N; j += 32) sum += __expf(Si[j] + (Bi ? Bi[j] : 0.0f) - mx);
     float inv = 1.0f / warp_sum(sum);
-    bf16 *Pi = P + (((size_t)b * H + h) * N + i) * N;
+    bf16 *Pi = P + (((size_t)b * H + h) * N + i) * Np;
     for (int j = lane; j < N; j += 32) Pi[j] = __float2bfloat16(__expf(Si[j] + (Bi ? Bi[j] : 0.0f) - mx) * inv);
 }
 
 // dS = P * (dP - rowsum(P * dP)) * scale, one warp per row, for head h; dP fp32 (B, N, N), dS bf16 (B, N, N).
-__global__ void k_softmax_bwd(bf16 *dS, const float *dP, const bf16 *P, int B, int N, int H, int h, float scale) {
+__global__ void k_softmax_bwd(bf16 *dS, const float *dP, const bf16 *P, int B, int N, int Np, int H, int h,
+                              float scale) {
     int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
     if (row >= B * N) return;
     int b = row / N, i = row % N;
-    const bf16 *Pi = P + (((size_t)b * H + h) * N + i) * N;
-    const float *dPi = dP + (size_t)row * N;
+    const bf16 *Pi = P + (((size_t)b * H + h) * N + i) * Np;
+    const float *dPi = dP + (size_t)row * Np;
     float dot = 0.0f;
     for (int j = lane; j < N; j += 32) dot += __bfloat162float(Pi[j]) * dPi[j];
     dot = warp_sum(dot);
-    bf16 *dSi = dS + (size_t)row * N;
+    bf16 *dSi = dS + (size_t)row * Np;
     for (int j = lane; j < N; j += 32) dSi[j] = __float2bfloat16(__bfloat162float(Pi[j]) * (dPi[j] - dot) * scale);
 }
 
@@ -841,23 +879,24 @@ static void attn_fwd_unfused(CudaImpl *im, bf16 *out, bf16 *P, const bf16 *qkv, 
                              const float *rowscale, int B, int N, int H, int dh) {
     int D = H * dh, D3 = 3 * D;
     float scale = 1.0f / sqrtf((float)dh);
-    float *S = (float *)scratch_get(im, (size_t)B * N * N * sizeof(float));
-    long long sq = (long long)N * D3, sNN = (long long)N * N, sO = (long long)N * D;
+    int Np = pad8(N);
+    float *S = (float *)scratch_get(im, (size_t)B * N * Np * sizeof(float));
+    long long sq = (long long)N * D3, sNN = (long long)N * Np, sO = (long long)N * D;
     for (int h = 0; h < H; h++) {
         const bf16 *Q = qkv + h * dh, *K = Q + D, *V = Q + 2 * D;
         // S (N_i, N_j) row-major = column-major (j, i) = K (op T on the (dh, N) view) Q-view (dh, N).
         {
             PROF(im, "  attn fwd gemms");
-            batched_gemm(im, 1, 0, N, N, dh, scale, K, D3, sq, Q, D3, sq, 0.0f, S, CUDA_R_32F, N, sNN, B);
+            batched_gemm(im, 1, 0, N, N, dh, scale, K, D3, sq, Q, D3, sq, 0.0f, S, CUDA_R_32F, Np, sNN, B);
         }
         {
             PROF(im, "  attn fwd softmax");
-            k_softmax_rows<<<(B * N + 7) / 8, 256, 0, im->st>>>(P, S, bias, B, N, H, h);
+            k_softmax_rows<<<(B * N + 7) / 8, 256, 0, im->st>>>(P, S, bias, B, N, Np, H, h);
             KERNEL_CHECK("softmax_rows");
         }
         // O (N, dh) row-major (ld D) = column-major (dh, N) = V-view (dh, N_j) P-view (N_j, N_i).
         PROF(im, "  attn fwd gemms");
-        batched_gemm(im, 0, 0, dh, N, N, 1.0f, V, D3, sq, P + (size_t)h * N * N, N, (long long)H * N * N, 0.0f,
+        batched_gemm(im, 0, 0, dh, N, N, 1.0f, V, D3, sq, P + (size_t)h * N * Np, Np, (long long)H * N * Np, 0.0f,
                      out + h * dh, CUDA_R_16BF, D, sO, B);
     }
     if (rowscale) {
@@ -870,8 +909,9 @@ static void attn_bwd_unfused(CudaImpl *im, bf16 *dqkv, const bf16 *dout, const b
                              const float *rowscale, int B, int N, int H, int dh) {
     int D = H * dh, D3 = 3 * D;
     float scale = 1.0f / sqrtf((float)dh);
-    size_t nU = align_up((size_t)B * N * D * sizeof(bf16), 256), nP = align_up((size_t)B * N * N * sizeof(float), 256);
-    size_t nS = align_up((size_t)B * N * N * sizeof(bf16), 256);
+    int Np = pad8(N);
+    size_t nU = align_up((size_t)B * N * D * sizeof(bf16), 256), nP = align_up((size_t)B * N * Np * sizeof(float), 256);
+    size_t nS = align_up((size_t)B * N * Np * sizeof(bf16), 256);
     char *base = (char *)scratch_get(im, nU + nP + nS);
     bf16 *dU = (bf16 *)base;
     float *dP = (float *)(base + nU);
@@ -882,27 +922,27 @@ static void attn_bwd_unfused(CudaImpl *im, bf16 *dqkv, const bf16 *dout, const b
         launch_map(im, dU, dout, NULL, total, RowscaleF{rowscale, N, D}, "rowscale");
         U = dU;
     }
-    long long sq = (long long)N * D3, sNN = (long long)N * N, sO = (long long)N * D, sP = (long long)H * N * N;
+    long long sq = (long long)N * D3, sNN = (long long)N * Np, sO = (long long)N * D, sP = (long long)H * N * Np;
     for (int h = 0; h < H; h++) {
-        const bf16 *Q = qkv + h * dh, *K = Q + D, *V = Q + 2 * D, *Ph = P + (size_t)h * N * N, *Uh = U + h * dh;
+        const bf16 *Q = qkv + h * dh, *K = Q + D, *V = Q + 2 * D, *Ph = P + (size_t)h * N * Np, *Uh = U + h * dh;
         bf16 *dQ = dqkv + h * dh, *dK = dQ + D, *dV = dQ + 2 * D;
         // dP (i, j) = sum_e U(i, e) V(j, e): column-major (j, i) = V (op T on the (dh, N) view) U-view (dh, N).
         {
             PROF(im, "  attn bwd gemms");
-            batched_gemm(im, 1, 0, N, N, dh, 1.0f, V, D3, sq, Uh, D, sO, 0.0f, dP, CUDA_R_32F, N, sNN, B);
+            batched_gemm(im, 1, 0, N, N, dh, 1.0f, V, D3, sq, Uh, D, sO, 0.0f, dP, CUDA_R_32F, Np, sNN, B);
             // dV (j, e) = sum_i P(i, j) U(i, e): column-major (e, j) = U-view (dh, N_i) (P-view (N_j, N_i))^T.
-            batched_gemm(im, 0, 1, dh, N, N, 1.0f, Uh, D, sO, Ph, N, sP, 0.0f, dV, CUDA_R_16BF, D3, sq, B);
+            batched_gemm(im, 0, 1, dh, N, N, 1.0f, Uh, D, sO, Ph, Np, sP, 0.0f, dV, CUDA_R_16BF, D3, sq, B);
         }
         {
             PROF(im, "  attn bwd softmax");
-            k_softmax_bwd<<<(B * N + 7) / 8, 256, 0, im->st>>>(dS, dP, P, B, N, H, h, scale);
+            k_softmax_bwd<<<(B * N + 7) / 8, 256, 0, im->st>>>(dS, dP, P, B, N, Np, H, h, scale);
             KERNEL_CHECK("softmax_bwd");
         }
         PROF(im, "  attn bwd gemms");
         // dQ (i, e) = sum_j dS(i, j) K(j, e): column-major (e, i) = K-view (dh, N_j) dS-view (N_j, N_i).
-        batched_gemm(im, 0, 0, dh, N, N, 1.0f, K, D3, sq, dS, N, sNN, 0.0f, dQ, CUDA_R_16BF, D3, sq, B);
+        batched_gemm(im, 0, 0, dh, N, N, 1.0f, K, D3, sq, dS, Np, sNN, 0.0f, dQ, CUDA_R_16BF, D3, sq, B);
         // dK (j, e) = sum_i dS(i, j) Q(i, e): column-major (e, j) = Q-view (dh, N_i) (dS-view (N_j, N_i))^T.
-        batched_gemm(im, 0, 1, dh, N, N, 1.0f, Q, D3, sq, dS, N, sNN, 0.0f, dK, CUDA_R_16BF, D3, sq, B);
+        batched_gemm(im, 0, 1, dh, N, N, 1.0f, Q, D3, sq, dS, Np, sNN, 0.0f, dK, CUDA_R_16BF, D3, sq, B);
     }
 }
 
@@ -1203,6 +1243,7 @@ static void cu_signal_stats(Backend *be, const void *x, int B, int N, int D, dou
 static void cu_destroy(Backend *be) {
     CudaImpl *im = IM(be);
     cudaStreamSynchronize(im->st);
+    if (im->profiling) prof_flush(im);
     if (im->profiling && im->nprof) {
         double total = 0;
         for (int k = 0; k < im->nprof; k++) total += im->prof[k].ms;
@@ -1266,6 +1307,8 @@ Backend *backend_cuda_create(int device) {
     CUDA_CHECK(cudaMalloc(&im->red, (RED_BLOCKS + 8) * sizeof(double)));
     CUDA_CHECK(cudaMallocHost(&im->h_red, 8 * sizeof(double)));
     im->fused_attn = 0;  // the validated default; tests/gpu compares both
+    const char *lt = getenv("SD_LT");
+    im->no_lt = lt && !strcmp(lt, "0");
     const char *pe = getenv("SD_CUDA_PROFILE");
     im->profiling = pe && *pe && strcmp(pe, "0");
     const char *env = getenv("SD_ATTN");

@@ -164,10 +164,17 @@ if [ "${SD_GPU_PROFILE:-0}" = 1 ] && [ -x $BUILD/bench/bench_step ]; then
         done
     done
 fi
+# ... and the heavy ops one by one at the ViT-S/16 shapes, ours (cuBLASLt, then cublasGemmEx) and PyTorch's.
+if [ "${SD_GPU_PROFILE:-0}" = 1 ] && [ -x $BUILD/gpu/bench_ops ]; then
+    stage bench_ops 60 $BUILD/gpu/bench_ops --device cuda
+    stage bench_ops_nolt 60 env SD_LT=0 $BUILD/gpu/bench_ops --device cuda
+    $PY -c 'import torch' >/dev/null 2>&1 && stage torch_ops 90 $PY tests/gpu/torch_ops.py
+fi
 # SD_GPU_QUICK=1: the build, the checks and the profile only (no Fashion-MNIST, no benchmarks).
 if [ "${SD_GPU_QUICK:-0}" = 1 ]; then
     $PY tests/gpu/report.py "$W" "$OUTDIR/gpu-report.md" >/dev/null 2>&1
     for f in "$W"/profile_*.log; do [ -f "$f" ] && { echo "--- $f"; grep -v '^{' "$f"; }; done
+    for f in "$W"/bench_ops*.log "$W"/torch_ops.log; do [ -f "$f" ] && { echo "--- $f"; grep '^{' "$f" | cut -c1-150; }; done
     echo "quick run: $(elapsed)s"
     exit 0
 fi
