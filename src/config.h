@@ -16,6 +16,7 @@ typedef struct {
         int qkv_bias, mlp_bias;
         double drop_p;
         int seed_compat;
+        int recompute;
     } model;
     struct {
         char dataset[32];  // "fashion-mnist" | "mnist"

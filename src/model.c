@@ -197,7 +197,7 @@ static void layout_acts(Model *m, Arena *a) {
         BlockActs *x = &m->acts[l];
         memset(x, 0, sizeof *x);
         if (!simplest) {
-            x->ln1 = carve(a, R * D * as);
+            x->ln1 = c->recompute ? NULL : carve(a, R * D * as);
             x->ln1_mean = carve(a, R * sizeof(float));
             x->ln1_rstd = carve(a, R * sizeof(float));
         }
@@ -206,10 +206,10 @@ static void layout_acts(Model *m, Arena *a) {
         x->att = carve(a, R * D * as);
         if (!simplest) {
             x->res1 = carve(a, R * D * as);
-            x->ln2 = carve(a, R * D * as);
+            x->ln2 = c->recompute ? NULL : carve(a, R * D * as);
             x->ln2_mean = carve(a, R * sizeof(float));
             x->ln2_rstd = carve(a, R * sizeof(float));
-            x->gelu = carve(a, R * M * as);
+            x->gelu = c->recompute ? NULL : carve(a, R * M * as);
         }
         x->fc1 = carve(a, R * M * as);
         x->out = carve(a, R * D * as);
@@ -229,7 +229,14 @@ static void layout_acts(Model *m, Arena *a) {
     m->g_ln = carve(a, R * D * as);
     m->g_pooled = carve(a, B * D * as);
     m->g_head = carve(a, B * D * as);
+    m->rc_ln = !simplest && c->recompute ? carve(a, R * D * as) : NULL;
+    m->rc_gelu = !simplest && c->recompute ? carve(a, R * M * as) : NULL;
 }
+
+// The LayerNorm and GELU outputs of a SimpleViT block: its own buffers, or (model.recompute) the shared ones.
+static void *ln1_buf(const Model *m, int l) { return m->cfg.recompute ? m->rc_ln : m->acts[l].ln1; }
+static void *ln2_buf(const Model *m, int l) { return m->cfg.recompute ? m->rc_ln : m->acts[l].ln2; }
+static void *gelu_buf(const Model *m, int l) { return m->cfg.recompute ? m->rc_gelu : m->acts[l].gelu; }
 
 Model *model_create(const ModelConfig *cfg, Backend *be, int max_batch) {
     char err[512];
@@ -445,8 +452,9 @@ static void simplevit_block_fwd(Model *m, int l, const void *x, int B) {
     const BlockTensors *bt = &m->blocks[l];
     BlockActs *a = &m->acts[l];
     int R = B * m->N, D = c->dim, M = c->mlp_dim;
-    be->layernorm_fwd(be, a->ln1, a->ln1_mean, a->ln1_rstd, x, T(m, bt->ln1_w), T(m, bt->ln1_b), R, D, 1e-5f);
-    be->matmul_fwd(be, a->qkv, a->ln1, T(m, bt->qkv_w), NULL, R, D, 3 * D);
+    void *ln1 = ln1_buf(m, l), *ln2 = ln2_buf(m, l), *gelu = gelu_buf(m, l);
+    be->layernorm_fwd(be, ln1, a->ln1_mean, a->ln1_rstd, x, T(m, bt->ln1_w), T(m, bt->ln1_b), R, D, 1e-5f);
+    be->matmul_fwd(be, a->qkv, ln1, T(m, bt->qkv_w), NULL, R, D, 3 * D);
     be->attention_fwd(be, a->att, a->attn_saved, a->qkv, NULL, NULL, B, m->N, c->heads, m->dh);
     if (c->seed_compat) {
         be->add(be, a->res1, x, a->att, (size_t)R * D);  // to_out is the identity
@@ -454,10 +462,10 @@ static void simplevit_block_fwd(Model *m, int l, const void *x, int B) {
         be->matmul_fwd(be, a->res1, a->att, T(m, bt->out_w), NULL, R, D, D);
         be->add(be, a->res1, a->res1, x, (size_t)R * D);
     }
-    be->layernorm_fwd(be, a->ln2, a->ln2_mean, a->ln2_rstd, a->res1, T(m, bt->ln2_w), T(m, bt->ln2_b), R, D, 1e-5f);
-    be->matmul_fwd(be, a->fc1, a->ln2, T(m, bt->fc1_w), T(m, bt->fc1_b), R, D, M);
-    be->gelu_fwd(be, a->gelu, a->fc1, (size_t)R * M);
-    be->matmul_fwd(be, a->out, a->gelu, T(m, bt->fc2_w), T(m, bt->fc2_b), R, M, D);
+    be->layernorm_fwd(be, ln2, a->ln2_mean, a->ln2_rstd, a->res1, T(m, bt->ln2_w), T(m, bt->ln2_b), R, D, 1e-5f);
+    be->matmul_fwd(be, a->fc1, ln2, T(m, bt->fc1_w), T(m, bt->fc1_b), R, D, M);
+    be->gelu_fwd(be, gelu, a->fc1, (size_t)R * M);
+    be->matmul_fwd(be, a->out, gelu, T(m, bt->fc2_w), T(m, bt->fc2_b), R, M, D);
     be->add(be, a->out, a->out, a->res1, (size_t)R * D);
 }
 
@@ -525,10 +533,16 @@ static void simplevit_block_bwd(Model *m, int l, const void *x, int B) {
     const BlockTensors *bt = &m->blocks[l];
     BlockActs *a = &m->acts[l];
     int R = B * m->N, D = c->dim, M = c->mlp_dim;
+    void *ln1 = ln1_buf(m, l), *ln2 = ln2_buf(m, l), *gelu = gelu_buf(m, l);
+    // model.recompute: the outputs the weight gradients need are recomputed from the kept inputs just before use
+    // (the same kernels on the same inputs: the same bits as in the forward; mean and rstd are rewritten equal).
+    if (c->recompute) be->gelu_fwd(be, gelu, a->fc1, (size_t)R * M);
     // MLP branch: out = res1 + fc2(gelu(fc1(ln2(res1)))); g_x keeps the residual gradient.
-    be->matmul_bwd(be, m->g_mid, G(m, bt->fc2_w), G(m, bt->fc2_b), m->g_x, a->gelu, T(m, bt->fc2_w), R, M, D);
+    be->matmul_bwd(be, m->g_mid, G(m, bt->fc2_w), G(m, bt->fc2_b), m->g_x, gelu, T(m, bt->fc2_w), R, M, D);
     be->gelu_bwd(be, m->g_mid, m->g_mid, a->fc1, (size_t)R * M);
-    be->matmul_bwd(be, m->g_ln, G(m, bt->fc1_w), G(m, bt->fc1_b), m->g_mid, a->ln2, T(m, bt->fc1_w), R, D, M);
+    if (c->recompute)
+        be->layernorm_fwd(be, ln2, a->ln2_mean, a->ln2_rstd, a->res1, T(m, bt->ln2_w), T(m, bt->ln2_b), R, D, 1e-5f);
+    be->matmul_bwd(be, m->g_ln, G(m, bt->fc1_w), G(m, bt->fc1_b), m->g_mid, ln2, T(m, bt->fc1_w), R, D, M);
     be->layernorm_bwd(be, m->g_x, G(m, bt->ln2_w), G(m, bt->ln2_b), m->g_ln, a->res1, a->ln2_mean, a->ln2_rstd,
                       T(m, bt->ln2_w), R, D);
     // Attention branch: res1 = x + to_out(attn(ln1(x))).
@@ -538,7 +552,9 @@ static void simplevit_block_bwd(Model *m, int l, const void *x, int B) {
         datt = m->g_mid;
     }
     be->attention_bwd(be, m->g_big, datt, a->qkv, a->attn_saved, NULL, NULL, B, m->N, c->heads, m->dh);
-    be->matmul_bwd(be, m->g_ln, G(m, bt->qkv_w), NULL, m->g_big, a->ln1, T(m, bt->qkv_w), R, D, 3 * D);
+    if (c->recompute)
+        be->layernorm_fwd(be, ln1, a->ln1_mean, a->ln1_rstd, x, T(m, bt->ln1_w), T(m, bt->ln1_b), R, D, 1e-5f);
+    be->matmul_bwd(be, m->g_ln, G(m, bt->qkv_w), NULL, m->g_big, ln1, T(m, bt->qkv_w), R, D, 3 * D);
     be->layernorm_bwd(be, m->g_x, G(m, bt->ln1_w), G(m, bt->ln1_b), m->g_ln, x, a->ln1_mean, a->ln1_rstd,
                       T(m, bt->ln1_w), R, D);
 }

@@ -17,6 +17,7 @@ typedef struct {
     int qkv_bias, mlp_bias;  // SimplEsT only
     float drop_p;            // token dropout before pooling
     int seed_compat;         // reference quirks (spec/model.md §1)
+    int recompute;           // SimpleViT: LayerNorm and GELU outputs recomputed in backward, not kept per block
 } ModelConfig;
 
 typedef struct {
@@ -87,6 +88,7 @@ typedef struct {
     void *dlogits;    // (B, C)
     void *g_x, *g_mid, *g_big, *g_ln;  // backward scratch: (R, D), (R, max(D,M)), (R, max(3D,M)), (R, D)
     void *g_pooled, *g_head;           // (B, D) each
+    void *rc_ln, *rc_gelu;             // model.recompute: the one (R, D) and (R, M) buffer all blocks share
     int last_training;  // whether the last forward ran in train mode (dropout)
 } Model;
 

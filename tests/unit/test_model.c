@@ -992,6 +992,54 @@ static void test_weights_file(void) {
     }
 }
 
+// model.recompute: SimpleViT's LayerNorm and GELU outputs recomputed in backward instead of kept per block. The
+// same kernels on the same inputs: the loss, logits and every gradient must equal the kept-activation run bit for
+// bit (with token dropout, both init modes), and the activation memory must shrink by exactly (L-1)(2D + M) rows.
+static void test_recompute(void) {
+    for (int compat = 0; compat <= 1; compat++) {
+        char title[200];
+        snprintf(title, sizeof title, "model.recompute (SimpleViT%s, depth 3, dropout 0.2): loss, logits and every "
+                 "gradient bitwise equal to keeping the activations; memory smaller by (L-1)(2D+M) rows",
+                 compat ? " seed_compat" : "");
+        TEST_CASE(title) {
+            ModelConfig mc = tiny_config(ARCH_SIMPLEVIT, compat, 1, 0.2f);
+            mc.depth = 3;
+            int B = 3;
+            Model *m[2];
+            float *g[2], *lg[2];
+            for (int k = 0; k < 2; k++) {
+                mc.recompute = k;
+                m[k] = model_create(&mc, be, B);
+                model_init(m[k], 42);
+                size_t img = (size_t)B * mc.channels * mc.image_size * mc.image_size;
+                fill_normal(m[k]->input, img, 1.0, 5);
+                memset(m[k]->targets, 0, (size_t)B * mc.num_classes * sizeof(float));
+                for (int b = 0; b < B; b++) ((float *)m[k]->targets)[b * mc.num_classes + b % mc.num_classes] = 1.0f;
+                perturb_params(m[k]);
+                model_zero_grad(m[k]);
+                model_forward(m[k], B, 1, 9, 4, 2);
+                model_loss(m[k], B, 0.1f, 1.0f / B, 1);
+                model_backward(m[k], B, 9, 4, 2);
+                g[k] = m[k]->grads;
+                lg[k] = m[k]->logits;
+            }
+            EXPECT(memcmp(lg[0], lg[1], (size_t)B * mc.num_classes * sizeof(float)) == 0, "logits differ");
+            EXPECT(memcmp(m[0]->losses, m[1]->losses, (size_t)B * sizeof(float)) == 0, "losses differ");
+            size_t bad = 0;
+            for (size_t i = 0; i < m[0]->num_params; i++) bad += memcmp(&g[0][i], &g[1][i], sizeof(float)) != 0;
+            EXPECT(bad == 0, "%zu of %zu gradient entries differ", bad, m[0]->num_params);
+            size_t rows = (size_t)B * m[0]->N, saved_elems = (size_t)(mc.depth - 1) * (2 * mc.dim + mc.mlp_dim) * rows;
+            size_t diff = m[0]->act_bytes - m[1]->act_bytes, want = saved_elems * be->act_size;
+            // views are 256-byte aligned: allow the rounding of the (3 L - 2) views that moved
+            EXPECT(diff + 256 * (3 * (size_t)mc.depth) >= want && diff <= want + 256 * (3 * (size_t)mc.depth),
+                   "activation bytes %zu -> %zu: saved %zu, want about %zu", m[0]->act_bytes, m[1]->act_bytes, diff,
+                   want);
+            model_free(m[0]);
+            model_free(m[1]);
+        }
+    }
+}
+
 int main(void) {
     // One thread: these models are tiny, and on a loaded 2-core machine OpenMP's fork/join costs 50x the work.
     be = backend_cpu_create(1);
@@ -1001,6 +1049,7 @@ int main(void) {
     test_decay_sets();
     test_posemb_and_tokens();
     test_weights_file();
+    test_recompute();
     be->destroy(be);
     return tl_finish();
 }
