@@ -78,7 +78,7 @@ $(BUILD)/src/%.o: src/%.c $(wildcard src/*.h src/data/*.h) $(BUILD)/flags
 
 $(BUILD)/kernels/%.o: kernels/%.cu $(wildcard kernels/*.cuh src/*.h) $(BUILD)/flags
 	@mkdir -p $(dir $@)
-	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA $(if $(wildcard kernels/flash_attn.cu),-DSD_HAVE_FLASH) -Isrc $(EXTRA_CFLAGS) -c $< -o $@
+	$(NVCC) $(NVCCFLAGS) -DUSE_CUDA $(if $(wildcard kernels/flash2.cu),-DSD_HAVE_FLASH) -Isrc $(EXTRA_CFLAGS) -c $< -o $@
 
 $(BUILD)/libsimplest.a: $(LIB_OBJS)
 	ar rcs $@ $^

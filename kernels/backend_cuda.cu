@@ -1,10 +1,11 @@
 // backend_cuda.cu: the CUDA backend. bf16 activations, fp32 accumulation, fp32 master weights, gradients and
 // optimizer state (src/backend.h has the contract). The linear layers run on cuBLASLt (bf16 in, fp32 accumulate,
 // bias epilogue) against a bf16 shadow of the parameters that params_changed refreshes; parameter gradients are
-// accumulated in fp32 by the same GEMMs (beta = 1). Attention runs either as cuBLAS strided-batched GEMMs around
-// softmax kernels (P kept in bf16, the "unfused" path) or as the fused flash-style kernels of flash_attn.cu.
+// accumulated in fp32 by the same GEMMs (beta = 1). Attention runs as the fused FlashAttention-2-style kernels of
+// flash2.cu (the default) or as cuBLAS strided-batched GEMMs around softmax kernels (P kept in bf16, "unfused").
 // Every reduction is done in a fixed order (no float atomics), so a step's bits do not depend on scheduling.
-// Everything runs on one stream; download() and the host-valued reductions synchronize it.
+// Compute runs on one stream (download() and the host-valued reductions synchronize it); input batches are
+// uploaded on a second stream (upload_async) so that the copy overlaps the previous batch's compute.
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
@@ -20,8 +21,8 @@ extern "C" {
 #include "util.h"
 }
 
-#ifdef SD_HAVE_FLASH  // set by the Makefile when kernels/flash_attn.cu is there
-#include "flash_attn.cuh"
+#ifdef SD_HAVE_FLASH  // set by the Makefile when kernels/flash2.cu is there
+#include "flash2.cuh"
 #define HAVE_FLASH 1
 #else
 #define HAVE_FLASH 0
@@ -75,6 +76,8 @@ typedef struct {
     double *h_red;  // pinned host copy
     int fused_attn;
     int sms;
+    cudaStream_t copy_st;                  // input uploads (upload_async)
+    cudaEvent_t ev_copied[2], ev_consumed[2];  // per input slot: copies done; compute's last read enqueued
     int no_lt;      // SD_LT=0: every GEMM through cublasGemmEx (to compare with cuBLASLt)
     int profiling;  // SD_CUDA_PROFILE=1: every op timed with events (serializes the stream), table at destroy
     struct {
@@ -245,6 +248,26 @@ static inline float host_bf16_to_f32(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 }
+
+static void cu_upload_async(Backend *be, void *dst, const void *src, size_t n, int slot) {
+    PROF(be, "upload_async (copy stream)");
+    CudaImpl *im = IM(be);
+    CUDA_CHECK(cudaStreamWaitEvent(im->copy_st, im->ev_consumed[slot], 0));  // no read of the old contents pending
+    if (n) CUDA_CHECK(cudaMemcpyAsync(dst, src, n, cudaMemcpyHostToDevice, im->copy_st));
+    CUDA_CHECK(cudaEventRecord(im->ev_copied[slot], im->copy_st));
+}
+
+static void cu_input_wait(Backend *be, int slot) {
+    CudaImpl *im = IM(be);
+    CUDA_CHECK(cudaStreamWaitEvent(im->st, im->ev_copied[slot], 0));
+}
+
+static void cu_input_consumed(Backend *be, int slot) {
+    CudaImpl *im = IM(be);
+    CUDA_CHECK(cudaEventRecord(im->ev_consumed[slot], im->st));
+}
+
+static void cu_input_host_free(Backend *be, int slot) { CUDA_CHECK(cudaEventSynchronize(IM(be)->ev_copied[slot])); }
 
 static void cu_download_act(Backend *be, float *dst, const void *src, size_t n) {
     uint16_t *tmp = (uint16_t *)xmalloc(n * 2 + 2, "activation download");
@@ -951,10 +974,10 @@ static void cu_attention_fwd(Backend *be, void *out, float *saved, const void *q
     PROF(be, "attention_fwd");
     CudaImpl *im = IM(be);
 #if HAVE_FLASH
-    if (im->fused_attn && flash_attn_supported(N, dh)) {
+    if (im->fused_attn && flash2_supported(N, dh)) {
         float *lse = saved;
         bf16 *o = (bf16 *)(saved + fused_o_offset(B, N, H));
-        flash_attn_fwd((bf16 *)out, lse, o, (const bf16 *)qkv, bias, rowscale, B, N, H, dh, im->st);
+        flash2_fwd((bf16 *)out, lse, o, (const bf16 *)qkv, bias, rowscale, B, N, H, dh, im->st);
         return;
     }
 #endif
@@ -966,12 +989,12 @@ static void cu_attention_bwd(Backend *be, void *dqkv, const void *dout, const vo
     PROF(be, "attention_bwd");
     CudaImpl *im = IM(be);
 #if HAVE_FLASH
-    if (im->fused_attn && flash_attn_supported(N, dh)) {
+    if (im->fused_attn && flash2_supported(N, dh)) {
         const float *lse = saved;
         const bf16 *o = (const bf16 *)(saved + fused_o_offset(B, N, H));
-        size_t ws = flash_attn_bwd_workspace(B, N, H, dh);
+        size_t ws = flash2_bwd_workspace(B, N, H, dh);
         void *w = ws ? scratch_get(im, ws) : NULL;
-        flash_attn_bwd((bf16 *)dqkv, (const bf16 *)dout, (const bf16 *)qkv, o, lse, bias, rowscale, B, N, H, dh, w,
+        flash2_bwd((bf16 *)dqkv, (const bf16 *)dout, (const bf16 *)qkv, o, lse, bias, rowscale, B, N, H, dh, w,
                        im->st);
         return;
     }
@@ -1265,6 +1288,12 @@ static void cu_destroy(Backend *be) {
     cudaFree(im->lt_ws);
     cublasLtDestroy(im->lt);
     cublasDestroy(im->blas);
+    cudaStreamSynchronize(im->copy_st);
+    for (int k = 0; k < 2; k++) {
+        cudaEventDestroy(im->ev_copied[k]);
+        cudaEventDestroy(im->ev_consumed[k]);
+    }
+    cudaStreamDestroy(im->copy_st);
     cudaStreamDestroy(im->st);
     free(im);
     free(be);
@@ -1297,6 +1326,13 @@ Backend *backend_cuda_create(int device) {
     im->device = device;
     im->sms = prop.multiProcessorCount;
     CUDA_CHECK(cudaStreamCreate(&im->st));
+    CUDA_CHECK(cudaStreamCreateWithFlags(&im->copy_st, cudaStreamNonBlocking));
+    for (int k = 0; k < 2; k++) {
+        CUDA_CHECK(cudaEventCreateWithFlags(&im->ev_copied[k], cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventCreateWithFlags(&im->ev_consumed[k], cudaEventDisableTiming));
+        CUDA_CHECK(cudaEventRecord(im->ev_copied[k], im->copy_st));  // recorded once: waits on them pass at first
+        CUDA_CHECK(cudaEventRecord(im->ev_consumed[k], im->st));
+    }
     CUBLAS_CHECK(cublasCreate(&im->blas));
     CUBLAS_CHECK(cublasSetStream(im->blas, im->st));
     CUBLAS_CHECK(cublasSetMathMode(im->blas, CUBLAS_DEFAULT_MATH));  // fp32 GEMMs stay fp32 (no TF32)
@@ -1306,13 +1342,14 @@ Backend *backend_cuda_create(int device) {
     CUBLAS_CHECK(cublasSetWorkspace(im->blas, im->lt_ws, im->lt_ws_bytes));
     CUDA_CHECK(cudaMalloc(&im->red, (RED_BLOCKS + 8) * sizeof(double)));
     CUDA_CHECK(cudaMallocHost(&im->h_red, 8 * sizeof(double)));
-    im->fused_attn = 0;  // the validated default; tests/gpu compares both
+    im->fused_attn = HAVE_FLASH;  // fused by default (tests/gpu checks both; run.attention / SD_ATTN choose)
     const char *lt = getenv("SD_LT");
     im->no_lt = lt && !strcmp(lt, "0");
     const char *pe = getenv("SD_CUDA_PROFILE");
     im->profiling = pe && *pe && strcmp(pe, "0");
     const char *env = getenv("SD_ATTN");
     if (env && !strcmp(env, "flash")) im->fused_attn = HAVE_FLASH;
+    if (env && !strcmp(env, "unfused")) im->fused_attn = 0;
     Backend *be = (Backend *)xcalloc(sizeof(Backend), "backend");
     be->name = "cuda";
     be->act_dtype = DTYPE_BF16;
@@ -1329,6 +1366,10 @@ Backend *backend_cuda_create(int device) {
     be->sync = cu_sync;
     be->mem_info = cu_mem_info;
     be->download_act = cu_download_act;
+    be->upload_async = cu_upload_async;
+    be->input_wait = cu_input_wait;
+    be->input_consumed = cu_input_consumed;
+    be->input_host_free = cu_input_host_free;
     be->set_deterministic = cu_set_deterministic;
     be->set_params = cu_set_params;
     be->params_changed = cu_params_changed;

@@ -46,6 +46,15 @@ struct Backend {
     void (*sync)(Backend *be);
     // Free and total bytes of the memory that alloc draws on (GPU memory; host RAM on the CPU).
     void (*mem_info)(Backend *be, size_t *free_bytes, size_t *total_bytes);
+    // Input double buffering (the train loop prefetches the next micro-batch while this one computes); slot 0 or 1.
+    // upload_async copies host (alloc_host) -> device on a copy stream, after the compute stream has passed the
+    // input_consumed mark of that slot; input_wait makes the compute stream wait for the slot's copies;
+    // input_host_free returns once the slot's copies have read their host buffers (before the host rewrites them).
+    // On the CPU the copy is a memcpy and the waits are no-ops.
+    void (*upload_async)(Backend *be, void *dst, const void *src, size_t bytes, int slot);
+    void (*input_wait)(Backend *be, int slot);
+    void (*input_consumed)(Backend *be, int slot);
+    void (*input_host_free)(Backend *be, int slot);
     // Device activations -> host fp32 (logits for metrics, tests): n elements, synchronous.
     void (*download_act)(Backend *be, float *host_dst, const void *src, size_t n);
     // Bits independent of the thread count (the CPU backend then splits GEMMs in fixed chunks; slower). Needed for

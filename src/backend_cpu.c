@@ -44,6 +44,8 @@ static void cpu_mem_info(Backend *be, size_t *free_b, size_t *total_b) {
     *free_b = (size_t)sysconf(_SC_AVPHYS_PAGES) * (size_t)pg;
     *total_b = (size_t)sysconf(_SC_PHYS_PAGES) * (size_t)pg;
 }
+static void cpu_upload_async(Backend *be, void *dst, const void *src, size_t n, int slot) { memcpy(dst, src, n); }
+static void cpu_input_slot(Backend *be, int slot) {}
 static void cpu_download_act(Backend *be, float *dst, const void *src, size_t n) { memcpy(dst, src, n * 4); }
 static void cpu_set_params(Backend *be, float *params, size_t n) {}
 static void cpu_params_changed(Backend *be, float *params, size_t n) {}
@@ -574,6 +576,10 @@ Backend *backend_cpu_create(int threads) {
         .sync = cpu_sync,
         .mem_info = cpu_mem_info,
         .download_act = cpu_download_act,
+        .upload_async = cpu_upload_async,
+        .input_wait = cpu_input_slot,
+        .input_consumed = cpu_input_slot,
+        .input_host_free = cpu_input_slot,
         .set_deterministic = cpu_set_deterministic,
         .set_params = cpu_set_params,
         .params_changed = cpu_params_changed,

@@ -153,6 +153,9 @@ static const KeySpec KEYS[] = {
      "run directory (config.json, status.json, metrics.jsonl, weights); \"\" = runs/<config file name>. A non-empty directory from an earlier run is moved aside to <dir>.1, .2, ... first"},
     {"run.device", KT_STR, FIELD(run.device), "\"cpu\"", NOLIM, "cpu|cuda|auto",
      "backend: cpu, cuda, or auto (cuda when a GPU is present, else cpu)"},
+    {"run.attention", KT_STR, FIELD(run.attention), "\"fused\"", NOLIM, "fused|unfused",
+     "CUDA attention: fused (FlashAttention-2-style kernels; dh 32 or 64, else unfused) or unfused (cuBLAS batched "
+     "GEMMs and softmax kernels, the probabilities kept in bf16); the CPU has one implementation"},
     {"run.threads", KT_INT, FIELD(run.threads), "0", 0, 4096, NULL, "CPU threads per rank; 0 = the cores this rank may use, divided by the ranks on its node"},
     {"run.status_every_s", KT_DOUBLE, FIELD(run.status_every_s), "5", 0.1, 86400, NULL,
      "status.json refresh interval in seconds (it is also written at every log line)"},

@@ -78,6 +78,7 @@ typedef struct {
     struct {
         char dir[512];    // run directory; "" = runs/<config file name>
         char device[8];   // "cpu" | "cuda" | "auto"
+        char attention[8];  // "fused" | "unfused" (CUDA)
         int threads;      // CPU threads per rank; 0 = all available
         double status_every_s;
     } run;

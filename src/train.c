@@ -30,7 +30,9 @@ Backend *backend_for_config(const Config *cfg, const Comm *comm) {
         if (comm->world > 1)
             die_user("config key 'run.device': \"cuda\" with %d ranks needs the NCCL all-reduce, not built yet; "
                      "run one rank per job or use \"cpu\"", comm->world);
-        return backend_cuda_create(comm->local_rank);
+        Backend *be = backend_cuda_create(comm->local_rank);
+        backend_cuda_set_attention(be, strcmp(cfg->run.attention, "unfused") != 0);
+        return be;
     }
     if (!strcmp(dev, "auto") && comm->rank == 0) printf("run.device auto: no usable GPU found, using the CPU\n");
 #else
@@ -112,8 +114,15 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
     if (cfg->train.sam) t->sam_e = t->be->alloc(t->be, pbytes, "SAM perturbation");
     const ModelConfig *mc = &model->cfg;
     size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
-    t->h_images = t->be->alloc_host(t->be, (size_t)t->micro * img * sizeof(float), "host image batch");
-    t->h_targets = t->be->alloc_host(t->be, (size_t)t->micro * mc->num_classes * sizeof(float), "host targets");
+    for (int s = 0; s < 2; s++) {
+        t->h_images[s] = t->be->alloc_host(t->be, (size_t)t->micro * img * sizeof(float), "host image batch");
+        t->h_targets[s] = t->be->alloc_host(t->be, (size_t)t->micro * mc->num_classes * sizeof(float), "host targets");
+    }
+    t->d_input[0] = model->input;
+    t->d_targets[0] = model->targets;
+    // model-sized (max_batch): eval batches go through whichever slot m->input points to
+    t->d_input[1] = t->be->alloc(t->be, (size_t)model->max_batch * img * sizeof(float), "second input batch");
+    t->d_targets[1] = t->be->alloc(t->be, (size_t)model->max_batch * mc->num_classes * sizeof(float), "second targets");
 }
 
 void trainer_free(Trainer *t) {
@@ -128,8 +137,16 @@ void trainer_free(Trainer *t) {
     free(t->shard_grads);
     if (t->ema) be->free(be, t->ema);
     if (t->sam_e) be->free(be, t->sam_e);
-    be->free_host(be, t->h_images);
-    be->free_host(be, t->h_targets);
+    be->sync(be);
+    for (int s = 0; s < 2; s++) {
+        be->input_host_free(be, s);
+        be->free_host(be, t->h_images[s]);
+        be->free_host(be, t->h_targets[s]);
+    }
+    be->free(be, t->d_input[1]);
+    be->free(be, t->d_targets[1]);
+    t->model->input = t->d_input[0];
+    t->model->targets = t->d_targets[0];
 }
 
 // Position of this rank's micro-batch within the step's global slice (keys dropout and mixup groups).
@@ -144,16 +161,49 @@ static void start_bucket(void *ctx, size_t offset, size_t count) {
     comm_progress(t->comm);
 }
 
-// Forward + backward of micro-batch mi; adds its per-sample losses to *loss_sum.
+// Sources micro-batch (k, mi) into input slot s and starts its upload (the copy stream on a GPU).
+static void load_slot(Trainer *t, int s, int64_t k, int mi, BatchSource src, void *ctx) {
+    Backend *be = t->be;
+    const ModelConfig *mc = &t->model->cfg;
+    size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
+    be->input_host_free(be, s);  // the slot's previous copy has read the host buffers
+    src(ctx, t, k, mi, t->h_images[s], t->h_targets[s]);
+    be->upload_async(be, t->d_input[s], t->h_images[s], (size_t)t->micro * img * sizeof(float), s);
+    be->upload_async(be, t->d_targets[s], t->h_targets[s], (size_t)t->micro * mc->num_classes * sizeof(float), s);
+}
+
+// Forward + backward of micro-batch mi; adds its per-sample losses to *loss_sum. The batch comes from the slot
+// prefetched during the previous micro-batch when it is the one wanted (else it is sourced now: a stall), and the
+// next micro-batch (this step's next, or the next step's first) is prefetched into the other slot while this one
+// computes. A prefetched batch that is never used (a repeated step, the last step) costs nothing but the work.
 static void micro_step(Trainer *t, int64_t k, int mi, BatchSource src, void *ctx, int hooked, double *loss_sum) {
     Model *m = t->model;
     Backend *be = t->be;
-    const ModelConfig *mc = &m->cfg;
-    size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
-    src(ctx, t, k, mi, t->h_images, t->h_targets);
-    be->upload(be, m->input, t->h_images, (size_t)t->micro * img * sizeof(float));
-    be->upload(be, m->targets, t->h_targets, (size_t)t->micro * mc->num_classes * sizeof(float));
+    int s;
+    if (t->pf_valid && t->pf_k == k && t->pf_mi == mi) {
+        s = t->pf_slot;
+        t->pf_valid = 0;
+    } else {
+        s = t->pf_valid ? t->pf_slot ^ 1 : t->next_slot;  // never the slot that holds a prefetched batch
+        double t0 = now_sec();
+        load_slot(t, s, k, mi, src, ctx);
+        t->stall_s += now_sec() - t0;
+    }
+    be->input_wait(be, s);
+    m->input = t->d_input[s];
+    m->targets = t->d_targets[s];
     model_forward(m, t->micro, 1, t->seed, (uint64_t)k, slice_pos(t, mi));
+    be->input_consumed(be, s);  // the forward's read of the images is enqueued: the slot may be refilled after it
+    t->next_slot = s ^ 1;
+    int64_t nk = mi + 1 < t->accum ? k : k + 1;
+    int nmi = mi + 1 < t->accum ? mi + 1 : 0;
+    if (nk <= t->total_steps && !(t->pf_valid && t->pf_k == nk && t->pf_mi == nmi)) {
+        load_slot(t, s ^ 1, nk, nmi, src, ctx);
+        t->pf_valid = 1;
+        t->pf_k = nk;
+        t->pf_mi = nmi;
+        t->pf_slot = s ^ 1;
+    }
     model_loss(m, t->micro, (float)t->cfg->train.label_smoothing, 1.0f / (float)t->global_batch, 1);
     model_backward_hooked(m, t->micro, t->seed, (uint64_t)k, slice_pos(t, mi), hooked ? start_bucket : NULL, t);
     float *losses = xmalloc((size_t)t->micro * sizeof(float), "losses");  // (micro)
@@ -429,6 +479,7 @@ typedef struct {
     double interval_loss;
     int64_t interval_count, interval_steps, saved_step;
     double rank_ips;  // this rank's images/s over the last log interval (sent in heartbeats)
+    double rank_stall, stall_mark;  // seconds this rank waited on the loader in the last interval; running mark
 } Run;
 
 static void run_status(Run *r) {
@@ -557,7 +608,9 @@ static void run_log(Run *r, int64_t k, const StepResult *sr) {
     comm_allreduce_sum_f64(r->comm, sums, 2);
     double ips = (double)r->interval_steps * r->t.global_batch / fmax(now - r->t_log, 1e-9);
     r->rank_ips = ips / r->comm->world;
-    rank_statuses(r->comm, r->ranks, k, r->rank_ips, 0.0);
+    r->rank_stall = r->t.stall_s - r->stall_mark;
+    r->stall_mark = r->t.stall_s;
+    rank_statuses(r->comm, r->ranks, k, r->rank_ips, r->rank_stall);
     model_signal_stats(r->m, r->t.micro, r->sp_sq, r->sp_cos);
     StatusInfo *si = &r->si;
     si->step = k;
@@ -694,7 +747,7 @@ int train_main(const Config *cfg, Comm *comm) {
     int rc = 0;
     comm_set_timeout(comm, cfg->comm.timeout_s);
     for (int64_t k = 1; k <= T; k++) {
-        comm_heartbeat(comm, k, r.rank_ips, 0.0);
+        comm_heartbeat(comm, k, r.rank_ips, r.rank_stall);
         StepResult sr = trainer_step(&r.t, k, loader_source, &r.lctx);
         if (sr.diverged) {  // identical on every rank: the norm is computed after the all-reduce
             if (comm->rank == 0)

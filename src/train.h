@@ -26,7 +26,14 @@ typedef struct {
     float **shard_grads;  // deterministic mode: one gradient buffer per local shard (accum of them), else NULL
     double reduce_wait_s;  // time this rank spent waiting for the gradient sum after its backward (exposed comm)
     double skew_wait_s;    // with comm.overlap off: the part of it spent waiting for slower ranks (a barrier)
-    float *h_images, *h_targets;     // host staging for one micro-batch
+    // Input double buffering: slot s has host staging (pinned on CUDA) and device buffers; slot 0's device buffers
+    // are the model's own. While micro-batch (k, mi) computes, the next one is sourced and uploaded into the other
+    // slot (prefetch), so the copy and the host's batch work overlap the GPU's compute.
+    float *h_images[2], *h_targets[2];
+    float *d_input[2], *d_targets[2];
+    int pf_valid, pf_slot, pf_mi, next_slot;
+    int64_t pf_k;
+    double stall_s;  // time spent sourcing micro-batches that were not prefetched (the loader on the critical path)
     uint64_t seed;
     int64_t total_steps;
 } Trainer;
