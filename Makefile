@@ -14,11 +14,11 @@ OPT ?= -O3
 BUILD ?= build
 CONFIG ?= configs/fashion-mnist.json
 
-PKGS := libcjson openblas lapacke zlib
+PKGS := libcjson openblas lapacke zlib libjpeg
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 ifeq ($(strip $(PKG_LIBS)),)
-  PKG_LIBS := -lcjson -lopenblas -llapacke -lz
+  PKG_LIBS := -lcjson -lopenblas -llapacke -lz -ljpeg
 endif
 
 CC := cc
@@ -94,7 +94,7 @@ $(BUILD)/bench/%: tests/bench/%.c $(BUILD)/libsimplest.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
 
-DEB_PKGS := libopenmpi-dev openmpi-bin libturbojpeg0-dev libcjson-dev libopenblas-dev liblapacke-dev zlib1g-dev dataset-fashion-mnist
+DEB_PKGS := libopenmpi-dev openmpi-bin libturbojpeg0-dev libjpeg62-turbo-dev libcjson-dev libopenblas-dev liblapacke-dev zlib1g-dev dataset-fashion-mnist
 deps:
 	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then echo "deps: all packages present"; \
@@ -139,7 +139,7 @@ gpu-check:
 # openblas-pthread folder, so liblapack3 and libblas3 are not needed), libz.so.1 (zlib1g: the dev package's libz.so
 # points at it). The rest is the toolchain's (libc, libm, libgomp, libstdc++, libgcc_s) and CUDA's.
 VENDOR_DEBS := libcjson1 libcjson-dev libopenblas0-pthread libopenblas-pthread-dev libopenblas-dev liblapacke \
-               liblapacke-dev libtmglib3 libgfortran5 libquadmath0 zlib1g zlib1g-dev
+               liblapacke-dev libtmglib3 libgfortran5 libquadmath0 zlib1g zlib1g-dev libjpeg62-turbo libjpeg62-turbo-dev
 FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
 vendor-debs:
 	@mkdir -p vendor-debs/fashion-mnist

@@ -1,0 +1,46 @@
+// augment.h: the reference's preprocessing on uint8 images, with torchvision/Pillow semantics (spec/data.md §2):
+// the Pillow BILINEAR resampler (antialiased, Resample.c), RandomResizedCrop and RandomCrop geometry, Resize(256) and
+// CenterCrop(224), horizontal flip, RandAugment(2, 10, 31) with torchvision's 14 ops, and ToTensor + Normalize.
+// Every random draw comes from the caller's Rng (keyed by seed, epoch and dataset index), in a documented order.
+#pragma once
+#include <stdint.h>
+
+#include "data/image.h"
+#include "rng.h"
+
+// Pillow's resize(size, BILINEAR, box) of src's box (x0, y0, x1, y1; fractional allowed) to out_w x out_h: separable,
+// horizontal pass first into a uint8 intermediate, fixed-point coefficients, antialiased when downscaling. dst may
+// not alias src.
+void pil_resize_bilinear(const Image *src, const double box[4], int out_w, int out_h, Image *dst);
+
+// torchvision RandomResizedCrop.get_params(scale (0.08, 1), ratio (3/4, 4/3)) on a W x H image: crop (x, y, w, h).
+// Draws, in order, per attempt: U(0.08, 1) for the area, U(ln 3/4, ln 4/3) for the log-ratio; then U{0..H-h} for
+// the top and U{0..W-w} for the left.
+void rrc_params(Rng *r, int W, int H, int *x, int *y, int *w, int *h);
+
+// Resize(size): the short side to size, the long side to int(size * long / short) (unchanged if short == size).
+void resize_short_size(int W, int H, int size, int *out_w, int *out_h);
+// CenterCrop(size): top = round((H - size) / 2), left = round((W - size) / 2), halves to even.
+void center_crop_pos(int W, int H, int size, int *x, int *y);
+
+// RandomCrop(size, padding pad): zero padding, then i, j uniform in {0..2 pad + H - size} (drawn i then j).
+void random_crop_pad(const Image *src, int size, int pad, Rng *r, Image *dst);
+// Horizontal flip in place.
+void hflip(Image *im);
+
+typedef enum {
+    RA_IDENTITY, RA_SHEAR_X, RA_SHEAR_Y, RA_TRANSLATE_X, RA_TRANSLATE_Y, RA_ROTATE, RA_BRIGHTNESS, RA_COLOR,
+    RA_CONTRAST, RA_SHARPNESS, RA_POSTERIZE, RA_SOLARIZE, RA_AUTOCONTRAST, RA_EQUALIZE, RA_NUM_OPS
+} RaOp;
+
+// One RandAugment op at a signed value (the torchvision value: shear 0.1, translate pixels, degrees, enhance factor
+// delta, posterize bits, solarize threshold), NEAREST and fill 0 for the geometric ones. tmp is scratch.
+void ra_apply(Image *im, RaOp op, double value, Image *tmp);
+// The op's value at bin `magnitude` of `bins` for an image of w x h (torchvision _augmentation_space), unsigned.
+double ra_value(RaOp op, int magnitude, int bins, int w, int h);
+// RandAugment(num_ops, magnitude, bins): per op, draws rng_below(RA_NUM_OPS) then, for a signed op, a sign
+// (rng_uniform < 0.5 negates).
+void randaugment(Image *im, Rng *r, int num_ops, int magnitude, int bins, Image *tmp);
+
+// ToTensor + Normalize: out (C, H, W) fp32 = (u / 255 - mean) / std, computed in that order in fp32.
+void normalize_chw(const Image *im, const float *mean, const float *std, float *out);
