@@ -14,11 +14,11 @@ OPT ?= -O3
 BUILD ?= build
 CONFIG ?= configs/fashion-mnist.json
 
-PKGS := libcjson openblas lapacke zlib libjpeg
+PKGS := libcjson openblas lapacke zlib libjpeg libturbojpeg
 PKG_CFLAGS := $(shell pkg-config --cflags $(PKGS) 2>/dev/null)
 PKG_LIBS := $(shell pkg-config --libs $(PKGS) 2>/dev/null)
 ifeq ($(strip $(PKG_LIBS)),)
-  PKG_LIBS := -lcjson -lopenblas -llapacke -lz -ljpeg
+  PKG_LIBS := -lcjson -lopenblas -llapacke -lz -ljpeg -lturbojpeg
 endif
 
 CC := cc
@@ -139,7 +139,8 @@ gpu-check:
 # openblas-pthread folder, so liblapack3 and libblas3 are not needed), libz.so.1 (zlib1g: the dev package's libz.so
 # points at it). The rest is the toolchain's (libc, libm, libgomp, libstdc++, libgcc_s) and CUDA's.
 VENDOR_DEBS := libcjson1 libcjson-dev libopenblas0-pthread libopenblas-pthread-dev libopenblas-dev liblapacke \
-               liblapacke-dev libtmglib3 libgfortran5 libquadmath0 zlib1g zlib1g-dev libjpeg62-turbo libjpeg62-turbo-dev
+               liblapacke-dev libtmglib3 libgfortran5 libquadmath0 zlib1g zlib1g-dev libjpeg62-turbo libjpeg62-turbo-dev \
+               libturbojpeg0 libturbojpeg0-dev
 FMNIST_SRC ?= /usr/share/datasets/fashion-mnist
 vendor-debs:
 	@mkdir -p vendor-debs/fashion-mnist
