@@ -48,9 +48,16 @@ ifeq ($(USE_CUDA),1)
   CUDA_HOME_DIR := $(patsubst %/bin/nvcc,%,$(NVCC))
   NVCCFLAGS ?= -O3 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   CFLAGS += -DUSE_CUDA -I$(CUDA_HOME_DIR)/include
-  # NCCL joins with the GPU all-reduce (issue 5); cuSOLVER with GPU Shampoo roots.
+  # cuSOLVER joins with GPU Shampoo roots.
   LDLIBS += -L$(CUDA_HOME_DIR)/lib64 -Wl,-rpath,$(CUDA_HOME_DIR)/lib64 -lcudart -lcublas -lcublasLt -lstdc++
   CUDA_OBJS := $(patsubst kernels/%.cu,$(BUILD)/kernels/%.o,$(CUDA_SRCS))
+  # NCCL (the GPU gradient all-reduce) needs MPI for its bootstrap: the toolkit's, or EXTRA_CFLAGS/LDFLAGS (pip's
+  # nvidia-nccl-cu13) with USE_NCCL=1.
+  USE_NCCL ?= $(if $(and $(filter 1,$(USE_MPI)),$(wildcard $(CUDA_HOME_DIR)/include/nccl.h)),1,0)
+  ifeq ($(USE_NCCL),1)
+    CFLAGS += -DUSE_NCCL
+    LDLIBS += -lnccl
+  endif
 endif
 
 LIB_SRCS := $(filter-out src/main.c,$(wildcard src/*.c src/data/*.c))

@@ -1263,6 +1263,8 @@ static void cu_signal_stats(Backend *be, const void *x, int B, int N, int D, dou
 
 // ---------------------------------------------------------------- create / destroy
 
+static void *cu_native_stream(Backend *be) { return (void *)IM(be)->st; }
+
 static void cu_destroy(Backend *be) {
     CudaImpl *im = IM(be);
     cudaStreamSynchronize(im->st);
@@ -1402,6 +1404,7 @@ Backend *backend_cuda_create(int device) {
     be->moments = cu_moments;
     be->adam_dir = cu_adam_dir;
     be->signal_stats = cu_signal_stats;
+    be->native_stream = cu_native_stream;
     be->destroy = cu_destroy;
     size_t fr = 0, tot = 0;
     cudaMemGetInfo(&fr, &tot);

@@ -135,6 +135,9 @@ struct Backend {
     // Over x (B, N, D): mean of x^2, and the mean cosine between distinct tokens of the same image.
     void (*signal_stats)(Backend *be, const void *x, int B, int N, int D, double *mean_sq, double *mean_cos);
 
+    // The backend's compute stream (a cudaStream_t) for NCCL to order against; NULL on the CPU.
+    void *(*native_stream)(Backend *be);
+
     void (*destroy)(Backend *be);
 };
 

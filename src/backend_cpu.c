@@ -612,6 +612,7 @@ Backend *backend_cpu_create(int threads) {
         .moments = cpu_moments,
         .adam_dir = cpu_adam_dir,
         .signal_stats = cpu_signal_stats,
+        .native_stream = NULL,
         .destroy = cpu_destroy,
     };
     return be;

@@ -31,6 +31,22 @@ static void add_into(float *out, const float *s, size_t n) {
         }                                                                    \
     } while (0)
 
+#ifdef USE_NCCL
+#include <cuda_runtime_api.h>
+#include <nccl.h>
+
+#define NCCL_CHECK(c, call)                                                                                      \
+    do {                                                                                                         \
+        ncclResult_t r_ = (call);                                                                                \
+        if (r_ != ncclSuccess) DIE("rank %d: %s failed: %s", (c)->rank, #call, ncclGetErrorString(r_));          \
+    } while (0)
+#define CUDA_CALL(c, call)                                                                                       \
+    do {                                                                                                         \
+        cudaError_t e_ = (call);                                                                                 \
+        if (e_ != cudaSuccess) DIE("rank %d: %s failed: %s", (c)->rank, #call, cudaGetErrorString(e_));          \
+    } while (0)
+#endif
+
 #define TAG_HEARTBEAT 1
 #define TAG_CHAIN 2
 #define MPI_CHUNK ((size_t)1 << 30)  // MPI counts are int: large buffers go in chunks
@@ -48,6 +64,13 @@ struct CommState {
     double *last_info;    // (world, 4) rank 0: the payload it carried
     int64_t *last_step;   // (world) rank 0: the step it reported
     int byes;             // rank 0: goodbyes already received while draining (a rank may finalize first)
+#ifdef USE_NCCL
+    int gpu;                      // comm_gpu_init done: device buffers go through NCCL
+    ncclComm_t nccl;
+    cudaStream_t compute, nccl_st;  // the backend's stream; NCCL's own
+    cudaEvent_t ev_ready, ev_done;  // compute -> NCCL (a bucket is final); NCCL -> compute (the sums are done)
+    int nccl_pending;               // all-reduces started since the last wait
+#endif
 };
 
 void comm_init(Comm *c, int *argc, char ***argv) {
@@ -196,6 +219,14 @@ void comm_finalize(Comm *c) {
             MPI_CHECK(c, MPI_Send(bye, 4, MPI_DOUBLE, 0, TAG_HEARTBEAT, st->hb_comm));
         }
     }
+#ifdef USE_NCCL
+    if (st->gpu) {
+        ncclCommDestroy(st->nccl);
+        cudaEventDestroy(st->ev_ready);
+        cudaEventDestroy(st->ev_done);
+        cudaStreamDestroy(st->nccl_st);
+    }
+#endif
     MPI_CHECK(c, MPI_Comm_free(&st->hb_comm));
     free(st->reqs);
     free(st->last_heard);
@@ -219,7 +250,85 @@ static void allreduce(Comm *c, void *buf, size_t n, size_t esize, MPI_Datatype t
     }
 }
 
-void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) { allreduce(c, buf, n, 4, MPI_FLOAT, "an all-reduce"); }
+#ifdef USE_NCCL
+static int is_device(const void *p) {
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return a.type == cudaMemoryTypeDevice;
+}
+
+// Starts an in-place NCCL sum of a device buffer once the compute stream has finished writing it.
+static void nccl_start(Comm *c, float *buf, size_t n) {
+    CommState *st = c->st;
+    CUDA_CALL(c, cudaEventRecord(st->ev_ready, st->compute));
+    CUDA_CALL(c, cudaStreamWaitEvent(st->nccl_st, st->ev_ready, 0));
+    NCCL_CHECK(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, st->nccl, st->nccl_st));
+    st->nccl_pending++;
+}
+
+// Waits for every started NCCL sum by polling, with the heartbeats and the timeout of poll_wait; the compute
+// stream is then ordered after them.
+static void nccl_wait(Comm *c) {
+    CommState *st = c->st;
+    if (!st->nccl_pending) return;
+    CUDA_CALL(c, cudaEventRecord(st->ev_done, st->nccl_st));
+    double t0 = now_sec();
+    for (;;) {
+        cudaError_t q = cudaEventQuery(st->ev_done);
+        if (q == cudaSuccess) break;
+        if (q != cudaErrorNotReady) DIE("rank %d: the NCCL gradient all-reduce failed: %s", c->rank, cudaGetErrorString(q));
+        ncclResult_t async = ncclSuccess;
+        NCCL_CHECK(c, ncclCommGetAsyncError(st->nccl, &async));
+        if (async != ncclSuccess) DIE("rank %d: NCCL reports %s during the gradient all-reduce", c->rank,
+                                      ncclGetErrorString(async));
+        if (c->rank == 0) drain_heartbeats(c);
+        double waited = now_sec() - t0;
+        if (c->timeout_s > 0 && waited > c->timeout_s) {
+            ncclCommAbort(st->nccl);
+            report_timeout(c, "the NCCL gradient all-reduce", waited);
+        }
+        if (waited > 0.02) {
+            struct timespec ts = {0, 50000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    CUDA_CALL(c, cudaStreamWaitEvent(st->compute, st->ev_done, 0));
+    st->nccl_pending = 0;
+}
+
+int comm_gpu_init(Comm *c, void *stream) {
+    if (c->world == 1) return 1;
+    CommState *st = c->st;
+    ncclUniqueId id;
+    if (c->rank == 0) NCCL_CHECK(c, ncclGetUniqueId(&id));
+    comm_bcast(c, &id, sizeof id, 0);
+    NCCL_CHECK(c, ncclCommInitRank(&st->nccl, c->world, id, c->rank));
+    st->compute = (cudaStream_t)stream;
+    CUDA_CALL(c, cudaStreamCreateWithFlags(&st->nccl_st, cudaStreamNonBlocking));
+    CUDA_CALL(c, cudaEventCreateWithFlags(&st->ev_ready, cudaEventDisableTiming));
+    CUDA_CALL(c, cudaEventCreateWithFlags(&st->ev_done, cudaEventDisableTiming));
+    st->gpu = 1;
+    return 1;
+}
+#else
+int comm_gpu_init(Comm *c, void *stream) { return c->world == 1; }
+#endif
+
+void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {
+#ifdef USE_NCCL
+    if (c->world > 1 && c->st->gpu && is_device(buf)) {
+        nccl_start(c, buf, n);
+        double t0 = now_sec();
+        nccl_wait(c);
+        c->st->wait_s += now_sec() - t0;
+        return;
+    }
+#endif
+    allreduce(c, buf, n, 4, MPI_FLOAT, "an all-reduce");
+}
 
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n) {
     allreduce(c, buf, n, 8, MPI_DOUBLE, "an all-reduce");
@@ -245,6 +354,12 @@ void comm_barrier(Comm *c) {
 void comm_allreduce_start_f32(Comm *c, float *buf, size_t n) {
     if (c->world == 1) return;
     CommState *st = c->st;
+#ifdef USE_NCCL
+    if (st->gpu && is_device(buf)) {
+        nccl_start(c, buf, n);
+        return;
+    }
+#endif
     for (size_t off = 0; off < n; off += MPI_CHUNK) {
         if (st->nreq == st->cap) {
             st->cap = st->cap ? 2 * st->cap : 64;
@@ -266,6 +381,13 @@ void comm_progress(Comm *c) {
 
 void comm_wait_all(Comm *c) {
     CommState *st = c->st;
+#ifdef USE_NCCL
+    if (c->world > 1 && st->gpu && st->nccl_pending) {
+        double t0 = now_sec();
+        nccl_wait(c);
+        st->wait_s += now_sec() - t0;
+    }
+#endif
     if (c->world == 1 || st->nreq == 0) return;
     double t0 = now_sec();
     poll_wait(c, st->nreq, st->reqs, "the gradient all-reduce");
@@ -302,6 +424,7 @@ void comm_ordered_sum_f32(Comm *c, float *const *shards, int nlocal, float *out,
 }
 
 #else  // single process
+int comm_gpu_init(Comm *c, void *stream) { return c->world == 1; }
 
 struct CommState {
     int unused;

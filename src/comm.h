@@ -35,6 +35,13 @@ void comm_progress(Comm *c);
 void comm_wait_all(Comm *c);
 double comm_wait_seconds(const Comm *c);  // time spent in comm_wait_all so far (exposed communication)
 
+// GPU data parallel: binds an NCCL communicator (its unique id broadcast over MPI) to the CUDA backend's compute
+// stream (`stream`, a cudaStream_t) and gives it a stream of its own. From then on the f32 all-reduces above run
+// through NCCL when their buffer is device memory: a bucket starts on the NCCL stream once the compute stream has
+// produced it (an event), and comm_wait_all polls its completion (heartbeats and the timeout keep working).
+// Returns 1, or 0 when this build has no NCCL (USE_NCCL needs MPI and CUDA); with one rank it does nothing.
+int comm_gpu_init(Comm *c, void *stream);
+
 // Deterministic sum: rank r holds nlocal consecutive shards of a global sequence of world * nlocal shards; out gets
 // ((s_0 + s_1) + s_2) + ... in global shard order on every rank, bit-identical at any world size.
 void comm_ordered_sum_f32(Comm *c, float *const *shards, int nlocal, float *out, size_t n);
