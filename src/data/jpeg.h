@@ -15,10 +15,12 @@ typedef enum {
     IMG_FILE_TOO_BIG,     // over data.max_file_bytes
     IMG_UNKNOWN_FORMAT,   // neither JPEG nor PNG magic
     IMG_PNG,              // a PNG (possibly named .JPEG, as ImageNet has one): skipped
-    IMG_TOO_MANY_PIXELS,  // header width x height over data.max_pixels
-    IMG_UNSUPPORTED,      // precision other than 8 bits, an unlisted colour space, 4x2/2x4 sampling with scaling
+    IMG_TOO_MANY_PIXELS,  // header width x height over data.max_pixels, a side over 65500, or a progressive
+                          // coefficient buffer over max_memory_to_use
+    IMG_UNSUPPORTED,      // precision other than 8 bits, lossless/hierarchical SOF, an unlisted colour space
     IMG_TOO_MANY_SCANS,   // progressive file with more than 500 scans
-    IMG_TRUNCATED,        // premature end of data in the rows read (PIL: "image file is truncated")
+    IMG_TRUNCATED,        // premature end of data (JWRN_JPEG_EOF) in the rows read or in the header; any
+                          // truncation of a progressive file (PIL: "image file is truncated")
     IMG_CORRUPT,          // any other libjpeg error
     IMG_READ_ERROR,       // the file could not be read
     IMG_STATUS_COUNT
@@ -31,25 +33,30 @@ ImgStatus img_sniff(const uint8_t *buf, size_t len);
 
 typedef struct JpegDecoder JpegDecoder;
 
-// max_pixels: header width x height limit (data.max_pixels); max_memory: libjpeg's max_memory_to_use.
+// max_pixels: header width x height limit (data.max_pixels); max_memory: libjpeg's max_memory_to_use (0: none).
 JpegDecoder *jpeg_decoder_create(int64_t max_pixels, size_t max_memory);
 void jpeg_decoder_free(JpegDecoder *d);
 
 // Reads the header of the JPEG in buf (which must stay valid until jpeg_read_crop or jpeg_close): *w, *h are the
-// full image size. Checks the limits before any allocation. IMG_OK, or why it is skipped (the decoder is then idle).
+// full image size. Sniffs the magic first (img_sniff), then checks the limits before any allocation. IMG_OK, or why
+// it is skipped (the decoder is then idle). An image still open from an earlier jpeg_open is closed first.
 ImgStatus jpeg_open(JpegDecoder *d, const uint8_t *buf, size_t len, int *w, int *h);
 
 // Decodes the crop [x, x + cw) x [y, y + ch) of the opened image (full-image pixel coordinates, inside the image)
 // and ends this image. With dct_scaling, picks the smallest of 1/2, 1/4, 1/8 at which the scaled crop still covers
-// min_w x min_h (else 1/1; only for 4:4:4, 4:2:2, 4:4:0, 4:2:0 and grey). out receives RGB rows covering the crop
-// at that scale (it may hold a few more columns), and box the crop's exact position in out's pixel coordinates
-// (x0, y0, x1, y1; fractional when scaled), ready for the Pillow resampler's box. *scale_denom gets 1, 2, 4 or 8.
-// The pixels inside the crop are exactly those of a full decode at that scale.
+// min_w x min_h (else 1/1; only for 4:4:4, 4:2:2, 4:4:0, 4:2:0 and grey: other samplings, 4:1:1 say, decode at
+// 1/1). out receives RGB rows covering the crop at that scale (it may hold a few more columns), and box the crop's
+// exact position in out's pixel coordinates (x0, y0, x1, y1; fractional when scaled), ready for the Pillow
+// resampler's box. *scale_denom gets 1, 2, 4 or 8.
+// The pixels inside the crop are exactly those of a full decode at that scale. In this implementation out holds
+// exactly the scaled pixels [floor(x/s), ceil((x+cw)/s)) x [floor(y/s), ceil((y+ch)/s)): at 1/1, exactly the crop,
+// with box = (0, 0, cw, ch). A crop outside the image, or a call without an open image: IMG_CORRUPT.
 ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w, int min_h, int dct_scaling,
                          Image *out, double box[4], int *scale_denom);
 
 // Ends the opened image without decoding (after jpeg_open returned IMG_OK); harmless when idle.
 void jpeg_close(JpegDecoder *d);
 
-// Corrupt-data warnings (extraneous bytes, bad Huffman codes, ...) seen since create: the image was used anyway.
+// Corrupt-data warnings (extraneous bytes, bad Huffman codes, ...) of the images that came back IMG_OK since create:
+// the image was used anyway. Warnings of skipped images are not counted.
 int64_t jpeg_warning_count(const JpegDecoder *d);
