@@ -1,0 +1,724 @@
+// augment.c: the reference's preprocessing with Pillow 9.4 / torchvision 0.14 arithmetic (spec/data.md §2).
+// Every op reproduces the library's own operation order and number types (double, float or fixed point), so
+// that the uint8 results are bit-identical; tests/unit/test_augment.c checks them against
+// tests/reference/gen_augment_fixtures.py. This file must not be built with FP contraction (FMA): the project
+// compiles with -std=c11, which turns GCC's contraction off.
+#include "data/augment.h"
+
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "util.h"
+
+#define PX(im, x, y) ((im)->px + (size_t)(y) * (size_t)(im)->stride + (size_t)(x) * (size_t)(im)->c)
+
+static inline void px_copy(uint8_t *d, const uint8_t *s, int c) {
+    if (c == 3) {
+        d[0] = s[0];
+        d[1] = s[1];
+        d[2] = s[2];
+    } else {
+        for (int i = 0; i < c; i++) d[i] = s[i];
+    }
+}
+
+static void copy_image(const Image *src, Image *dst) {
+    image_reserve(dst, src->w, src->h, src->c);
+    size_t row = (size_t)src->w * src->c;
+    for (int y = 0; y < src->h; y++) memcpy(PX(dst, 0, y), PX(src, 0, y), row);
+}
+
+// ------------------------------------------------------------------------------------------------ resampler
+// Pillow's Resample.c, BILINEAR (triangle filter, support 1), 8 bits per channel.
+
+#define PRECISION_BITS (32 - 8 - 2)
+
+static double tri_filter(double x) {
+    if (x < 0.0) x = -x;
+    return x < 1.0 ? 1.0 - x : 0.0;
+}
+
+static inline uint8_t clip8_fixed(int v) {
+    v >>= PRECISION_BITS;  // arithmetic shift, as Pillow's lookup table index
+    return v < 0 ? 0 : v > 255 ? 255 : (uint8_t)v;
+}
+
+// The coefficients for one axis: for each output position, the first input index, the tap count and ksize
+// fixed-point weights. The box edges are single precision, as Pillow parses them.
+typedef struct {
+    int ksize;
+    int *bounds;   // [out][2]: xmin, count
+    int32_t *kk;   // [out][ksize]
+} Coeffs;
+
+static void precompute_coeffs(int in_size, float in0, float in1, int out_size, Coeffs *cf) {
+    double scale = (double)(in1 - in0) / out_size;
+    double filterscale = scale < 1.0 ? 1.0 : scale;
+    double support = 1.0 * filterscale;
+    int ksize = (int)ceil(support) * 2 + 1;
+    cf->ksize = ksize;
+    cf->bounds = xmalloc(sizeof(int) * 2 * (size_t)out_size, "resample bounds");
+    cf->kk = xmalloc(sizeof(int32_t) * (size_t)ksize * (size_t)out_size, "resample coefficients");
+    double *k = xmalloc(sizeof(double) * (size_t)ksize, "resample weights");
+    for (int xx = 0; xx < out_size; xx++) {
+        double center = in0 + (xx + 0.5) * scale;
+        double ww = 0.0, ss = 1.0 / filterscale;
+        int xmin = (int)(center - support + 0.5);
+        if (xmin < 0) xmin = 0;
+        int xmax = (int)(center + support + 0.5);
+        if (xmax > in_size) xmax = in_size;
+        xmax -= xmin;
+        int x = 0;
+        for (; x < xmax; x++) {
+            double w = tri_filter((x + xmin - center + 0.5) * ss);
+            k[x] = w;
+            ww += w;
+        }
+        for (x = 0; x < xmax; x++)
+            if (ww != 0.0) k[x] /= ww;
+        for (; x < ksize; x++) k[x] = 0;
+        int32_t *kf = cf->kk + (size_t)xx * ksize;
+        for (x = 0; x < ksize; x++)
+            kf[x] = k[x] < 0 ? (int32_t)(-0.5 + k[x] * (1 << PRECISION_BITS))
+                             : (int32_t)(0.5 + k[x] * (1 << PRECISION_BITS));
+        cf->bounds[2 * xx] = xmin;
+        cf->bounds[2 * xx + 1] = xmax;
+    }
+    free(k);
+}
+
+static void free_coeffs(Coeffs *cf) {
+    free(cf->bounds);
+    free(cf->kk);
+}
+
+// Horizontal pass: out rows 0..out_rows-1 from in rows offset.., widths from cf. Integer sums: any order is exact.
+static void resample_h(const uint8_t *in, size_t in_stride, int offset, int c, uint8_t *out, size_t out_stride,
+                       int out_w, int out_rows, const Coeffs *cf) {
+    for (int yy = 0; yy < out_rows; yy++) {
+        const uint8_t *row = in + (size_t)(yy + offset) * in_stride;
+        uint8_t *o = out + (size_t)yy * out_stride;
+        for (int xx = 0; xx < out_w; xx++) {
+            int xmin = cf->bounds[2 * xx], xmax = cf->bounds[2 * xx + 1];
+            const int32_t *k = cf->kk + (size_t)xx * cf->ksize;
+            const uint8_t *p = row + (size_t)xmin * c;
+            if (c == 3) {
+                int s0 = 1 << (PRECISION_BITS - 1), s1 = s0, s2 = s0;
+                for (int x = 0; x < xmax; x++) {
+                    s0 += p[3 * x] * k[x];
+                    s1 += p[3 * x + 1] * k[x];
+                    s2 += p[3 * x + 2] * k[x];
+                }
+                o[3 * xx] = clip8_fixed(s0);
+                o[3 * xx + 1] = clip8_fixed(s1);
+                o[3 * xx + 2] = clip8_fixed(s2);
+                continue;
+            }
+            for (int ch = 0; ch < c; ch++) {
+                int ss = 1 << (PRECISION_BITS - 1);
+                for (int x = 0; x < xmax; x++) ss += p[x * c + ch] * k[x];
+                o[xx * c + ch] = clip8_fixed(ss);
+            }
+        }
+    }
+}
+
+// Vertical pass: out rows from in rows bounds (already relative to in), accumulated row by row.
+static void resample_v(const uint8_t *in, size_t in_stride, int c, uint8_t *out, size_t out_stride, int w,
+                       int out_h, const Coeffs *cf) {
+    int n = w * c;
+    int *acc = xmalloc(sizeof(int) * (size_t)(n > 0 ? n : 1), "resample accumulator");
+    for (int yy = 0; yy < out_h; yy++) {
+        int ymin = cf->bounds[2 * yy], ymax = cf->bounds[2 * yy + 1];
+        const int32_t *k = cf->kk + (size_t)yy * cf->ksize;
+        uint8_t *o = out + (size_t)yy * out_stride;
+        for (int i = 0; i < n; i++) acc[i] = 1 << (PRECISION_BITS - 1);
+        for (int y = 0; y < ymax; y++) {
+            const uint8_t *row = in + (size_t)(ymin + y) * in_stride;
+            int ky = k[y];
+            for (int i = 0; i < n; i++) acc[i] += row[i] * ky;
+        }
+        for (int i = 0; i < n; i++) o[i] = clip8_fixed(acc[i]);
+    }
+    free(acc);
+}
+
+void pil_resize_bilinear(const Image *src, const double box[4], int out_w, int out_h, Image *dst) {
+    float b[4] = {(float)box[0], (float)box[1], (float)box[2], (float)box[3]};
+    int c = src->c;
+    // _imaging.c: an integer box whose size is the output size is a plain crop.
+    if (b[0] - (int)b[0] == 0 && b[2] - b[0] == out_w && b[1] - (int)b[1] == 0 && b[3] - b[1] == out_h) {
+        int x0 = (int)b[0], y0 = (int)b[1];
+        image_reserve(dst, out_w, out_h, c);
+        for (int y = 0; y < out_h; y++)
+            memcpy(PX(dst, 0, y), PX(src, x0, y0 + y), (size_t)out_w * c);
+        return;
+    }
+    int need_h = out_w != src->w || b[0] != 0 || b[2] != out_w;
+    int need_v = out_h != src->h || b[1] != 0 || b[3] != out_h;
+    Coeffs ch, cv;
+    precompute_coeffs(src->w, b[0], b[2], out_w, &ch);
+    precompute_coeffs(src->h, b[1], b[3], out_h, &cv);
+    int yfirst = cv.bounds[0];
+    int ylast = cv.bounds[2 * out_h - 2] + cv.bounds[2 * out_h - 1];
+
+    const uint8_t *vin = src->px;
+    size_t vin_stride = (size_t)src->stride;
+    uint8_t *tmp = NULL;
+    if (need_h) {
+        for (int i = 0; i < out_h; i++) cv.bounds[2 * i] -= yfirst;
+        int rows = ylast - yfirst;
+        size_t ts = (size_t)out_w * c;
+        tmp = xmalloc(ts * (size_t)(rows > 0 ? rows : 1), "resample intermediate");
+        resample_h(src->px, (size_t)src->stride, yfirst, c, tmp, ts, out_w, rows, &ch);
+        vin = tmp;
+        vin_stride = ts;
+        if (!need_v) {  // Pillow returns the intermediate itself (its rows are the output rows here)
+            image_reserve(dst, out_w, rows, c);
+            for (int y = 0; y < rows; y++) memcpy(PX(dst, 0, y), tmp + (size_t)y * ts, ts);
+        }
+    }
+    if (need_v) {
+        int vw = need_h ? out_w : src->w;
+        image_reserve(dst, vw, out_h, c);
+        resample_v(vin, vin_stride, c, dst->px, (size_t)dst->stride, vw, out_h, &cv);
+    } else if (!need_h) {
+        copy_image(src, dst);
+    }
+    free(tmp);
+    free_coeffs(&ch);
+    free_coeffs(&cv);
+}
+
+// ------------------------------------------------------------------------------------------------ geometry
+
+void rrc_params(Rng *r, int W, int H, int *x, int *y, int *w, int *h) {
+    double area = (double)H * (double)W;
+    const double lr0 = log(3.0 / 4.0), lr1 = log(4.0 / 3.0);
+    for (int attempt = 0; attempt < 10; attempt++) {
+        double target = area * (0.08 + (1.0 - 0.08) * rng_uniform(r));
+        double ratio = exp(lr0 + (lr1 - lr0) * rng_uniform(r));
+        int ww = (int)rint(sqrt(target * ratio));
+        int hh = (int)rint(sqrt(target / ratio));
+        if (0 < ww && ww <= W && 0 < hh && hh <= H) {
+            *y = (int)rng_below(r, (uint64_t)(H - hh + 1));
+            *x = (int)rng_below(r, (uint64_t)(W - ww + 1));
+            *w = ww;
+            *h = hh;
+            return;
+        }
+    }
+    double in_ratio = (double)W / (double)H;
+    int ww, hh;
+    if (in_ratio < 3.0 / 4.0) {
+        ww = W;
+        hh = (int)rint(ww / (3.0 / 4.0));
+    } else if (in_ratio > 4.0 / 3.0) {
+        hh = H;
+        ww = (int)rint(hh * (4.0 / 3.0));
+    } else {
+        ww = W;
+        hh = H;
+    }
+    *y = (H - hh) / 2;  // both >= 0 here: Python's // equals C's /
+    *x = (W - ww) / 2;
+    *w = ww;
+    *h = hh;
+}
+
+void resize_short_size(int W, int H, int size, int *out_w, int *out_h) {
+    int s = W <= H ? W : H, l = W <= H ? H : W;
+    int nl = (int)((double)size * l / s);  // Python int(size * long / short): true division, truncation
+    if (W <= H) {
+        *out_w = size;
+        *out_h = nl;
+    } else {
+        *out_w = nl;
+        *out_h = size;
+    }
+}
+
+void center_crop_pos(int W, int H, int size, int *x, int *y) {
+    *y = (int)rint((H - size) / 2.0);
+    *x = (int)rint((W - size) / 2.0);
+}
+
+void random_crop_pad(const Image *src, int size, int pad, Rng *r, Image *dst) {
+    int PH = src->h + 2 * pad, PW = src->w + 2 * pad;
+    int i = 0, j = 0;
+    if (!(PW == size && PH == size)) {  // torchvision draws nothing when the padded image is the crop
+        i = (int)rng_below(r, (uint64_t)(PH - size + 1));
+        j = (int)rng_below(r, (uint64_t)(PW - size + 1));
+    }
+    int c = src->c;
+    image_reserve(dst, size, size, c);
+    for (int y = 0; y < size; y++) {
+        uint8_t *o = PX(dst, 0, y);
+        int sy = i + y - pad;
+        if (sy < 0 || sy >= src->h) {
+            memset(o, 0, (size_t)size * c);
+            continue;
+        }
+        for (int x = 0; x < size; x++) {
+            int sx = j + x - pad;
+            if (sx < 0 || sx >= src->w)
+                memset(o + x * c, 0, (size_t)c);
+            else
+                px_copy(o + x * c, PX(src, sx, sy), c);
+        }
+    }
+}
+
+void hflip(Image *im) {
+    int c = im->c;
+    for (int y = 0; y < im->h; y++) {
+        uint8_t *row = PX(im, 0, y);
+        for (int a = 0, b = im->w - 1; a < b; a++, b--)
+            for (int ch = 0; ch < c; ch++) {
+                uint8_t t = row[a * c + ch];
+                row[a * c + ch] = row[b * c + ch];
+                row[b * c + ch] = t;
+            }
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ PIL AFFINE
+// Image.transform(size, AFFINE, a, NEAREST) with a zero fill: Geometry.c's ImagingTransformAffine. a maps
+// output pixel centres (x + 0.5, y + 0.5) to input coordinates. Pillow picks one of three engines, and they
+// differ in rounding, so all three are reproduced.
+
+#define COORD(v) ((v) < 0.0 ? -1 : ((int)(v)))
+#define FLOORI(v) ((v) < 0.0 ? ((int)floor(v)) : ((int)(v)))
+
+static int check_fixed(const double a[6], int x, int y) {
+    return fabs(x * a[0] + y * a[1] + a[2]) < 32768.0 && fabs(x * a[3] + y * a[4] + a[5]) < 32768.0;
+}
+
+static void pil_affine_nearest(const Image *src, const double a[6], Image *dst) {
+    int W = src->w, H = src->h, c = src->c;
+    image_reserve(dst, W, H, c);
+    for (int y = 0; y < H; y++) memset(PX(dst, 0, y), 0, (size_t)W * c);
+    if (a[1] == 0 && a[3] == 0) {  // ImagingScaleAffine
+        int *xintab = xcalloc(sizeof(int) * (size_t)(W > 0 ? W : 1), "affine table");
+        double xo = a[2] + a[0] * 0.5, yo = a[5] + a[4] * 0.5;
+        int xmin = W, xmax = 0;
+        for (int x = 0; x < W; x++) {
+            int xin = COORD(xo);
+            if (xin >= 0 && xin < W) {
+                xmax = x + 1;
+                if (x < xmin) xmin = x;
+                xintab[x] = xin;
+            }
+            xo += a[0];
+        }
+        for (int y = 0; y < H; y++) {
+            int yi = COORD(yo);
+            if (yi >= 0 && yi < H) {
+                uint8_t *o = PX(dst, 0, y);
+                for (int x = xmin; x < xmax; x++) px_copy(o + x * c, PX(src, xintab[x], yi), c);
+            }
+            yo += a[4];
+        }
+        free(xintab);
+        return;
+    }
+    if (check_fixed(a, 0, 0) && check_fixed(a, W, H) && check_fixed(a, 0, H) && check_fixed(a, W, 0)) {
+        // affine_fixed: 16.16 fixed point
+#define FIX(v) FLOORI((v)*65536.0 + 0.5)
+        int a0 = FIX(a[0]), a1 = FIX(a[1]), a3 = FIX(a[3]), a4 = FIX(a[4]);
+        int a2 = FIX(a[2] + a[0] * 0.5 + a[1] * 0.5);
+        int a5 = FIX(a[5] + a[3] * 0.5 + a[4] * 0.5);
+#undef FIX
+        for (int y = 0; y < H; y++) {
+            int xx = a2, yy = a5;
+            uint8_t *o = PX(dst, 0, y);
+            for (int x = 0; x < W; x++) {
+                int xin = xx >> 16;
+                if (xin >= 0 && xin < W) {
+                    int yin = yy >> 16;
+                    if (yin >= 0 && yin < H) px_copy(o + x * c, PX(src, xin, yin), c);
+                }
+                xx += a0;
+                yy += a3;
+            }
+            a2 += a1;
+            a5 += a4;
+        }
+        return;
+    }
+    double xo = a[2] + a[1] * 0.5 + a[0] * 0.5, yo = a[5] + a[4] * 0.5 + a[3] * 0.5;
+    for (int y = 0; y < H; y++) {
+        double xx = xo, yy = yo;
+        uint8_t *o = PX(dst, 0, y);
+        for (int x = 0; x < W; x++) {
+            int xin = COORD(xx);
+            if (xin >= 0 && xin < W) {
+                int yin = COORD(yy);
+                if (yin >= 0 && yin < H) px_copy(o + x * c, PX(src, xin, yin), c);
+            }
+            xx += a[0];
+            yy += a[3];
+        }
+        xo += a[1];
+        yo += a[4];
+    }
+}
+
+// CPython's math.radians / math.degrees constants.
+static const double DEG2RAD = 3.141592653589793238462643383279502884 / 180.0;
+static const double RAD2DEG = 180.0 / 3.141592653589793238462643383279502884;
+
+// torchvision functional._get_inverse_affine_matrix (inverted = True), angles and shears in degrees.
+static void tv_inverse_affine(double cx, double cy, double angle, double tx, double ty, double scale, double shx,
+                              double shy, double m[6]) {
+    double rot = angle * DEG2RAD, sx = shx * DEG2RAD, sy = shy * DEG2RAD;
+    double a = cos(rot - sy) / cos(sy);
+    double b = -cos(rot - sy) * tan(sx) / cos(sy) - sin(rot);
+    double c = sin(rot - sy) / cos(sy);
+    double d = -sin(rot - sy) * tan(sx) / cos(sy) + cos(rot);
+    m[0] = d / scale;
+    m[1] = -b / scale;
+    m[2] = 0.0 / scale;
+    m[3] = -c / scale;
+    m[4] = a / scale;
+    m[5] = 0.0 / scale;
+    m[2] += m[0] * (-cx - tx) + m[1] * (-cy - ty);
+    m[5] += m[3] * (-cx - tx) + m[4] * (-cy - ty);
+    m[2] += cx;
+    m[5] += cy;
+}
+
+// Python's round(v, 15): correctly rounded to 15 decimals, as glibc's printf rounds the exact binary value.
+static double round15(double v) {
+    char buf[64];
+    snprintf(buf, sizeof buf, "%.15f", v);
+    return strtod(buf, NULL);
+}
+
+// Python float modulo (result takes the divisor's sign).
+static double py_fmod(double v, double m) {
+    double r = fmod(v, m);
+    if (r != 0.0 && ((m < 0) != (r < 0))) r += m;
+    return r;
+}
+
+// Image.rotate(angle, NEAREST, expand=False, center=None, fillcolor=0), as torchvision's F.rotate calls it on a
+// PIL image: counter-clockwise about (W/2, H/2), with Pillow's fast paths for multiples of 90 degrees.
+static void pil_rotate(Image *im, double angle, Image *tmp) {
+    int W = im->w, H = im->h, c = im->c;
+    angle = py_fmod(angle, 360.0);
+    if (angle == 0) return;
+    if (angle == 180 || ((angle == 90 || angle == 270) && W == H)) {
+        copy_image(im, tmp);
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++) {
+                int sx, sy;
+                if (angle == 180) {
+                    sx = W - 1 - x;
+                    sy = H - 1 - y;
+                } else if (angle == 90) {  // ROTATE_90: counter-clockwise
+                    sx = W - 1 - y;
+                    sy = x;
+                } else {  // ROTATE_270
+                    sx = y;
+                    sy = H - 1 - x;
+                }
+                px_copy(PX(im, x, y), PX(tmp, sx, sy), c);
+            }
+        return;
+    }
+    double cx = W / 2.0, cy = H / 2.0;
+    double r = -(angle * DEG2RAD);
+    double m[6] = {round15(cos(r)), round15(sin(r)), 0.0, round15(-sin(r)), round15(cos(r)), 0.0};
+    double x0 = -cx - 0, y0 = -cy - 0;
+    double t2 = m[0] * x0 + m[1] * y0 + m[2];
+    double t5 = m[3] * x0 + m[4] * y0 + m[5];
+    m[2] = t2 + cx;
+    m[5] = t5 + cy;
+    copy_image(im, tmp);
+    pil_affine_nearest(tmp, m, im);
+}
+
+static void tv_affine(Image *im, const double m[6], Image *tmp) {
+    copy_image(im, tmp);
+    pil_affine_nearest(tmp, m, im);
+}
+
+// ------------------------------------------------------------------------------------------------ colour ops
+
+// Image.blend(degenerate, im, alpha) in place on im (Blend.c: alpha is single precision).
+static void pil_blend_into(Image *im, const Image *deg, float alpha) {
+    if (alpha == 1.0f) return;
+    int n = im->w * im->c;
+    for (int y = 0; y < im->h; y++) {
+        uint8_t *p = PX(im, 0, y);
+        const uint8_t *d = PX(deg, 0, y);
+        if (alpha == 0.0f) {
+            memcpy(p, d, (size_t)n);
+        } else if (alpha >= 0 && alpha <= 1.0) {
+            for (int i = 0; i < n; i++) p[i] = (uint8_t)((int)d[i] + alpha * ((int)p[i] - (int)d[i]));
+        } else {
+            for (int i = 0; i < n; i++) {
+                float t = (float)((int)d[i] + alpha * ((int)p[i] - (int)d[i]));
+                p[i] = t <= 0.0 ? 0 : t >= 255.0 ? 255 : (uint8_t)t;
+            }
+        }
+    }
+}
+
+static inline uint8_t rgb_to_l(const uint8_t *p) {
+    return (uint8_t)((p[0] * 19595 + p[1] * 38470 + p[2] * 7471 + 0x8000) >> 16);
+}
+
+// ImageFilter.SMOOTH (Filter.c's 3x3 path, single precision), border pixels copied.
+static void pil_smooth(const Image *src, Image *dst) {
+    int W = src->w, H = src->h, c = src->c;
+    copy_image(src, dst);
+    if (W < 3 || H < 3) return;
+    const float k1 = 1.0f / 13.0f, k5 = 5.0f / 13.0f;
+    const float kern[9] = {k1, k1, k1, k1, k5, k1, k1, k1, k1};
+    const float offset = 0.0f + 0.5f;
+    for (int y = 1; y < H - 1; y++) {
+        const uint8_t *rm = PX(src, 0, y - 1), *r0 = PX(src, 0, y), *rp = PX(src, 0, y + 1);
+        uint8_t *o = PX(dst, 0, y);
+        for (int x = 1; x < W - 1; x++)
+            for (int ch = 0; ch < c; ch++) {
+                int i = x * c + ch;
+                float ss = offset;
+                ss += (float)rp[i - c] * kern[0] + (float)rp[i] * kern[1] + (float)rp[i + c] * kern[2];
+                ss += (float)r0[i - c] * kern[3] + (float)r0[i] * kern[4] + (float)r0[i + c] * kern[5];
+                ss += (float)rm[i - c] * kern[6] + (float)rm[i] * kern[7] + (float)rm[i + c] * kern[8];
+                o[i] = ss <= 0.0 ? 0 : ss >= 255.0 ? 255 : (uint8_t)ss;
+            }
+    }
+}
+
+static void enhance(Image *im, RaOp op, double factor, Image *tmp) {
+    int W = im->w, H = im->h, c = im->c;
+    float alpha = (float)factor;
+    if (op == RA_BRIGHTNESS) {
+        image_reserve(tmp, W, H, c);
+        for (int y = 0; y < H; y++) memset(PX(tmp, 0, y), 0, (size_t)W * c);
+    } else if (op == RA_COLOR) {
+        copy_image(im, tmp);
+        if (c == 3)
+            for (int y = 0; y < H; y++)
+                for (int x = 0; x < W; x++) {
+                    uint8_t *p = PX(tmp, x, y);
+                    p[0] = p[1] = p[2] = rgb_to_l(p);
+                }
+    } else if (op == RA_CONTRAST) {
+        long long hist[256] = {0};
+        for (int y = 0; y < H; y++)
+            for (int x = 0; x < W; x++) {
+                const uint8_t *p = PX(im, x, y);
+                hist[c == 3 ? rgb_to_l(p) : p[0]]++;
+            }
+        double sum = 0.0;
+        for (int j = 0; j < 256; j++) sum += (double)(j * hist[j]);
+        double mean = sum / (double)((long long)W * H);
+        int m = (int)(mean + 0.5);
+        image_reserve(tmp, W, H, c);
+        for (int y = 0; y < H; y++) memset(PX(tmp, 0, y), m, (size_t)W * c);
+    } else {  // RA_SHARPNESS
+        pil_smooth(im, tmp);
+    }
+    pil_blend_into(im, tmp, alpha);
+}
+
+static void apply_lut(Image *im, const uint8_t lut[][256], int per_channel) {
+    int c = im->c;
+    for (int y = 0; y < im->h; y++) {
+        uint8_t *p = PX(im, 0, y);
+        for (int x = 0; x < im->w; x++)
+            for (int ch = 0; ch < c; ch++) p[x * c + ch] = lut[per_channel ? ch : 0][p[x * c + ch]];
+    }
+}
+
+static void channel_hist(const Image *im, long long hist[][256]) {
+    int c = im->c;
+    memset(hist, 0, sizeof(long long) * 256 * (size_t)c);
+    for (int y = 0; y < im->h; y++) {
+        const uint8_t *p = PX(im, 0, y);
+        for (int x = 0; x < im->w; x++)
+            for (int ch = 0; ch < c; ch++) hist[ch][p[x * c + ch]]++;
+    }
+}
+
+static inline uint8_t clip8_int(long long v) { return v <= 0 ? 0 : v < 256 ? (uint8_t)v : 255; }
+
+// ImageOps.autocontrast(image) with cutoff 0, no ignore.
+static void autocontrast(Image *im) {
+    long long hist[4][256];
+    uint8_t lut[4][256];
+    channel_hist(im, hist);
+    for (int ch = 0; ch < im->c; ch++) {
+        int lo, hi;
+        for (lo = 0; lo < 255 && !hist[ch][lo]; lo++) {}
+        for (hi = 255; hi > 0 && !hist[ch][hi]; hi--) {}
+        if (hi <= lo) {
+            for (int i = 0; i < 256; i++) lut[ch][i] = (uint8_t)i;
+        } else {
+            double scale = 255.0 / (hi - lo);
+            double offset = -lo * scale;
+            for (int i = 0; i < 256; i++) {
+                long long v = (long long)(i * scale + offset);
+                lut[ch][i] = v < 0 ? 0 : v > 255 ? 255 : (uint8_t)v;
+            }
+        }
+    }
+    apply_lut(im, (const uint8_t(*)[256])lut, 1);
+}
+
+// ImageOps.equalize(image): per channel; the step is (count - count of the top level) // 255, and Image.point
+// clips the table to 0..255.
+static void equalize(Image *im) {
+    long long hist[4][256];
+    uint8_t lut[4][256];
+    channel_hist(im, hist);
+    for (int ch = 0; ch < im->c; ch++) {
+        long long total = 0, last = 0;
+        int nonzero = 0;
+        for (int i = 0; i < 256; i++)
+            if (hist[ch][i]) {
+                nonzero++;
+                total += hist[ch][i];
+                last = hist[ch][i];
+            }
+        long long step = nonzero <= 1 ? 0 : (total - last) / 255;
+        if (!step) {
+            for (int i = 0; i < 256; i++) lut[ch][i] = (uint8_t)i;
+        } else {
+            long long n = step / 2;
+            for (int i = 0; i < 256; i++) {
+                lut[ch][i] = clip8_int(n / step);
+                n += hist[ch][i];
+            }
+        }
+    }
+    apply_lut(im, (const uint8_t(*)[256])lut, 1);
+}
+
+// ------------------------------------------------------------------------------------------------ RandAugment
+
+void ra_apply(Image *im, RaOp op, double value, Image *tmp) {
+    double m[6];
+    switch (op) {
+    case RA_IDENTITY:
+        return;
+    case RA_SHEAR_X:
+        tv_inverse_affine(0, 0, 0.0, 0, 0, 1.0, atan(value) * RAD2DEG, 0.0, m);
+        tv_affine(im, m, tmp);
+        return;
+    case RA_SHEAR_Y:
+        tv_inverse_affine(0, 0, 0.0, 0, 0, 1.0, 0.0, atan(value) * RAD2DEG, m);
+        tv_affine(im, m, tmp);
+        return;
+    case RA_TRANSLATE_X:
+        tv_inverse_affine(im->w * 0.5, im->h * 0.5, 0.0, (double)(long long)value, 0, 1.0, 0.0, 0.0, m);
+        tv_affine(im, m, tmp);
+        return;
+    case RA_TRANSLATE_Y:
+        tv_inverse_affine(im->w * 0.5, im->h * 0.5, 0.0, 0, (double)(long long)value, 1.0, 0.0, 0.0, m);
+        tv_affine(im, m, tmp);
+        return;
+    case RA_ROTATE:
+        pil_rotate(im, value, tmp);
+        return;
+    case RA_BRIGHTNESS:
+    case RA_COLOR:
+    case RA_CONTRAST:
+    case RA_SHARPNESS:
+        enhance(im, op, 1.0 + value, tmp);
+        return;
+    case RA_POSTERIZE: {
+        int bits = (int)value;
+        uint8_t lut[1][256];
+        int mask = ~((1 << (8 - bits)) - 1);
+        for (int i = 0; i < 256; i++) lut[0][i] = (uint8_t)(i & mask);
+        apply_lut(im, (const uint8_t(*)[256])lut, 0);
+        return;
+    }
+    case RA_SOLARIZE: {
+        uint8_t lut[1][256];
+        for (int i = 0; i < 256; i++) lut[0][i] = (uint8_t)(i < value ? i : 255 - i);
+        apply_lut(im, (const uint8_t(*)[256])lut, 0);
+        return;
+    }
+    case RA_AUTOCONTRAST:
+        autocontrast(im);
+        return;
+    case RA_EQUALIZE:
+        equalize(im);
+        return;
+    default:
+        return;
+    }
+}
+
+// torch.linspace(start, end, bins)[idx] in float32 (the scalar kernel: from the start in the first half, from
+// the end in the second). torch's vectorised kernel can round some later bins differently; bins 0..7 and 10 of
+// 31 agree for every range used here (checked against torch 1.13).
+static double linspace_f32(double start, double end, int bins, int idx) {
+    float s = (float)start, e = (float)end;
+    if (bins <= 1) return s;
+    float step = (e - s) / (float)(bins - 1);
+    if (idx < bins / 2) return (float)(s + step * (float)idx);
+    return (float)(e - step * (float)(bins - idx - 1));
+}
+
+double ra_value(RaOp op, int magnitude, int bins, int w, int h) {
+    switch (op) {
+    case RA_SHEAR_X:
+    case RA_SHEAR_Y:
+        return linspace_f32(0.0, 0.3, bins, magnitude);
+    case RA_TRANSLATE_X:
+        return linspace_f32(0.0, 150.0 / 331.0 * w, bins, magnitude);
+    case RA_TRANSLATE_Y:
+        return linspace_f32(0.0, 150.0 / 331.0 * h, bins, magnitude);
+    case RA_ROTATE:
+        return linspace_f32(0.0, 30.0, bins, magnitude);
+    case RA_BRIGHTNESS:
+    case RA_COLOR:
+    case RA_CONTRAST:
+    case RA_SHARPNESS:
+        return linspace_f32(0.0, 0.9, bins, magnitude);
+    case RA_POSTERIZE: {
+        // 8 - (arange(bins) / ((bins - 1) / 4)).round().int(), in float32
+        float q = (float)magnitude / (float)((bins - 1) / 4.0);
+        return 8 - (int)rintf(q);
+    }
+    case RA_SOLARIZE:
+        return linspace_f32(255.0, 0.0, bins, magnitude);
+    default:
+        return 0.0;
+    }
+}
+
+static int ra_signed(RaOp op) { return op >= RA_SHEAR_X && op <= RA_SHARPNESS; }
+
+void randaugment(Image *im, Rng *r, int num_ops, int magnitude, int bins, Image *tmp) {
+    for (int k = 0; k < num_ops; k++) {
+        RaOp op = (RaOp)rng_below(r, RA_NUM_OPS);
+        double v = ra_value(op, magnitude, bins, im->w, im->h);
+        if (ra_signed(op) && rng_uniform(r) < 0.5) v = -v;
+        ra_apply(im, op, v, tmp);
+    }
+}
+
+// ------------------------------------------------------------------------------------------------ normalize
+
+void normalize_chw(const Image *im, const float *mean, const float *std, float *out) {
+    int W = im->w, H = im->h, c = im->c;
+    size_t plane = (size_t)W * H;
+    for (int ch = 0; ch < c; ch++) {
+        float m = mean[ch], s = std[ch];
+        float *o = out + plane * ch;
+        for (int y = 0; y < H; y++) {
+            const uint8_t *p = PX(im, 0, y);
+            for (int x = 0; x < W; x++) o[(size_t)y * W + x] = ((float)p[x * c + ch] / 255.0f - m) / s;
+        }
+    }
+}
