@@ -158,6 +158,8 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
         }
         if (comm->rank == 0) fprintf(stderr, "simplest-dist: shampoo: ownership map replaced (%s)\n", ov);
     }
+    const char *chk = getenv("SD_SHAMPOO_CHECK");  // debug mode (spec §3.4 item 5) without a config key
+    if (chk && *chk && strcmp(chk, "0") != 0) s->cfg.check_replicas = 1;
     size_t largest = 1;
     s->owned = xmalloc((size_t)(s->nblocks ? s->nblocks : 1) * sizeof(int), "owned blocks");
     for (int i = 0; i < s->nblocks; i++) {
@@ -199,6 +201,10 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
 
 void shampoo_free(Shampoo *s) {
     Backend *be = s->model->be;
+    if (s->cfg.check_replicas && s->comm->rank == 0)
+        fprintf(stderr, "simplest-dist: shampoo: replica checks passed: %lld root broadcasts, %lld parameter sets "
+                        "(last at step %lld, %d ranks)\n",
+                (long long)s->root_checks, (long long)s->param_checks, (long long)s->last_check_step, s->comm->world);
     be->free(be, s->m);
     be->free(be, s->roots);
     if (s->job) {  // a root thread still running at the end of a run
@@ -371,12 +377,126 @@ static RootJob *start_refresh(Shampoo *s) {
     return job;
 }
 
+// ---------------------------------------------------------------- replica checks (spec §3.4 item 5, P16)
+
+#define FNV_OFFSET 0xcbf29ce484222325ull
+static uint64_t fnv_words(uint64_t h, const float *x, size_t n) {  // FNV-1a over 32-bit words
+    for (size_t i = 0; i < n; i++) {
+        uint32_t u;
+        memcpy(&u, x + i, sizeof u);
+        h = (h ^ u) * 0x100000001b3ull;
+    }
+    return h;
+}
+
+// Every rank's nslot checksums reach every rank (one all-reduce of 32-bit halves, exact in fp64), so that all ranks
+// take the same decision. Returns 0, or 1 with the first slot (ascending) and rank (ascending) whose checksum
+// differs from that of rank ref[slot], and both checksums.
+static int replicas_agree(Shampoo *s, const uint64_t *h, int nslot, const int *ref, int *bad_slot, int *bad_rank,
+                          uint64_t *got, uint64_t *want) {
+    Comm *c = s->comm;
+    size_t n = (size_t)c->world * nslot * 2;
+    double *all = xcalloc(n * sizeof(double), "replica checksums");
+    for (int k = 0; k < nslot; k++) {
+        all[((size_t)c->rank * nslot + k) * 2] = (double)(uint32_t)h[k];
+        all[((size_t)c->rank * nslot + k) * 2 + 1] = (double)(uint32_t)(h[k] >> 32);
+    }
+    comm_allreduce_sum_f64(c, all, n);
+    int bad = 0;
+    for (int k = 0; k < nslot && !bad; k++)
+        for (int q = 0; q < c->world && !bad; q++) {
+            const double *a = all + ((size_t)q * nslot + k) * 2, *b = all + ((size_t)ref[k] * nslot + k) * 2;
+            if (a[0] != b[0] || a[1] != b[1]) {
+                bad = 1;
+                *bad_slot = k;
+                *bad_rank = q;
+                *got = (uint64_t)a[0] | (uint64_t)a[1] << 32;
+                *want = (uint64_t)b[0] | (uint64_t)b[1] << 32;
+            }
+        }
+    free(all);
+    return bad;
+}
+
+// After a root broadcast: each owner's roots, as installed on every rank, against the owner's own.
+static void check_roots(Shampoo *s, int64_t refresh_t) {
+    Comm *c = s->comm;
+    int P = c->world;
+    float *roots = xmalloc((s->root_floats ? s->root_floats : 1) * sizeof(float), "root check");
+    s->model->be->download(s->model->be, roots, s->roots, s->root_floats * sizeof(float));
+    uint64_t *h = xmalloc((size_t)P * sizeof(uint64_t), "root checksums");
+    int *ref = xmalloc((size_t)P * sizeof(int), "root check owners");
+    for (int r = 0; r < P; r++) {
+        h[r] = FNV_OFFSET;
+        ref[r] = r;
+    }
+    for (int i = 0; i < s->nblocks; i++) {
+        const ShampooBlock *b = &s->blocks[i];
+        if (!block_preconditioned(s, b)) continue;
+        for (int k = 0; k < b->order; k++)
+            h[b->owner] = fnv_words(h[b->owner], roots + b->root_off[k], (size_t)b->dim[k] * b->dim[k]);
+    }
+    int slot, rank;
+    uint64_t got, want;
+    if (replicas_agree(s, h, P, ref, &slot, &rank, &got, &want))
+        die_user("shampoo: replica check failed at step %lld: the roots of refresh %lld of the blocks owned by rank %d "
+                 "differ on rank %d from the owner's (checksum %016llx, owner %016llx)",
+                 (long long)s->t, (long long)refresh_t, slot, rank, (unsigned long long)got,
+                 (unsigned long long)want);
+    uint64_t all = FNV_OFFSET;
+    for (int r = 0; r < P; r++) all = (all ^ h[r]) * 0x100000001b3ull;
+    s->root_hash = all;
+    s->root_checks++;
+    s->last_check_step = s->t;
+    free(roots);
+    free(h);
+    free(ref);
+}
+
+// At a refresh step, after the update: the parameters of every rank against rank 0's.
+static void check_params(Shampoo *s) {
+    Model *m = s->model;
+    float *w = xmalloc(m->num_params * sizeof(float), "parameter check");
+    m->be->download(m->be, w, m->params, m->num_params * sizeof(float));
+    uint64_t h = fnv_words(FNV_OFFSET, w, m->num_params);
+    int ref = 0, slot, rank;
+    uint64_t got, want;
+    if (replicas_agree(s, &h, 1, &ref, &slot, &rank, &got, &want))
+        die_user("shampoo: replica check failed at step %lld: the parameters on rank %d differ from rank 0's "
+                 "(checksum %016llx, rank 0 %016llx)",
+                 (long long)s->t, rank, (unsigned long long)got, (unsigned long long)want);
+    s->param_hash = h;
+    s->param_checks++;
+    s->last_check_step = s->t;
+    free(w);
+}
+
+int shampoo_replica_checks(const Shampoo *s, int64_t *root_checks, int64_t *param_checks) {
+    if (root_checks) *root_checks = s->root_checks;
+    if (param_checks) *param_checks = s->param_checks;
+    return s->cfg.check_replicas;
+}
+
+void shampoo_traffic(const Shampoo *s, ShampooTraffic *out) {
+    memset(out, 0, sizeof *out);
+    out->total = s->bcast_bytes;
+    out->sent = s->bcast_sent;
+    out->received = s->bcast_recv;
+    out->last_refresh = s->bcast_last;
+    out->refreshes = s->refreshes;
+    for (int r = 0; r < s->comm->world; r++) {
+        int nb;
+        out->per_refresh += packed_size(s, r, &nb);
+    }
+}
+
 // Every owner broadcasts its packed buffer; every rank (the owner included) installs the roots from the bytes it
 // holds, so that all ranks take the same decisions and hold the same bits.
 static void finish_refresh(Shampoo *s, RootJob *job) {
     Model *m = s->model;
     Backend *be = m->be;
     Comm *comm = s->comm;
+    s->bcast_last = 0;
     for (int r = 0; r < comm->world; r++) {
         int nb;
         size_t bytes = packed_size(s, r, &nb);
@@ -386,6 +506,11 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
         comm_bcast(comm, buf, bytes, r);
         s->bcast_s += now_sec() - tb;
         s->bcast_bytes += bytes;
+        s->bcast_last += bytes;
+        if (r == comm->rank)
+            s->bcast_sent += bytes;
+        else
+            s->bcast_recv += bytes;
         const int32_t *status = (const int32_t *)buf;
         const float *roots = (const float *)(buf + (size_t)nb * sizeof(int32_t));
         int j = 0;
@@ -420,6 +545,7 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
         }
         if (r != comm->rank) free(buf);
     }
+    if (s->cfg.check_replicas) check_roots(s, job->t);
     free(job->factors);
     free(job->out);
     free(job->inject);
@@ -538,6 +664,7 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
     }
     if (any_block_step) s->apply_s += now_sec() - ta;
     be->params_changed(be, m->params, np);
+    if (refresh && c->check_replicas) check_params(s);
 }
 
 // ---------------------------------------------------------------- state

@@ -23,6 +23,8 @@ typedef struct {
     int one_d_adam;                // one_d "adam" (else "full")
     int root_delay;                // 0 or 1
     int root_threads;              // LAPACK threads for roots
+    int check_replicas;            // debug (spec §3.4 item 5, P16): checksum the roots after every broadcast and the
+                                   // parameters at every refresh step across ranks (also SD_SHAMPOO_CHECK=1)
 } ShampooConfig;
 
 typedef struct {
@@ -66,7 +68,29 @@ typedef struct {
     int64_t refreshes, failed_decomps;
     double last_refresh_s, eig_s, bcast_s, apply_s;
     size_t bcast_bytes;  // bytes broadcast by all owners so far (status headers included)
+    size_t bcast_sent, bcast_recv;  // of those, the bytes this rank sent as an owner and received from the others
+    size_t bcast_last;   // bytes broadcast by the last refresh (all owners)
+    // replica checks (cfg.check_replicas): how many passed, and the last step checked
+    int64_t root_checks, param_checks, last_check_step;
+    uint64_t root_hash, param_hash;  // the last agreed checksums (FNV-1a over the 32-bit words)
 } Shampoo;
+
+// Root broadcast traffic (spec §5 P18), counted in the broadcast itself.
+typedef struct {
+    size_t total;           // bytes broadcast by all owners since the start (status headers included)
+    size_t sent, received;  // this rank's share of total: as the owner, and from the other owners
+    size_t last_refresh;    // bytes of the last refresh
+    size_t per_refresh;     // the layout's size of one refresh: 4 * sum_blocks sum_k n_k^2 + 4 * preconditioned blocks
+    int64_t refreshes;      // refreshes whose roots have been broadcast
+} ShampooTraffic;
+void shampoo_traffic(const Shampoo *s, ShampooTraffic *out);
+
+// Replica checks (spec §3.4 item 5, §5 P16) when cfg.check_replicas or SD_SHAMPOO_CHECK=1: after every root
+// broadcast every rank checksums each owner's roots as installed, and at every refresh step the parameters after
+// the update; the checksums are compared across ranks (one small all-reduce), and a mismatch stops the run on every
+// rank with an error naming the step, the owner and the ranks. Returns 1 if enabled, and the counts of passed
+// checks (either pointer may be NULL).
+int shampoo_replica_checks(const Shampoo *s, int64_t *root_checks, int64_t *param_checks);
 
 // Validates a config; returns 0 or -1 with a one-line reason naming the key.
 int shampoo_config_check(const ShampooConfig *c, char *err, size_t errlen);

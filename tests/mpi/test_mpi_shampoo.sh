@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Distributed Shampoo over MPI ranks on the CPU backend (issue 6, spec/shampoo.md §5 P14, P15, P18):
 #  - rank-count invariance: with comm.deterministic (the gradient of the global batch is summed over 12 fixed
-#    shards in one order, whatever the rank count), np = 1, 2, 3 and 4 give bit-identical weights after 60 steps
-#    (f = S = 10: refreshes at 10, 20, ..., 60 and 50 Shampoo steps; b = 64 cuts the qkv weight and bias into two blocks each, so np = 3
-#    owns an uneven share), for root_delay 0 and 1 and one_d "adam";
+#    shards in one order, whatever the rank count), np = 1, 2, 3 and 4 give bit-identical weights after 100 steps
+#    (f = S = 10: refreshes at 10, 20, ..., 100 and 90 Shampoo steps; b = 64 cuts the qkv weight and bias into two blocks each, so np = 3
+#    owns an uneven share), for root_delay 0 and 1 and one_d "adam" (with root_delay 0 and 1);
 #  - ownership invariance: round-robin, reversed and a random block -> owner map (SD_SHAMPOO_OWNERS) at np = 3
 #    give the same bits as LPT;
+#  - replica consistency (P16): SD_SHAMPOO_CHECK=1 checksums the roots after every broadcast and the parameters at
+#    every refresh step across ranks; each multi-rank run reports its passed checks;
 #  - status.json counts the refreshes and records a refresh time and the bytes broadcast.
 # Tiny model (image 28, patch 7, dim 32, depth 7, batch 24) so that the whole file takes well under a minute on
 # two cores.
@@ -22,6 +24,7 @@ fi
 MPI="mpirun --oversubscribe"
 [ "$(id -u)" = 0 ] && MPI="$MPI --allow-run-as-root"
 export OMPI_MCA_rmaps_base_oversubscribe=1
+export SD_SHAMPOO_CHECK=1  # P16: replica checksums after every root broadcast and at every refresh step
 DATA=""
 if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
   "$PY" - "$TMP/data" <<'PYEOF'
@@ -36,7 +39,7 @@ PYEOF
   DATA="--set data.root=$TMP/data"
 fi
 TINY="--set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7 --set model.patch_size=7
-  --set train.batch_size=24 --set train.steps=60 --set train.warmup_steps=5 --set train.log_every=10
+  --set train.batch_size=24 --set train.steps=100 --set train.warmup_steps=5 --set train.log_every=10
   --set train.eval_every=0 --set data.train_limit=2000 --set data.eval_limit=500 --set run.threads=1
   --set comm.deterministic=true --set opt.name=shampoo --set opt.lr=0.002 --set opt.weight_decay=0.0001
   --set shampoo.precondition_frequency=10 --set shampoo.start_preconditioning_step=10
@@ -67,7 +70,7 @@ check_set() {  # label ref others... (runs already done)
   local label=$1 ref=$2; shift 2
   for o in "$@"; do
     if out=$(same "$ref" "$o"); then
-      echo "ok - $label: $o equals $ref bit for bit after 60 steps ($out)"
+      echo "ok - $label: $o equals $ref bit for bit after 100 steps ($out)"
     else
       echo "not ok - $label: $o differs from $ref: $out"
     fi
@@ -104,6 +107,14 @@ else
 fi
 
 ok=1
+for np in 1 4; do run adam1d_d1_np$np $np --set shampoo.one_d=adam --set shampoo.root_delay=1 || ok=0; done
+if [ $ok = 1 ]; then
+  check_set "rank-count invariance (one_d adam, root_delay 1)" adam1d_d1_np1 adam1d_d1_np4
+else
+  echo "not ok - rank-count invariance (one_d adam, root_delay 1): runs failed"; tail -n 5 "$TMP"/adam1d_d1_np*.log
+fi
+
+ok=1
 for map in roundrobin reversed random7; do
   SD_SHAMPOO_OWNERS=$map run own_$map 3 || ok=0
 done
@@ -113,15 +124,28 @@ else
   echo "not ok - ownership invariance: runs failed or the map was not replaced"; tail -n 5 "$TMP"/own_*.log
 fi
 
+# P16 in the real binary: every multi-rank run checked its replicas at every refresh (10 refreshes; with root_delay 1
+# the roots of step 100 are still pending at the end, so 9 broadcasts).
+bad=""
+for log in "$TMP"/*_np[234].log "$TMP"/own_*.log; do
+  case $log in *d1_np*) want="9 root broadcasts, 10 parameter sets" ;; *) want="10 root broadcasts, 10 parameter sets" ;; esac
+  grep -q "replica checks passed: $want" "$log" || bad="$bad $(basename "$log")"
+done
+if [ -z "$bad" ]; then
+  echo "ok - replica consistency: every multi-rank run's root and parameter checksums agreed at every refresh"
+else
+  echo "not ok - replica consistency: no passing replica-check summary in:$bad"
+fi
+
 if "$PY" - "$TMP/d0_np3/status.json" <<'PYEOF'
 import json, sys
 s = json.load(open(sys.argv[1]))["shampoo"]
 print(json.dumps(s))
-ok = s["refreshes"] == 6 and s["failed_decompositions"] == 0 and s["last_refresh_s"] > 0
+ok = s["refreshes"] == 10 and s["failed_decompositions"] == 0 and s["last_refresh_s"] > 0
 sys.exit(0 if ok else 1)
 PYEOF
 then
-  echo "ok - status.json (np = 3): 6 refreshes (t = 10, 20, ..., 60), no failed decompositions, a refresh time"
+  echo "ok - status.json (np = 3): 10 refreshes (t = 10, 20, ..., 100), no failed decompositions, a refresh time"
 else
   echo "not ok - status.json shampoo section at np = 3"; cat "$TMP/d0_np3/status.json"
 fi
