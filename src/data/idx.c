@@ -127,7 +127,13 @@ static void idx_path(char *out, size_t n, const char *root, const char *stem) {
     if (!path_exists(out)) snprintf(out, n, "%s/%s", root, stem);
 }
 
-int dataset_open(Dataset *ds, const char *name, const char *root, int train, int64_t limit, char *err, size_t n) {
+void data_options_default(DataOptions *o) {
+    *o = (DataOptions){.augment = 0, .crop_padding = 4, .flip = 1, .randaugment = 1, .ra_ops = 2,
+                       .ra_magnitude = 10, .dct_scaling = 0, .max_file_bytes = (int64_t)64 << 20,
+                       .max_pixels = (int64_t)64 << 20, .workers = 0, .prefetch = 3};
+}
+
+static int open_idx_split(Dataset *ds, const char *name, const char *root, int train, char *err, size_t n) {
     char ip[1100], lp[1100];
     const char *split = train ? "train" : "t10k";
     char stem[64];
@@ -136,18 +142,82 @@ int dataset_open(Dataset *ds, const char *name, const char *root, int train, int
     snprintf(stem, sizeof stem, "%s-labels-idx1-ubyte", split);
     idx_path(lp, sizeof lp, root, stem);
     if (dataset_load_idx(ds, ip, lp, err, n) != 0) return -1;
-    snprintf(ds->name, sizeof ds->name, "%s", name);
     // Fashion-MNIST: mean/std of its 60,000 training images; MNIST: the customary values (spec/data.md §2).
     int fashion = strcmp(name, "fashion-mnist") == 0;
     ds->mean[0] = fashion ? 0.2860f : 0.1307f;
     ds->std[0] = fashion ? 0.3530f : 0.3081f;
+    ds->kind = DS_IDX;
+    uint64_t fp = 0xCBF29CE484222325ULL;
+    char key[32];
+    for (int64_t i = 0; i < ds->n; i++) {
+        snprintf(key, sizeof key, "%s#%lld", split, (long long)i);
+        fp = dataset_fingerprint_add(fp, key, ds->labels[i]);
+    }
+    ds->fingerprint = fp;
+    data_options_default(&ds->opt);
+    return 0;
+}
+
+// CIFAR's folder: root itself, or the archive's folder inside it.
+static void cifar_dir(char *out, size_t n, const char *root, const char *sub, const char *probe) {
+    snprintf(out, n, "%s/%s", root, probe);
+    if (path_exists(out)) {
+        snprintf(out, n, "%s", root);
+        return;
+    }
+    snprintf(out, n, "%s/%s", root, sub);
+}
+
+int dataset_open(Dataset *ds, const char *name, const char *root, int train, int64_t limit, char *err, size_t n) {
+    int rc;
+    char dir[1200];
+    if (!strcmp(name, "fashion-mnist") || !strcmp(name, "mnist")) {
+        rc = open_idx_split(ds, name, root, train, err, n);
+    } else if (!strcmp(name, "cifar10")) {
+        cifar_dir(dir, sizeof dir, root, "cifar-10-batches-bin", train ? "data_batch_1.bin" : "test_batch.bin");
+        rc = dataset_load_cifar(ds, dir, 0, train, err, n);
+    } else if (!strcmp(name, "cifar100")) {
+        cifar_dir(dir, sizeof dir, root, "cifar-100-binary", train ? "train.bin" : "test.bin");
+        rc = dataset_load_cifar(ds, dir, 1, train, err, n);
+    } else if (!strcmp(name, "tiny-imagenet")) {
+        rc = dataset_load_tiny(ds, root, train, err, n);
+        if (rc == 0) {
+            ds->kind = DS_TINY;
+            ds->channels = 3;
+            ds->height = ds->width = 64;
+            const float m[3] = {0.4802f, 0.4481f, 0.3975f}, s[3] = {0.2770f, 0.2691f, 0.2821f};
+            memcpy(ds->mean, m, sizeof m);
+            memcpy(ds->std, s, sizeof s);
+        }
+    } else if (!strcmp(name, "imagenet")) {
+        snprintf(dir, sizeof dir, "%s/%s", root, train ? "train" : "val");
+        rc = dataset_load_folder(ds, dir, err, n);
+        if (rc == 0) {
+            ds->kind = DS_IMAGENET;
+            ds->channels = 3;
+            ds->height = ds->width = 224;
+            const float m[3] = {0.485f, 0.456f, 0.406f}, s[3] = {0.229f, 0.224f, 0.225f};
+            memcpy(ds->mean, m, sizeof m);
+            memcpy(ds->std, s, sizeof s);
+        }
+    } else {
+        return set_err(err, n, "config key 'data.dataset': unknown dataset '%s'", name);
+    }
+    if (rc != 0) return -1;
+    snprintf(ds->name, sizeof ds->name, "%s", name);
     if (limit > 0 && limit < ds->n) ds->n = limit;
     return 0;
 }
 
 void dataset_free(Dataset *ds) {
+    if (ds->paths) {
+        // every path the reader listed, including those a limit cut off
+        for (int64_t i = 0; i < ds->n_paths; i++) free(ds->paths[i]);
+    }
+    free(ds->paths);
     free(ds->pixels);
     free(ds->labels);
+    ds->paths = NULL;
     ds->pixels = NULL;
     ds->labels = NULL;
 }

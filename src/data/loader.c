@@ -1,5 +1,6 @@
 // loader.c: batch composition for in-memory datasets (spec/data.md §5). Every draw comes from a stream keyed by
 // (seed, purpose, epoch or step, dataset index or group), never by rank, thread or time.
+#include <limits.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -97,4 +98,285 @@ double mixup_apply(float *images, float *targets, int count, size_t img_elems, i
     free(tgt_copy);
     free(perm);
     return lam_sum / (count / g);
+}
+
+// ---------------------------------------------------------------- the threaded loader
+
+#include <pthread.h>
+#include <sched.h>
+#include <stdio.h>
+#include <unistd.h>
+
+#include "data/pipeline.h"
+
+typedef struct {
+    int64_t q;      // plan position held (-1: none)
+    int64_t epoch;  // the AUG key's epoch (eval: 0)
+    int count;      // images in this batch
+    int next;       // first image not yet claimed by a thread
+    int done;       // images finished (with or without success)
+    int inflight;   // threads working on this slot now
+    int failed;     // a slot ran out of substitutes (err says which)
+    char err[600];
+    int64_t *idx;   // (micro) key indices
+    float *images;  // (micro, C, H, W), from the caller's allocator
+    int32_t *labels;  // (micro)
+} Slot;
+
+struct Loader {
+    LoaderConfig c;
+    int nslots;
+    Slot *slots;
+    int64_t base;      // slots hold q in [base, base + nslots), q at slots[q % nslots]
+    int64_t plan_len;  // micro-batches in the plan (training: unbounded)
+    pthread_mutex_t mu;
+    pthread_cond_t work_cv, done_cv;
+    pthread_t *threads;
+    int nthreads, stop, chunk;
+    int64_t *perm, perm_epoch;
+    size_t img_elems;
+    PipeFailures fails;
+    double wait_s;
+};
+
+static void *loader_malloc(void *ctx, size_t bytes, const char *what) { return xmalloc(bytes, what); }
+static void loader_mfree(void *ctx, void *p) { free(p); }
+
+static int affinity_cpus(void) {
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+    long n = sysconf(_SC_NPROCESSORS_ONLN);
+    return n > 0 ? (int)n : 1;
+}
+
+// Fills slot metadata for plan position q (called with no thread working on the slot).
+static void slot_assign(Loader *l, int64_t q) {
+    Slot *s = &l->slots[q % l->nslots];
+    s->q = q;
+    s->next = s->done = s->failed = 0;
+    s->err[0] = 0;
+    if (q >= l->plan_len) {
+        s->count = 0;
+        return;
+    }
+    const LoaderConfig *c = &l->c;
+    if (c->train) {
+        int64_t k = q / c->accum + 1, mi = q % c->accum;
+        int64_t e = (k - 1) / c->steps_per_epoch, st = (k - 1) % c->steps_per_epoch;
+        if (e != l->perm_epoch) {
+            loader_permutation(c->seed, e, c->ds->n, l->perm);
+            l->perm_epoch = e;
+        }
+        int64_t pos0 = st * c->global_batch + (int64_t)c->rank * (c->global_batch / c->world) + mi * c->micro;
+        s->epoch = e;
+        s->count = c->micro;
+        for (int j = 0; j < c->micro; j++) s->idx[j] = l->perm[pos0 + j];
+    } else {
+        int64_t i0 = c->begin + q * c->micro;
+        s->epoch = 0;
+        s->count = (int)(c->end - i0 < c->micro ? c->end - i0 : c->micro);
+        for (int j = 0; j < s->count; j++) s->idx[j] = i0 + j;
+    }
+}
+
+// Stops new claims on a slot and waits for its threads (mu held).
+static void slot_quiesce(Loader *l, Slot *s) {
+    s->next = s->count;
+    while (s->inflight > 0) pthread_cond_wait(&l->done_cv, &l->mu);
+}
+
+static void *loader_thread(void *arg) {
+    Loader *l = arg;
+    const LoaderConfig *c = &l->c;
+    PipeWorker *w = pipe_worker_create(c->ds);
+    pthread_mutex_lock(&l->mu);
+    while (!l->stop) {
+        Slot *s = NULL;
+        for (int64_t q = l->base; q < l->base + l->nslots; q++) {
+            Slot *t = &l->slots[q % l->nslots];
+            if (t->q == q && t->next < t->count) {
+                s = t;
+                break;
+            }
+        }
+        if (!s) {
+            pthread_cond_wait(&l->work_cv, &l->mu);
+            continue;
+        }
+        int j0 = s->next, j1 = j0 + l->chunk < s->count ? j0 + l->chunk : s->count;
+        s->next = j1;
+        s->inflight++;
+        int64_t epoch = s->epoch;
+        pthread_mutex_unlock(&l->mu);
+        char err[600] = "";
+        int bad = 0;
+        for (int j = j0; j < j1; j++)
+            if (pipe_sample(w, c->ds, c->train, c->seed, epoch, s->idx[j], s->images + (size_t)j * l->img_elems,
+                            &s->labels[j], &l->fails, err, sizeof err) != 0)
+                bad = 1;
+        pthread_mutex_lock(&l->mu);
+        if (bad && !s->failed) {
+            s->failed = 1;
+            snprintf(s->err, sizeof s->err, "%s", err);
+        }
+        s->done += j1 - j0;
+        s->inflight--;
+        pthread_cond_broadcast(&l->done_cv);
+    }
+    pthread_mutex_unlock(&l->mu);
+    pipe_worker_free(w);
+    return NULL;
+}
+
+Loader *loader_create(const LoaderConfig *cfg) {
+    Loader *l = xcalloc(sizeof *l, "loader");
+    l->c = *cfg;
+    LoaderConfig *c = &l->c;
+    if (!c->alloc) {
+        c->alloc = loader_malloc;
+        c->free = loader_mfree;
+    }
+    const Dataset *ds = c->ds;
+    CHECK(c->micro > 0, "loader: micro-batch %d", c->micro);
+    if (c->train) {
+        CHECK(c->world > 0 && c->accum > 0 && c->global_batch == c->micro * c->world * c->accum,
+              "loader: batch %d != %d x %d x %d", c->global_batch, c->micro, c->world, c->accum);
+        CHECK(c->steps_per_epoch > 0 && c->steps_per_epoch * c->global_batch <= ds->n, "loader: steps per epoch");
+        l->plan_len = INT64_MAX;
+        l->perm = xmalloc((size_t)ds->n * sizeof(int64_t), "permutation");  // (n)
+    } else {
+        l->plan_len = (c->end - c->begin + c->micro - 1) / c->micro;
+    }
+    l->perm_epoch = -1;
+    l->img_elems = (size_t)ds->channels * ds->height * ds->width;
+    int prefetch = c->prefetch > 0 ? c->prefetch : 3;
+    l->nslots = prefetch + 1;  // the batch the caller holds, and `prefetch` ahead of it
+    l->slots = xcalloc((size_t)l->nslots * sizeof(Slot), "loader slots");
+    for (int i = 0; i < l->nslots; i++) {
+        Slot *s = &l->slots[i];
+        s->q = -1;
+        s->idx = xmalloc((size_t)c->micro * sizeof(int64_t), "slot indices");
+        s->labels = xmalloc((size_t)c->micro * sizeof(int32_t), "slot labels");
+        s->images = c->alloc(c->alloc_ctx, (size_t)c->micro * l->img_elems * sizeof(float), "loader batch buffer");
+    }
+    int threads = c->workers > 0 ? c->workers : affinity_cpus() - 2;
+    l->nthreads = threads > 0 ? threads : 1;
+    l->chunk = ds->paths ? 1 : (c->micro / (4 * l->nthreads) > 32 ? 32 : c->micro / (4 * l->nthreads));
+    if (l->chunk < 1) l->chunk = 1;
+    pipe_failures_init(&l->fails, ds->n);
+    l->fails.quiet = c->quiet;
+    pthread_mutex_init(&l->mu, NULL);
+    pthread_cond_init(&l->work_cv, NULL);
+    pthread_cond_init(&l->done_cv, NULL);
+    l->base = 0;
+    for (int64_t q = 0; q < l->nslots; q++) slot_assign(l, q);
+    l->threads = xmalloc((size_t)l->nthreads * sizeof(pthread_t), "loader threads");
+    for (int i = 0; i < l->nthreads; i++)
+        CHECK(pthread_create(&l->threads[i], NULL, loader_thread, l) == 0, "cannot start a loader thread");
+    return l;
+}
+
+void loader_destroy(Loader *l) {
+    if (!l) return;
+    pthread_mutex_lock(&l->mu);
+    l->stop = 1;
+    pthread_cond_broadcast(&l->work_cv);
+    pthread_mutex_unlock(&l->mu);
+    for (int i = 0; i < l->nthreads; i++) pthread_join(l->threads[i], NULL);
+    for (int i = 0; i < l->nslots; i++) {
+        free(l->slots[i].idx);
+        free(l->slots[i].labels);
+        l->c.free(l->c.alloc_ctx, l->slots[i].images);
+    }
+    free(l->slots);
+    free(l->threads);
+    free(l->perm);
+    pipe_failures_free(&l->fails);
+    pthread_mutex_destroy(&l->mu);
+    pthread_cond_destroy(&l->work_cv);
+    pthread_cond_destroy(&l->done_cv);
+    free(l);
+}
+
+int loader_get(Loader *l, int64_t q, const float **images, const int32_t **labels) {
+    double t0 = now_sec();
+    pthread_mutex_lock(&l->mu);
+    if (q < l->base || q >= l->base + l->nslots) {  // a jump (resume, a repeated step): rebuild the ring at q
+        for (int i = 0; i < l->nslots; i++) slot_quiesce(l, &l->slots[i]);
+        l->base = q;
+        for (int64_t p = q; p < q + l->nslots; p++) slot_assign(l, p);
+    } else {
+        for (int64_t p = l->base; p < q; p++) {  // release the batches before q; their slots run ahead
+            slot_quiesce(l, &l->slots[p % l->nslots]);
+            slot_assign(l, p + l->nslots);
+        }
+        l->base = q;
+    }
+    pthread_cond_broadcast(&l->work_cv);
+    Slot *s = &l->slots[q % l->nslots];
+    while (s->done < s->count) pthread_cond_wait(&l->done_cv, &l->mu);
+    int count = s->count;
+    if (s->failed) {
+        fprintf(stderr, "simplest-dist: error: %s\n", s->err);
+        count = -1;
+    }
+    pthread_mutex_unlock(&l->mu);
+    *images = s->images;
+    *labels = s->labels;
+    l->wait_s += now_sec() - t0;
+    return count;
+}
+
+int64_t loader_eval_batches(const Loader *l) { return l->c.train ? -1 : l->plan_len; }
+double loader_wait_s(const Loader *l) { return l->wait_s; }
+const PipeFailures *loader_failures(const Loader *l) { return &l->fails; }
+int loader_threads(const Loader *l) { return l->nthreads; }
+
+LoaderState loader_state_at(const Loader *l, int64_t k) {
+    const LoaderConfig *c = &l->c;
+    LoaderState s = {(k - 1) / c->steps_per_epoch, (k - 1) % c->steps_per_epoch, c->seed, c->global_batch,
+                     c->ds->fingerprint, pipe_failures_total(&l->fails)};
+    return s;
+}
+
+int64_t loader_state_resume(const Loader *l, const LoaderState *s, char *err, size_t n) {
+    const LoaderConfig *c = &l->c;
+    if (s->seed != c->seed) return set_err(err, n, "loader state: seed %llu, this run has %llu",
+                                           (unsigned long long)s->seed, (unsigned long long)c->seed);
+    if (s->global_batch != c->global_batch)
+        return set_err(err, n, "loader state: train.batch_size %lld, this run has %d", (long long)s->global_batch,
+                       c->global_batch);
+    if (s->fingerprint != c->ds->fingerprint)
+        return set_err(err, n, "loader state: the dataset changed (fingerprint %016llx, now %016llx)",
+                       (unsigned long long)s->fingerprint, (unsigned long long)c->ds->fingerprint);
+    if (s->step_in_epoch < 0 || s->step_in_epoch >= c->steps_per_epoch || s->epoch < 0)
+        return set_err(err, n, "loader state: step %lld of epoch %lld is outside the %lld steps per epoch",
+                       (long long)s->step_in_epoch, (long long)s->epoch, (long long)c->steps_per_epoch);
+    return s->epoch * c->steps_per_epoch + s->step_in_epoch + 1;
+}
+
+int loader_state_write(const char *path, const LoaderState *s) {
+    char text[512];
+    int len = snprintf(text, sizeof text,
+                       "{\"epoch\": %lld, \"step_in_epoch\": %lld, \"seed\": %llu, \"global_batch\": %lld, "
+                       "\"fingerprint\": \"%016llx\", \"failures\": %lld}\n",
+                       (long long)s->epoch, (long long)s->step_in_epoch, (unsigned long long)s->seed,
+                       (long long)s->global_batch, (unsigned long long)s->fingerprint, (long long)s->failures);
+    return write_file_atomic(path, text, (size_t)len);
+}
+
+int loader_state_read(const char *path, LoaderState *s, char *err, size_t n) {
+    size_t len;
+    char *text = (char *)read_file_all(path, &len);
+    if (!text) return set_err(err, n, "loader state '%s': cannot read", path);
+    long long e, st, b, f;
+    unsigned long long seed, fp;
+    int got = sscanf(text,
+                     " {\"epoch\": %lld, \"step_in_epoch\": %lld, \"seed\": %llu, \"global_batch\": %lld, "
+                     "\"fingerprint\": \"%llx\", \"failures\": %lld}",
+                     &e, &st, &seed, &b, &fp, &f);
+    free(text);
+    if (got != 6) return set_err(err, n, "loader state '%s': not a loader state file", path);
+    *s = (LoaderState){e, st, seed, b, fp, f};
+    return 0;
 }
