@@ -57,11 +57,33 @@ static const KeySpec KEYS[] = {
      "recompute cheap activations in backward instead of keeping them (SimpleViT: both LayerNorm outputs and the GELU "
      "output of every block; about 37 % less activation memory for one more LayerNorm and GELU pass)"},
 
-    {"data.dataset", KT_STR, FIELD(data.dataset), "\"fashion-mnist\"", NOLIM, "fashion-mnist|mnist", "dataset"},
+    {"data.dataset", KT_STR, FIELD(data.dataset), "\"fashion-mnist\"", NOLIM,
+     "fashion-mnist|mnist|cifar10|cifar100|tiny-imagenet|imagenet",
+     "dataset (spec/data.md §1): IDX (fashion-mnist, mnist), CIFAR binary (cifar10, cifar100: fine label), "
+     "TinyImageNet-200 (zip or class-folder layout), imagenet (ImageFolder train/ and val/ after extract_ILSVRC.sh, "
+     "or a `simplest-dist prepare` copy)"},
     {"data.root", KT_STR, FIELD(data.root), "\"\"", NOLIM, NULL,
-     "dataset folder; \"\" = the default (/usr/share/datasets/fashion-mnist for fashion-mnist)"},
+     "dataset folder; \"\" = the default (/usr/share/datasets/fashion-mnist or /usr/share/datasets/mnist; the "
+     "other datasets need it)"},
     {"data.augment", KT_BOOL, FIELD(data.augment), "false", NOLIM, NULL,
-     "training augmentation: random crop with zero padding, then horizontal flip"},
+     "training augmentation (spec/data.md §2): IDX: random crop with zero padding, then horizontal flip; CIFAR and "
+     "Tiny: RandomCrop(pad) -> flip -> RandAugment; ImageNet: RandomResizedCrop(224) -> flip -> RandAugment (off: "
+     "the eval transform Resize(256) -> CenterCrop(224))"},
+    {"data.randaugment", KT_BOOL, FIELD(data.randaugment), "true", NOLIM, NULL,
+     "RandAugment(2 ops, data.randaugment_magnitude) after the flip when data.augment (CIFAR, Tiny, ImageNet)"},
+    {"data.randaugment_magnitude", KT_INT, FIELD(data.randaugment_magnitude), "10", 0, 30, NULL,
+     "RandAugment magnitude bin (of 31)"},
+    {"data.workers", KT_INT, FIELD(data.workers), "0", 0, 1024, NULL,
+     "decoder threads per rank; 0 = the rank's CPU affinity count - 2, at least 1"},
+    {"data.prefetch", KT_INT, FIELD(data.prefetch), "3", 1, 64, NULL,
+     "micro-batches the decoder threads may prepare ahead of the trainer (ring buffers, pinned on CUDA)"},
+    {"data.max_file_bytes", KT_I64, FIELD(data.max_file_bytes), "67108864", 1, 1e15, NULL,
+     "image files larger than this are skipped and counted (file_too_big)"},
+    {"data.max_pixels", KT_I64, FIELD(data.max_pixels), "67108864", 1, 1e15, NULL,
+     "JPEGs whose header declares more pixels are skipped and counted (too_many_pixels)"},
+    {"data.jpeg.dct_scaling", KT_BOOL, FIELD(data.jpeg_dct_scaling), "false", NOLIM, NULL,
+     "training decodes may use 1/2, 1/4, 1/8 DCT-domain scaling when the crop still covers 224 px (faster; "
+     "pixels differ from the reference); eval never does"},
     {"data.crop_padding", KT_INT, FIELD(data.crop_padding), "4", 0, 64, NULL,
      "padding of the random crop when data.augment; 0 = no crop"},
     {"data.flip", KT_BOOL, FIELD(data.flip), "true", NOLIM, NULL, "horizontal flip (p = 0.5) when data.augment"},
@@ -322,10 +344,17 @@ static int resolve(Config *c, char *err, size_t n) {
     }
     for (int i = 0; i < 4; i++)
         if (*fields[i] == 0) return set_err(err, n, "config key '%s': required with model.width \"custom\"", names[i]);
-    // Both IDX datasets are 28x28 greyscale with 10 classes.
-    struct { int *field; int value; const char *name; } ds[] = {{&c->model.image_size, 28, "model.image_size"},
-                                                                {&c->model.channels, 1, "model.channels"},
-                                                                {&c->model.num_classes, 10, "model.num_classes"}};
+    // The shape each dataset's pipeline produces (spec/data.md §1, §2).
+    static const struct { const char *name; int size, channels, classes; } shapes[] = {
+        {"fashion-mnist", 28, 1, 10}, {"mnist", 28, 1, 10},          {"cifar10", 32, 3, 10},
+        {"cifar100", 32, 3, 100},     {"tiny-imagenet", 64, 3, 200}, {"imagenet", 224, 3, 1000}};
+    int si = 0;
+    for (int i = 0; i < (int)(sizeof shapes / sizeof shapes[0]); i++)
+        if (!strcmp(c->data.dataset, shapes[i].name)) si = i;
+    struct { int *field; int value; const char *name; } ds[] = {
+        {&c->model.image_size, shapes[si].size, "model.image_size"},
+        {&c->model.channels, shapes[si].channels, "model.channels"},
+        {&c->model.num_classes, shapes[si].classes, "model.num_classes"}};
     for (int i = 0; i < 3; i++) {
         if (*ds[i].field == 0) *ds[i].field = ds[i].value;
         if (*ds[i].field != ds[i].value)
@@ -357,6 +386,9 @@ static int resolve(Config *c, char *err, size_t n) {
         return set_err(err, n, "config key 'mixup.group': %d does not divide the micro-batch %d", c->mixup.group,
                        c->train.batch_size / c->train.grad_accum);
     for (size_t len = strlen(c->run.dir); len > 1 && c->run.dir[len - 1] == '/'; len--) c->run.dir[len - 1] = 0;
+    int idx_data = !strcmp(c->data.dataset, "mnist") || !strcmp(c->data.dataset, "fashion-mnist");
+    if (!strcmp(c->data.root, "") && !idx_data)
+        return set_err(err, n, "config key 'data.root': required for data.dataset \"%s\"", c->data.dataset);
     if (!strcmp(c->data.root, "")) {
         const char *def = !strcmp(c->data.dataset, "mnist") ? "/usr/share/datasets/mnist"
                                                              : "/usr/share/datasets/fashion-mnist";

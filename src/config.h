@@ -19,13 +19,17 @@ typedef struct {
         int recompute;
     } model;
     struct {
-        char dataset[32];  // "fashion-mnist" | "mnist"
+        char dataset[32];  // "fashion-mnist" | "mnist" | "cifar10" | "cifar100" | "tiny-imagenet" | "imagenet"
         char root[512];    // "" = the dataset's default location
         int augment;       // random crop with padding + horizontal flip
         int crop_padding;
         int flip;
         int eval_batch_size;  // 0: the training micro-batch
         int64_t train_limit, eval_limit;  // 0: all images; otherwise the first N (tests, smoke runs)
+        int randaugment, randaugment_magnitude;
+        int workers, prefetch;  // decoder threads (0: auto), micro-batches prepared ahead
+        int64_t max_file_bytes, max_pixels;
+        int jpeg_dct_scaling;
     } data;
     struct {
         int epochs;

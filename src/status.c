@@ -95,6 +95,22 @@ int status_write(const char *dir, const StatusInfo *s) {
     } else {
         cJSON_AddNullToObject(o, "signalprop");
     }
+    if (s->data_dataset) {
+        cJSON *d = cJSON_AddObjectToObject(o, "data");
+        cJSON_AddStringToObject(d, "dataset", s->data_dataset);
+        add_num(d, "decoder_threads", s->data_threads);
+        add_num(d, "loader_wait_s", s->data_wait_s);
+        cJSON *sk = cJSON_AddObjectToObject(d, "skipped");
+        int64_t total = 0;
+        for (int i = 0; i < s->data_nreasons; i++) {
+            if (s->data_skip_names[i]) add_num(sk, s->data_skip_names[i], (double)s->data_skipped[i]);
+            total += s->data_skipped[i];
+        }
+        add_num(d, "skipped_total", (double)total);
+        add_num(d, "decode_warnings", (double)s->data_warnings);
+    } else {
+        cJSON_AddNullToObject(o, "data");
+    }
     char *text = cJSON_Print(o);
     cJSON_Delete(o);
     CHECK(text, "out of memory printing status.json");

@@ -33,6 +33,14 @@ typedef struct {
     int depth;
     const double *sp_mean_sq, *sp_mean_cos;  // per block, NULL before the first measurement
     int64_t sp_step;
+    // Data pipeline (this rank's; spec/data.md §5.4): NULL before the loader exists.
+    const char *data_dataset;
+    int data_threads;
+    double data_wait_s;  // time the trainer waited on the decoder threads' ring
+    int data_nreasons;   // entries in data_skip_names / data_skipped
+    const char *const *data_skip_names;
+    const int64_t *data_skipped;  // distinct files skipped, by reason
+    int64_t data_warnings;        // corrupt-data warnings of images used anyway
 } StatusInfo;
 
 // Writes <dir>/status.json atomically. Returns 0 or -1 with errno.

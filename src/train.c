@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "checkpoint.h"
+#include "data/pipeline.h"
 #include "safetensors.h"
 #include "status.h"
 #include "util.h"
@@ -298,7 +299,6 @@ EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, int
     size_t img = (size_t)ds->channels * ds->height * ds->width;
     int64_t begin, end;
     loader_eval_shard(ds->n, comm->rank, comm->world, &begin, &end);
-    float *images = xmalloc((size_t)eval_batch * img * sizeof(float), "eval images");
     float *targets = xmalloc((size_t)eval_batch * C * sizeof(float), "eval targets");
     float *logits = xmalloc((size_t)eval_batch * C * sizeof(float), "eval logits");
     float *losses = xmalloc((size_t)eval_batch * sizeof(float), "eval losses");
@@ -306,13 +306,17 @@ EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, int
     int64_t nbm = (ds->n + bm_batch - 1) / bm_batch;
     double *sums = xcalloc((size_t)(4 + 2 * nbm) * sizeof(double), "eval sums");
     if (logits_out) memset(logits_out, 0, (size_t)ds->n * C * sizeof(float));
-    for (int64_t i0 = begin; i0 < end; i0 += eval_batch) {
-        int n = (int)(end - i0 < eval_batch ? end - i0 : eval_batch);
+    // This rank's shard in order, decoded by the loader threads (no randomness, no drop, no duplicate).
+    LoaderConfig lc = {.ds = ds, .train = 0, .micro = eval_batch, .begin = begin, .end = end,
+                       .workers = ds->opt.workers, .prefetch = ds->opt.prefetch};
+    Loader *ld = end > begin ? loader_create(&lc) : NULL;
+    for (int64_t i0 = begin, q = 0; i0 < end; i0 += eval_batch, q++) {
+        const float *images;
+        const int32_t *labels;
+        int n = loader_get(ld, q, &images, &labels);
+        if (n < 0) die_user("data error in the eval split of %s (see the lines above)", ds->name);
         memset(targets, 0, (size_t)n * C * sizeof(float));
-        for (int i = 0; i < n; i++) {
-            loader_image(ds, i0 + i, NULL, 0, 0, images + (size_t)i * img);
-            targets[(size_t)i * C + ds->labels[i0 + i]] = 1.0f;
-        }
+        for (int i = 0; i < n; i++) targets[(size_t)i * C + labels[i]] = 1.0f;
         be->upload(be, m->input, images, (size_t)n * img * sizeof(float));
         be->upload(be, m->targets, targets, (size_t)n * C * sizeof(float));
         model_forward(m, n, 0, 0, 0, 0);
@@ -321,7 +325,7 @@ EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, int
         be->download(be, losses, m->losses, (size_t)n * sizeof(float));
         for (int i = 0; i < n; i++) {
             int h1, h5;
-            topk_hits(logits + (size_t)i * C, C, ds->labels[i0 + i], &h1, &h5);
+            topk_hits(logits + (size_t)i * C, C, labels[i], &h1, &h5);
             sums[0] += h1;
             sums[1] += h5;
             sums[2] += losses[i];
@@ -340,7 +344,7 @@ EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, int
         r.top1_bm += sums[4 + 2 * k] / size / nbm;
         r.loss_bm += sums[5 + 2 * k] / size / nbm;
     }
-    free(images);
+    loader_destroy(ld);
     free(targets);
     free(logits);
     free(losses);
@@ -352,31 +356,40 @@ EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, int
 
 typedef struct {
     const Dataset *ds;
-    AugmentConfig aug;
+    Loader *loader;  // the decoder threads and their ring of micro-batches (training plan)
     int64_t steps_per_epoch;
-    int64_t epoch;  // epoch whose permutation is in perm (-1: none)
-    int64_t *perm;
     int mixup_group;
     double mixup_alpha;
 } LoaderCtx;
 
-// The loader's batch source: global slice [s B, (s + 1) B) of epoch e's permutation, this rank's sub-slice.
+// The loader's batch source: global slice [s B, (s + 1) B) of epoch e's permutation, this rank's sub-slice, made by
+// the decoder threads (micro-batch q = (k - 1) accum + micro of the plan), then one-hot targets and mixup.
 static void loader_source(void *ctx_, const Trainer *t, int64_t k, int micro, float *images, float *targets) {
     LoaderCtx *c = ctx_;
-    int64_t e = (k - 1) / c->steps_per_epoch, s = (k - 1) % c->steps_per_epoch;
-    if (e != c->epoch) {
-        loader_permutation(t->seed, e, c->ds->n, c->perm);
-        c->epoch = e;
-    }
-    uint64_t pos = slice_pos(t, micro);
-    loader_train_batch(c->ds, c->perm, e, s * t->global_batch + (int64_t)pos, t->micro, &c->aug, t->seed, images,
-                       targets, NULL);
+    const ModelConfig *mc = &t->model->cfg;
+    size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
+    int K = mc->num_classes;
+    const float *src;
+    const int32_t *labels;
+    int n = loader_get(c->loader, (k - 1) * t->accum + micro, &src, &labels);
+    if (n != t->micro) die_user("data error in the training split of %s (see the lines above)", c->ds->name);
+    memcpy(images, src, (size_t)n * img * sizeof(float));
+    memset(targets, 0, (size_t)n * K * sizeof(float));
+    for (int i = 0; i < n; i++) targets[(size_t)i * K + labels[i]] = 1.0f;
     if (c->mixup_alpha > 0.0) {
-        const ModelConfig *mc = &t->model->cfg;
-        size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
-        mixup_apply(images, targets, t->micro, img, mc->num_classes, c->mixup_group, c->mixup_alpha, t->seed,
-                    (uint64_t)k, pos / (uint64_t)c->mixup_group);
+        uint64_t pos = slice_pos(t, micro);
+        mixup_apply(images, targets, t->micro, img, K, c->mixup_group, c->mixup_alpha, t->seed, (uint64_t)k,
+                    pos / (uint64_t)c->mixup_group);
     }
+}
+
+static void *host_alloc(void *ctx, size_t bytes, const char *what) {
+    Backend *be = ctx;
+    return be->alloc_host(be, bytes, what);
+}
+static void host_free(void *ctx, void *p) {
+    Backend *be = ctx;
+    be->free_host(be, p);
 }
 
 // Opens a split and checks that its images fit the model (the loader writes model-sized buffers).
@@ -395,6 +408,17 @@ static void load_dataset(Dataset *ds, const Config *cfg, int train) {
     if (ds->num_classes != cfg->model.num_classes)
         die_user("data.root '%s': the %s split has %d classes, model.num_classes is %d", cfg->data.root, split,
                  ds->num_classes, cfg->model.num_classes);
+    DataOptions *o = &ds->opt;
+    o->augment = cfg->data.augment;
+    o->crop_padding = cfg->data.crop_padding;
+    o->flip = cfg->data.flip;
+    o->randaugment = cfg->data.randaugment;
+    o->ra_magnitude = cfg->data.randaugment_magnitude;
+    o->dct_scaling = train && cfg->data.jpeg_dct_scaling;
+    o->max_file_bytes = cfg->data.max_file_bytes;
+    o->max_pixels = cfg->data.max_pixels;
+    o->workers = cfg->data.workers;
+    o->prefetch = cfg->data.prefetch;
 }
 
 // 1 if dir exists and holds anything; *is_run set if it holds files that only a run writes.
@@ -483,6 +507,8 @@ typedef struct {
 } Run;
 
 static void run_status(Run *r) {
+    r->si.data_wait_s = loader_wait_s(r->lctx.loader);
+    r->si.data_warnings = loader_failures(r->lctx.loader)->warnings;
     if (r->comm->rank == 0 && status_write(r->cfg->run.dir, &r->si) != 0)
         fprintf(stderr, "simplest-dist: warning: cannot write %s/status.json: %s\n", r->cfg->run.dir,
                 strerror(errno));
@@ -507,6 +533,11 @@ static int run_save(Run *r, int64_t step) {
     }
     snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", path);
     r->si.last_checkpoint = r->last_ckpt;
+    // where the data order stands: the next step's (epoch, step in epoch), for an exact resume (spec/data.md §5.5)
+    LoaderState ls = loader_state_at(r->lctx.loader, step + 1);
+    snprintf(path, sizeof path, "%s/loader.json", r->cfg->run.dir);
+    if (loader_state_write(path, &ls) != 0)
+        fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
     r->saved_step = step;
     return 0;
 }
@@ -556,11 +587,13 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     model_init(r->m, (uint64_t)cfg->train.seed);
     broadcast_weights(r->m, comm);
     trainer_init(&r->t, cfg, comm, r->m, T);
+    LoaderConfig lc = {.ds = &r->train_ds, .train = 1, .seed = r->t.seed, .global_batch = r->t.global_batch,
+                       .world = comm->world, .rank = comm->rank, .accum = r->t.accum, .micro = r->t.micro,
+                       .steps_per_epoch = spe, .workers = cfg->data.workers, .prefetch = cfg->data.prefetch,
+                       .alloc = host_alloc, .free = host_free, .alloc_ctx = r->be};
     r->lctx = (LoaderCtx){.ds = &r->train_ds,
-                          .aug = {cfg->data.augment, cfg->data.crop_padding, cfg->data.flip},
+                          .loader = loader_create(&lc),
                           .steps_per_epoch = spe,
-                          .epoch = -1,
-                          .perm = xmalloc((size_t)r->train_ds.n * sizeof(int64_t), "permutation"),  // (n)
                           .mixup_group = group,
                           .mixup_alpha = cfg->train.mixup_alpha};
     r->config_json = config_to_json(cfg);
@@ -597,6 +630,14 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
                          .device = r->be->name, .total_steps = T, .world_size = comm->world, .ranks = r->ranks,
                          .depth = mc.depth, .best_top1 = -1.0, .loss = NAN, .lr = NAN, .grad_norm = NAN,
                          .images_per_sec = NAN, .eta_s = NAN};
+    static const char *skip_names[IMG_STATUS_COUNT];
+    for (int i = 1; i < IMG_STATUS_COUNT; i++) skip_names[i] = img_status_name((ImgStatus)i);
+    const PipeFailures *pf = loader_failures(r->lctx.loader);
+    r->si.data_dataset = cfg->data.dataset;
+    r->si.data_threads = loader_threads(r->lctx.loader);
+    r->si.data_nreasons = IMG_STATUS_COUNT;
+    r->si.data_skip_names = skip_names;
+    r->si.data_skipped = pf->counts;
     r->saved_step = -1;
     r->t_start = r->t_log = r->t_status = now_sec();
 }
@@ -725,7 +766,7 @@ static void run_finish(Run *r, int64_t done, const char *state) {
 
 static void run_free(Run *r) {
     free(r->config_json);
-    free(r->lctx.perm);
+    loader_destroy(r->lctx.loader);
     free(r->ranks);
     free(r->sp_sq);
     free(r->sp_cos);
