@@ -1,0 +1,53 @@
+"""torch_decode.py DIR: the peer of bench_decode.c: Pillow decode + torchvision RandomResizedCrop(224) +
+RandomHorizontalFlip + ToTensor + Normalize (the reference's ImageNet train transform without RandAugment), on the
+same in-memory files, one image at a time per process, torch limited to one thread. --procs 1,2 runs 1 and 2
+processes at once (the per-core figure and the scaling). Prints one JSON line per process count."""
+import io
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+
+
+def work(args):
+    files, seconds, seed = args
+    import torch
+    import torchvision.transforms as T
+    from PIL import Image
+
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    tf = T.Compose([T.RandomResizedCrop(224), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    n, i, t0 = 0, seed, time.time()
+    while time.time() - t0 < seconds:
+        for _ in range(16):
+            im = Image.open(io.BytesIO(files[i % len(files)])).convert("RGB")
+            tf(im)
+            n += 1
+            i += 7
+    return n, time.time() - t0
+
+
+def main():
+    d = sys.argv[1]
+    procs = [int(x) for x in (sys.argv[sys.argv.index("--procs") + 1] if "--procs" in sys.argv else "1,2").split(",")]
+    seconds = float(sys.argv[sys.argv.index("--seconds") + 1]) if "--seconds" in sys.argv else 3.0
+    files = [open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d)) if f.lower().endswith((".jpg", ".jpeg"))]
+    import PIL
+    import torchvision
+    for p in procs:
+        with mp.get_context("fork").Pool(p) as pool:
+            t0 = time.time()
+            res = pool.map(work, [(files, seconds, 1000 * k) for k in range(p)])
+            el = time.time() - t0
+        n = sum(r[0] for r in res)
+        print(json.dumps({"impl": f"pillow {PIL.__version__} + torchvision {torchvision.__version__}", "procs": p,
+                          "files": len(files), "images": n,
+                          "img_per_s": round(n / max(r[1] for r in res), 1),
+                          "img_per_s_per_proc": round(n / max(r[1] for r in res) / p, 1)}), flush=True)
+
+
+if __name__ == "__main__":
+    main()
