@@ -7,6 +7,7 @@
 #include "comm.h"
 #include "backend.h"
 #include "config.h"
+#include "prepare.h"
 #include "train.h"
 #include "util.h"
 
@@ -17,6 +18,8 @@ static void usage(FILE *f) {
             "usage:\n"
             "  simplest-dist [train] CONFIG.json [--set key.path=value ...]\n"
             "  simplest-dist eval CONFIG.json --checkpoint FILE [--logits out.npy] [--input images.npy] [--set ...]\n"
+            "  simplest-dist prepare SRC DST (--short-side N | --max-side N) [--quality Q]\n"
+            "                                a pre-resized copy of an ImageFolder tree (JPEG 4:2:0, same layout)\n"
             "  simplest-dist config-doc      print docs/config.md (every config key)\n"
             "  simplest-dist version\n"
             "Runs alone or under mpirun/srun (one rank per GPU, or per CPU share on the CPU backend).\n");
@@ -68,6 +71,7 @@ int main(int argc, char **argv) {
         printf("simplest-dist %s\n", VERSION);
         return 0;
     }
+    if (!strcmp(cmd, "prepare")) return prepare_main(argc, argv);
     if (!strcmp(cmd, "config-doc")) {
         char *doc = config_doc_markdown();
         fputs(doc, stdout);
@@ -81,7 +85,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (first == 1 && cmd[0] != '-' && !path_exists(cmd) && !strchr(cmd, '.') && !strchr(cmd, '/')) {
-        fprintf(stderr, "simplest-dist: error: unknown command '%s' (commands: train, eval, config-doc, version)\n",
+        fprintf(stderr, "simplest-dist: error: unknown command '%s' (commands: train, eval, prepare, config-doc, version)\n",
                 cmd);
         return EXIT_USER;
     }

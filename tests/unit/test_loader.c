@@ -12,6 +12,7 @@
 
 #include "data/dataset.h"
 #include "data/pipeline.h"
+#include "prepare.h"
 #include "testlib.h"
 #include "util.h"
 
@@ -489,6 +490,62 @@ static void test_threads_and_corrupt(void) {
     }
 }
 
+// Short side of the JPEG at path (0 if it is not one).
+static int jpeg_short_side(const char *path, int *w, int *h) {
+    size_t n;
+    unsigned char *buf = read_file_all(path, &n);
+    if (!buf) return 0;
+    tjhandle tj = tjInitDecompress();
+    int ss, cs;
+    int rc = tjDecompressHeader3(tj, buf, (unsigned long)n, w, h, &ss, &cs);
+    tjDestroy(tj);
+    free(buf);
+    return rc == 0 ? (*w < *h ? *w : *h) : 0;
+}
+
+static void test_prepare(void) {
+    char src[700], dst[700];
+    snprintf(src, sizeof src, "%s/inet2/train", g_dir);
+    snprintf(dst, sizeof dst, "%s/inet2-prepared/train", g_dir);
+    TEST_CASE("prepare: short side 64, same layout, labels and fingerprint; bad files copied verbatim; rerun "
+              "resumes") {
+        char *argv[] = {"simplest-dist", "prepare", src, dst, "--short-side", "64", "--quality", "85", NULL};
+        int rc = prepare_main(8, argv);
+        EXPECT(rc == 0, "prepare exit %d", rc);
+        Dataset a, b;
+        char err[512], sroot[700], droot[700];
+        snprintf(sroot, sizeof sroot, "%s/inet2", g_dir);
+        snprintf(droot, sizeof droot, "%s/inet2-prepared", g_dir);
+        int ra = dataset_open(&a, "imagenet", sroot, 1, 0, err, sizeof err);
+        int rb = dataset_open(&b, "imagenet", droot, 1, 0, err, sizeof err);
+        EXPECT(ra == 0 && rb == 0, "%s", err);
+        if (ra == 0 && rb == 0) {
+            EXPECT(a.n == b.n && a.fingerprint == b.fingerprint, "n %lld vs %lld, fingerprints differ",
+                   (long long)a.n, (long long)b.n);
+            int good = 0;
+            for (int64_t i = 0; i < a.n && i < b.n; i++) {
+                int w, h, w2, h2;
+                int s0 = jpeg_short_side(a.paths[i], &w, &h), s1 = jpeg_short_side(b.paths[i], &w2, &h2);
+                if (strstr(a.paths[i], "img_")) {
+                    good++;
+                    EXPECT(s0 > 64 && s1 == 64 && abs(w2 * h - h2 * w) <= w + h, "%s: %dx%d -> %dx%d", b.paths[i],
+                           w, h, w2, h2);
+                }
+            }
+            EXPECT(good == 12, "good images %d", good);
+            struct stat s0, s1;
+            char p0[1024], p1[1024];
+            snprintf(p0, sizeof p0, "%s/n09/b_random.JPEG", src);
+            snprintf(p1, sizeof p1, "%s/n09/b_random.JPEG", dst);
+            EXPECT(stat(p0, &s0) == 0 && stat(p1, &s1) == 0 && s0.st_size == s1.st_size, "verbatim copy");
+            dataset_free(&a);
+            dataset_free(&b);
+        }
+        rc = prepare_main(8, argv);
+        EXPECT(rc == 0, "rerun exit %d", rc);
+    }
+}
+
 int main(void) {
     const char *tmp = getenv("TEST_TMP");
     snprintf(g_dir, sizeof g_dir, "%s/loader.XXXXXX", tmp ? tmp : "/tmp");
@@ -501,6 +558,7 @@ int main(void) {
     test_cifar_reader();
     test_sharding();
     test_threads_and_corrupt();
+    test_prepare();
     char cmd[700];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
     if (system(cmd) != 0) fprintf(stderr, "could not remove %s\n", g_dir);
