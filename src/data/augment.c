@@ -10,6 +10,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifdef __AVX2__
+#include <immintrin.h>
+#endif
+
 #include "util.h"
 
 #define PX(im, x, y) ((im)->px + (size_t)(y) * (size_t)(im)->stride + (size_t)(x) * (size_t)(im)->c)
@@ -94,26 +98,119 @@ static void free_coeffs(Coeffs *cf) {
     free(cf->kk);
 }
 
-// Horizontal pass: out rows 0..out_rows-1 from in rows offset.., widths from cf. Integer sums: any order is exact.
-static void resample_h(const uint8_t *in, size_t in_stride, int offset, int c, uint8_t *out, size_t out_stride,
-                       int out_w, int out_rows, const Coeffs *cf) {
+// The two passes below are Pillow's ImagingResampleHorizontal/Vertical_8bpc: for every output sample, a sum of
+// input bytes times int32 coefficients (non-negative here, at most 1 << 22) started at 1 << 21, then >> 22 and
+// clipped. Each product is below 2^30 and each sum below 2^31, so the int32 arithmetic never overflows, and integer
+// addition is associative: the AVX2 paths (8 x int32 lanes, vpmulld) give the scalar paths' bytes, tap by tap.
+
+#ifdef __AVX2__
+// Final step for 8 int32 sums a (any lane order handled by the caller): >> 22 (arithmetic), then the
+// signed-saturating pack to int16 (exact: |a >> 22| < 512) and the unsigned-saturating pack to uint8 (the clip to
+// 0..255, as clip8_fixed).
+static inline __m256i shift22(__m256i a) { return _mm256_srai_epi32(a, PRECISION_BITS); }
+#endif
+
+static inline void h_pixel_rgb(const uint8_t *p, const int32_t *k, int n, uint8_t *o) {
+    int s0 = 1 << (PRECISION_BITS - 1), s1 = s0, s2 = s0;
+    for (int x = 0; x < n; x++) {
+        s0 += p[3 * x] * k[x];
+        s1 += p[3 * x + 1] * k[x];
+        s2 += p[3 * x + 2] * k[x];
+    }
+    o[0] = clip8_fixed(s0);
+    o[1] = clip8_fixed(s1);
+    o[2] = clip8_fixed(s2);
+}
+
+// Horizontal pass: out rows 0..out_rows-1 from in rows offset.. (in has in_h rows of in_w pixels), widths from cf.
+// out rows must have 1 spare byte after out_w * c (the AVX2 path stores 4 bytes per RGB pixel).
+static void resample_h(const uint8_t *in, size_t in_stride, int in_w, int in_h, int offset, int c, uint8_t *out,
+                       size_t out_stride, int out_w, int out_rows, const Coeffs *cf) {
+    int ks = cf->ksize;
+#ifdef __AVX2__
+    if (c == 3 && out_w >= 2) {
+        // Two output pixels per register: 128-bit lane 0 holds pixel xx, lane 1 pixel xx + 1, each as 4 int32
+        // (R, G, B, unused). Per block of 5 taps, one 16-byte load per pixel; tap j's bytes 3j..3j+2 are spread
+        // to int32 lanes by a byte shuffle, multiplied by that pixel's coefficient and added.
+        int np = out_w / 2;
+        int32_t *pk = xmalloc(sizeof(int32_t) * 8 * (size_t)ks * (size_t)np, "resample pair coefficients");
+        int *pinfo = xmalloc(sizeof(int) * 4 * (size_t)np, "resample pair bounds");
+        for (int i = 0; i < np; i++) {
+            int xa = cf->bounds[4 * i], na = cf->bounds[4 * i + 1];
+            int xb = cf->bounds[4 * i + 2], nb = cf->bounds[4 * i + 3];
+            int t = na > nb ? na : nb;  // taps past a pixel's count have coefficient 0 (kk is padded to ksize)
+            const int32_t *ka = cf->kk + (size_t)(2 * i) * ks, *kb = ka + ks;
+            for (int x = 0; x < t; x++)
+                for (int j = 0; j < 4; j++) {
+                    pk[((size_t)i * ks + x) * 8 + j] = ka[x];
+                    pk[((size_t)i * ks + x) * 8 + 4 + j] = kb[x];
+                }
+            int xm = xa > xb ? xa : xb;
+            pinfo[4 * i] = 3 * xa;
+            pinfo[4 * i + 1] = 3 * xb;
+            pinfo[4 * i + 2] = t;
+            pinfo[4 * i + 3] = 3 * xm + 15 * ((t - 1) / 5) + 16;  // bytes read past the row start, at most
+        }
+        __m256i mask[5];
+        for (int j = 0; j < 5; j++) {
+            int8_t m[32];
+            for (int b = 0; b < 32; b++) m[b] = -128;  // zero
+            for (int ch = 0; ch < 3; ch++) m[4 * ch] = m[16 + 4 * ch] = (int8_t)(3 * j + ch);
+            mask[j] = _mm256_loadu_si256((const __m256i *)m);
+        }
+        const __m256i bias = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
+        for (int yy = 0; yy < out_rows; yy++) {
+            int y = yy + offset;
+            const uint8_t *row = in + (size_t)y * in_stride;
+            size_t avail = (size_t)(in_h - 1 - y) * in_stride + (size_t)in_w * 3;  // readable bytes from row
+            uint8_t *o = out + (size_t)yy * out_stride;
+            for (int i = 0; i < np; i++) {
+                const int *pi = pinfo + 4 * i;
+                int t = pi[2];
+                if ((size_t)pi[3] > avail) {  // the 16-byte loads would pass the image's end: scalar
+                    const int32_t *ka = cf->kk + (size_t)(2 * i) * ks;
+                    h_pixel_rgb(row + pi[0], ka, cf->bounds[4 * i + 1], o + 6 * i);
+                    h_pixel_rgb(row + pi[1], ka + ks, cf->bounds[4 * i + 3], o + 6 * i + 3);
+                    continue;
+                }
+                const __m256i *kv = (const __m256i *)(pk + (size_t)i * ks * 8);
+                __m256i acc = bias;
+                for (int x0 = 0; x0 < t; x0 += 5) {
+                    __m256i d = _mm256_inserti128_si256(
+                        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(row + pi[0] + 3 * x0))),
+                        _mm_loadu_si128((const __m128i *)(row + pi[1] + 3 * x0)), 1);
+                    int nt = t - x0 < 5 ? t - x0 : 5;
+                    for (int j = 0; j < nt; j++)
+                        acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_shuffle_epi8(d, mask[j]),
+                                                                       _mm256_loadu_si256(kv + x0 + j)));
+                }
+                __m256i v = shift22(acc);
+                v = _mm256_packs_epi32(v, v);
+                v = _mm256_packus_epi16(v, v);
+                int32_t lo = _mm256_cvtsi256_si32(v), hi = _mm256_extract_epi32(v, 4);
+                memcpy(o + 6 * i, &lo, 4);  // byte 4 is pixel xx + 1's, stored next
+                memcpy(o + 6 * i + 3, &hi, 4);  // byte 4 is the next pixel's (or the spare byte)
+            }
+            if (out_w & 1) {
+                int xx = out_w - 1;
+                h_pixel_rgb(row + (size_t)cf->bounds[2 * xx] * 3, cf->kk + (size_t)xx * ks, cf->bounds[2 * xx + 1],
+                            o + 3 * xx);
+            }
+        }
+        free(pk);
+        free(pinfo);
+        return;
+    }
+#endif
     for (int yy = 0; yy < out_rows; yy++) {
         const uint8_t *row = in + (size_t)(yy + offset) * in_stride;
         uint8_t *o = out + (size_t)yy * out_stride;
         for (int xx = 0; xx < out_w; xx++) {
             int xmin = cf->bounds[2 * xx], xmax = cf->bounds[2 * xx + 1];
-            const int32_t *k = cf->kk + (size_t)xx * cf->ksize;
+            const int32_t *k = cf->kk + (size_t)xx * ks;
             const uint8_t *p = row + (size_t)xmin * c;
             if (c == 3) {
-                int s0 = 1 << (PRECISION_BITS - 1), s1 = s0, s2 = s0;
-                for (int x = 0; x < xmax; x++) {
-                    s0 += p[3 * x] * k[x];
-                    s1 += p[3 * x + 1] * k[x];
-                    s2 += p[3 * x + 2] * k[x];
-                }
-                o[3 * xx] = clip8_fixed(s0);
-                o[3 * xx + 1] = clip8_fixed(s1);
-                o[3 * xx + 2] = clip8_fixed(s2);
+                h_pixel_rgb(p, k, xmax, o + 3 * xx);
                 continue;
             }
             for (int ch = 0; ch < c; ch++) {
@@ -125,24 +222,45 @@ static void resample_h(const uint8_t *in, size_t in_stride, int offset, int c, u
     }
 }
 
-// Vertical pass: out rows from in rows bounds (already relative to in), accumulated row by row.
+// Vertical pass: out rows from in rows bounds (already relative to in). Each output byte is its column's sum over
+// the row's taps, 32 adjacent bytes at a time (they share the coefficients).
 static void resample_v(const uint8_t *in, size_t in_stride, int c, uint8_t *out, size_t out_stride, int w,
                        int out_h, const Coeffs *cf) {
     int n = w * c;
-    int *acc = xmalloc(sizeof(int) * (size_t)(n > 0 ? n : 1), "resample accumulator");
     for (int yy = 0; yy < out_h; yy++) {
         int ymin = cf->bounds[2 * yy], ymax = cf->bounds[2 * yy + 1];
         const int32_t *k = cf->kk + (size_t)yy * cf->ksize;
+        const uint8_t *base = in + (size_t)ymin * in_stride;
         uint8_t *o = out + (size_t)yy * out_stride;
-        for (int i = 0; i < n; i++) acc[i] = 1 << (PRECISION_BITS - 1);
-        for (int y = 0; y < ymax; y++) {
-            const uint8_t *row = in + (size_t)(ymin + y) * in_stride;
-            int ky = k[y];
-            for (int i = 0; i < n; i++) acc[i] += row[i] * ky;
+        int i = 0;
+#ifdef __AVX2__
+        const __m256i bias = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
+        const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (; i + 32 <= n; i += 32) {
+            __m256i a0 = bias, a1 = bias, a2 = bias, a3 = bias;
+            for (int y = 0; y < ymax; y++) {
+                const uint8_t *r = base + (size_t)y * in_stride + i;
+                __m256i kv = _mm256_set1_epi32(k[y]);
+                __m128i b0 = _mm_loadu_si128((const __m128i *)r), b1 = _mm_loadu_si128((const __m128i *)(r + 16));
+                a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(b0), kv));
+                a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b0, 8)), kv));
+                a2 = _mm256_add_epi32(a2, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(b1), kv));
+                a3 = _mm256_add_epi32(a3, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b1, 8)), kv));
+            }
+            // packs/packus work per 128-bit lane: bytes come out as 4-byte groups in the order a0 a1 a2 a3 of the
+            // low halves, then of the high halves; the permutation restores 0..31.
+            __m256i p01 = _mm256_packs_epi32(shift22(a0), shift22(a1));
+            __m256i p23 = _mm256_packs_epi32(shift22(a2), shift22(a3));
+            __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(p01, p23), perm);
+            _mm256_storeu_si256((__m256i *)(o + i), b);
         }
-        for (int i = 0; i < n; i++) o[i] = clip8_fixed(acc[i]);
+#endif
+        for (; i < n; i++) {
+            int ss = 1 << (PRECISION_BITS - 1);
+            for (int y = 0; y < ymax; y++) ss += base[(size_t)y * in_stride + i] * k[y];
+            o[i] = clip8_fixed(ss);
+        }
     }
-    free(acc);
 }
 
 void pil_resize_bilinear(const Image *src, const double box[4], int out_w, int out_h, Image *dst) {
@@ -171,8 +289,8 @@ void pil_resize_bilinear(const Image *src, const double box[4], int out_w, int o
         for (int i = 0; i < out_h; i++) cv.bounds[2 * i] -= yfirst;
         int rows = ylast - yfirst;
         size_t ts = (size_t)out_w * c;
-        tmp = xmalloc(ts * (size_t)(rows > 0 ? rows : 1), "resample intermediate");
-        resample_h(src->px, (size_t)src->stride, yfirst, c, tmp, ts, out_w, rows, &ch);
+        tmp = xmalloc(ts * (size_t)(rows > 0 ? rows : 1) + 1, "resample intermediate");  // + 1: see resample_h
+        resample_h(src->px, (size_t)src->stride, src->w, src->h, yfirst, c, tmp, ts, out_w, rows, &ch);
         vin = tmp;
         vin_stride = ts;
         if (!need_v) {  // Pillow returns the intermediate itself (its rows are the output rows here)
