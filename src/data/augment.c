@@ -122,6 +122,47 @@ static inline void h_pixel_rgb(const uint8_t *p, const int32_t *k, int n, uint8_
     o[2] = clip8_fixed(s2);
 }
 
+#ifdef __AVX2__
+// One intermediate row of the AVX2 RGB horizontal pass (see resample_h); nblk, nm_last are constants at the
+// call sites below, so that the tap loops unroll.
+static inline __attribute__((always_inline)) void h_row_rgb_avx2(const uint8_t *row, size_t avail, uint8_t *o,
+                                                                 int np, const int16_t *pk, const int *pinfo,
+                                                                 const Coeffs *cf, const __m256i mask[3], int nblk,
+                                                                 int nm_last) {
+    int ks = cf->ksize;
+    const __m256i bias = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
+    for (int i = 0; i < np; i++) {
+        const int *pi = pinfo + 4 * i;
+        if ((size_t)pi[3] > avail) {  // the 16-byte loads would pass the image's end: scalar
+            const int32_t *ka = cf->kk + (size_t)(2 * i) * ks;
+            h_pixel_rgb(row + pi[0], ka, cf->bounds[4 * i + 1], o + 6 * i);
+            h_pixel_rgb(row + pi[1], ka + ks, cf->bounds[4 * i + 3], o + 6 * i + 3);
+            continue;
+        }
+        const __m256i *kv = (const __m256i *)(pk + (size_t)i * nblk * 3 * 2 * 16);
+        __m256i lo = bias, hi = _mm256_setzero_si256();
+        for (int blk = 0, x0 = 0; blk < nblk; blk++, x0 += 5, kv += 6) {
+            __m256i d = _mm256_inserti128_si256(
+                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(row + pi[0] + 3 * x0))),
+                _mm_loadu_si128((const __m128i *)(row + pi[1] + 3 * x0)), 1);
+            int nm = blk < nblk - 1 ? 3 : nm_last;
+            for (int m = 0; m < nm; m++) {
+                __m256i s = _mm256_shuffle_epi8(d, mask[m]);
+                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(s, _mm256_loadu_si256(kv + 2 * m)));
+                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(s, _mm256_loadu_si256(kv + 2 * m + 1)));
+            }
+        }
+        __m256i v = shift22(_mm256_add_epi32(lo, _mm256_slli_epi32(hi, 15)));
+        v = _mm256_packs_epi32(v, v);
+        v = _mm256_packus_epi16(v, v);
+        int32_t r0 = _mm256_cvtsi256_si32(v), r1 = _mm256_extract_epi32(v, 4);
+        memcpy(o + 6 * i, &r0, 4);  // byte 4 is pixel xx + 1's, stored next
+        memcpy(o + 6 * i + 3, &r1, 4);  // byte 4 is the next pixel's (or the spare byte)
+    }
+}
+
+#endif
+
 // Horizontal pass: out rows 0..out_rows-1 from in rows offset.. (in has in_h rows of in_w pixels), widths from cf.
 // out rows must have 1 spare byte after out_w * c (the AVX2 path stores 4 bytes per RGB pixel).
 static void resample_h(const uint8_t *in, size_t in_stride, int in_w, int in_h, int offset, int c, uint8_t *out,
@@ -129,68 +170,67 @@ static void resample_h(const uint8_t *in, size_t in_stride, int in_w, int in_h, 
     int ks = cf->ksize;
 #ifdef __AVX2__
     if (c == 3 && out_w >= 2) {
-        // Two output pixels per register: 128-bit lane 0 holds pixel xx, lane 1 pixel xx + 1, each as 4 int32
-        // (R, G, B, unused). Per block of 5 taps, one 16-byte load per pixel; tap j's bytes 3j..3j+2 are spread
-        // to int32 lanes by a byte shuffle, multiplied by that pixel's coefficient and added.
+        // Two output pixels per register: 128-bit lane 0 holds pixel xx, lane 1 pixel xx + 1. Per block of 5 taps,
+        // one 16-byte load per pixel; a byte shuffle spreads taps (j, j + 1) to int16 pairs (R_j, R_j+1, G_j, G_j+1,
+        // B_j, B_j+1, 0, 0), and vpmaddwd with the pixel's coefficient pair gives int32 partial sums (R, G, B, 0).
+        // The coefficients (0 .. 1 << 22) do not fit int16, so k = kh << 15 | kl: two sums, one of p * kl (kl <
+        // 2^15) and one of p * kh (kh <= 128), joined at the end as (hi << 15) + lo: the same integer.
         int np = out_w / 2;
-        int32_t *pk = xmalloc(sizeof(int32_t) * 8 * (size_t)ks * (size_t)np, "resample pair coefficients");
+        // Every pair runs the same number of taps, the most any pixel has (taps past a pixel's count have
+        // coefficient 0: kk is padded to ksize), so that the loops' trip counts are the same for every pair.
+        int t = 1;
+        for (int xx = 0; xx < 2 * np; xx++)
+            if (cf->bounds[2 * xx + 1] > t) t = cf->bounds[2 * xx + 1];
+        int nblk = (t + 4) / 5, nm_last = ((t - 5 * (nblk - 1)) + 1) / 2, nb = nblk;
+        int16_t *pk = xmalloc(sizeof(int16_t) * 16 * 2 * 3 * (size_t)nb * (size_t)np, "resample pair coefficients");
         int *pinfo = xmalloc(sizeof(int) * 4 * (size_t)np, "resample pair bounds");
         for (int i = 0; i < np; i++) {
-            int xa = cf->bounds[4 * i], na = cf->bounds[4 * i + 1];
-            int xb = cf->bounds[4 * i + 2], nb = cf->bounds[4 * i + 3];
-            int t = na > nb ? na : nb;  // taps past a pixel's count have coefficient 0 (kk is padded to ksize)
-            const int32_t *ka = cf->kk + (size_t)(2 * i) * ks, *kb = ka + ks;
-            for (int x = 0; x < t; x++)
-                for (int j = 0; j < 4; j++) {
-                    pk[((size_t)i * ks + x) * 8 + j] = ka[x];
-                    pk[((size_t)i * ks + x) * 8 + 4 + j] = kb[x];
-                }
+            int xa = cf->bounds[4 * i], xb = cf->bounds[4 * i + 2];
+            for (int px = 0; px < 2; px++) {
+                const int32_t *kp = cf->kk + (size_t)(2 * i + px) * ks;
+                for (int blk = 0; blk < nb; blk++)
+                    for (int m = 0; m < 3; m++) {
+                        int16_t *lo = pk + ((((size_t)i * nb + blk) * 3 + m) * 2) * 16 + 8 * px, *hi = lo + 16;
+                        for (int q = 0; q < 2; q++) {
+                            int j = 2 * m + q, x = 5 * blk + j;
+                            int32_t kv = j < 5 && x < ks ? kp[x] : 0;
+                            for (int ch = 0; ch < 4; ch++) {
+                                lo[2 * ch + q] = (int16_t)(kv & 0x7fff);
+                                hi[2 * ch + q] = (int16_t)(kv >> 15);
+                            }
+                        }
+                    }
+            }
             int xm = xa > xb ? xa : xb;
             pinfo[4 * i] = 3 * xa;
             pinfo[4 * i + 1] = 3 * xb;
             pinfo[4 * i + 2] = t;
             pinfo[4 * i + 3] = 3 * xm + 15 * ((t - 1) / 5) + 16;  // bytes read past the row start, at most
         }
-        __m256i mask[5];
-        for (int j = 0; j < 5; j++) {
-            int8_t m[32];
-            for (int b = 0; b < 32; b++) m[b] = -128;  // zero
-            for (int ch = 0; ch < 3; ch++) m[4 * ch] = m[16 + 4 * ch] = (int8_t)(3 * j + ch);
-            mask[j] = _mm256_loadu_si256((const __m256i *)m);
+        __m256i mask[3];
+        for (int m = 0; m < 3; m++) {
+            int8_t mb[32];
+            for (int b = 0; b < 32; b++) mb[b] = -128;  // zero
+            for (int q = 0; q < 2; q++) {
+                int j = 2 * m + q;
+                if (j >= 5) continue;  // past the 16 loaded bytes: its coefficient is 0
+                for (int ch = 0; ch < 3; ch++) mb[4 * ch + 2 * q] = mb[16 + 4 * ch + 2 * q] = (int8_t)(3 * j + ch);
+            }
+            mask[m] = _mm256_loadu_si256((const __m256i *)mb);
         }
-        const __m256i bias = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
         for (int yy = 0; yy < out_rows; yy++) {
             int y = yy + offset;
             const uint8_t *row = in + (size_t)y * in_stride;
             size_t avail = (size_t)(in_h - 1 - y) * in_stride + (size_t)in_w * 3;  // readable bytes from row
             uint8_t *o = out + (size_t)yy * out_stride;
-            for (int i = 0; i < np; i++) {
-                const int *pi = pinfo + 4 * i;
-                int t = pi[2];
-                if ((size_t)pi[3] > avail) {  // the 16-byte loads would pass the image's end: scalar
-                    const int32_t *ka = cf->kk + (size_t)(2 * i) * ks;
-                    h_pixel_rgb(row + pi[0], ka, cf->bounds[4 * i + 1], o + 6 * i);
-                    h_pixel_rgb(row + pi[1], ka + ks, cf->bounds[4 * i + 3], o + 6 * i + 3);
-                    continue;
-                }
-                const __m256i *kv = (const __m256i *)(pk + (size_t)i * ks * 8);
-                __m256i acc = bias;
-                for (int x0 = 0; x0 < t; x0 += 5) {
-                    __m256i d = _mm256_inserti128_si256(
-                        _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(row + pi[0] + 3 * x0))),
-                        _mm_loadu_si128((const __m128i *)(row + pi[1] + 3 * x0)), 1);
-                    int nt = t - x0 < 5 ? t - x0 : 5;
-                    for (int j = 0; j < nt; j++)
-                        acc = _mm256_add_epi32(acc, _mm256_mullo_epi32(_mm256_shuffle_epi8(d, mask[j]),
-                                                                       _mm256_loadu_si256(kv + x0 + j)));
-                }
-                __m256i v = shift22(acc);
-                v = _mm256_packs_epi32(v, v);
-                v = _mm256_packus_epi16(v, v);
-                int32_t lo = _mm256_cvtsi256_si32(v), hi = _mm256_extract_epi32(v, 4);
-                memcpy(o + 6 * i, &lo, 4);  // byte 4 is pixel xx + 1's, stored next
-                memcpy(o + 6 * i + 3, &hi, 4);  // byte 4 is the next pixel's (or the spare byte)
-            }
+            if (nblk == 1 && nm_last == 1)
+                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, cf, mask, 1, 1);
+            else if (nblk == 1 && nm_last == 2)
+                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, cf, mask, 1, 2);
+            else if (nblk == 1)
+                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, cf, mask, 1, 3);
+            else
+                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, cf, mask, nblk, nm_last);
             if (out_w & 1) {
                 int xx = out_w - 1;
                 h_pixel_rgb(row + (size_t)cf->bounds[2 * xx] * 3, cf->kk + (size_t)xx * ks, cf->bounds[2 * xx + 1],
