@@ -73,7 +73,7 @@ static const KeySpec KEYS[] = {
      "RandAugment(2 ops, data.randaugment_magnitude) after the flip when data.augment (CIFAR, Tiny, ImageNet)"},
     {"data.randaugment_magnitude", KT_INT, FIELD(data.randaugment_magnitude), "10", 0, 30, NULL,
      "RandAugment magnitude bin (of 31)"},
-    {"data.workers", KT_INT, FIELD(data.workers), "0", 0, 1024, NULL,
+    {"data.threads", KT_INT, FIELD(data.workers), "0", 0, 1024, NULL,
      "decoder threads per rank; 0 = the rank's CPU affinity count - 2, at least 1"},
     {"data.prefetch", KT_INT, FIELD(data.prefetch), "3", 1, 64, NULL,
      "micro-batches the decoder threads may prepare ahead of the trainer (ring buffers, pinned on CUDA)"},

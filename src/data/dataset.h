@@ -8,7 +8,7 @@
 // The per-image transform (spec/data.md §2 table), chosen by the dataset.
 typedef enum { DS_IDX = 0, DS_CIFAR, DS_TINY, DS_IMAGENET } DatasetKind;
 
-// How images are made (data.* config keys); dataset_open sets the defaults, the trainer overrides them.
+// How images are made (data.* config keys; workers is data.threads); dataset_open sets the defaults, the trainer overrides them.
 typedef struct {
     int augment;           // training augmentation on (data.augment); off = the eval transform (ImageNet)
     int crop_padding;      // RandomCrop padding (IDX, CIFAR, Tiny); 0 = no crop

@@ -20,7 +20,7 @@ for b in range(1, 6):
 write("test_batch.bin", 37, 0)
 PYEOF
 if "$BIN" configs/fashion-mnist.json --set data.dataset=cifar10 --set data.root="$TMP/data" \
-    --set data.augment=true --set data.workers=2 --set data.prefetch=2 \
+    --set data.augment=true --set data.threads=2 --set data.prefetch=2 \
     --set model.width=custom --set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=2 \
     --set model.arch=simplevit --set model.patch_size=8 --set train.batch_size=20 --set train.steps=12 \
     --set train.log_every=4 --set opt.lr=0.001 --set run.dir="$TMP/run" > "$TMP/log" 2>&1; then

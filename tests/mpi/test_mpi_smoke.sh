@@ -84,7 +84,7 @@ for np_ in (1, 2):
         errs.append("np=%d: %s holds %s, want only run/" % (np_, parent, entries))
     d = os.path.join(parent, "run")
     files = sorted(os.listdir(d)) if os.path.isdir(d) else []
-    want = ["config.json", "metrics.jsonl", "model.safetensors", "status.json"]
+    want = ["config.json", "loader.json", "metrics.jsonl", "model.safetensors", "status.json"]
     if files != want:
         errs.append("np=%d: run dir holds %s, want %s" % (np_, files, want))
         continue
