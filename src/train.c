@@ -23,16 +23,26 @@ static volatile sig_atomic_t g_stop_signal = 0;
 
 static void on_signal(int sig) { g_stop_signal = sig; }
 
-Backend *backend_for_config(const Config *cfg, const Comm *comm) {
+Backend *backend_for_config(const Config *cfg, Comm *comm) {
     const char *dev = cfg->run.device;
 #ifdef USE_CUDA
     if (!strcmp(dev, "cuda") || (!strcmp(dev, "auto") && backend_cuda_available())) {
-        // The gradient all-reduce over NCCL is not written yet (issue 5): refuse rather than train wrong.
-        if (comm->world > 1)
-            die_user("config key 'run.device': \"cuda\" with %d ranks needs the NCCL all-reduce, not built yet; "
-                     "run one rank per job or use \"cpu\"", comm->world);
+        // Several GPU ranks sum their gradients over NCCL; the fixed-order sum of comm.deterministic exists only
+        // for host buffers (MPI) so far.
+        if (comm->world > 1 && cfg->comm.deterministic)
+            die_user("config key 'comm.deterministic': not available with run.device \"cuda\" and %d ranks yet "
+                     "(the fixed-order sum runs on host buffers); set it false or use \"cpu\"", comm->world);
         Backend *be = backend_cuda_create(comm->local_rank);
         backend_cuda_set_attention(be, strcmp(cfg->run.attention, "unfused") != 0);
+        if (comm->world > 1) {
+            if (!comm_gpu_init(comm, be->native_stream(be)))
+                die_user("config key 'run.device': \"cuda\" with %d ranks needs NCCL, and this build has none "
+                         "(build with MPI and a CUDA toolkit that has nccl.h, or USE_NCCL=1 with its paths)",
+                         comm->world);
+            if (comm->rank == 0)
+                printf("warning: the NCCL gradient all-reduce has compiled but has not yet run on GPUs in this "
+                       "project's checks (docs/gpu-validation.md)\n");
+        }
         return be;
     }
     if (!strcmp(dev, "auto") && comm->rank == 0) printf("run.device auto: no usable GPU found, using the CPU\n");

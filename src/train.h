@@ -75,4 +75,4 @@ int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char 
 
 // Creates the backend named by run.device ("auto" falls back to the CPU with a log line). CPU threads default to
 // this rank's share of the node's cores.
-Backend *backend_for_config(const Config *cfg, const Comm *comm);
+Backend *backend_for_config(const Config *cfg, Comm *comm);

@@ -226,6 +226,13 @@ static inline uint8_t muldiv255(int a, int b) {
     return (uint8_t)(((t >> 8) + t) >> 8);
 }
 
+// The largest of 8, 4, 2 at which a cw x ch crop still covers min_w x min_h, else 1 (spec/data.md §3.3).
+static int pick_denom(int cw, int ch, int min_w, int min_h) {
+    for (int s = 8; s >= 2; s /= 2)
+        if ((int64_t)cw >= (int64_t)s * min_w && (int64_t)ch >= (int64_t)s * min_h) return s;
+    return 1;
+}
+
 ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w, int min_h, int dct_scaling,
                          Image *out, double box[4], int *scale_denom) {
     struct jpeg_decompress_struct *ci = &d->cinfo;
@@ -233,15 +240,7 @@ ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w
     int W = (int)ci->image_width, H = (int)ci->image_height;
     if (x < 0 || y < 0 || cw < 1 || ch < 1 || x > W - cw || y > H - ch) return fail(d, IMG_CORRUPT);  // a bad crop
 
-    int denom = 1;
-    if (dct_scaling && min_w > 0 && min_h > 0 && scaling_allowed(ci)) {
-        for (int s = 8; s >= 2; s /= 2) {
-            if ((int64_t)cw >= (int64_t)s * min_w && (int64_t)ch >= (int64_t)s * min_h) {
-                denom = s;
-                break;
-            }
-        }
-    }
+    int denom = dct_scaling && min_w > 0 && min_h > 0 && scaling_allowed(ci) ? pick_denom(cw, ch, min_w, min_h) : 1;
     // The crop in scaled pixels: scaled pixel i covers original pixels [i*denom, (i+1)*denom).
     int sx0 = x / denom, sy0 = y / denom;
     int sx1 = (x + cw + denom - 1) / denom, sy1 = (y + ch + denom - 1) / denom;
