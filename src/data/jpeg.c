@@ -227,7 +227,7 @@ static inline uint8_t muldiv255(int a, int b) {
 }
 
 // The largest of 8, 4, 2 at which a cw x ch crop still covers min_w x min_h, else 1 (spec/data.md §3.3).
-static int pick_denom(int cw, int ch, int min_w, int min_h) {
+__attribute__((noinline)) static int pick_denom(int cw, int ch, int min_w, int min_h) {
     for (int s = 8; s >= 2; s /= 2)
         if ((int64_t)cw >= (int64_t)s * min_w && (int64_t)ch >= (int64_t)s * min_h) return s;
     return 1;
