@@ -177,9 +177,13 @@ static void load_slot(Trainer *t, int s, int64_t k, int mi, BatchSource src, voi
     Backend *be = t->be;
     const ModelConfig *mc = &t->model->cfg;
     size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
-    be->input_host_free(be, s);  // the slot's previous copy has read the host buffers
-    src(ctx, t, k, mi, t->h_images[s], t->h_targets[s]);
-    be->upload_async(be, t->d_input[s], t->h_images[s], (size_t)t->micro * img * sizeof(float), s);
+    // Every earlier copy has read its host buffer: this slot's own, and the other slot's, whose source buffer the
+    // call below may hand back to the loader (a ring slot is released two calls later, or at once on a jump back).
+    // In steady state both copies finished long ago, so this costs no overlap.
+    be->input_host_free(be, s);
+    be->input_host_free(be, s ^ 1);
+    const float *images = src(ctx, t, k, mi, t->h_images[s], t->h_targets[s]);
+    be->upload_async(be, t->d_input[s], images, (size_t)t->micro * img * sizeof(float), s);
     be->upload_async(be, t->d_targets[s], t->h_targets[s], (size_t)t->micro * mc->num_classes * sizeof(float), s);
 }
 
@@ -374,7 +378,8 @@ typedef struct {
 
 // The loader's batch source: global slice [s B, (s + 1) B) of epoch e's permutation, this rank's sub-slice, made by
 // the decoder threads (micro-batch q = (k - 1) accum + micro of the plan), then one-hot targets and mixup.
-static void loader_source(void *ctx_, const Trainer *t, int64_t k, int micro, float *images, float *targets) {
+static const float *loader_source(void *ctx_, const Trainer *t, int64_t k, int micro, float *images,
+                                  float *targets) {
     LoaderCtx *c = ctx_;
     const ModelConfig *mc = &t->model->cfg;
     size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
@@ -383,14 +388,15 @@ static void loader_source(void *ctx_, const Trainer *t, int64_t k, int micro, fl
     const int32_t *labels;
     int n = loader_get(c->loader, (k - 1) * t->accum + micro, &src, &labels);
     if (n != t->micro) die_user("data error in the training split of %s (see the lines above)", c->ds->name);
-    memcpy(images, src, (size_t)n * img * sizeof(float));
     memset(targets, 0, (size_t)n * K * sizeof(float));
     for (int i = 0; i < n; i++) targets[(size_t)i * K + labels[i]] = 1.0f;
-    if (c->mixup_alpha > 0.0) {
-        uint64_t pos = slice_pos(t, micro);
-        mixup_apply(images, targets, t->micro, img, K, c->mixup_group, c->mixup_alpha, t->seed, (uint64_t)k,
-                    pos / (uint64_t)c->mixup_group);
-    }
+    if (c->mixup_alpha <= 0.0) return src;  // the loader's pinned ring buffer is uploaded as it is: no host copy
+    // Mixup writes a copy, so that the ring's batch stays as decoded (a repeated step, SAM, takes it again).
+    memcpy(images, src, (size_t)n * img * sizeof(float));
+    uint64_t pos = slice_pos(t, micro);
+    mixup_apply(images, targets, t->micro, img, K, c->mixup_group, c->mixup_alpha, t->seed, (uint64_t)k,
+                pos / (uint64_t)c->mixup_group);
+    return images;
 }
 
 static void *host_alloc(void *ctx, size_t bytes, const char *what) {

@@ -38,8 +38,12 @@ typedef struct {
     int64_t total_steps;
 } Trainer;
 
-// Fills micro-batch `micro` (0..accum-1) of optimizer step k: t->micro images (C, H, W) and soft targets.
-typedef void (*BatchSource)(void *ctx, const Trainer *t, int64_t k, int micro, float *images, float *targets);
+// Fills micro-batch `micro` (0..accum-1) of optimizer step k: t->micro images (C, H, W) and soft targets. Returns
+// the images to upload: `images` itself, or a buffer of the source's own (allocated with the backend's alloc_host,
+// so the copy can be asynchronous) that stays unchanged until the source has been called twice more, which spares
+// a copy of the batch on the host.
+typedef const float *(*BatchSource)(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
+                                    float *targets);
 
 typedef struct {
     double loss_sum;  // sum of per-sample training losses on this rank

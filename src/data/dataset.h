@@ -114,7 +114,8 @@ typedef struct PipeFailures PipeFailures;  // data/pipeline.h
 Loader *loader_create(const LoaderConfig *cfg);
 void loader_destroy(Loader *l);
 // Micro-batch q of the plan (training: (k - 1) accum + mi; eval: 0, 1, ...): waits until every slot has reported
-// and returns its images (count, C, H, W) and labels (count). The pointers stay valid until the next loader_get.
+// and returns its images (count, C, H, W) and labels (count). The pointers stay valid until the loader_get after
+// the next one (the trainer uploads a batch while it fetches the next: see train.c, load_slot).
 // Any q works (a repeated or earlier one is rebuilt); the ring then runs ahead from q. Exits with a data error
 // (exit 2) after 16 consecutive failures of one slot.
 int loader_get(Loader *l, int64_t q, const float **images, const int32_t **labels);

@@ -250,7 +250,7 @@ Loader *loader_create(const LoaderConfig *cfg) {
     l->perm_epoch = -1;
     l->img_elems = (size_t)ds->channels * ds->height * ds->width;
     int prefetch = c->prefetch > 0 ? c->prefetch : 3;
-    l->nslots = prefetch + 1;  // the batch the caller holds, and `prefetch` ahead of it
+    l->nslots = prefetch + 2;  // the two batches the caller holds (one may still be uploading), `prefetch` ahead
     l->slots = xcalloc((size_t)l->nslots * sizeof(Slot), "loader slots");
     for (int i = 0; i < l->nslots; i++) {
         Slot *s = &l->slots[i];
@@ -305,12 +305,13 @@ int loader_get(Loader *l, int64_t q, const float **images, const int32_t **label
         for (int i = 0; i < l->nslots; i++) slot_quiesce(l, &l->slots[i]);
         l->base = q;
         for (int64_t p = q; p < q + l->nslots; p++) slot_assign(l, p);
-    } else {
-        for (int64_t p = l->base; p < q; p++) {  // release the batches before q; their slots run ahead
+    } else if (q - 1 > l->base) {
+        // Release the batches before q - 1 (the caller may still be copying q - 1 out); their slots run ahead.
+        for (int64_t p = l->base; p < q - 1; p++) {
             slot_quiesce(l, &l->slots[p % l->nslots]);
             slot_assign(l, p + l->nslots);
         }
-        l->base = q;
+        l->base = q - 1;
     }
     pthread_cond_broadcast(&l->work_cv);
     Slot *s = &l->slots[q % l->nslots];

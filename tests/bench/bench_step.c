@@ -23,14 +23,16 @@ typedef struct {
     const float *filled[2];  // the host buffers that already hold the batch
 } SynthBatch;
 
-static void synth_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images, float *targets) {
+static const float *synth_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
+                                 float *targets) {
     SynthBatch *s = ctx;
     // The same batch every step: copy it once into each of the trainer's two host buffers (input double
     // buffering), so that the step time is the trainer's, not a 150 MB host memcpy per step.
-    if (s->filled[0] == images || s->filled[1] == images) return;
+    if (s->filled[0] == images || s->filled[1] == images) return images;
     s->filled[s->filled[0] ? 1 : 0] = images;
     memcpy(images, s->images, (size_t)t->micro * s->img * sizeof(float));
     memcpy(targets, s->targets, (size_t)t->micro * s->classes * sizeof(float));
+    return images;
 }
 
 static int cmp_double(const void *a, const void *b) {

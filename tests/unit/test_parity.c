@@ -81,11 +81,13 @@ typedef struct {
 } FixedBatch;
 
 // The same fixture batch at every step.
-static void fixed_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images, float *targets) {
+static const float *fixed_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
+                                 float *targets) {
     FixedBatch *fb = ctx;
     memcpy(images, fb->images, (size_t)fb->B * fb->img * sizeof(float));
     memset(targets, 0, (size_t)fb->B * fb->C * sizeof(float));
     for (int i = 0; i < fb->B; i++) targets[(size_t)i * fb->C + fb->labels[i]] = 1.0f;
+    return images;
 }
 
 static void check_case(const char *name) {

@@ -84,11 +84,13 @@ typedef struct {
 } FixedBatch;
 
 // Micro-batch `micro` is slice [micro * t->micro, (micro + 1) * t->micro) of the fixed batch, at every step.
-static void slice_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images, float *targets) {
+static const float *slice_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
+                                 float *targets) {
     FixedBatch *fb = ctx;
     size_t i0 = (size_t)micro * t->micro;
     memcpy(images, fb->images + i0 * fb->img, (size_t)t->micro * fb->img * sizeof(float));
     memcpy(targets, fb->targets + i0 * fb->C, (size_t)t->micro * fb->C * sizeof(float));
+    return images;
 }
 
 static ModelConfig tiny_simplest(float drop_p) {
