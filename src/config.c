@@ -170,6 +170,10 @@ static const KeySpec KEYS[] = {
      "0: roots computed at step t are used from t on; 1: from t + 1"},
     {"shampoo.root_threads", KT_INT, FIELD(shampoo.root_threads), "1", 1, 1024, NULL,
      "LAPACK threads for the roots (the same on every rank, whatever the world size)"},
+    {"shampoo.check_replicas", KT_BOOL, FIELD(shampoo.check_replicas), "false", NOLIM, NULL,
+     "checksum every owner's roots on every rank after each broadcast, and the parameters at each refresh step; a "
+     "mismatch stops the run naming step, owner and rank (spec/shampoo.md §3.4; costs a download of the roots on a "
+     "GPU)"},
 
     {"run.dir", KT_STR, FIELD(run.dir), "\"\"", NOLIM, NULL,
      "run directory (config.json, status.json, metrics.jsonl, weights); \"\" = runs/<config file name>. A non-empty directory from an earlier run is moved aside to <dir>.1, .2, ... first"},

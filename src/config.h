@@ -78,6 +78,7 @@ typedef struct {
         char one_d[8];       // "full" | "adam"
         int root_delay;      // 0 | 1
         int root_threads;
+        int check_replicas;
     } shampoo;
     struct {
         char dir[512];    // run directory; "" = runs/<config file name>

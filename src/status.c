@@ -78,6 +78,16 @@ int status_write(const char *dir, const StatusInfo *s) {
         add_num(sh, "eig_s_total", s->shampoo_eig_s);
         add_num(sh, "broadcast_s_total", s->shampoo_bcast_s);
         add_num(sh, "apply_s_total", s->shampoo_apply_s);
+        add_num(sh, "broadcast_bytes_sent", s->shampoo_bytes_sent);
+        add_num(sh, "broadcast_bytes_received", s->shampoo_bytes_received);
+        add_num(sh, "broadcast_bytes_per_refresh", s->shampoo_bytes_per_refresh);
+        if (s->shampoo_checks_on) {
+            add_num(sh, "replica_root_checks_passed", (double)s->shampoo_root_checks);
+            add_num(sh, "replica_param_checks_passed", (double)s->shampoo_param_checks);
+        } else {
+            cJSON_AddNullToObject(sh, "replica_root_checks_passed");
+            cJSON_AddNullToObject(sh, "replica_param_checks_passed");
+        }
     } else {
         cJSON_AddNullToObject(o, "shampoo");
     }

@@ -30,6 +30,9 @@ typedef struct {
     int shampoo_blocks, shampoo_owned;
     int64_t shampoo_refreshes, shampoo_failed;
     double shampoo_last_refresh_s, shampoo_eig_s, shampoo_bcast_s, shampoo_apply_s, shampoo_max_mean_load;
+    double shampoo_bytes_sent, shampoo_bytes_received, shampoo_bytes_per_refresh;  // root broadcast traffic
+    int shampoo_checks_on;                       // shampoo.check_replicas
+    int64_t shampoo_root_checks, shampoo_param_checks;  // replica checks passed
     int depth;
     const double *sp_mean_sq, *sp_mean_cos;  // per block, NULL before the first measurement
     int64_t sp_step;

@@ -109,7 +109,8 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
                             .root_fp64 = strcmp(cfg->shampoo.root_dtype, "fp32") != 0,
                             .one_d_adam = !strcmp(cfg->shampoo.one_d, "adam"),
                             .root_delay = cfg->shampoo.root_delay,
-                            .root_threads = cfg->shampoo.root_threads};
+                            .root_threads = cfg->shampoo.root_threads,
+                            .check_replicas = cfg->shampoo.check_replicas};
         char err[512];
         if (shampoo_config_check(&sc, err, sizeof err) != 0) die_user("%s", err);
         t->shampoo = xcalloc(sizeof(Shampoo), "shampoo");
@@ -693,6 +694,12 @@ static void run_log(Run *r, int64_t k, const StepResult *sr) {
         si->shampoo_eig_s = sh->eig_s;
         si->shampoo_bcast_s = sh->bcast_s;
         si->shampoo_apply_s = sh->apply_s;
+        ShampooTraffic tr;
+        shampoo_traffic(sh, &tr);
+        si->shampoo_bytes_sent = (double)tr.sent;
+        si->shampoo_bytes_received = (double)tr.received;
+        si->shampoo_bytes_per_refresh = (double)tr.per_refresh;
+        si->shampoo_checks_on = shampoo_replica_checks(sh, &si->shampoo_root_checks, &si->shampoo_param_checks);
     }
     if (r->comm->rank == 0) {
         char eta[32];

@@ -142,10 +142,14 @@ import json, sys
 s = json.load(open(sys.argv[1]))["shampoo"]
 print(json.dumps(s))
 ok = s["refreshes"] == 10 and s["failed_decompositions"] == 0 and s["last_refresh_s"] > 0
+# root traffic as rank 0 saw it: its own blocks sent and every other owner's received, each refresh
+ok = ok and s["broadcast_bytes_per_refresh"] > 0 and s["broadcast_bytes_received"] > 0
+ok = ok and s["broadcast_bytes_sent"] + s["broadcast_bytes_received"] == 10 * s["broadcast_bytes_per_refresh"]
+ok = ok and s["replica_root_checks_passed"] == 10 and s["replica_param_checks_passed"] == 10
 sys.exit(0 if ok else 1)
 PYEOF
 then
-  echo "ok - status.json (np = 3): 10 refreshes (t = 10, 20, ..., 100), no failed decompositions, a refresh time"
+  echo "ok - status.json (np = 3): 10 refreshes (t = 10, 20, ..., 100), no failed decompositions, a refresh time, root bytes sent + received = 10 refreshes' worth, 10 + 10 replica checks passed"
 else
   echo "not ok - status.json shampoo section at np = 3"; cat "$TMP/d0_np3/status.json"
 fi
