@@ -93,7 +93,7 @@ $(BUILD)/libsimplest.a: $(LIB_OBJS)
 simplest-dist: $(BUILD)/src/main.o $(BUILD)/libsimplest.a .simplest-dist.flags
 	$(CC) $(LDFLAGS) -o $@ $(BUILD)/src/main.o $(BUILD)/libsimplest.a $(LDLIBS)
 
-$(BUILD)/tests/%: tests/unit/%.c tests/unit/testlib.h $(BUILD)/libsimplest.a
+$(BUILD)/tests/%: tests/unit/%.c $(wildcard tests/unit/*.h) $(BUILD)/libsimplest.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -Itests/unit -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
 
