@@ -11,31 +11,9 @@
 #  - a rank that hangs (SIGSTOP) ends the job after comm.timeout_s, with rank 0 naming it;
 #  - status.json lists every rank with its step, heartbeat, speed and pid.
 set -u
-BIN=${SIMPLEST_BIN:-./simplest-dist}
-TMP=${TEST_TMP:-$(mktemp -d)}/mpi_dp
-PY=${PYTHON:-/usr/bin/python3}
-rm -rf "$TMP"
-mkdir -p "$TMP"
-if ! command -v mpirun >/dev/null; then
-  echo "ok - mpi data parallel # SKIP mpirun not installed"
-  exit 0
-fi
-MPI="mpirun --oversubscribe"
-[ "$(id -u)" = 0 ] && MPI="$MPI --allow-run-as-root"
-export OMPI_MCA_rmaps_base_oversubscribe=1
-DATA=""
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  "$PY" - "$TMP/data" <<'PYEOF'
-import gzip, os, sys, numpy as np
-d = sys.argv[1]; os.makedirs(d, exist_ok=True); rng = np.random.default_rng(0)
-for split, n in (("train", 2000), ("t10k", 500)):
-    y = rng.integers(0, 10, n).astype(np.uint8)
-    x = (rng.integers(0, 60, (n, 28, 28)) + y[:, None, None] * 20).astype(np.uint8)
-    with gzip.open(f"{d}/{split}-images-idx3-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,3]) + n.to_bytes(4,"big") + (28).to_bytes(4,"big")*2 + x.tobytes())
-    with gzip.open(f"{d}/{split}-labels-idx1-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,1]) + n.to_bytes(4,"big") + y.tobytes())
-PYEOF
-  DATA="--set data.root=$TMP/data"
-fi
+. "$(dirname "$0")/common.inc"
+mpi_setup mpi_dp
+mpi_fmnist_data
 TINY="--set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7 --set model.patch_size=7
   --set train.batch_size=48 --set train.steps=20 --set train.log_every=1 --set train.eval_every=0
   --set data.train_limit=2000 --set data.eval_limit=500 --set model.drop_p=0.2 --set run.threads=1 $DATA"

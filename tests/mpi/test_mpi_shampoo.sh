@@ -12,32 +12,10 @@
 # Tiny model (image 28, patch 7, dim 32, depth 7, batch 24) so that the whole file takes well under a minute on
 # two cores.
 set -u
-BIN=${SIMPLEST_BIN:-./simplest-dist}
-TMP=${TEST_TMP:-$(mktemp -d)}/mpi_shampoo
-PY=${PYTHON:-/usr/bin/python3}
-rm -rf "$TMP"
-mkdir -p "$TMP"
-if ! command -v mpirun >/dev/null; then
-  echo "ok - mpi shampoo # SKIP mpirun not installed"
-  exit 0
-fi
-MPI="mpirun --oversubscribe"
-[ "$(id -u)" = 0 ] && MPI="$MPI --allow-run-as-root"
-export OMPI_MCA_rmaps_base_oversubscribe=1
+. "$(dirname "$0")/common.inc"
+mpi_setup mpi_shampoo
 export SD_SHAMPOO_CHECK=1  # P16: replica checksums after every root broadcast and at every refresh step
-DATA=""
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  "$PY" - "$TMP/data" <<'PYEOF'
-import gzip, os, sys, numpy as np
-d = sys.argv[1]; os.makedirs(d, exist_ok=True); rng = np.random.default_rng(0)
-for split, n in (("train", 2000), ("t10k", 500)):
-    y = rng.integers(0, 10, n).astype(np.uint8)
-    x = (rng.integers(0, 60, (n, 28, 28)) + y[:, None, None] * 20).astype(np.uint8)
-    with gzip.open(f"{d}/{split}-images-idx3-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,3]) + n.to_bytes(4,"big") + (28).to_bytes(4,"big")*2 + x.tobytes())
-    with gzip.open(f"{d}/{split}-labels-idx1-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,1]) + n.to_bytes(4,"big") + y.tobytes())
-PYEOF
-  DATA="--set data.root=$TMP/data"
-fi
+mpi_fmnist_data
 TINY="--set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7 --set model.patch_size=7
   --set train.batch_size=24 --set train.steps=100 --set train.warmup_steps=5 --set train.log_every=10
   --set train.eval_every=0 --set data.train_limit=2000 --set data.eval_limit=500 --set run.threads=1
