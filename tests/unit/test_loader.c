@@ -262,16 +262,17 @@ static LoaderConfig train_cfg(const Dataset *d, int B, int world, int rank, int 
 }
 
 static void test_sharding(void) {
-    Dataset d = mem_ds(50);
-    const int B = 12, steps = 8;  // 4 steps per epoch: two epochs, 2 of 50 unseen in each
+    Dataset d = mem_ds(100);
+    const int B = 24, steps = 8;  // 4 steps per epoch: two epochs, 4 of 100 unseen in each
     size_t img = 3072;
-    int32_t ref_lab[8][12];
+    int32_t ref_lab[8][24];
     float *ref_img = malloc((size_t)steps * B * img * sizeof(float));
-    TEST_CASE("sharding: world 1, 2, 3 (and accum 2): disjoint rank slices whose union is the same global batch") {
-        int configs[][2] = {{1, 1}, {2, 1}, {3, 1}, {1, 2}, {2, 2}};
-        for (int ci = 0; ci < 5; ci++) {
+    TEST_CASE("sharding: world 1, 2, 3, 4, 8 (and accum 2): disjoint rank slices whose union is the same global "
+              "batch") {
+        int configs[][2] = {{1, 1}, {2, 1}, {3, 1}, {4, 1}, {8, 1}, {1, 2}, {2, 2}, {4, 2}};
+        for (int ci = 0; ci < 8; ci++) {
             int world = configs[ci][0], accum = configs[ci][1], micro = B / (world * accum);
-            int32_t lab[8][12];
+            int32_t lab[8][24];
             float *imgs = malloc((size_t)steps * B * img * sizeof(float));
             for (int r = 0; r < world; r++) {
                 LoaderConfig c = train_cfg(&d, B, world, r, accum, 2);
@@ -292,10 +293,10 @@ static void test_sharding(void) {
                 memcpy(ref_lab, lab, sizeof lab);
                 memcpy(ref_img, imgs, (size_t)steps * B * img * sizeof(float));
                 for (int e = 0; e < 2; e++) {  // an epoch covers floor(N/B) B distinct indices
-                    int seen[50] = {0}, distinct = 0;
+                    int seen[100] = {0}, distinct = 0;
                     for (int k = e * 4; k < e * 4 + 4; k++)
                         for (int i = 0; i < B; i++) distinct += seen[lab[k][i]]++ == 0;
-                    EXPECT(distinct == 48, "epoch %d covers %d distinct", e, distinct);
+                    EXPECT(distinct == 96, "epoch %d covers %d distinct", e, distinct);
                 }
             } else {
                 EXPECT(!memcmp(lab, ref_lab, sizeof lab), "world %d accum %d: another global batch sequence", world,
@@ -306,9 +307,9 @@ static void test_sharding(void) {
             free(imgs);
         }
     }
-    TEST_CASE("eval: every index exactly once across ranks (world 1, 2, 3; N divisible by neither)") {
+    TEST_CASE("eval: every index exactly once across ranks (world 1 to 8; N = 23 divisible by none)") {
         Dataset e = mem_ds(23);
-        for (int world = 1; world <= 3; world++) {
+        for (int world = 1; world <= 8; world++) {
             int seen[23] = {0};
             for (int r = 0; r < world; r++) {
                 int64_t b, en;
@@ -347,15 +348,16 @@ static void test_sharding(void) {
         Loader *l2 = loader_create(&c2);
         int64_t k0 = loader_state_resume(l2, &r, err, sizeof err);
         EXPECT(k0 == 3, "resume at %lld: %s", (long long)k0, err);
+        const int h = B / 2;  // rank 1 of 2 holds the second half of each global batch
         for (int k = (int)k0; k <= 6 && k0 > 0; k++) {
             int n = loader_get(l2, k - 1, &im, &lb);
-            EXPECT(n == 6 && !memcmp(lb, &ref_lab[k - 1][6], 6 * sizeof(int32_t)), "step %d labels", k);
-            EXPECT(!memcmp(im, ref_img + ((size_t)(k - 1) * B + 6) * img, 6 * img * sizeof(float)), "step %d pixels",
+            EXPECT(n == h && !memcmp(lb, &ref_lab[k - 1][h], h * sizeof(int32_t)), "step %d labels", k);
+            EXPECT(!memcmp(im, ref_img + ((size_t)(k - 1) * B + h) * img, h * img * sizeof(float)), "step %d pixels",
                    k);
         }
         // going back (a repeated step) rebuilds it
         int n = loader_get(l2, 2, &im, &lb);
-        EXPECT(n == 6 && !memcmp(lb, &ref_lab[2][6], 6 * sizeof(int32_t)), "repeated step");
+        EXPECT(n == h && !memcmp(lb, &ref_lab[2][h], h * sizeof(int32_t)), "repeated step");
         LoaderConfig c3 = train_cfg(&d, 10, 1, 0, 1, 1);
         Loader *l3 = loader_create(&c3);
         EXPECT(loader_state_resume(l3, &r, err, sizeof err) < 0 && strstr(err, "batch"), "another B: %s", err);
@@ -392,7 +394,7 @@ static void test_threads_and_corrupt(void) {
         snprintf(p, sizeof p, "%s/train/n0%d/img_%02d.JPEG", root, i % 3, i);
         put_jpeg(p, 120 + 8 * i, 100 + 5 * (i % 4), i);
     }
-    TEST_CASE("ImageNet train path (RandomResizedCrop, flip, RandAugment): 1 and 3 threads give the same bits") {
+    TEST_CASE("ImageNet train path (RandomResizedCrop, flip, RandAugment): 1, 3 and 7 threads give the same bits") {
         Dataset d;
         char err[512];
         int rc = dataset_open(&d, "imagenet", root, 1, 0, err, sizeof err);
@@ -404,6 +406,8 @@ static void test_threads_and_corrupt(void) {
             run_epochs(&d, 4, 6, 1, NULL, a);
             run_epochs(&d, 4, 6, 3, NULL, b);
             EXPECT(!memcmp(a, b, 6 * 4 * img * sizeof(float)), "batches differ between 1 and 3 threads");
+            run_epochs(&d, 4, 6, 7, NULL, b);
+            EXPECT(!memcmp(a, b, 6 * 4 * img * sizeof(float)), "batches differ between 1 and 7 threads");
             d.opt.augment = 0;  // the eval transform: Resize(256) + CenterCrop(224), no draws
             run_epochs(&d, 4, 1, 2, NULL, a);
             float mx = 0;
