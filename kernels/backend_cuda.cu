@@ -79,6 +79,7 @@ typedef struct {
     cudaStream_t copy_st;                  // input uploads (upload_async)
     cudaEvent_t ev_copied[2], ev_consumed[2];  // per input slot: copies done; compute's last read enqueued
     int no_lt;      // SD_LT=0: every GEMM through cublasGemmEx (to compare with cuBLASLt)
+    int lt_bgrad;   // SD_LT_BGRAD=1: bias gradients from the dW GEMM's BGRADB epilogue (not yet validated)
     int profiling;  // SD_CUDA_PROFILE=1: every op timed with events (serializes the stream), table at destroy
     struct {
         const char *name;
@@ -316,9 +317,10 @@ static size_t ptr_align(const void *p) {
 
 // Column-major D (m, n) = alpha op(A) op(B) + beta D through cuBLASLt, with an optional bias (length m, bf16,
 // added along the rows) epilogue. Returns 0 when Lt offers no algorithm (the caller falls back).
-static int lt_try(CudaImpl *im, int transA, int transB, int m, int n, int k, float alpha, const void *A,
-                      cudaDataType ta, int lda, const void *B, cudaDataType tb, int ldb, float beta, void *D,
-                      cudaDataType td, int ldd, const bf16 *bias) {
+// bgrad: instead of a bias, the BGRADB epilogue writes the sums of op(B) over k (length n, fp32) there.
+static int lt_try_ep(CudaImpl *im, int transA, int transB, int m, int n, int k, float alpha, const void *A,
+                     cudaDataType ta, int lda, const void *B, cudaDataType tb, int ldb, float beta, void *D,
+                     cudaDataType td, int ldd, const bf16 *bias, float *bgrad) {
     if (im->no_lt) return 0;
     cublasLtMatmulDesc_t op;
     CUBLAS_CHECK(cublasLtMatmulDescCreate(&op, CUBLAS_COMPUTE_32F, CUDA_R_32F));
@@ -330,6 +332,12 @@ static int lt_try(CudaImpl *im, int transA, int transB, int m, int n, int k, flo
         cudaDataType bt = CUDA_R_16BF;
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep));
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bias, sizeof bias));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
+    } else if (bgrad) {
+        cublasLtEpilogue_t ep = CUBLASLT_EPILOGUE_BGRADB;
+        cudaDataType bt = CUDA_R_32F;
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_EPILOGUE, &ep, sizeof ep));
+        CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &bgrad, sizeof bgrad));
         CUBLAS_CHECK(cublasLtMatmulDescSetAttribute(op, CUBLASLT_MATMUL_DESC_BIAS_DATA_TYPE, &bt, sizeof bt));
     }
     cublasLtMatrixLayout_t la, lb, ld;
@@ -346,7 +354,7 @@ static int lt_try(CudaImpl *im, int transA, int transB, int m, int n, int k, flo
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, &al_d, 4));
     CUBLAS_CHECK(cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, &al_d, 4));
     int key[16] = {transA, transB, m, n, k, (int)ta, lda, (int)tb, ldb, (int)td, ldd, (int)al_a, (int)al_b,
-                   (int)al_d, bias != NULL, 0};
+                   (int)al_d, bias != NULL, bgrad != NULL};
     LtAlgo *hit = NULL;
     for (int i = 0; i < im->lt_cached && !hit; i++)
         if (!memcmp(im->lt_cache[i].key, key, sizeof key)) hit = &im->lt_cache[i];
@@ -378,6 +386,12 @@ static int lt_try(CudaImpl *im, int transA, int transB, int m, int n, int k, flo
     if (ms == CUBLAS_STATUS_SUCCESS) return 1;
     if (hit->found) CUBLAS_CHECK(ms);  // an algorithm was offered and then failed
     return 0;
+}
+
+static int lt_try(CudaImpl *im, int transA, int transB, int m, int n, int k, float alpha, const void *A,
+                  cudaDataType ta, int lda, const void *B, cudaDataType tb, int ldb, float beta, void *D,
+                  cudaDataType td, int ldd, const bf16 *bias) {
+    return lt_try_ep(im, transA, transB, m, n, k, alpha, A, ta, lda, B, tb, ldb, beta, D, td, ldd, bias, NULL);
 }
 
 // lt_try without a bias, else plain cublasGemmEx (any alignment).
@@ -540,6 +554,17 @@ static void col_sums(CudaImpl *im, float *acc0, float *acc1, const bf16 *dy, con
     KERNEL_CHECK("col_finish");
 }
 
+// y (n) += x (n), fp32 (the bias gradient that the BGRADB epilogue wrote into scratch).
+__global__ void k_acc_f32(float *y, const float *x, size_t n) {
+    size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x;
+    if (i < n) y[i] += x[i];
+}
+
+static void launch_axpy(CudaImpl *im, float *y, const float *x, size_t n) {
+    k_acc_f32<<<grid_for(n, 256), 256, 0, im->st>>>(y, x, n);
+    KERNEL_CHECK("acc_f32");
+}
+
 static void cu_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, const void *dout, const void *inp,
                           const float *W, int R, int Din, int Dout) {
     PROF(be, "matmul_bwd");
@@ -549,6 +574,16 @@ static void cu_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, cons
         lt_matmul(im, 0, 0, Din, R, Dout, 1.0f, shadow_of(im, W), CUDA_R_16BF, Din, dout, CUDA_R_16BF, Dout, 0.0f,
                   dinp, CUDA_R_16BF, Din);
     // dW (Dout, Din) += dout^T inp: column-major dW^T (Din, Dout) = inp^T (Din, R) (dout^T)^T, fp32 out, beta 1.
+    // With SD_LT_BGRAD=1 the same GEMM also sums op(B) = dout over its k = R rows (the BGRADB epilogue) into a
+    // scratch vector that is then added to dbias: one read of dout fewer. Opt-in until a GPU run validates it.
+    if (dbias && im->lt_bgrad) {
+        float *bg = (float *)scratch_get(im, (size_t)Dout * sizeof(float));
+        if (lt_try_ep(im, 0, 1, Din, Dout, R, 1.0f, inp, CUDA_R_16BF, Din, dout, CUDA_R_16BF, Dout, 1.0f, dW,
+                      CUDA_R_32F, Din, NULL, bg)) {
+            launch_axpy(im, dbias, bg, (size_t)Dout);
+            return;
+        }
+    }
     lt_matmul(im, 0, 1, Din, Dout, R, 1.0f, inp, CUDA_R_16BF, Din, dout, CUDA_R_16BF, Dout, 1.0f, dW, CUDA_R_32F,
               Din);
     if (dbias) col_sums(im, dbias, NULL, (const bf16 *)dout, NULL, NULL, NULL, R, Dout);
@@ -1347,6 +1382,8 @@ Backend *backend_cuda_create(int device) {
     im->fused_attn = HAVE_FLASH;  // fused by default (tests/gpu checks both; run.attention / SD_ATTN choose)
     const char *lt = getenv("SD_LT");
     im->no_lt = lt && !strcmp(lt, "0");
+    const char *bgr = getenv("SD_LT_BGRAD");
+    im->lt_bgrad = bgr && !strcmp(bgr, "1");
     const char *pe = getenv("SD_CUDA_PROFILE");
     im->profiling = pe && *pe && strcmp(pe, "0");
     const char *env = getenv("SD_ATTN");

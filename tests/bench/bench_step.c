@@ -118,12 +118,15 @@ int main(int argc, char **argv) {
         loss = res.loss_sum / res.count;
     }
     qsort(ms, (size_t)steps, sizeof(double), cmp_double);
+    char attn_label[96];  // experimental backend switches are named in the label (tests/gpu/report.py keeps them apart)
+    snprintf(attn_label, sizeof attn_label, "%s%s", attn,
+             getenv("SD_LT_BGRAD") && !strcmp(getenv("SD_LT_BGRAD"), "1") ? "+bgrad (experimental)" : "");
     double med = steps % 2 ? ms[steps / 2] : 0.5 * (ms[steps / 2 - 1] + ms[steps / 2]);
     printf("{\"impl\": \"simplest-dist\", \"device\": \"%s\", \"attn\": \"%s\", \"arch\": \"%s\", \"image\": %d, "
            "\"patch\": %d, \"dim\": %d, \"depth\": %d, \"heads\": %d, \"mlp\": %d, \"classes\": %d, \"batch\": %d, "
            "\"threads\": %d, \"steps\": %d, \"ms_per_step\": %.3f, \"img_per_s\": %.1f, \"params\": %zu, "
            "\"min_ms\": %.3f, \"final_loss\": %.6f}\n",
-           be->name, attn, arch, image, patch, dim, depth, heads, mlp, classes, batch, threads, steps, med,
+           be->name, attn_label, arch, image, patch, dim, depth, heads, mlp, classes, batch, threads, steps, med,
            batch / (med / 1e3), m->num_params, ms[0], loss);
     free(ms);
     free(images);

@@ -250,7 +250,7 @@ def main():
             "%.1f %%" % (100 * m) if m is not None else "-", note))
     md.append("")
     for arch in ("simplest", "simplevit"):
-        ours = [r for r in rows if r[0] == "simplest-dist" and r[2] == arch and r[4]]
+        ours = [r for r in rows if r[0] == "simplest-dist" and r[2] == arch and r[4] and "experimental" not in r[1]]
         peer = [r for r in rows if r[0].startswith("pytorch") and r[2] == arch and r[4] and r[1].startswith("compile")]
         eager = [r for r in rows if r[0].startswith("pytorch") and r[2] == arch and r[4] and r[1].startswith("eager")]
         best = max(ours, key=lambda r: r[4]) if ours else None

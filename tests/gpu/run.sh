@@ -153,6 +153,12 @@ else
     for g in ops attn fused optim step; do skip "test_cuda_$g" "no build/gpu/test_cuda (the build failed)"; done
 fi
 
+# ---- 2a. experimental, outside the pass/fail: bias gradients from the BGRADB epilogue (SD_LT_BGRAD=1)
+if [ -x $BUILD/gpu/test_cuda ]; then
+    stage experimental_bgrad_ops 90 env SD_LT_BGRAD=1 $BUILD/gpu/test_cuda --group ops
+    stage experimental_bgrad_step 90 env SD_LT_BGRAD=1 $BUILD/gpu/test_cuda --group step
+fi
+
 # ---- 2b. optional: where the step's time goes (SD_GPU_PROFILE=1): every backend op timed with CUDA events
 # (bench_step with SD_CUDA_PROFILE=1; the stream is serialized while measured, so the total exceeds a real step).
 if [ "${SD_GPU_PROFILE:-0}" = 1 ] && [ -x $BUILD/bench/bench_step ]; then
@@ -195,6 +201,10 @@ fi
 
 # ---- 4. benchmarks: ours, then PyTorch
 VITS="--image 224 --patch 16 --channels 3 --dim 384 --depth 12 --heads 6 --mlp 1536 --classes 1000 --batch 256"
+if [ -x $BUILD/bench/bench_step ]; then  # experimental: only reported beside the others, never the "best"
+    stage bench_simplest_fused_bgrad 90 env SD_LT_BGRAD=1 $BUILD/bench/bench_step --device cuda --attn fused \
+        --arch simplest $VITS --steps 20 --warmup 5
+fi
 for arch in simplest simplevit; do
     for attn in unfused fused; do
         if [ -x $BUILD/bench/bench_step ]; then
@@ -236,5 +246,8 @@ else
     for f in "$W"/*.log "$W"/*.txt; do echo "--- $f"; cat "$f"; done >>"$REPORT"
     rc=1
 fi
+for f in "$W"/experimental_bgrad_*.log; do
+    [ -f "$f" ] && echo "experimental $(basename "$f" .log): $(grep -c '^ok - ' "$f") ok, $(grep -c '^not ok - ' "$f") not ok"
+done
 echo "report: $REPORT ($(elapsed)s in all)"
 exit "$rc"
