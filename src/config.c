@@ -206,6 +206,7 @@ static int is_section(const char *path) {
 static int check_unknown(const cJSON *obj, const char *prefix, char *err, size_t n) {
     const cJSON *it;
     cJSON_ArrayForEach(it, obj) {
+        if (!*prefix && !strcmp(it->string, "derived") && cJSON_IsObject(it)) continue;  // config_to_json's notes
         char path[256];
         snprintf(path, sizeof path, "%s%s%s", prefix, *prefix ? "." : "", it->string);
         if (find_key(path)) {
@@ -514,6 +515,37 @@ static cJSON *section_of(cJSON *root, const char *path, char *leaf, size_t leafn
     return cur;
 }
 
+// The data pipeline's transforms in words (src/data/pipeline.c), for the effective config's "derived" section:
+// spec/data.md §2 asks that ImageNet's training transform with augmentation off (the eval transform) be recorded.
+static void describe_transforms(const Config *c, char *train, char *eval, size_t n) {
+    const char *d = c->data.dataset;
+    int S = c->model.image_size, imagenet = !strcmp(d, "imagenet");
+    int idx = !strcmp(d, "fashion-mnist") || !strcmp(d, "mnist");
+    char aug[256] = "";
+    if (c->data.augment && !imagenet) {
+        if (c->data.crop_padding > 0)
+            snprintf(aug + strlen(aug), sizeof aug - strlen(aug), "RandomCrop(%d, padding %d) + ", S,
+                     c->data.crop_padding);
+        if (c->data.flip) snprintf(aug + strlen(aug), sizeof aug - strlen(aug), "flip + ");
+        if (c->data.randaugment && !idx)
+            snprintf(aug + strlen(aug), sizeof aug - strlen(aug), "RandAugment(2, %d) + ",
+                     c->data.randaugment_magnitude);
+    }
+    const char *tail = "ToTensor + Normalize (the dataset's mean and std)";
+    if (imagenet) {
+        if (c->data.augment)
+            snprintf(train, n, "RandomResizedCrop(%d) + %s%s%s", S, c->data.flip ? "flip + " : "",
+                     c->data.randaugment ? "RandAugment + " : "", tail);
+        else
+            snprintf(train, n, "Resize(%d) + CenterCrop(%d) + %s: the eval transform, because data.augment is false "
+                     "(spec/data.md §2)", 256 * S / 224, S, tail);
+        snprintf(eval, n, "Resize(%d) + CenterCrop(%d) + %s", 256 * S / 224, S, tail);
+    } else {
+        snprintf(train, n, "%s%s", aug, tail);
+        snprintf(eval, n, "%s", tail);
+    }
+}
+
 char *config_to_json(const Config *cfg) {
     cJSON *root = cJSON_CreateObject();
     for (int i = 0; i < NKEYS; i++) {
@@ -540,6 +572,12 @@ char *config_to_json(const Config *cfg) {
             break;
         }
     }
+    // Written for readers, ignored when the file is read back (check_unknown skips it).
+    char tr[512], ev[512];
+    describe_transforms(cfg, tr, ev, sizeof tr);
+    cJSON *derived = cJSON_AddObjectToObject(root, "derived");
+    cJSON_AddStringToObject(derived, "train_transform", tr);
+    cJSON_AddStringToObject(derived, "eval_transform", ev);
     char *s = cJSON_Print(root);
     cJSON_Delete(root);
     return s;
@@ -555,7 +593,9 @@ char *config_doc_markdown(void) {
                   "*required*. An unknown key, a wrong type or a value out of range stops the run with one line "
                   "naming the key and exit code 2. `--set key.path=value` overrides any key (the value is parsed as "
                   "JSON, else taken as a string). The effective config, with every key resolved, is written to "
-                  "`<run.dir>/config.json`.\n");
+                  "`<run.dir>/config.json`, with a top-level `derived` object that names the training and eval "
+                  "transforms the data pipeline applies (written for readers; ignored when the file is read back, "
+                  "e.g. by `simplest-dist eval`).\n");
     const char *section = "";
     size_t seclen = 0;
     for (int i = 0; i < NKEYS; i++) {

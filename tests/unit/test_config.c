@@ -460,6 +460,39 @@ static int config_equal(const Config *a, const Config *b, char *why, size_t n) {
     return 1;
 }
 
+static void test_derived(void) {
+    TEST_CASE("effective config: a 'derived' section names the transforms (ImageNet with augmentation off: the eval "
+              "transform), and is ignored when read back") {
+        const char *sets[][4] = {{"data.dataset=imagenet", "data.root=/x", "data.augment=false", NULL},
+                                 {"data.dataset=imagenet", "data.root=/x", "data.augment=true", NULL},
+                                 {"data.dataset=cifar10", "data.root=/x", "data.augment=true", NULL}};
+        const char *want[] = {"CenterCrop(224)", "RandomResizedCrop(224) + flip + RandAugment", "RandAugment(2, 10)"};
+        for (int i = 0; i < 3; i++) {
+            Config a, b;
+            char err[1024] = "";
+            int rc = load_text(&a, MINIMAL, sets[i], 3, err, sizeof err);
+            EXPECT(rc == 0, "set %d: %s", i, err);
+            if (rc) continue;
+            char *j = config_to_json(&a);
+            cJSON *root = cJSON_Parse(j);
+            const cJSON *tr = cJSON_GetObjectItem(cJSON_GetObjectItem(root, "derived"), "train_transform");
+            EXPECT(tr && cJSON_IsString(tr) && strstr(tr->valuestring, want[i]), "set %d: train_transform %s", i,
+                   tr && cJSON_IsString(tr) ? tr->valuestring : "(missing)");
+            if (i == 0) EXPECT(tr && strstr(tr->valuestring, "eval transform"), "the aug-off note is missing");
+            cJSON_Delete(root);
+            rc = config_load_err(&b, write_cfg("derived.json", j), NULL, 0, err, sizeof err);
+            EXPECT(rc == 0, "set %d: reading the effective config back: %s", i, err);
+            free(j);
+        }
+        Config c;
+        char err[1024] = "";
+        const char *bad = "{\"model\": {\"derived\": {}}}";
+        EXPECT(config_load_err(&c, write_cfg("bad_derived.json", bad), NULL, 0, err, sizeof err) != 0 &&
+                   strstr(err, "model.derived"),
+               "'derived' is skipped only at the top level: %s", err);
+    }
+}
+
 static void test_roundtrip(void) {
     TEST_CASE("config_to_json round-trips (struct and text)") {
         const char *sets[][12] = {
@@ -568,6 +601,7 @@ int main(void) {
     test_overrides();
     test_presets();
     test_roundtrip();
+    test_derived();
     test_doc();
     char cmd[400];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", g_dir);
