@@ -1,4 +1,5 @@
-// main.c: the command line. `simplest-dist [train] CONFIG [--set key=value ...]`, `eval`, `config-doc`, `version`.
+// main.c: the command line. `simplest-dist [train] CONFIG [--set key=value ...]`, `eval`, `check`, `prepare`,
+// `config-doc`, `version`.
 // MPI init/finalize and exit codes (0 ok, 1 bug or system failure, 2 user error) live here.
 #include <stdio.h>
 #include <stdlib.h>
@@ -20,6 +21,9 @@ static void usage(FILE *f) {
             "  simplest-dist eval CONFIG.json --checkpoint FILE [--logits out.npy] [--input images.npy] [--set ...]\n"
             "  simplest-dist prepare SRC DST (--short-side N | --max-side N) [--quality Q]\n"
             "                                a pre-resized copy of an ImageFolder tree (JPEG 4:2:0, same layout)\n"
+            "  simplest-dist check CONFIG.json [--set ...]\n"
+            "                                validate a config (and its --set overrides) and print the effective\n"
+            "                                config, without touching data, devices or the run directory\n"
             "  simplest-dist config-doc      print docs/config.md (every config key)\n"
             "  simplest-dist version\n"
             "Runs alone or under mpirun/srun (one rank per GPU, or per CPU share on the CPU backend).\n");
@@ -72,6 +76,18 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (!strcmp(cmd, "prepare")) return prepare_main(argc, argv);
+    if (!strcmp(cmd, "check")) {  // before a job is queued: the same validation as a run, nothing else
+        Args a;
+        parse_args(&a, argc, argv, 2, 0);
+        Config cfg;
+        config_load(&cfg, a.config, a.sets, a.nsets);  // a bad key: one line naming it, exit 2
+        char *json = config_to_json(&cfg);
+        printf("%s\n", json);
+        fprintf(stderr, "simplest-dist: %s: config ok\n", a.config);
+        free(json);
+        free(a.sets);
+        return 0;
+    }
     if (!strcmp(cmd, "config-doc")) {
         char *doc = config_doc_markdown();
         fputs(doc, stdout);
@@ -85,7 +101,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (first == 1 && cmd[0] != '-' && !path_exists(cmd) && !strchr(cmd, '.') && !strchr(cmd, '/')) {
-        fprintf(stderr, "simplest-dist: error: unknown command '%s' (commands: train, eval, prepare, config-doc, version)\n",
+        fprintf(stderr, "simplest-dist: error: unknown command '%s' (commands: train, eval, check, prepare, config-doc, version)\n",
                 cmd);
         return EXIT_USER;
     }

@@ -211,6 +211,17 @@ expect_user_error "cli: unknown option exits 2 naming it" "--frobnicate" "$BIN" 
 expect_user_error "cli: eval without --checkpoint exits 2" "--checkpoint" "$BIN" eval $CONFIG
 expect_user_error "config: SimplEsT depth 6 with eta 0.9 exits 2" "model.depth" \
   "$BIN" $CONFIG --set model.depth=6 --set model.eta=0.9
+expect_user_error "check: a bad override exits 2 naming the key" "model.drop_p" \
+  "$BIN" check configs/imagenet90.json --set model.drop_p=7
+# `simplest-dist check`: every shipped config validates and prints its effective config (with the derived transforms)
+for c in configs/*.json; do
+  out=$("$BIN" check "$c" 2>"$T/check.err"); rc=$?
+  if [ "$rc" = 0 ] && printf '%s' "$out" | "$PY" -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if d["derived"]["train_transform"] and d["model"]["dim"] > 0 else 1)'; then
+    ok "check: $c is valid (effective config printed, transforms named)"
+  else
+    notok "check: $c" "exit $rc" "$(cat "$T/check.err")"
+  fi
+done
 if ldd "$BIN" 2>/dev/null | grep -q cudart; then
   ok "config: run.device cuda without a CUDA build exits 2 # SKIP this build has CUDA"
 else
