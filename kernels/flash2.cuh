@@ -1,5 +1,5 @@
 // Fast fused attention, FlashAttention-2 style (mma.sync m16n8k16 bf16 via inline PTX, ldmatrix, cp.async).
-// Drop-in replacement for flash_attn.cuh: same semantics, same saved state (lse + o_saved), same argument order.
+// It replaced the first WMMA kernels (flash_attn.cu, retired in 45b36f0) with the same semantics and saved state.
 //
 // Per (batch b, head h), with D = H*dh and scale = 1/sqrt(dh):
 //   qkv (B, N, 3D) bf16, feature s*D + h*dh + e (s = 0 q, 1 k, 2 v)
