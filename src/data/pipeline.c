@@ -80,13 +80,19 @@ static ImgStatus read_file(PipeWorker *w, const char *path, int64_t max_bytes, s
     return IMG_OK;
 }
 
-// Decodes the file of src_idx whole (full scale) into w->a.
-static ImgStatus decode_full(PipeWorker *w, const Dataset *ds, int64_t src_idx, int *W, int *H) {
+// Reads the file of src_idx and opens it as a JPEG: *W, *H are its size, the decoder waits for jpeg_read_crop.
+static ImgStatus open_image(PipeWorker *w, const Dataset *ds, int64_t src_idx, int *W, int *H) {
     size_t len = 0;
     ImgStatus st = read_file(w, ds->paths[src_idx], ds->opt.max_file_bytes, &len);
     if (st != IMG_OK) return st;
     if ((st = img_sniff(w->buf, len)) != IMG_OK) return st;
-    if ((st = jpeg_open(w->dec, w->buf, len, W, H)) != IMG_OK) return st;
+    return jpeg_open(w->dec, w->buf, len, W, H);
+}
+
+// Decodes the file of src_idx whole (full scale) into w->a.
+static ImgStatus decode_full(PipeWorker *w, const Dataset *ds, int64_t src_idx, int *W, int *H) {
+    ImgStatus st = open_image(w, ds, src_idx, W, H);
+    if (st != IMG_OK) return st;
     double box[4];
     int sd;
     st = jpeg_read_crop(w->dec, 0, 0, *W, *H, *W, *H, 0, &w->dec_out, box, &sd);
@@ -146,10 +152,7 @@ ImgStatus pipe_image(PipeWorker *w, const Dataset *ds, int train, uint64_t seed,
     } else {  // ImageNet-style folder
         int W, H;
         if (aug) {
-            size_t len = 0;
-            if ((st = read_file(w, ds->paths[src_idx], o->max_file_bytes, &len)) != IMG_OK) goto out;
-            if ((st = img_sniff(w->buf, len)) != IMG_OK) goto out;
-            if ((st = jpeg_open(w->dec, w->buf, len, &W, &H)) != IMG_OK) goto out;
+            if ((st = open_image(w, ds, src_idx, &W, &H)) != IMG_OK) goto out;
             int x, y, cw, ch, sd;
             rrc_params(&r, W, H, &x, &y, &cw, &ch);
             double box[4];
