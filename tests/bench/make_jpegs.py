@@ -1,4 +1,5 @@
-"""make_jpegs.py OUT_DIR: ImageNet-like JPEGs from real photographs for the decode benchmark (issue 3).
+"""make_jpegs.py OUT_DIR: ImageNet-like JPEGs from real photographs for the decode benchmark (issue 3), as an
+ImageFolder (OUT_DIR/train/<class>/*.jpg: bench_decode reads it through the loader's own dataset code).
 
 Sources: Debian's python3-sklearn (china.jpg, flower.jpg, 427x640) and python3-skimage (rocket.jpg 427x640,
 hubble_deep_field.jpg, retina.jpg). Each is resized so that it is about 500x375 (landscape) or 375x500 (portrait),
@@ -19,6 +20,8 @@ SOURCES = [
 
 def main(out):
     os.makedirs(out, exist_ok=True)
+    for c in range(4):
+        os.makedirs(os.path.join(out, "train", f"n{c:08d}"), exist_ok=True)
     srcs = [Image.open(p).convert("RGB") for p in SOURCES if os.path.exists(p)]
     if not srcs:
         sys.exit("make_jpegs: no source photographs (apt-get install python3-sklearn python3-skimage)")
@@ -37,7 +40,7 @@ def main(out):
             v = v.transpose(Image.FLIP_LEFT_RIGHT)
         q = 90 + (k % 7)
         sub = 2 if k % 2 == 0 else 0  # PIL: 2 = 4:2:0, 0 = 4:4:4
-        v.save(os.path.join(out, f"img{k:03d}_q{q}_{'420' if sub == 2 else '444'}.jpg"), quality=q, subsampling=sub)
+        v.save(os.path.join(out, "train", f"n{k % 4:08d}", f"img{k:03d}_q{q}_{'420' if sub == 2 else '444'}.jpg"), quality=q, subsampling=sub)
         n += 1
     print(f"make_jpegs: {n} files in {out}")
 

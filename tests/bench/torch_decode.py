@@ -1,4 +1,4 @@
-"""torch_decode.py DIR: the peer of bench_decode.c: Pillow decode + torchvision RandomResizedCrop(224) +
+"""torch_decode.py DIR: the peer (DIR and the folders below it) of bench_decode.c: Pillow decode + torchvision RandomResizedCrop(224) +
 RandomHorizontalFlip + ToTensor + Normalize (the reference's ImageNet train transform without RandAugment), on the
 same in-memory files, one image at a time per process, torch limited to one thread. --procs 1,2 runs 1 and 2
 processes at once (the per-core figure and the scaling). Prints one JSON line per process count."""
@@ -34,7 +34,8 @@ def main():
     d = sys.argv[1]
     procs = [int(x) for x in (sys.argv[sys.argv.index("--procs") + 1] if "--procs" in sys.argv else "1,2").split(",")]
     seconds = float(sys.argv[sys.argv.index("--seconds") + 1]) if "--seconds" in sys.argv else 3.0
-    files = [open(os.path.join(d, f), "rb").read() for f in sorted(os.listdir(d)) if f.lower().endswith((".jpg", ".jpeg"))]
+    paths = sorted(os.path.join(r, f) for r, _, fs in os.walk(d) for f in fs if f.lower().endswith((".jpg", ".jpeg")))
+    files = [open(p, "rb").read() for p in paths]
     import PIL
     import torchvision
     for p in procs:
