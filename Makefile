@@ -49,7 +49,7 @@ ifeq ($(USE_CUDA),1)
   NVCCFLAGS ?= -O3 -std=c++17 -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
   CFLAGS += -DUSE_CUDA -I$(CUDA_HOME_DIR)/include
   # cuSOLVER joins with GPU Shampoo roots.
-  LDLIBS += -L$(CUDA_HOME_DIR)/lib64 -Wl,-rpath,$(CUDA_HOME_DIR)/lib64 -lcudart -lcublas -lcublasLt -lstdc++
+  LDLIBS += -L$(CUDA_HOME_DIR)/lib64 -Wl,-rpath,$(CUDA_HOME_DIR)/lib64 -lcudart -lcublas -lcublasLt -lcusolver -lstdc++
   CUDA_OBJS := $(patsubst kernels/%.cu,$(BUILD)/kernels/%.o,$(CUDA_SRCS))
   # NCCL (the GPU gradient all-reduce) needs MPI for its bootstrap: the toolkit's, or EXTRA_CFLAGS/LDFLAGS (pip's
   # nvidia-nccl-cu13) with USE_NCCL=1.

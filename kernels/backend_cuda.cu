@@ -9,6 +9,7 @@
 #include <cublasLt.h>
 #include <cublas_v2.h>
 #include <cuda_bf16.h>
+#include <cusolverDn.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdio.h>
@@ -48,7 +49,30 @@ typedef __nv_bfloat16 bf16;
         if (st_ != CUBLAS_STATUS_SUCCESS) die_at(__FILE__, __LINE__, "cuBLAS error %d in %s", (int)st_, #call);     \
     } while (0)
 
+#define CUSOLVER_CHECK(call)                                                                                       \
+    do {                                                                                                           \
+        cusolverStatus_t st_ = (call);                                                                             \
+        if (st_ != CUSOLVER_STATUS_SUCCESS) die_at(__FILE__, __LINE__, "cuSOLVER error %d in %s", (int)st_, #call); \
+    } while (0)
+
 // ---------------------------------------------------------------- state
+
+// Shampoo's inverse roots (cu_inverse_root): a stream, solver and BLAS handles and work buffers grown to the largest
+// n seen. Context 0 runs on the compute stream; context 1 on a side stream of its own, for a root thread.
+typedef struct {
+    int ready;
+    cudaStream_t st;
+    cusolverDnHandle_t sol;
+    cublasHandle_t blas;
+    int own_blas;  // context 1 owns its BLAS handle; context 0 borrows the backend's
+    int cap;       // the buffers hold n x n for n <= cap
+    double *A, *X, *w, *sc;
+    float *Af, *wf;
+    void *work;
+    size_t work_bytes;
+    int *dflag;  // [0] syevd info, [1] 1 = non-finite result, 2 = non-finite input
+    int *hflag;  // pinned
+} RootCtx;
 
 // cuBLASLt's heuristic costs tens of microseconds per call: its answer is cached per GEMM signature.
 typedef struct {
@@ -80,6 +104,8 @@ typedef struct {
     cudaEvent_t ev_copied[2], ev_consumed[2];  // per input slot: copies done; compute's last read enqueued
     int no_lt;      // SD_LT=0: every GEMM through cublasGemmEx (to compare with cuBLASLt)
     int lt_bgrad;   // SD_LT_BGRAD=1: bias gradients from the dW GEMM's BGRADB epilogue (not yet validated)
+    RootCtx rctx[2];  // Shampoo roots: compute stream, side stream
+    double *gred;     // graft_update: partial sums (2 * RED_BLOCKS) and the coefficient
     int profiling;  // SD_CUDA_PROFILE=1: every op timed with events (serializes the stream), table at destroy
     struct {
         const char *name;
@@ -1244,6 +1270,230 @@ static void cu_copy2d(Backend *be, float *dst, int ldd, const float *src, int ld
                                  cudaMemcpyDeviceToDevice, IM(be)->st));
 }
 
+// ---------------------------------------------------------------- Shampoo
+
+// Partial sums of squares of two buffers (b may be NULL): part[blk], part[RED_BLOCKS + blk]; fixed order.
+__global__ void k_sumsq2_partial(double *part, const float *a, const float *b, size_t n) {
+    __shared__ double sh[256];
+    double sa = 0.0, sb = 0.0;
+    GRID_STRIDE(i, n) {
+        sa += (double)a[i] * a[i];
+        if (b) sb += (double)b[i] * b[i];
+    }
+    sa = block_sum_d(sa, sh);
+    sb = block_sum_d(sb, sh);
+    if (threadIdx.x == 0) {
+        part[blockIdx.x] = sa;
+        part[RED_BLOCKS + blockIdx.x] = sb;
+    }
+}
+
+// coef = -(float)(lr * sqrt(sum a^2) / (sqrt(sum b^2) + 1e-16)), into out[0] as a float's bits in a double slot.
+__global__ void k_graft_coef(double *out, const double *part, double lr) {
+    __shared__ double sh[256];
+    double sa = 0.0, sb = 0.0;
+    for (int i = threadIdx.x; i < RED_BLOCKS; i += blockDim.x) {
+        sa += part[i];
+        sb += part[RED_BLOCKS + i];
+    }
+    sa = block_sum_d(sa, sh);
+    sb = block_sum_d(sb, sh);
+    if (threadIdx.x == 0) {
+        float c = (float)(lr * sqrt(sa) / (sqrt(sb) + 1e-16));
+        ((float *)out)[0] = -c;
+    }
+}
+
+// W[r * ldw + j] += a * P[r * cols + j], a = *ap (device) or a_host.
+__global__ void k_block_axpy(float *W, int ldw, const float *P, int rows, int cols, const float *ap, float a_host) {
+    float a = ap ? *ap : a_host;
+    size_t n = (size_t)rows * cols;
+    GRID_STRIDE(i, n) {
+        size_t r = i / cols, j = i % cols;
+        W[r * ldw + j] += a * P[i];
+    }
+}
+
+static void cu_graft_update(Backend *be, float *W, int ldw, const float *Pg, const float *Ps, int rows, int cols,
+                            double lr) {
+    PROF(be, "shampoo_graft_update");
+    CudaImpl *im = IM(be);
+    size_t n = (size_t)rows * cols;
+    if (!n) return;
+    if (!Ps) {
+        k_block_axpy<<<grid_for(n, 256), 256, 0, im->st>>>(W, ldw, Pg, rows, cols, NULL, -(float)lr);
+        KERNEL_CHECK("block_axpy");
+        return;
+    }
+    if (!im->gred) CUDA_CHECK(cudaMalloc(&im->gred, (2 * RED_BLOCKS + 2) * sizeof(double)));
+    k_sumsq2_partial<<<RED_BLOCKS, 256, 0, im->st>>>(im->gred, Pg, Ps, n);
+    KERNEL_CHECK("sumsq2_partial");
+    k_graft_coef<<<1, 256, 0, im->st>>>(im->gred + 2 * RED_BLOCKS, im->gred, lr);
+    KERNEL_CHECK("graft_coef");
+    k_block_axpy<<<grid_for(n, 256), 256, 0, im->st>>>(W, ldw, Ps, rows, cols, (const float *)(im->gred + 2 * RED_BLOCKS),
+                                                        0.0f);
+    KERNEL_CHECK("block_axpy");
+}
+
+// A = F / bc in fp64 (and its fp32 rounding Af for an fp32 solve); flag[1] = 2 if any entry is not finite.
+__global__ void k_root_prep(double *A, float *Af, const float *F, size_t nn, double bc, int *flag) {
+    GRID_STRIDE(i, nn) {
+        double a = (double)F[i] / bc;
+        if (!isfinite(a)) flag[1] = 2;
+        A[i] = a;
+        if (Af) Af[i] = (float)a;
+    }
+}
+
+__global__ void k_f32_to_f64(double *y, const float *x, size_t n) { GRID_STRIDE(i, n) y[i] = x[i]; }
+
+// The shift rule and the eigenvalue powers: sc[j] = (w[j] - min(w_min, 0) + eps)^(-1/(2r)). One block.
+__global__ void k_root_powers(double *sc, const double *w, int n, int r, double eps, int *flag) {
+    __shared__ double sh[1024];
+    double mn = INFINITY;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mn = fmin(mn, w[i]);
+    sh[threadIdx.x] = mn;
+    __syncthreads();
+    for (int k = blockDim.x / 2; k > 0; k >>= 1) {
+        if (threadIdx.x < k) sh[threadIdx.x] = fmin(sh[threadIdx.x], sh[threadIdx.x + k]);
+        __syncthreads();
+    }
+    double shift = sh[0] < 0.0 ? sh[0] : 0.0;
+    for (int j = threadIdx.x; j < n; j += blockDim.x) {
+        double v = pow(w[j] - shift + eps, -1.0 / (2.0 * r));
+        if (!isfinite(v)) flag[1] = 1;
+        sc[j] = v;
+    }
+}
+
+// Y = Q diag(sc): column j of the column-major eigenvector matrix scaled by sc[j].
+__global__ void k_col_scale(double *A, const double *sc, int n) {
+    size_t nn = (size_t)n * n;
+    GRID_STRIDE(i, nn) A[i] *= sc[i / n];
+}
+
+// X (row-major fp32) from the lower triangle of the column-major SYRK result, mirrored: exactly symmetric.
+__global__ void k_root_out(float *X, const double *Xd, int n, int *flag) {
+    size_t nn = (size_t)n * n;
+    GRID_STRIDE(idx, nn) {
+        size_t i = idx / n, j = idx % n;
+        double x = i >= j ? Xd[i + j * (size_t)n] : Xd[j + i * (size_t)n];
+        float f = (float)x;
+        if (!isfinite(x) || !isfinite(f)) flag[1] = 1;
+        X[idx] = f;
+    }
+}
+
+static RootCtx *root_ctx(CudaImpl *im, int side, int n) {
+    RootCtx *c = &im->rctx[side ? 1 : 0];
+    if (!c->ready) {
+        if (side) {
+            CUDA_CHECK(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));
+            CUBLAS_CHECK(cublasCreate(&c->blas));
+            CUBLAS_CHECK(cublasSetStream(c->blas, c->st));
+            CUBLAS_CHECK(cublasSetMathMode(c->blas, CUBLAS_DEFAULT_MATH));
+            c->own_blas = 1;
+        } else {
+            c->st = im->st;
+            c->blas = im->blas;
+        }
+        CUSOLVER_CHECK(cusolverDnCreate(&c->sol));
+        CUSOLVER_CHECK(cusolverDnSetStream(c->sol, c->st));
+        CUDA_CHECK(cudaMalloc(&c->dflag, 2 * sizeof(int)));
+        CUDA_CHECK(cudaMallocHost(&c->hflag, 2 * sizeof(int)));
+        c->ready = 1;
+    }
+    if (n > c->cap) {
+        CUDA_CHECK(cudaStreamSynchronize(c->st));
+        cudaFree(c->A);
+        cudaFree(c->X);
+        cudaFree(c->w);
+        cudaFree(c->sc);
+        cudaFree(c->Af);
+        cudaFree(c->wf);
+        size_t nn = (size_t)n * n;
+        CUDA_CHECK(cudaMalloc(&c->A, nn * sizeof(double)));
+        CUDA_CHECK(cudaMalloc(&c->X, nn * sizeof(double)));
+        CUDA_CHECK(cudaMalloc(&c->w, (size_t)n * sizeof(double)));
+        CUDA_CHECK(cudaMalloc(&c->sc, (size_t)n * sizeof(double)));
+        CUDA_CHECK(cudaMalloc(&c->Af, nn * sizeof(float)));
+        CUDA_CHECK(cudaMalloc(&c->wf, (size_t)n * sizeof(float)));
+        c->cap = n;
+    }
+    return c;
+}
+
+static void root_ctx_free(RootCtx *c) {
+    if (!c->ready) return;
+    cudaStreamSynchronize(c->st);
+    cudaFree(c->A);
+    cudaFree(c->X);
+    cudaFree(c->w);
+    cudaFree(c->sc);
+    cudaFree(c->Af);
+    cudaFree(c->wf);
+    cudaFree(c->work);
+    cudaFree(c->dflag);
+    cudaFreeHost(c->hflag);
+    cusolverDnDestroy(c->sol);
+    if (c->own_blas) {
+        cublasDestroy(c->blas);
+        cudaStreamDestroy(c->st);
+    }
+    memset(c, 0, sizeof *c);
+}
+
+// The row-major factor's lower triangle is the upper triangle of the column-major matrix that cuSOLVER sees (the
+// same entries LAPACKE_?syevd(ROW_MAJOR, 'L') reads on the CPU). Eigenvectors come back as columns.
+static int cu_inverse_root(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
+                           int side) {
+    CudaImpl *im = IM(be);
+    RootCtx *c = root_ctx(im, side, n);
+    size_t nn = (size_t)n * n;
+    cudaStream_t st = c->st;
+    CUDA_CHECK(cudaMemsetAsync(c->dflag, 0, 2 * sizeof(int), st));
+    k_root_prep<<<grid_for(nn, 256), 256, 0, st>>>(c->A, fp64 ? NULL : c->Af, F, nn, bias_corr, c->dflag);
+    KERNEL_CHECK("root_prep");
+    CUDA_CHECK(cudaMemcpyAsync(c->hflag, c->dflag, 2 * sizeof(int), cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    if (c->hflag[1] == 2) return 2;  // as the host path: no decomposition of a non-finite factor
+    int lwork = 0;
+    if (fp64)
+        CUSOLVER_CHECK(cusolverDnDsyevd_bufferSize(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->A, n,
+                                                   c->w, &lwork));
+    else
+        CUSOLVER_CHECK(cusolverDnSsyevd_bufferSize(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->Af,
+                                                   n, c->wf, &lwork));
+    size_t wbytes = (size_t)lwork * (fp64 ? sizeof(double) : sizeof(float));
+    if (wbytes > c->work_bytes) {
+        cudaFree(c->work);
+        CUDA_CHECK(cudaMalloc(&c->work, wbytes));
+        c->work_bytes = wbytes;
+    }
+    if (fp64) {
+        CUSOLVER_CHECK(cusolverDnDsyevd(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->A, n, c->w,
+                                        (double *)c->work, lwork, c->dflag));
+    } else {  // fp32 solve, then the powers and the product in fp64 as on the CPU
+        CUSOLVER_CHECK(cusolverDnSsyevd(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->Af, n, c->wf,
+                                        (float *)c->work, lwork, c->dflag));
+        k_f32_to_f64<<<grid_for(nn, 256), 256, 0, st>>>(c->A, c->Af, nn);
+        KERNEL_CHECK("f32_to_f64");
+        k_f32_to_f64<<<grid_for(n, 256), 256, 0, st>>>(c->w, c->wf, n);
+        KERNEL_CHECK("f32_to_f64");
+    }
+    k_root_powers<<<1, 1024, 0, st>>>(c->sc, c->w, n, r, eps, c->dflag);
+    KERNEL_CHECK("root_powers");
+    k_col_scale<<<grid_for(nn, 256), 256, 0, st>>>(c->A, c->sc, n);
+    KERNEL_CHECK("col_scale");
+    const double one = 1.0, zero = 0.0;
+    CUBLAS_CHECK(cublasDsyrk(c->blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, n, n, &one, c->A, n, &zero, c->X, n));
+    k_root_out<<<grid_for(nn, 256), 256, 0, st>>>(X, c->X, n, c->dflag);
+    KERNEL_CHECK("root_out");
+    CUDA_CHECK(cudaMemcpyAsync(c->hflag, c->dflag, 2 * sizeof(int), cudaMemcpyDeviceToHost, st));
+    CUDA_CHECK(cudaStreamSynchronize(st));
+    return c->hflag[0] != 0 || c->hflag[1] != 0 ? 1 : 0;
+}
+
 // ---------------------------------------------------------------- diagnostics
 
 // One block per image: (mean of x^2, mean cosine between distinct tokens), as the CPU backend defines them.
@@ -1318,6 +1568,8 @@ static void cu_destroy(Backend *be) {
             im->prof[best].calls = -1;
         }
     }
+    for (int k = 1; k >= 0; k--) root_ctx_free(&im->rctx[k]);  // context 0 borrows the backend's BLAS handle
+    if (im->gred) cudaFree(im->gred);
     if (im->shadow) cudaFree(im->shadow);
     if (im->scratch) cudaFree(im->scratch);
     cudaFree(im->red);
@@ -1440,6 +1692,8 @@ Backend *backend_cuda_create(int device) {
     be->copy2d = cu_copy2d;
     be->moments = cu_moments;
     be->adam_dir = cu_adam_dir;
+    be->graft_update = cu_graft_update;
+    be->inverse_root = cu_inverse_root;
     be->signal_stats = cu_signal_stats;
     be->native_stream = cu_native_stream;
     be->destroy = cu_destroy;

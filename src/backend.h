@@ -131,6 +131,21 @@ struct Backend {
     void (*adam_dir)(Backend *be, float *out, const float *m, const float *v, size_t n, float bc1, float bc2,
                      float eps);
 
+    // W (rows, cols; row stride ldw) += -c * P with P (rows, cols) contiguous: Shampoo's block update (spec/shampoo.md
+    // §2.3 step 7). Ps NULL: the graft step, P = Pg and c = (float)lr. Else P = Ps and
+    // c = (float)(lr * ||Pg||_F / (||Ps||_F + 1e-16)), both norms as sumsq computes them, on the device (no host
+    // round trip on the CUDA backend).
+    void (*graft_update)(Backend *be, float *W, int ldw, const float *Pg, const float *Ps, int rows, int cols,
+                         double lr);
+    // Shampoo's inverse root on the device (spec/shampoo.md §2.4): X (n, n) = (F / bias_corr + shift + eps I)^(-1/r)
+    // of the symmetric factor F (n, n, row-major; its lower triangle is read), by a symmetric eigendecomposition in
+    // fp64 (fp64 = 1) or fp32, X exactly symmetric, fp32. Returns 0, 1 if the decomposition failed or gave
+    // non-finite values, 2 if F is not finite. side = 1 runs it on a second stream and handle, for a root thread
+    // that overlaps the step (the caller orders the inputs with be->sync first); it returns when X is written.
+    // NULL on the CPU backend: the owner computes roots on the host with LAPACK (src/shampoo.c).
+    int (*inverse_root)(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
+                        int side);
+
     // ---- diagnostics ----
     // Over x (B, N, D): mean of x^2, and the mean cosine between distinct tokens of the same image.
     void (*signal_stats)(Backend *be, const void *x, int B, int N, int D, double *mean_sq, double *mean_cos);

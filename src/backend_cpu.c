@@ -475,6 +475,25 @@ static void cpu_axpy(Backend *be, float *y, const float *x, size_t n, float a) {
     for (size_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
+static void cpu_graft_update(Backend *be, float *W, int ldw, const float *Pg, const float *Ps, int rows, int cols,
+                             double lr) {
+    size_t area = (size_t)rows * cols;
+    float c = (float)lr;
+    const float *P = Pg;
+    if (Ps) {
+        double ng = sqrt(cpu_sumsq(be, Pg, area)), ns = sqrt(cpu_sumsq(be, Ps, area));
+        c = (float)(lr * ng / (ns + 1e-16));
+        P = Ps;
+    }
+    float a = -c;  // exactly axpy's y += a x, element by element
+#pragma omp parallel for schedule(static) if (area > 65536)
+    for (int r = 0; r < rows; r++) {
+        float *w = W + (size_t)r * ldw;
+        const float *p = P + (size_t)r * cols;
+        for (int j = 0; j < cols; j++) w[j] += a * p[j];
+    }
+}
+
 static void cpu_ema_update(Backend *be, float *ema, const float *w, size_t n, float decay) {
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) ema[i] = decay * ema[i] + (1.0f - decay) * w[i];
@@ -607,6 +626,8 @@ Backend *backend_cpu_create(int threads) {
         .scale = cpu_scale,
         .axpy = cpu_axpy,
         .ema_update = cpu_ema_update,
+        .graft_update = cpu_graft_update,
+        .inverse_root = NULL,  // roots on the host (LAPACK) in src/shampoo.c
         .gemm = cpu_gemm,
         .copy2d = cpu_copy2d,
         .moments = cpu_moments,

@@ -271,7 +271,7 @@ static void nccl_start(Comm *c, float *buf, size_t n) {
 
 // Waits for every started NCCL sum by polling, with the heartbeats and the timeout of poll_wait; the compute
 // stream is then ordered after them.
-static void nccl_wait(Comm *c) {
+static void nccl_wait_for(Comm *c, const char *what) {
     CommState *st = c->st;
     if (!st->nccl_pending) return;
     CUDA_CALL(c, cudaEventRecord(st->ev_done, st->nccl_st));
@@ -279,16 +279,15 @@ static void nccl_wait(Comm *c) {
     for (;;) {
         cudaError_t q = cudaEventQuery(st->ev_done);
         if (q == cudaSuccess) break;
-        if (q != cudaErrorNotReady) DIE("rank %d: the NCCL gradient all-reduce failed: %s", c->rank, cudaGetErrorString(q));
+        if (q != cudaErrorNotReady) DIE("rank %d: %s failed: %s", c->rank, what, cudaGetErrorString(q));
         ncclResult_t async = ncclSuccess;
         NCCL_CHECK(c, ncclCommGetAsyncError(st->nccl, &async));
-        if (async != ncclSuccess) DIE("rank %d: NCCL reports %s during the gradient all-reduce", c->rank,
-                                      ncclGetErrorString(async));
+        if (async != ncclSuccess) DIE("rank %d: NCCL reports %s during %s", c->rank, ncclGetErrorString(async), what);
         if (c->rank == 0) drain_heartbeats(c);
         double waited = now_sec() - t0;
         if (c->timeout_s > 0 && waited > c->timeout_s) {
             ncclCommAbort(st->nccl);
-            report_timeout(c, "the NCCL gradient all-reduce", waited);
+            report_timeout(c, what, waited);
         }
         if (waited > 0.02) {
             struct timespec ts = {0, 50000};
@@ -298,6 +297,8 @@ static void nccl_wait(Comm *c) {
     CUDA_CALL(c, cudaStreamWaitEvent(st->compute, st->ev_done, 0));
     st->nccl_pending = 0;
 }
+
+static void nccl_wait(Comm *c) { nccl_wait_for(c, "the NCCL gradient all-reduce"); }
 
 int comm_gpu_init(Comm *c, void *stream) {
     if (c->world == 1) return 1;
@@ -316,6 +317,36 @@ int comm_gpu_init(Comm *c, void *stream) {
 #else
 int comm_gpu_init(Comm *c, void *stream) { return c->world == 1; }
 #endif
+
+int comm_device_collectives(const Comm *c) {
+#ifdef USE_NCCL
+    if (c->world > 1 && c->st->gpu) return 1;
+#endif
+    return c->world == 1;
+}
+
+void comm_bcast_all(Comm *c, void *const *bufs, const size_t *bytes, int device) {
+    if (c->world == 1) return;
+    if (device) {
+#ifdef USE_NCCL
+        CommState *st = c->st;
+        CHECK(st->gpu, "comm_bcast_all: device buffers need comm_gpu_init");
+        CUDA_CALL(c, cudaEventRecord(st->ev_ready, st->compute));
+        CUDA_CALL(c, cudaStreamWaitEvent(st->nccl_st, st->ev_ready, 0));
+        NCCL_CHECK(c, ncclGroupStart());
+        for (int r = 0; r < c->world; r++)
+            if (bytes[r]) NCCL_CHECK(c, ncclBroadcast(bufs[r], bufs[r], bytes[r], ncclChar, r, st->nccl, st->nccl_st));
+        NCCL_CHECK(c, ncclGroupEnd());
+        st->nccl_pending++;
+        nccl_wait_for(c, "the NCCL Shampoo root broadcast");
+        return;
+#else
+        DIE("rank %d: comm_bcast_all on device buffers in a build without NCCL", c->rank);
+#endif
+    }
+    for (int r = 0; r < c->world; r++)
+        if (bytes[r]) comm_bcast(c, bufs[r], bytes[r], r);
+}
 
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {
 #ifdef USE_NCCL
@@ -439,6 +470,8 @@ void comm_set_timeout(Comm *c, double seconds) { c->timeout_s = seconds; }
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {}
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n) {}
 void comm_bcast(Comm *c, void *buf, size_t bytes, int root) {}
+void comm_bcast_all(Comm *c, void *const *bufs, const size_t *bytes, int device) {}
+int comm_device_collectives(const Comm *c) { return 1; }
 void comm_barrier(Comm *c) {}
 void comm_allreduce_start_f32(Comm *c, float *buf, size_t n) {}
 void comm_progress(Comm *c) {}

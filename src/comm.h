@@ -42,6 +42,14 @@ double comm_wait_seconds(const Comm *c);  // time spent in comm_wait_all so far 
 // Returns 1, or 0 when this build has no NCCL (USE_NCCL needs MPI and CUDA); with one rank it does nothing.
 int comm_gpu_init(Comm *c, void *stream);
 
+// Every rank r broadcasts bufs[r] (bytes[r] bytes; 0 = nothing) to all ranks, in one call: Shampoo's root
+// broadcast (spec/shampoo.md §3.3). device = 1: the buffers are CUDA device memory, broadcast by NCCL inside one
+// group on its stream once the compute stream has written them (needs comm_device_collectives); else host memory,
+// MPI_Bcast owner by owner. Blocking but polled (heartbeats, timeout); the compute stream is ordered after it.
+void comm_bcast_all(Comm *c, void *const *bufs, const size_t *bytes, int device);
+// 1 if comm_bcast_all takes device buffers: NCCL is bound (comm_gpu_init) or there is only one rank.
+int comm_device_collectives(const Comm *c);
+
 // Deterministic sum: rank r holds nlocal consecutive shards of a global sequence of world * nlocal shards; out gets
 // ((s_0 + s_1) + s_2) + ... in global shard order on every rank, bit-identical at any world size.
 void comm_ordered_sum_f32(Comm *c, float *const *shards, int nlocal, float *out, size_t n);

@@ -1,5 +1,7 @@
 // shampoo.c: see shampoo.h and spec/shampoo.md. The per-block math runs on the backend (GEMMs for statistics and
-// the preconditioned update); the eigendecompositions run on the host with LAPACK, by the block's owner only.
+// the preconditioned update, the grafted block update). The eigendecompositions run by the block's owner only: on
+// the host with LAPACK (CPU backend), or on the device with cuSOLVER (be->inverse_root, CUDA backend), whose roots
+// never leave the GPU (NCCL broadcast).
 #include "shampoo.h"
 
 #include <cblas.h>
@@ -14,13 +16,25 @@
 #include "util.h"
 
 // A refresh in flight: the owner's factor snapshot, and its packed roots once computed.
+// Host roots (CPU backend): a host snapshot of the factors and the packed buffer on the host. Device roots
+// (be->inverse_root, the CUDA backend): the factors stay on the device (a device snapshot under root_delay 1), the
+// roots go straight into this rank's slot of the device broadcast area, and only the status header is on the host.
 typedef struct RootJob {
     Shampoo *s;
-    float *factors;       // host snapshot of this rank's factors
-    unsigned char *out;   // this rank's packed buffer
+    float *factors;       // host: snapshot of this rank's factors (NULL in device mode)
+    unsigned char *out;   // host: this rank's packed buffer (device mode: its status header only)
+    float *bad;           // device mode: per owned block, the non-finite factor's index (status 2)
     int *inject;          // per block: an injected failure (tests), taken from the blocks when the job starts
     int64_t t;            // the refresh step
 } RootJob;
+
+static void job_free(RootJob *job) {
+    free(job->factors);
+    free(job->out);
+    free(job->bad);
+    free(job->inject);
+    free(job);
+}
 
 int shampoo_config_check(const ShampooConfig *c, char *err, size_t n) {
     if (c->frequency < 1) return set_err(err, n, "config key 'shampoo.precondition_frequency': must be >= 1");
@@ -119,6 +133,8 @@ static void assign_owners(ShampooBlock *blocks, int n, int world, double *max_me
     free(load);
 }
 
+static size_t packed_size(const Shampoo *s, int r, int *nblocks);
+
 static int block_preconditioned(const Shampoo *s, const ShampooBlock *b) {
     const TensorInfo *t = &s->model->tensors[b->param];
     return !(s->cfg.one_d_adam && t->ndim == 1);  // the parameter's own rank decides (spec §2.6)
@@ -188,6 +204,16 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
     s->factors = be->alloc(be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float), "Shampoo factors");
     s->scratch_floats = 4 * largest;
     s->scratch = be->alloc(be, s->scratch_floats * sizeof(float), "Shampoo scratch");
+    if (be->inverse_root) {  // device roots: the broadcast area (every owner's packed buffer, in rank order)
+        s->area_off = xcalloc((size_t)(comm->world + 1) * sizeof(size_t), "root area offsets");
+        for (int r = 0; r < comm->world; r++) {
+            int nb;
+            s->area_off[r + 1] = s->area_off[r] + packed_size(s, r, &nb);
+        }
+        s->area = be->alloc(be, s->area_off[comm->world] + 4, "Shampoo root broadcast area");
+        if (cfg->root_delay)
+            s->snap = be->alloc(be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float), "Shampoo factor snapshot");
+    }
     // Factors start at eps I (the reference's local change), on the host then uploaded once.
     float *f = xcalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factor init");
     for (int i = 0; i < s->nowned; i++) {
@@ -209,11 +235,11 @@ void shampoo_free(Shampoo *s) {
     be->free(be, s->roots);
     if (s->job) {  // a root thread still running at the end of a run
         pthread_join(s->thread, NULL);
-        free(s->job->factors);
-        free(s->job->out);
-        free(s->job->inject);
-        free(s->job);
+        job_free(s->job);
     }
+    if (s->area) be->free(be, s->area);
+    if (s->snap) be->free(be, s->snap);
+    free(s->area_off);
     be->free(be, s->factors);
     be->free(be, s->scratch);
     free(s->blocks);
@@ -331,6 +357,31 @@ static void *compute_roots(void *arg) {
     double te = now_sec(), bias = 1.0 - pow(s->cfg.beta2, (double)job->t);
     int nb;
     packed_size(s, s->comm->rank, &nb);
+    Backend *be = s->model->be;
+    if (s->area) {  // device roots: into this rank's slot of the broadcast area, on the side stream under delay 1
+        int32_t *status = (int32_t *)job->out;
+        const float *src = s->cfg.root_delay ? s->snap : s->factors;
+        float *roots = (float *)((char *)s->area + s->area_off[s->comm->rank] + (size_t)nb * sizeof(int32_t));
+        int j = 0;
+        size_t at = 0;
+        for (int i = 0; i < s->nblocks; i++) {
+            const ShampooBlock *b = &s->blocks[i];
+            if (b->owner != s->comm->rank || !block_preconditioned(s, b)) continue;
+            int st = job->inject[i] ? 1 : 0;
+            size_t slot = at;
+            int k = 0;
+            for (; k < b->order && st == 0; k++) {
+                st = be->inverse_root(be, src + b->fac_off[k], b->dim[k], bias, 2 * b->order, s->cfg.eps,
+                                      s->cfg.root_fp64, roots + slot, s->cfg.root_delay);
+                slot += (size_t)b->dim[k] * b->dim[k];
+            }
+            job->bad[j] = st == 2 ? (float)(k - 1) : 0.0f;  // written into the slot by finish_refresh
+            status[j++] = st;
+            for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
+        }
+        s->eig_s += now_sec() - te;
+        return NULL;
+    }
     int32_t *status = (int32_t *)job->out;
     float *roots = (float *)(job->out + (size_t)nb * sizeof(int32_t));
     // The same on every rank: the root bits depend on it. Only without a concurrent step (the setting is global).
@@ -366,9 +417,19 @@ static RootJob *start_refresh(Shampoo *s) {
     int nb;
     job->s = s;
     job->t = s->t;
-    job->factors = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factor snapshot");
-    be->download(be, job->factors, s->factors, s->factor_floats * sizeof(float));
-    job->out = xcalloc(packed_size(s, s->comm->rank, &nb) + 1, "own root buffer");
+    size_t own = packed_size(s, s->comm->rank, &nb);
+    if (s->area) {
+        if (s->cfg.root_delay) {  // the next step updates the factors while the side stream reads the snapshot
+            be->copy(be, s->snap, s->factors, s->factor_floats * sizeof(float));
+            be->sync(be);
+        }
+        job->out = xcalloc((size_t)nb * sizeof(int32_t) + 1, "own root status");
+        job->bad = xcalloc((size_t)nb * sizeof(float) + 1, "own root status");
+    } else {
+        job->factors = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factor snapshot");
+        be->download(be, job->factors, s->factors, s->factor_floats * sizeof(float));
+        job->out = xcalloc(own + 1, "own root buffer");
+    }
     job->inject = xcalloc((size_t)(s->nblocks ? s->nblocks : 1) * sizeof(int), "injected failures");
     for (int i = 0; i < s->nblocks; i++) {
         job->inject[i] = s->blocks[i].inject;
@@ -491,28 +552,68 @@ void shampoo_traffic(const Shampoo *s, ShampooTraffic *out) {
 }
 
 // Every owner broadcasts its packed buffer; every rank (the owner included) installs the roots from the bytes it
-// holds, so that all ranks take the same decisions and hold the same bits.
+// holds, so that all ranks take the same decisions and hold the same bits. Device mode: the area is broadcast in
+// place (NCCL, or staged through the host without it), the status headers are read back, and roots are installed
+// by device copies.
 static void finish_refresh(Shampoo *s, RootJob *job) {
     Model *m = s->model;
     Backend *be = m->be;
     Comm *comm = s->comm;
+    int P = comm->world, dev = s->area != NULL;
     s->bcast_last = 0;
-    for (int r = 0; r < comm->world; r++) {
-        int nb;
-        size_t bytes = packed_size(s, r, &nb);
+    void **bufs = xcalloc((size_t)P * sizeof(void *), "root broadcast buffers");
+    size_t *bytes = xcalloc((size_t)P * sizeof(size_t), "root broadcast sizes");
+    int *nbs = xcalloc((size_t)P * sizeof(int), "root broadcast counts");
+    for (int r = 0; r < P; r++) bytes[r] = packed_size(s, r, &nbs[r]);
+    double tb = now_sec();
+    unsigned char *staged;
+    if (dev) {
+        int nb = nbs[comm->rank];
+        char *own = (char *)s->area + s->area_off[comm->rank];
+        if (nb) be->upload(be, own, job->out, (size_t)nb * sizeof(int32_t));
+        const int32_t *st = (const int32_t *)job->out;
+        size_t at = 0;  // a non-finite factor's index rides in the block's first root slot, as on the host path
+        for (int i = 0, j = 0; i < s->nblocks; i++) {
+            const ShampooBlock *b = &s->blocks[i];
+            if (b->owner != comm->rank || !block_preconditioned(s, b)) continue;
+            if (st[j] == 2) be->upload(be, own + (size_t)nb * sizeof(int32_t) + at * sizeof(float), &job->bad[j], 4);
+            j++;
+            for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
+        }
+        if (comm_device_collectives(comm)) {
+            for (int r = 0; r < P; r++) bufs[r] = (char *)s->area + s->area_off[r];
+            comm_bcast_all(comm, bufs, bytes, 1);
+        } else if (P > 1) {  // no NCCL: through the host
+            size_t total = s->area_off[P];
+            staged = xmalloc(total + 1, "staged root broadcast");
+            be->download(be, staged, s->area, total);
+            for (int r = 0; r < P; r++) bufs[r] = staged + s->area_off[r];
+            comm_bcast_all(comm, bufs, bytes, 0);
+            be->upload(be, s->area, staged, total);
+            free(staged);
+        }
+        for (int r = 0; r < P; r++) bufs[r] = (char *)s->area + s->area_off[r];  // what is installed from
+    } else {
+        for (int r = 0; r < P; r++)
+            bufs[r] = r == comm->rank ? job->out : (nbs[r] ? xcalloc(bytes[r], "root broadcast buffer") : NULL);
+        comm_bcast_all(comm, bufs, bytes, 0);
+    }
+    s->bcast_s += now_sec() - tb;
+    for (int r = 0; r < P; r++) {
+        int nb = nbs[r];
         if (nb == 0) continue;
-        unsigned char *buf = r == comm->rank ? job->out : xcalloc(bytes, "root broadcast buffer");
-        double tb = now_sec();
-        comm_bcast(comm, buf, bytes, r);
-        s->bcast_s += now_sec() - tb;
-        s->bcast_bytes += bytes;
-        s->bcast_last += bytes;
+        s->bcast_bytes += bytes[r];
+        s->bcast_last += bytes[r];
         if (r == comm->rank)
-            s->bcast_sent += bytes;
+            s->bcast_sent += bytes[r];
         else
-            s->bcast_recv += bytes;
-        const int32_t *status = (const int32_t *)buf;
-        const float *roots = (const float *)(buf + (size_t)nb * sizeof(int32_t));
+            s->bcast_recv += bytes[r];
+        int32_t *status = (int32_t *)bufs[r];
+        const float *roots = (const float *)((const char *)bufs[r] + (size_t)nb * sizeof(int32_t));
+        if (dev) {  // the header to the host; roots stay on the device
+            status = xmalloc((size_t)nb * sizeof(int32_t), "root status");
+            be->download(be, status, bufs[r], (size_t)nb * sizeof(int32_t));
+        }
         int j = 0;
         size_t at = 0;
         for (int i = 0; i < s->nblocks; i++) {
@@ -522,12 +623,21 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
             size_t len = 0;
             for (int k = 0; k < b->order; k++) len += (size_t)b->dim[k] * b->dim[k];
             int pj = param_block_index(s, i);  // blocks are named within their parameter (spec §2.7, §3.5)
-            if (st == 2)
+            if (st == 2) {
+                float fk = 0.0f;
+                if (dev)
+                    be->download(be, &fk, roots + at, sizeof fk);
+                else
+                    fk = roots[at];
                 die_user("shampoo: non-finite factor %d of %s block %d (%dx%d) at step %lld (lower opt.lr or check "
                          "the data)",
-                         (int)roots[at], m->tensors[b->param].name, pj, b->rows, b->cols, (long long)job->t);
+                         (int)fk, m->tensors[b->param].name, pj, b->rows, b->cols, (long long)job->t);
+            }
             if (st == 0) {
-                be->upload(be, s->roots + b->root_off[0], roots + at, len * sizeof(float));
+                if (dev)
+                    be->copy(be, s->roots + b->root_off[0], roots + at, len * sizeof(float));
+                else
+                    be->upload(be, s->roots + b->root_off[0], roots + at, len * sizeof(float));
                 b->has_roots = 1;
                 b->fails = 0;
             } else {
@@ -543,26 +653,24 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
             }
             at += len;
         }
-        if (r != comm->rank) free(buf);
+        if (dev) free(status);
+        else if (r != comm->rank) free(bufs[r]);
     }
+    free(bufs);
+    free(bytes);
+    free(nbs);
     if (s->cfg.check_replicas) check_roots(s, job->t);
-    free(job->factors);
-    free(job->out);
-    free(job->inject);
-    free(job);
+    job_free(job);
     s->refreshes++;
 }
 
 // ---------------------------------------------------------------- the step
 
-// W_b -= coef * P for a block (P contiguous rows x cols), through a gathered copy of W_b.
-static void block_axpy(Shampoo *s, const ShampooBlock *b, const float *P, float coef, float *work) {
+// W_b -= lr (graft, Ps NULL) or lr * ||Pg|| / (||Ps|| + 1e-16) * Ps, in place in the parameter buffer.
+static void block_apply(Shampoo *s, const ShampooBlock *b, const float *Pg, const float *Ps, double lr) {
     Backend *be = s->model->be;
-    float *W = s->model->params + b->offset;
     int rows = b->order == 2 ? b->rows : 1, cols = b->order == 2 ? b->cols : b->rows, ld = b->order == 2 ? b->ld : b->rows;
-    be->copy2d(be, work, cols, W, ld, rows, cols);
-    be->axpy(be, work, P, (size_t)rows * cols, -coef);
-    be->copy2d(be, W, ld, work, cols, rows, cols);
+    be->graft_update(be, s->model->params + b->offset, ld, Pg, Ps, rows, cols, lr);
 }
 
 // The update of one block (spec §2.3 step 7), from m and v already updated.
@@ -578,7 +686,7 @@ static void update_block(Shampoo *s, int i, double lr, float bc1, float bc2) {
     be->adam_dir(be, Pg, Gb, tmp, area, bc1, bc2, (float)s->cfg.graft_eps);
     int shampoo = b->has_roots && block_preconditioned(s, b) && s->t > s->cfg.start_step;
     if (!shampoo) {
-        block_axpy(s, b, Pg, (float)lr, tmp);
+        block_apply(s, b, Pg, NULL, lr);
         return;
     }
     be->scale(be, Gb, area, 1.0f / bc1);  // G-bar = m / (1 - beta1^t)
@@ -590,8 +698,7 @@ static void update_block(Shampoo *s, int i, double lr, float bc1, float bc2) {
         be->gemm(be, 0, 0, b->rows, b->cols, b->cols, 1.0f, tmp, b->cols, s->roots + b->root_off[1], b->cols, 0.0f,
                  Ps, b->cols);
     }
-    double ng = sqrt(be->sumsq(be, Pg, area)), ns = sqrt(be->sumsq(be, Ps, area));
-    block_axpy(s, b, Ps, (float)(lr * ng / (ns + 1e-16)), tmp);  // grafted: the Adam step's norm
+    block_apply(s, b, Pg, Ps, lr);  // grafted: the Adam step's norm
 }
 
 // Refresh steps: t mod f = 0 and t >= max(S, 1).

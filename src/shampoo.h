@@ -61,6 +61,12 @@ typedef struct {
     size_t factor_floats;
     float *scratch;  // device: per-block work space (4 * the largest block)
     size_t scratch_floats;
+    // Device roots (the backend has inverse_root): the owners' packed buffers back to back in rank order, broadcast
+    // in place; area_off[r] is owner r's byte offset (world + 1 entries). snap: the owned factors as of the refresh
+    // step, for a root_delay 1 decomposition on the side stream. All NULL on the host-roots path.
+    void *area;
+    size_t *area_off;
+    float *snap;
     int *owned;      // indices of the blocks this rank owns, ascending
     int nowned;
     double max_mean_load;  // ownership balance (logged at start)

@@ -26,6 +26,7 @@
 #include "rng.h"
 #include "safetensors.h"
 #include "shampoo.h"
+#include "device_roots_emu.h"
 #include "fixture_meta.h"
 #include "testlib.h"
 
@@ -1757,6 +1758,77 @@ static void test_failures(void) {
     }
 }
 
+// ================================================================ the device-roots path (CUDA's) on the CPU
+
+// The same run through the host-roots path (inverse_root NULL) and the device-roots path (device_roots_emu.h: the
+// broadcast area, status headers read back, installs by device copies, a factor snapshot and the side stream under
+// delay 1), with injected decomposition failures: parameters, roots, counters and traffic must be bit-identical.
+static void test_device_path(void) {
+    for (int delay = 0; delay < 2; delay++) {
+        char title[300];
+        snprintf(title, sizeof title,
+                 "device-roots path (as on CUDA, emulated on host memory), delay %d: 32 steps with f = S = 4 and two "
+                 "injected failures equal the host-roots path bit for bit (parameters every step, roots, counters, "
+                 "traffic); roots computed on the %s stream",
+                 delay, delay ? "side" : "compute");
+        TEST_CASE(title) {
+            Backend dev = *be, host = *be;
+            dev.inverse_root = emu_inverse_root;
+            host.inverse_root = NULL;
+            ModelConfig mc = tiny_simplest();
+            Model *ma = model_create(&mc, &host, 1);
+            model_init(ma, 11);
+            Model *mb = model_create(&mc, &dev, 1);
+            model_init(mb, 11);
+            size_t n = ma->num_params;
+            ShampooConfig sc = base_sc();
+            sc.max_dim = 32;
+            sc.frequency = sc.start_step = 4;
+            sc.root_delay = delay;
+            sc.eps = 1e-4;
+            Shampoo sa, sb;
+            shampoo_create(&sa, ma, &comm1, &sc, NULL);
+            shampoo_create(&sb, mb, &comm1, &sc, NULL);
+            EXPECT(sa.area == NULL && sb.area != NULL, "the paths were not the ones meant (area %p / %p)", sa.area,
+                   sb.area);
+            long calls0[2] = {emu_root_calls[0], emu_root_calls[1]};
+            int first_diff = 0;
+            for (int k = 1; k <= 32; k++) {
+                if (k == 12 || k == 20) {  // a refresh step: the qkv weight's first block fails on both
+                    shampoo_inject_failure(&sa, 2);
+                    shampoo_inject_failure(&sb, 2);
+                }
+                fill_normal(ma->grads, n, 1.0, 77, k);
+                memcpy(mb->grads, ma->grads, n * sizeof(float));
+                double lr = lr_at_step(0.01, k, 3, 40, 0), scale = 0.5 + 0.5 * uniform(77, k);
+                shampoo_step(&sa, lr, scale);
+                shampoo_step(&sb, lr, scale);
+                if (!first_diff && memcmp(ma->params, mb->params, n * sizeof(float))) first_diff = k;
+            }
+            ShampooTraffic ta, tb;
+            shampoo_traffic(&sa, &ta);
+            shampoo_traffic(&sb, &tb);
+            long used = emu_root_calls[delay] - calls0[delay], other = emu_root_calls[!delay] - calls0[!delay];
+            printf("    device path: %ld roots on the %s stream, %lld refreshes, %lld failed, %zu bytes per refresh\n",
+                   used, delay ? "side" : "compute", (long long)sb.refreshes, (long long)sb.failed_decomps,
+                   tb.per_refresh);
+            EXPECT(first_diff == 0, "parameters differ from step %d", first_diff);
+            EXPECT(!memcmp(sa.roots, sb.roots, sa.root_floats * sizeof(float)), "roots differ");
+            EXPECT(sa.refreshes == sb.refreshes && sa.refreshes >= 7, "refreshes %lld / %lld",
+                   (long long)sa.refreshes, (long long)sb.refreshes);
+            EXPECT(sa.failed_decomps == 2 && sb.failed_decomps == 2, "failed decompositions %lld / %lld (want 2)",
+                   (long long)sa.failed_decomps, (long long)sb.failed_decomps);
+            EXPECT(ta.total == tb.total && ta.per_refresh == tb.per_refresh && ta.total > 0, "traffic %zu / %zu",
+                   ta.total, tb.total);
+            EXPECT(used > 0 && other == 0, "roots on the expected stream %ld, on the other %ld", used, other);
+            shampoo_free(&sa);
+            shampoo_free(&sb);
+            model_free(ma);
+            model_free(mb);
+        }
+    }
+}
+
 // ================================================================ P13 validation
 
 static void test_validation(void) {
@@ -1978,6 +2050,7 @@ static void test_parity(void) {
 
 int main(int argc, char **argv) {
     be = backend_cpu_create(1);
+    if (device_roots_from_env(be)) printf("# every case through Shampoo's device-roots path (SD_TEST_DEVICE_ROOTS=1)\n");
     const char *only = argc > 1 ? argv[1] : NULL;  // run one group: blocking, stats, roots, adam, general, ...
 #define GROUP(name, fn) \
     if (!only || !strcmp(only, name)) fn()
@@ -1991,6 +2064,7 @@ int main(int argc, char **argv) {
     GROUP("precision", test_precision);
     GROUP("failures", test_failures);
     GROUP("validation", test_validation);
+    GROUP("device", test_device_path);
     GROUP("parity", test_parity);
     be->destroy(be);
     return tl_finish();

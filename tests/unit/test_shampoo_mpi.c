@@ -24,6 +24,7 @@
 #include "rng.h"
 #include "util.h"
 #include "shampoo.h"
+#include "device_roots_emu.h"
 
 #define STEPS 100
 static Comm comm;
@@ -278,6 +279,7 @@ static void corrupt(int roots) {
 int main(int argc, char **argv) {
     comm_init(&comm, &argc, &argv);
     be = backend_cpu_create(1);
+    if (device_roots_from_env(be) && comm.rank == 0) printf("# Shampoo's device-roots path (SD_TEST_DEVICE_ROOTS=1)\n");
     const char *mode = argc > 1 ? argv[1] : "all";
     char tmp[] = "/tmp/shampoo_mpiXXXXXX";
     const char *dir = argc > 2 ? argv[2] : NULL;
