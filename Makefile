@@ -113,7 +113,7 @@ run: deps
 	$(MAKE) simplest-dist
 	./simplest-dist $(CONFIG)
 
-test: simplest-dist $(TEST_BINS)
+test: simplest-dist $(TEST_BINS) $(BUILD)/gpu/test_cuda
 	@BUILD=$(BUILD) tests/run.sh
 
 bench: simplest-dist $(BENCH_BINS)

@@ -25,7 +25,7 @@ sys.path.insert(0, HERE)
 import flops  # noqa: E402
 
 FIXTURE = os.path.join(HERE, "fixtures", "fmnist_cpu_300.jsonl")
-GROUPS = ["ops", "attn", "fused", "optim", "step"]
+GROUPS = ["ops", "attn", "fused", "optim", "step", "shampoo"]
 
 
 def read(path, default=""):
@@ -270,6 +270,26 @@ def main():
     for f in sorted(glob.glob(os.path.join(w, "bench_*.log")) + glob.glob(os.path.join(w, "torch_*.log"))):
         md += ["<details><summary>%s</summary>" % os.path.basename(f), "", "```", read(f).rstrip()[-6000:], "```", "",
                "</details>", ""]
+
+    # 4b. Shampoo@25 against Adam (tests/bench/bench_step --opt), mean step over whole refresh intervals
+    sh = {}
+    for f in sorted(glob.glob(os.path.join(w, "shampoo_*.log"))):
+        name = os.path.basename(f)[:-4]
+        recs = json_lines(stage_info(w, name)[2])
+        if recs:
+            sh[name] = recs[-1]
+    if sh:
+        md += ["## 4b. Shampoo@25 against Adam, SimplEsT-ViT-S/16, batch 256, one GPU", "",
+               "`bench_step --opt adam|shampoo [--root-delay 1] --warmup 25 --steps 100`: steps 26-125, so four "
+               "refreshes (50, 75, 100, 125) are inside the mean (spec/shampoo.md §4). Roots: cuSOLVER syevd, fp64.", "",
+               "| run | mean ms/step | median ms/step | vs Adam (mean) |", "|---|---|---|---|"]
+        base = sh.get("shampoo_adam")
+        for name, r in sh.items():
+            ratio = "%.3fx" % (r["mean_ms"] / base["mean_ms"]) if base and "mean_ms" in r else "-"
+            md.append("| %s | %.2f | %.2f | %s |" % (name, r.get("mean_ms", float("nan")), r["ms_per_step"], ratio))
+            if name != "shampoo_adam":
+                summary.append(("%s vs adam" % name, ratio, "mean %.2f ms/step (target 1.15x at np = 1)" % r.get("mean_ms", float("nan"))))
+        md.append("")
 
     passed = build_ok and core_ok and bool(fm_ok)
     md[1:1] = ["Overall: **%s** (build, every op and step check outside the fused attention, Fashion-MNIST "

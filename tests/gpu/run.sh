@@ -6,12 +6,14 @@
 #      with dpkg -x into /tmp/sd-deps (never into /) when that folder exists; cuBLAS/cuSOLVER/NCCL from the CUDA
 #      toolkit, else from pip's nvidia-* packages (NCCL: nvidia-nccl-cu13);
 #   2. build/gpu/test_cuda: every op, and a whole training step of both models in both init modes, CUDA against the
-#      CPU backend, with per-tensor bf16 tolerances (one process per group: a crash loses one group only);
+#      CPU backend, with per-tensor bf16 tolerances, and Shampoo (cuSOLVER roots against LAPACK, trajectories
+#      against the CPU: spec/shampoo.md P19) (one process per group: a crash loses one group only);
 #   3. 300 Fashion-MNIST steps on the GPU, loss and accuracy against a CPU run of the same config
 #      (tests/gpu/fixtures/fmnist_cpu_300.jsonl);
 #   4. benchmark: bench_step --device cuda for SimplEsT-ViT-S/16 and SimpleViT-S/16 at 224 px, batch 256, both
 #      attention implementations; PyTorch (tests/gpu/torch_bench.py, the reference models) eager and torch.compile;
 #      images/s and MFU (tests/gpu/flops.py);
+#   4b. Shampoo@25 against Adam (bench_step --opt, cuSOLVER roots) when time is left;
 #   5. one report, $OUT/gpu-report.md (tests/out/ when OUT is unset), and a summary table printed last.
 # Every stage runs under `timeout`; a failing stage is reported and the script goes on. Exit code 0 when the build,
 # the op/step checks outside the fused attention and the Fashion-MNIST tracking passed, else 1.
@@ -146,11 +148,11 @@ stage build 300 make USE_MPI=0 BUILD=$BUILD -j16 NVCCFLAGS="$NVFLAGS" EXTRA_CFLA
 
 # ---- 2. every op and a whole step against the CPU backend
 if [ -x $BUILD/gpu/test_cuda ]; then
-    for g in ops attn fused optim step; do
+    for g in ops attn fused optim step shampoo; do
         stage "test_cuda_$g" 90 $BUILD/gpu/test_cuda --group $g
     done
 else
-    for g in ops attn fused optim step; do skip "test_cuda_$g" "no build/gpu/test_cuda (the build failed)"; done
+    for g in ops attn fused optim step shampoo; do skip "test_cuda_$g" "no build/gpu/test_cuda (the build failed)"; done
 fi
 
 # ---- 2a. experimental, outside the pass/fail: bias gradients from the BGRADB epilogue (SD_LT_BGRAD=1)
@@ -235,6 +237,16 @@ else
     if [ "${SD_TORCH_SDPA:-0}" = 1 ] && [ "$(left)" -gt 120 ]; then
         stage torch_compile_sdpa 240 $PY tests/gpu/torch_bench.py --mode compile --attn sdpa --steps 20 --warmup 3
     fi
+fi
+
+# ---- 4b. Shampoo@25 against Adam on one GPU (cuSOLVER roots), if time is left (SD_GPU_SHAMPOO_BENCH=0 skips it)
+if [ "${SD_GPU_SHAMPOO_BENCH:-1}" = 1 ] && [ -x $BUILD/bench/bench_step ]; then
+    for v in adam shampoo shampoo_delay1; do
+        case $v in
+            adam) a="--opt adam" ;; shampoo) a="--opt shampoo" ;; shampoo_delay1) a="--opt shampoo --root-delay 1" ;;
+        esac
+        stage "shampoo_$v" 120 $BUILD/bench/bench_step --device cuda --arch simplest $VITS $a --steps 100 --warmup 25
+    done
 fi
 
 # ---- 5. the report

@@ -4,9 +4,10 @@
 //   build/gpu/test_cuda [--group NAME]... [--cpu] [--device N] [-v]
 //     groups: ops (patch embedding, matmuls, elementwise, layernorm, dropout, pooling, loss), attn (the unfused
 //     attention), fused (the fused flash-style attention), optim (the fp32 optimizer and Shampoo ops, diagnostics),
-//     step (whole training steps). Default: all of them.
+//     step (whole training steps), shampoo (cuSOLVER roots against LAPACK, the grafted block update, Shampoo
+//     trajectories against the CPU: spec/shampoo.md §5 P19). Default: all of them.
 //     --cpu: compare the CPU backend against a second CPU backend (1 thread) instead: a self-check of this harness
-//     that runs without a GPU (and the default in a build without CUDA). --cpu-faults: the same with four planted
+//     that runs without a GPU (and the default in a build without CUDA). --cpu-faults: the same with six planted
 //     bugs in the backend under test, to show that the checks catch them (it must fail).
 //
 // Output: TAP-like lines "ok - name (rel=..., max_abs=..., tol=...)" / "not ok - ...", then a summary. The metric
@@ -24,6 +25,10 @@
 //   fp32 optimizer ops (adam, scale, axpy, ema, moments, adam_dir, sumsq) ... 1e-6; Adam's update w1 - w0: 1e-4
 //   fp32 gemm (Shampoo) ............................... 1e-5   (fails if cuBLAS runs it in TF32)
 //   copy2d ............................................ 0      (a copy)
+//   Shampoo inverse root against LAPACK ............... 1e-6 fp64 / 1e-3 fp32; status codes equal; X exactly
+//                                                        symmetric; the side stream's X bit-identical
+//   graft_update (the update W1 - W0) ................. 1e-6
+//   Shampoo trajectory, cumulative update per tensor .. 1e-5 (spec P19); a second GPU run bit-identical
 //   dropout mask ...................................... bit-identical: the same elements are zero
 //   whole step (depth 8, every layer in bf16): loss 1e-2, per-sample losses and logits 3e-2, every parameter
 //   gradient tensor 5e-2 (SimpleViT) / 8e-2 (SimplEsT-ViT: no normalization, no skips), global grad norm 3e-2, weights after one Adam step 1e-2 of ||w|| (tensors with a
@@ -44,6 +49,7 @@
 #include "model.h"
 #include "optim.h"
 #include "rng.h"
+#include "shampoo.h"
 #include "util.h"
 
 // ---------------------------------------------------------------- bf16 on the host
@@ -1023,9 +1029,10 @@ static void group_step(void) {
 
 // ---------------------------------------------------------------- planted faults (--cpu-faults)
 
-// Harness self-test without a GPU: the CPU backend under test gets four planted bugs, each of which some check
+// Harness self-test without a GPU: the CPU backend under test gets six planted bugs, each of which some check
 // must report: dW overwritten instead of accumulated, a dropout mask from another seed, LayerNorm's dx
-// overwritten, GELU leaving its last element unwritten.
+// overwritten, GELU leaving its last element unwritten, a Shampoo grafting norm 5e-5 off, and roots taken with the
+// eps floor doubled.
 static Backend g_orig;
 static void fault_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, const void *dout, const void *inp,
                              const float *W, int R, int Din, int Dout) {
@@ -1045,8 +1052,19 @@ static void fault_gelu_fwd(Backend *be, void *y, const void *x, size_t n) {
     g_orig.gelu_fwd(be, y, x, n);
     ((float *)y)[n - 1] = NAN;  // as if never written (the poison)
 }
+static void fault_graft_update(Backend *be, float *W, int ldw, const float *Pg, const float *Ps, int rows, int cols,
+                               double lr) {
+    g_orig.graft_update(be, W, ldw, Pg, Ps, rows, cols, Ps ? lr * 1.00005 : lr);  // a grafting norm 5e-5 off
+}
+// A root from a slightly different factor (the eps floor doubled), computed on the host as the CPU backend does.
+static int fault_inverse_root(Backend *be, const float *F, int n, double bc, int r, double eps, int fp64, float *X,
+                              int side) {
+    return shampoo_inverse_root(F, n, bc, r, 2 * eps, fp64, X);
+}
 static void plant_faults(Backend *be) {
     g_orig = *be;
+    be->graft_update = fault_graft_update;
+    be->inverse_root = fault_inverse_root;
     be->matmul_bwd = fault_matmul_bwd;
     be->dropout_fwd = fault_dropout_fwd;
     be->layernorm_bwd = fault_layernorm_bwd;
@@ -1084,6 +1102,264 @@ static void group_optim(void) {
     test_signal_stats(4, 50, 64);
 }
 
+// ---------------------------------------------------------------- Shampoo (spec/shampoo.md §5 P19)
+
+// A factor as Shampoo builds one: beta2^k eps I + (1 - beta2) sum_i beta2^(k - i) g_i g_i^T over k random samples
+// (rank min(k, n) plus the eps floor), accumulated in double, rounded to fp32.
+static float *shampoo_factor(int n, int k, double eps, uint64_t seed) {
+    double *F = xcalloc((size_t)n * n * sizeof(double), "test factor");
+    double *g = xmalloc((size_t)n * sizeof(double), "test sample"), b2 = 0.999;
+    Rng r = rng_stream(seed, 0xFAC, (uint64_t)n, 0);
+    for (int i = 0; i < n; i++) F[(size_t)i * n + i] = eps;
+    for (int t = 0; t < k; t++) {
+        double sc = 0.2 + 2.0 * rng_uniform(&r);  // uneven sample scales spread the spectrum
+        for (int i = 0; i < n; i++) g[i] = sc * rng_normal(&r);
+        for (size_t i = 0; i < (size_t)n * n; i++) F[i] *= b2;
+        for (int i = 0; i < n; i++)
+            for (int j = 0; j < n; j++) F[(size_t)i * n + j] += (1 - b2) * g[i] * g[j];
+    }
+    float *out = hbuf((size_t)n * n);
+    for (size_t i = 0; i < (size_t)n * n; i++) out[i] = (float)F[i];
+    free(F);
+    free(g);
+    return out;
+}
+
+static int exactly_symmetric(const float *X, int n) {
+    for (int i = 0; i < n; i++)
+        for (int j = 0; j < i; j++)
+            if (memcmp(&X[(size_t)i * n + j], &X[(size_t)j * n + i], 4)) return 0;
+    return 1;
+}
+
+// The device's inverse root (cuSOLVER on CUDA; on the CPU backend, which computes roots on the host, the host
+// routine) against the host routine (LAPACK), on the compute stream and on the side stream.
+static int dut_root(const float *F, int n, double bc, int r, double eps, int fp64, float *X, int side, double *ms) {
+    Backend *be = S[DUT].be;
+    if (!be->inverse_root) {
+        double t0 = now_sec();
+        int rc = shampoo_inverse_root(F, n, bc, r, eps, fp64, X);
+        if (ms) *ms = 1e3 * (now_sec() - t0);
+        return rc;
+    }
+    size_t nn = (size_t)n * n;
+    float *dF = f32_new(DUT, F, nn), *dX = f32_new(DUT, NULL, nn);
+    be->sync(be);
+    double t0 = now_sec();
+    int rc = be->inverse_root(be, dF, n, bc, r, eps, fp64, dX, side);
+    if (ms) *ms = 1e3 * (now_sec() - t0);
+    f32_get(DUT, X, dX, nn);
+    dfree(DUT, dF);
+    dfree(DUT, dX);
+    return rc;
+}
+
+static void test_root(int n, int k, int order, int fp64) {
+    double eps = 1e-6, bc = 1.0 - pow(0.999, 40.0);
+    int r = 2 * order;
+    size_t nn = (size_t)n * n;
+    float *F = shampoo_factor(n, k, eps, 17 + (uint64_t)n), *Xr = hbuf(nn), *Xd = hbuf(nn), *Xs = hbuf(nn);
+    int rc_ref = shampoo_inverse_root(F, n, bc, r, eps, fp64, Xr);
+    int rc = dut_root(F, n, bc, r, eps, fp64, Xd, 0, NULL), rc_side = dut_root(F, n, bc, r, eps, fp64, Xs, 1, NULL);
+    char name[200];
+    snprintf(name, sizeof name, "inverse_root n%d (%d samples) -1/%d %s: status", n, k, r, fp64 ? "fp64" : "fp32");
+    report(rc == 0 && rc_side == 0 && rc_ref == 0, name, "device %d, side stream %d, LAPACK %d", rc, rc_side, rc_ref);
+    // fp64: the eigendecompositions agree to ~1e-12; what is left is the fp32 rounding of X. fp32: both solvers err
+    // by ~1e-7 lambda_max in the eigenvectors, which the power -1/r amplifies (spec §2.4); 1e-3 is the spec's fp32
+    // residual bound (P3).
+    snprintf(name, sizeof name, "inverse_root n%d (%d samples) -1/%d %s: X against LAPACK", n, k, r,
+             fp64 ? "fp64" : "fp32");
+    check(name, Xd, Xr, nn, fp64 ? 1e-6 : 1e-3);
+    snprintf(name, sizeof name, "inverse_root n%d %s: X exactly symmetric; side stream bit-identical", n,
+             fp64 ? "fp64" : "fp32");
+    int same = !memcmp(Xd, Xs, nn * 4);
+    report(exactly_symmetric(Xd, n) && same, name, "symmetric %d, side stream identical %d", exactly_symmetric(Xd, n),
+           same);
+    free(F);
+    free(Xr);
+    free(Xd);
+    free(Xs);
+}
+
+static void test_root_nonfinite(void) {
+    int n = 40;
+    float *F = shampoo_factor(n, 60, 1e-6, 5), *X = hbuf((size_t)n * n);
+    F[7 * n + 3] = NAN;
+    int rc = dut_root(F, n, 1.0, 4, 1e-6, 1, X, 0, NULL);
+    report(rc == 2, "inverse_root of a factor with a NaN: status 2 (the run stops naming the block)", "status %d", rc);
+    F[7 * n + 3] = INFINITY;
+    rc = dut_root(F, n, 1.0, 4, 1e-6, 1, X, 0, NULL);
+    report(rc == 2, "inverse_root of a factor with an Inf: status 2", "status %d", rc);
+    free(F);
+    free(X);
+}
+
+// Per-root time on the device and with LAPACK on this host (1 thread), reported only (docs/gpu-validation.md).
+static void time_roots(void) {
+    const int ns[4] = {128, 384, 768, 1024};
+    for (int i = 0; i < 4; i++)
+        for (int fp64 = 1; fp64 >= 0; fp64--) {
+            int n = ns[i];
+            float *F = shampoo_factor(n, n + 8, 1e-6, 99), *X = hbuf((size_t)n * n);
+            double dev = 1e30, host;
+            for (int rep = 0; rep < 3; rep++) {  // the first call grows the work buffers
+                double ms;
+                dut_root(F, n, 0.5, 4, 1e-6, fp64, X, 0, &ms);
+                dev = ms < dev ? ms : dev;
+            }
+            double t0 = now_sec();
+            shampoo_inverse_root(F, n, 0.5, 4, 1e-6, fp64, X);
+            host = 1e3 * (now_sec() - t0);
+            printf("# root timing n %4d %s: %s %.2f ms, host LAPACK %.2f ms\n", n, fp64 ? "fp64" : "fp32",
+                   S[DUT].be->name, dev, host);
+            free(F);
+            free(X);
+        }
+}
+
+static void test_graft_update(int rows, int cols, int ldw, int with_ps) {
+    size_t nw = (size_t)rows * ldw, area = (size_t)rows * cols;
+    float *W = rnd(nw, 0.05, 0.0, 0), *Pg = rnd(area, 1.0, 0.0, 0), *Ps = rnd(area, 3.0, 0.0, 0), *o[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        float *dW = f32_new(s, W, nw), *dPg = f32_new(s, Pg, area), *dPs = f32_new(s, Ps, area);
+        be->graft_update(be, dW, ldw, dPg, with_ps ? dPs : NULL, rows, cols, 3e-3);
+        f32_get(s, o[s] = hbuf(nw), dW, nw);
+        dfree(s, dW);
+        dfree(s, dPg);
+        dfree(s, dPs);
+    }
+    float *d0 = hbuf(nw), *d1 = hbuf(nw);
+    for (size_t i = 0; i < nw; i++) {
+        d0[i] = (float)((double)o[REF][i] - W[i]);
+        d1[i] = (float)((double)o[DUT][i] - W[i]);
+    }
+    char name[160];
+    snprintf(name, sizeof name, "graft_update %dx%d ld %d %s: the update (padding untouched)", rows, cols, ldw,
+             with_ps ? "grafted Shampoo step" : "graft step");
+    check(name, d1, d0, nw, 1e-6);
+    free(d0);
+    free(d1);
+    free(o[0]);
+    free(o[1]);
+    free(W);
+    free(Pg);
+    free(Ps);
+}
+
+// Shampoo trajectories on both backends from the same init and the same gradients (P19: properties 5-7 hold on the
+// GPU as on the CPU within 1e-5): the cumulative update of every tensor after every step, the roots, and a second
+// GPU run from the same start, bit-identical (the replicas of a multi-GPU run apply the same kernels).
+static void test_shampoo_run(const char *label, int f, int S0, int steps, int delay, int fp64) {
+    ModelConfig mc;
+    memset(&mc, 0, sizeof mc);
+    mc.arch = ARCH_SIMPLEST;
+    mc.image_size = 16;
+    mc.patch_size = 4;
+    mc.channels = 3;
+    mc.num_classes = 10;
+    mc.dim = 64;
+    mc.heads = 2;
+    mc.mlp_dim = 128;
+    mc.depth = 7;  // TAT reaches eta 0.9 only from about 6 layers
+    mc.eta = 0.9;
+    mc.gamma_L = 0.005;
+    mc.qkv_bias = mc.mlp_bias = 1;
+    ShampooConfig sc;
+    memset(&sc, 0, sizeof sc);
+    sc.lr0 = 0.01;
+    sc.beta1 = 0.9;
+    sc.beta2 = 0.999;
+    sc.eps = 1e-6;
+    sc.frequency = f;
+    sc.start_step = S0;
+    sc.max_dim = 96;  // blocks and merged dimensions: qkv (64, 192) is cut into two 64 x 96 blocks
+    sc.graft_beta2 = 0.999;
+    sc.graft_eps = 1e-8;
+    sc.root_fp64 = fp64;
+    sc.root_delay = delay;
+    sc.root_threads = 1;
+    sc.weight_decay = 1e-4;
+    Comm comm1 = {.rank = 0, .world = 1, .local_rank = 0, .local_world = 1};
+    Model *m[3];
+    Shampoo sh[3];
+    Backend *bes[3] = {S[REF].be, S[DUT].be, S[DUT].be};
+    for (int i = 0; i < 3; i++) {
+        m[i] = model_create(&mc, bes[i], 1);
+        model_init(m[i], 31);
+        shampoo_create(&sh[i], m[i], &comm1, &sc, NULL);
+    }
+    size_t np = m[0]->num_params;
+    float *g = hbuf(np), *w0 = hbuf(np), *w[3];
+    for (int i = 0; i < 3; i++) w[i] = hbuf(np);
+    bes[0]->download(bes[0], w0, m[0]->params, np * 4);
+    double worst = 0.0;
+    int worst_step = 0;
+    char worst_t[96] = "";
+    Rng r = rng_stream(23, 0x6AD, 0, 0);
+    for (int k = 1; k <= steps; k++) {
+        for (size_t i = 0; i < np; i++) g[i] = (float)(0.1 * rng_normal(&r));
+        double lr = 0.01 * (k < 4 ? k / 4.0 : 1.0);
+        for (int i = 0; i < 3; i++) {
+            bes[i]->upload(bes[i], m[i]->grads, g, np * 4);
+            shampoo_step(&sh[i], lr, 0.9);
+        }
+        for (int i = 0; i < 2; i++) bes[i]->download(bes[i], w[i], m[i]->params, np * 4);
+        for (int t = 0; t < m[0]->ntensors; t++) {  // the cumulative update of each tensor
+            const TensorInfo *ti = &m[0]->tensors[t];
+            double num = 0, den = 0;
+            for (size_t e = ti->offset; e < ti->offset + ti->numel; e++) {
+                double a = (double)w[1][e] - w0[e], b = (double)w[0][e] - w0[e];
+                num += (a - b) * (a - b);
+                den += b * b;
+            }
+            double rel = den > 0 ? sqrt(num / den) : sqrt(num);
+            if (rel > worst || rel != rel) {
+                worst = rel != rel ? INFINITY : rel;
+                worst_step = k;
+                snprintf(worst_t, sizeof worst_t, "%s", ti->name);
+            }
+        }
+    }
+    bes[2]->download(bes[2], w[2], m[2]->params, np * 4);
+    char name[240];
+    snprintf(name, sizeof name, "shampoo %s (f %d, S %d, delay %d, %s roots, %d steps): cumulative update of every "
+             "tensor after every step against the CPU", label, f, S0, delay, fp64 ? "fp64" : "fp32", steps);
+    report(worst <= 1e-5, name, "worst rel %.3g at step %d (%s), %lld refreshes, tol 1e-5", worst, worst_step, worst_t,
+           (long long)sh[1].refreshes);
+    snprintf(name, sizeof name, "shampoo %s: a second %s run from the same start is bit-identical", label,
+             S[DUT].be->name);
+    int same = !memcmp(w[1], w[2], np * 4);
+    report(same, name, "%s", same ? "identical" : "differs");
+    for (int i = 0; i < 3; i++) {
+        shampoo_free(&sh[i]);
+        model_free(m[i]);
+        free(w[i]);
+    }
+    for (int s = 0; s < 2; s++) S[s].be->set_params(S[s].be, S[s].params, S[s].cap);  // the op tests' buffer again
+    free(g);
+    free(w0);
+}
+
+static void group_shampoo(void) {
+    for (int fp64 = 1; fp64 >= 0; fp64--) {
+        test_root(1, 3, 1, fp64);
+        test_root(64, 200, 2, fp64);
+        test_root(96, 40, 1, fp64);   // rank-deficient: 40 samples, the eps floor carries the rest
+        test_root(384, 500, 2, fp64);
+        test_root(577, 700, 2, fp64);  // odd size
+    }
+    test_root_nonfinite();
+    test_graft_update(96, 64, 192, 1);
+    test_graft_update(96, 64, 192, 0);
+    test_graft_update(1, 1152, 1152, 1);
+    test_shampoo_run("general step", 1, 0, 12, 0, 1);
+    test_shampoo_run("schedule", 5, 5, 30, 0, 1);
+    test_shampoo_run("schedule", 5, 5, 30, 1, 1);
+    test_shampoo_run("schedule", 5, 5, 30, 0, 0);
+    if (!g_cpu_mode) time_roots();
+}
+
 int main(int argc, char **argv) {
     const char *groups[8];
     int ngroups = 0, device = 0, faults = 0;
@@ -1097,14 +1373,14 @@ int main(int argc, char **argv) {
         else if (!strcmp(argv[i], "--device") && i + 1 < argc) device = atoi(argv[++i]);
         else if (!strcmp(argv[i], "-v")) g_verbose = 1;
         else {
-            fprintf(stderr, "usage: %s [--group ops|attn|fused|optim|step]... [--cpu | --cpu-faults] [--device N] [-v]\n",
+            fprintf(stderr, "usage: %s [--group ops|attn|fused|optim|step|shampoo]... [--cpu | --cpu-faults] [--device N] [-v]\n",
                     argv[0]);
             return 64;
         }
     }
     if (!ngroups) {
-        static const char *all[] = {"ops", "attn", "fused", "optim", "step"};
-        for (int i = 0; i < 5; i++) groups[ngroups++] = all[i];
+        static const char *all[] = {"ops", "attn", "fused", "optim", "step", "shampoo"};
+        for (int i = 0; i < 6; i++) groups[ngroups++] = all[i];
     }
     backend_cpu_fix_blas_core(argv);  // OpenBLAS's own CPU detection can pick slow kernels in VMs
     S[REF].be = backend_cpu_create(0);
@@ -1121,7 +1397,7 @@ int main(int argc, char **argv) {
         printf("# --cpu: the CPU backend against a second CPU backend (a self-check of this harness, no GPU)\n");
         S[DUT].be = backend_cpu_create(1);
         if (faults) {
-            printf("# --cpu-faults: four planted bugs in the backend under test; checks must fail\n");
+            printf("# --cpu-faults: six planted bugs in the backend under test; checks must fail\n");
             plant_faults(S[DUT].be);
         }
     }
@@ -1144,6 +1420,7 @@ int main(int argc, char **argv) {
         else if (!strcmp(g_group, "fused")) group_attention(1);
         else if (!strcmp(g_group, "optim")) group_optim();
         else if (!strcmp(g_group, "step")) group_step();
+        else if (!strcmp(g_group, "shampoo")) group_shampoo();
         else {
             fprintf(stderr, "unknown group %s\n", g_group);
             return 64;

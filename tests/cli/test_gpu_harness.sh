@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The GPU check's harness (build/gpu/test_cuda, run by tests/gpu/run.sh on a GPU) checked without a GPU:
+#  - --cpu (the CPU backend against a second CPU backend) passes the optimizer and Shampoo groups;
+#  - --cpu-faults (planted bugs in the backend under test) fails exactly where it must: a grafting norm 5e-5 off and
+#    roots from a doubled eps are both reported by the Shampoo checks, so those checks can fail on a GPU.
+set -u
+BUILD=${BUILD:-build}
+BIN=$BUILD/gpu/test_cuda
+TMP=${TEST_TMP:-$(mktemp -d)}/gpu_harness
+mkdir -p "$TMP"
+if [ ! -x "$BIN" ]; then echo "not ok - gpu harness: $BIN is not built (make $BIN)"; exit 1; fi
+"$BIN" --cpu --group optim --group shampoo >"$TMP/cpu.log" 2>&1; rc=$?
+n=$(grep -c '^ok - ' "$TMP/cpu.log")
+if [ $rc = 0 ] && [ "$n" -ge 50 ] && ! grep -q '^not ok' "$TMP/cpu.log"; then
+  echo "ok - gpu harness --cpu: the optim and shampoo groups pass on the CPU against itself ($n checks)"
+else
+  echo "not ok - gpu harness --cpu: exit $rc, $n checks"; grep '^not ok' "$TMP/cpu.log" | head -5
+fi
+"$BIN" --cpu-faults --group shampoo >"$TMP/faults.log" 2>&1; rc=$?
+check() {  # pattern what
+  if grep -q "^not ok - $1" "$TMP/faults.log"; then echo "ok - gpu harness --cpu-faults: $2 is caught"
+  else echo "not ok - gpu harness --cpu-faults: $2 was not caught"; fi
+}
+[ $rc = 1 ] && echo "ok - gpu harness --cpu-faults: exit 1" || echo "not ok - gpu harness --cpu-faults: exit $rc (want 1)"
+check "graft_update 96x64 ld 192 grafted Shampoo step" "a grafting norm 5e-5 off (graft_update)"
+check "inverse_root n96 (40 samples) -1/2 fp64: X against LAPACK" "a root from a doubled eps (inverse_root)"
+check "shampoo schedule (f 5, S 5, delay 1" "either fault in a Shampoo trajectory with root_delay 1"
+if grep -q "^ok - graft_update 96x64 ld 192 graft step" "$TMP/faults.log"; then
+  echo "ok - gpu harness --cpu-faults: the unfaulted graft step still passes (the checks are specific)"
+else
+  echo "not ok - gpu harness --cpu-faults: the unfaulted graft step failed"
+fi
