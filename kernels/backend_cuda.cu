@@ -105,7 +105,8 @@ typedef struct {
     int no_lt;      // SD_LT=0: every GEMM through cublasGemmEx (to compare with cuBLASLt)
     int lt_bgrad;   // SD_LT_BGRAD=1: bias gradients from the dW GEMM's BGRADB epilogue (not yet validated)
     RootCtx rctx[2];  // Shampoo roots: compute stream, side stream
-    double *gred;     // graft_update: partial sums (2 * RED_BLOCKS) and the coefficient
+    float *gcoef;     // graft_update_blocks: one coefficient per block
+    int gcoef_cap;
     int profiling;  // SD_CUDA_PROFILE=1: every op timed with events (serializes the stream), table at destroy
     struct {
         const char *name;
@@ -1272,67 +1273,78 @@ static void cu_copy2d(Backend *be, float *dst, int ldd, const float *src, int ld
 
 // ---------------------------------------------------------------- Shampoo
 
-// Partial sums of squares of two buffers (b may be NULL): part[blk], part[RED_BLOCKS + blk]; fixed order.
-__global__ void k_sumsq2_partial(double *part, const float *a, const float *b, size_t n) {
-    __shared__ double sh[256];
-    double sa = 0.0, sb = 0.0;
+// dst (nb, rows, cols) = the blocks at base + offs[b] with row stride lds[b].
+__global__ void k_gather_blocks(float *dst, const float *base, const int64_t *offs, const int *lds, size_t area,
+                                int cols, size_t n) {
     GRID_STRIDE(i, n) {
+        size_t b = i / area, e = i % area, r = e / cols, c = e % cols;
+        dst[i] = base[offs[b] + r * lds[b] + c];
+    }
+}
+
+static void cu_gather_blocks(Backend *be, float *dst, const float *base, const int64_t *offs, const int *lds, int nb,
+                             int rows, int cols) {
+    PROF(be, "shampoo_gather");
+    size_t area = (size_t)rows * cols, n = area * nb;
+    if (!n) return;
+    k_gather_blocks<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(dst, base, offs, lds, area, cols, n);
+    KERNEL_CHECK("gather_blocks");
+}
+
+// One thread block per matrix: coef[b] = -(float)(lr * ||Pg_b|| / (||Ps_b|| + 1e-16)), sums in fp64, fixed order.
+__global__ void k_graft_coefs(float *coef, const float *Pg, const float *Ps, size_t area, double lr) {
+    __shared__ double sh[256];
+    const float *a = Pg + blockIdx.x * area, *p = Ps + blockIdx.x * area;
+    double sa = 0.0, sp = 0.0;
+    for (size_t i = threadIdx.x; i < area; i += blockDim.x) {
         sa += (double)a[i] * a[i];
-        if (b) sb += (double)b[i] * b[i];
+        sp += (double)p[i] * p[i];
     }
     sa = block_sum_d(sa, sh);
-    sb = block_sum_d(sb, sh);
-    if (threadIdx.x == 0) {
-        part[blockIdx.x] = sa;
-        part[RED_BLOCKS + blockIdx.x] = sb;
-    }
+    sp = block_sum_d(sp, sh);
+    if (threadIdx.x == 0) coef[blockIdx.x] = -(float)(lr * sqrt(sa) / (sqrt(sp) + 1e-16));
 }
 
-// coef = -(float)(lr * sqrt(sum a^2) / (sqrt(sum b^2) + 1e-16)), into out[0] as a float's bits in a double slot.
-__global__ void k_graft_coef(double *out, const double *part, double lr) {
-    __shared__ double sh[256];
-    double sa = 0.0, sb = 0.0;
-    for (int i = threadIdx.x; i < RED_BLOCKS; i += blockDim.x) {
-        sa += part[i];
-        sb += part[RED_BLOCKS + i];
-    }
-    sa = block_sum_d(sa, sh);
-    sb = block_sum_d(sb, sh);
-    if (threadIdx.x == 0) {
-        float c = (float)(lr * sqrt(sa) / (sqrt(sb) + 1e-16));
-        ((float *)out)[0] = -c;
-    }
-}
-
-// W[r * ldw + j] += a * P[r * cols + j], a = *ap (device) or a_host.
-__global__ void k_block_axpy(float *W, int ldw, const float *P, int rows, int cols, const float *ap, float a_host) {
-    float a = ap ? *ap : a_host;
-    size_t n = (size_t)rows * cols;
+// W_b[r * lds[b] + c] += a_b * P[b, r, c], a_b = coef[b] (device) or a_host.
+__global__ void k_blocks_axpy(float *base, const int64_t *offs, const int *lds, const float *P, const float *coef,
+                              float a_host, size_t area, int cols, size_t n) {
     GRID_STRIDE(i, n) {
-        size_t r = i / cols, j = i % cols;
-        W[r * ldw + j] += a * P[i];
+        size_t b = i / area, e = i % area, r = e / cols, c = e % cols;
+        float a = coef ? coef[b] : a_host;
+        base[offs[b] + r * lds[b] + c] += a * P[i];
     }
 }
 
-static void cu_graft_update(Backend *be, float *W, int ldw, const float *Pg, const float *Ps, int rows, int cols,
-                            double lr) {
+static void cu_graft_update_blocks(Backend *be, float *base, const int64_t *offs, const int *lds, const float *Pg,
+                                   const float *Ps, int nb, int rows, int cols, double lr) {
     PROF(be, "shampoo_graft_update");
     CudaImpl *im = IM(be);
-    size_t n = (size_t)rows * cols;
+    size_t area = (size_t)rows * cols, n = area * nb;
     if (!n) return;
     if (!Ps) {
-        k_block_axpy<<<grid_for(n, 256), 256, 0, im->st>>>(W, ldw, Pg, rows, cols, NULL, -(float)lr);
-        KERNEL_CHECK("block_axpy");
+        k_blocks_axpy<<<grid_for(n, 256), 256, 0, im->st>>>(base, offs, lds, Pg, NULL, -(float)lr, area, cols, n);
+        KERNEL_CHECK("blocks_axpy");
         return;
     }
-    if (!im->gred) CUDA_CHECK(cudaMalloc(&im->gred, (2 * RED_BLOCKS + 2) * sizeof(double)));
-    k_sumsq2_partial<<<RED_BLOCKS, 256, 0, im->st>>>(im->gred, Pg, Ps, n);
-    KERNEL_CHECK("sumsq2_partial");
-    k_graft_coef<<<1, 256, 0, im->st>>>(im->gred + 2 * RED_BLOCKS, im->gred, lr);
-    KERNEL_CHECK("graft_coef");
-    k_block_axpy<<<grid_for(n, 256), 256, 0, im->st>>>(W, ldw, Ps, rows, cols, (const float *)(im->gred + 2 * RED_BLOCKS),
-                                                        0.0f);
-    KERNEL_CHECK("block_axpy");
+    if (nb > im->gcoef_cap) {
+        if (im->gcoef) CUDA_CHECK(cudaFree(im->gcoef));  // implicit device sync: no kernel still reads it
+        CUDA_CHECK(cudaMalloc(&im->gcoef, (size_t)nb * sizeof(float)));
+        im->gcoef_cap = nb;
+    }
+    k_graft_coefs<<<nb, 256, 0, im->st>>>(im->gcoef, Pg, Ps, area, lr);
+    KERNEL_CHECK("graft_coefs");
+    k_blocks_axpy<<<grid_for(n, 256), 256, 0, im->st>>>(base, offs, lds, Ps, im->gcoef, 0.0f, area, cols, n);
+    KERNEL_CHECK("blocks_axpy");
+}
+
+// Row-major C_b = alpha op(A_b) op(B_b) + beta C_b, fp32 (no TF32): column-major C^T = op(B)^T op(A)^T, as cu_gemm.
+static void cu_gemm_batched(Backend *be, int transA, int transB, int M, int N, int K, float alpha,
+                            const float *const *A, int lda, const float *const *B, int ldb, float beta,
+                            float *const *C, int ldc, int nb) {
+    PROF(be, "gemm_f32_batched");
+    if (nb <= 0) return;
+    CUBLAS_CHECK(cublasSgemmBatched(IM(be)->blas, transB ? CUBLAS_OP_T : CUBLAS_OP_N, transA ? CUBLAS_OP_T : CUBLAS_OP_N,
+                                    N, M, K, &alpha, B, ldb, A, lda, &beta, C, ldc, nb));
 }
 
 // A = F / bc in fp64 (and its fp32 rounding Af for an fp32 solve); flag[1] = 2 if any entry is not finite.
@@ -1569,7 +1581,7 @@ static void cu_destroy(Backend *be) {
         }
     }
     for (int k = 1; k >= 0; k--) root_ctx_free(&im->rctx[k]);  // context 0 borrows the backend's BLAS handle
-    if (im->gred) cudaFree(im->gred);
+    if (im->gcoef) cudaFree(im->gcoef);
     if (im->shadow) cudaFree(im->shadow);
     if (im->scratch) cudaFree(im->scratch);
     cudaFree(im->red);
@@ -1692,7 +1704,9 @@ Backend *backend_cuda_create(int device) {
     be->copy2d = cu_copy2d;
     be->moments = cu_moments;
     be->adam_dir = cu_adam_dir;
-    be->graft_update = cu_graft_update;
+    be->gather_blocks = cu_gather_blocks;
+    be->graft_update_blocks = cu_graft_update_blocks;
+    be->gemm_batched = cu_gemm_batched;
     be->inverse_root = cu_inverse_root;
     be->signal_stats = cu_signal_stats;
     be->native_stream = cu_native_stream;

@@ -131,12 +131,20 @@ struct Backend {
     void (*adam_dir)(Backend *be, float *out, const float *m, const float *v, size_t n, float bc1, float bc2,
                      float eps);
 
-    // W (rows, cols; row stride ldw) += -c * P with P (rows, cols) contiguous: Shampoo's block update (spec/shampoo.md
-    // §2.3 step 7). Ps NULL: the graft step, P = Pg and c = (float)lr. Else P = Ps and
-    // c = (float)(lr * ||Pg||_F / (||Ps||_F + 1e-16)), both norms as sumsq computes them, on the device (no host
-    // round trip on the CUDA backend).
-    void (*graft_update)(Backend *be, float *W, int ldw, const float *Pg, const float *Ps, int rows, int cols,
-                         double lr);
+    // Shampoo's batched block work (spec/shampoo.md §2.3 step 7): nb blocks of one shape (rows, cols), block b at
+    // element offset offs[b] of a buffer with row stride lds[b]; offs and lds are backend buffers (be->alloc).
+    // gather_blocks: dst (nb, rows, cols), contiguous, = the blocks of base.
+    void (*gather_blocks)(Backend *be, float *dst, const float *base, const int64_t *offs, const int *lds, int nb,
+                          int rows, int cols);
+    // The grafted block update, block by block: W_b += -c_b * P_b with P (nb, rows, cols) contiguous. Ps NULL: the
+    // graft step, P = Pg and c_b = (float)lr. Else P = Ps and c_b = (float)(lr * ||Pg_b||_F / (||Ps_b||_F + 1e-16)),
+    // the norms accumulated in fp64 on the device (no host round trip on the CUDA backend).
+    void (*graft_update_blocks)(Backend *be, float *base, const int64_t *offs, const int *lds, const float *Pg,
+                                const float *Ps, int nb, int rows, int cols, double lr);
+    // C_b (M, N) = alpha op(A_b) op(B_b) + beta C_b for b < nb, fp32 (no TF32), row-major; A, B and C are backend
+    // buffers holding nb pointers each (be->alloc, filled with be->upload).
+    void (*gemm_batched)(Backend *be, int transA, int transB, int M, int N, int K, float alpha, const float *const *A,
+                         int lda, const float *const *B, int ldb, float beta, float *const *C, int ldc, int nb);
     // Shampoo's inverse root on the device (spec/shampoo.md §2.4): X (n, n) = (F / bias_corr + shift + eps I)^(-1/r)
     // of the symmetric factor F (n, n, row-major; its lower triangle is read), by a symmetric eigendecomposition in
     // fp64 (fp64 = 1) or fp32, X exactly symmetric, fp32. Returns 0, 1 if the decomposition failed or gave

@@ -475,23 +475,42 @@ static void cpu_axpy(Backend *be, float *y, const float *x, size_t n, float a) {
     for (size_t i = 0; i < n; i++) y[i] += a * x[i];
 }
 
-static void cpu_graft_update(Backend *be, float *W, int ldw, const float *Pg, const float *Ps, int rows, int cols,
-                             double lr) {
+static void cpu_gather_blocks(Backend *be, float *dst, const float *base, const int64_t *offs, const int *lds, int nb,
+                              int rows, int cols) {
     size_t area = (size_t)rows * cols;
-    float c = (float)lr;
-    const float *P = Pg;
-    if (Ps) {
-        double ng = sqrt(cpu_sumsq(be, Pg, area)), ns = sqrt(cpu_sumsq(be, Ps, area));
-        c = (float)(lr * ng / (ns + 1e-16));
-        P = Ps;
-    }
-    float a = -c;  // exactly axpy's y += a x, element by element
+    for (int b = 0; b < nb; b++)
+        for (int r = 0; r < rows; r++)
+            memcpy(dst + b * area + (size_t)r * cols, base + offs[b] + (size_t)r * lds[b], (size_t)cols * sizeof(float));
+}
+
+static void cpu_graft_update_blocks(Backend *be, float *base, const int64_t *offs, const int *lds, const float *Pg,
+                                    const float *Ps, int nb, int rows, int cols, double lr) {
+    size_t area = (size_t)rows * cols;
+    for (int b = 0; b < nb; b++) {
+        const float *pg = Pg + b * area, *P = pg;
+        float c = (float)lr;
+        if (Ps) {
+            P = Ps + b * area;
+            double ng = sqrt(cpu_sumsq(be, pg, area)), ns = sqrt(cpu_sumsq(be, P, area));
+            c = (float)(lr * ng / (ns + 1e-16));
+        }
+        float a = -c;  // exactly axpy's y += a x, element by element
+        float *W = base + offs[b];
 #pragma omp parallel for schedule(static) if (area > 65536)
-    for (int r = 0; r < rows; r++) {
-        float *w = W + (size_t)r * ldw;
-        const float *p = P + (size_t)r * cols;
-        for (int j = 0; j < cols; j++) w[j] += a * p[j];
+        for (int r = 0; r < rows; r++) {
+            float *w = W + (size_t)r * lds[b];
+            const float *p = P + (size_t)r * cols;
+            for (int j = 0; j < cols; j++) w[j] += a * p[j];
+        }
     }
+}
+
+static void cpu_gemm(Backend *be, int transA, int transB, int M, int N, int K, float alpha, const float *A, int lda,
+                     const float *B, int ldb, float beta, float *C, int ldc);
+static void cpu_gemm_batched(Backend *be, int transA, int transB, int M, int N, int K, float alpha,
+                             const float *const *A, int lda, const float *const *B, int ldb, float beta,
+                             float *const *C, int ldc, int nb) {
+    for (int b = 0; b < nb; b++) cpu_gemm(be, transA, transB, M, N, K, alpha, A[b], lda, B[b], ldb, beta, C[b], ldc);
 }
 
 static void cpu_ema_update(Backend *be, float *ema, const float *w, size_t n, float decay) {
@@ -626,7 +645,9 @@ Backend *backend_cpu_create(int threads) {
         .scale = cpu_scale,
         .axpy = cpu_axpy,
         .ema_update = cpu_ema_update,
-        .graft_update = cpu_graft_update,
+        .gather_blocks = cpu_gather_blocks,
+        .graft_update_blocks = cpu_graft_update_blocks,
+        .gemm_batched = cpu_gemm_batched,
         .inverse_root = NULL,  // roots on the host (LAPACK) in src/shampoo.c
         .gemm = cpu_gemm,
         .copy2d = cpu_copy2d,

@@ -134,6 +134,7 @@ static void assign_owners(ShampooBlock *blocks, int n, int world, double *max_me
 }
 
 static size_t packed_size(const Shampoo *s, int r, int *nblocks);
+static void plan_free(Shampoo *s);
 
 static int block_preconditioned(const Shampoo *s, const ShampooBlock *b) {
     const TensorInfo *t = &s->model->tensors[b->param];
@@ -202,7 +203,11 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
     s->G = s->v + np;
     s->roots = be->alloc(be, (s->root_floats ? s->root_floats : 1) * sizeof(float), "Shampoo roots");
     s->factors = be->alloc(be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float), "Shampoo factors");
-    s->scratch_floats = 4 * largest;
+    // The update runs block groups of one shape in chunks of up to chunk_floats elements (at least the largest
+    // block; 2^21 floats = 8 MiB otherwise, or the model if smaller), so that a group is a handful of batched calls.
+    s->chunk_floats = largest > ((size_t)1 << 21) ? largest : ((size_t)1 << 21);
+    if (s->chunk_floats > model->num_params && model->num_params >= largest) s->chunk_floats = model->num_params;
+    s->scratch_floats = 4 * s->chunk_floats;
     s->scratch = be->alloc(be, s->scratch_floats * sizeof(float), "Shampoo scratch");
     if (be->inverse_root) {  // device roots: the broadcast area (every owner's packed buffer, in rank order)
         s->area_off = xcalloc((size_t)(comm->world + 1) * sizeof(size_t), "root area offsets");
@@ -242,6 +247,7 @@ void shampoo_free(Shampoo *s) {
     free(s->area_off);
     be->free(be, s->factors);
     be->free(be, s->scratch);
+    plan_free(s);
     free(s->blocks);
     free(s->owned);
 }
@@ -666,39 +672,142 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
 
 // ---------------------------------------------------------------- the step
 
-// W_b -= lr (graft, Ps NULL) or lr * ||Pg|| / (||Ps|| + 1e-16) * Ps, in place in the parameter buffer.
-static void block_apply(Shampoo *s, const ShampooBlock *b, const float *Pg, const float *Ps, double lr) {
+// The update's plan: the blocks that take a block step, grouped by (kind, shape) in block order, each group with
+// its backend index arrays (block offsets and row strides, root pointers, scratch slots), so that a group costs a
+// few batched calls however many blocks it has. kind: 1 = Shampoo step, 0 = graft step, -1 = the block's tensor took
+// the whole-tensor Adam step. Kinds change only when roots are installed or S is passed; then the plan is rebuilt.
+typedef struct {
+    int kind, order, rows, cols;  // the (rows, cols) view: a 1-D block of n is (1, n)
+    int nb, nbc;                  // blocks, blocks per chunk
+    int64_t *offs;                // backend (nb): element offsets of the blocks
+    int *lds;                     // backend (nb): row strides
+    const float **x0, **x1;       // backend (nb each, one allocation): the roots
+    float **gb, **tmp, **ps;      // backend (nbc each, one allocation): chunk slots in the scratch
+} UpdGroup;
+
+struct ShampooPlan {
+    signed char *kind;  // per block, as built
+    int ngroups;
+    UpdGroup *g;
+};
+
+static void plan_free(Shampoo *s) {
+    struct ShampooPlan *p = s->plan;
+    if (!p) return;
     Backend *be = s->model->be;
-    int rows = b->order == 2 ? b->rows : 1, cols = b->order == 2 ? b->cols : b->rows, ld = b->order == 2 ? b->ld : b->rows;
-    be->graft_update(be, s->model->params + b->offset, ld, Pg, Ps, rows, cols, lr);
+    for (int i = 0; i < p->ngroups; i++) {
+        UpdGroup *g = &p->g[i];
+        be->free(be, g->offs);
+        be->free(be, g->lds);
+        be->free(be, (void *)g->x0);
+        be->free(be, g->gb);
+    }
+    free(p->g);
+    free(p->kind);
+    free(p);
+    s->plan = NULL;
 }
 
-// The update of one block (spec §2.3 step 7), from m and v already updated.
-static void update_block(Shampoo *s, int i, double lr, float bc1, float bc2) {
+static void *upload_array(Backend *be, const void *host, size_t bytes, const char *what) {
+    void *d = be->alloc(be, bytes ? bytes : 1, what);
+    be->upload(be, d, host, bytes);
+    return d;
+}
+
+static void plan_build(Shampoo *s, const signed char *kind) {
+    plan_free(s);
     Backend *be = s->model->be;
-    const ShampooBlock *b = &s->blocks[i];
-    int rows = b->order == 2 ? b->rows : 1, cols = b->order == 2 ? b->cols : b->rows;
-    int ld = b->order == 2 ? b->ld : b->rows;
-    size_t area = (size_t)rows * cols;
-    float *Pg = s->scratch, *Gb = Pg + area, *tmp = Gb + area, *Ps = tmp + area;  // each (rows, cols)
-    be->copy2d(be, Gb, cols, s->m + b->offset, ld, rows, cols);  // m_b
-    be->copy2d(be, tmp, cols, s->v + b->offset, ld, rows, cols);  // v_b
-    be->adam_dir(be, Pg, Gb, tmp, area, bc1, bc2, (float)s->cfg.graft_eps);
-    int shampoo = b->has_roots && block_preconditioned(s, b) && s->t > s->cfg.start_step;
-    if (!shampoo) {
-        block_apply(s, b, Pg, NULL, lr);
-        return;
+    size_t nbl = (size_t)(s->nblocks ? s->nblocks : 1);
+    struct ShampooPlan *p = xcalloc(sizeof *p, "Shampoo plan");
+    p->kind = xmalloc(nbl, "Shampoo plan kinds");
+    memcpy(p->kind, kind, (size_t)s->nblocks);
+    p->g = xcalloc(nbl * sizeof(UpdGroup), "Shampoo plan groups");
+    int64_t *offs = xmalloc(nbl * sizeof(int64_t), "Shampoo plan offsets");
+    int *lds = xmalloc(nbl * sizeof(int), "Shampoo plan strides");
+    const float **roots = xmalloc(2 * nbl * sizeof(float *), "Shampoo plan roots");
+    float **slots = NULL;
+    char *taken = xcalloc(nbl, "Shampoo plan taken");
+    for (int i = 0; i < s->nblocks; i++) {
+        if (kind[i] < 0 || taken[i]) continue;
+        const ShampooBlock *b0 = &s->blocks[i];
+        UpdGroup *g = &p->g[p->ngroups++];
+        g->kind = kind[i];
+        g->order = b0->order;
+        g->rows = b0->order == 2 ? b0->rows : 1;
+        g->cols = b0->order == 2 ? b0->cols : b0->rows;
+        int n = 0;
+        for (int j = i; j < s->nblocks; j++) {  // the members, in block order
+            const ShampooBlock *b = &s->blocks[j];
+            int rows = b->order == 2 ? b->rows : 1, cols = b->order == 2 ? b->cols : b->rows;
+            if (taken[j] || kind[j] != g->kind || b->order != g->order || rows != g->rows || cols != g->cols) continue;
+            taken[j] = 1;
+            offs[n] = (int64_t)b->offset;
+            lds[n] = b->order == 2 ? b->ld : b->rows;
+            roots[n] = s->roots + b->root_off[0];
+            roots[nbl + n] = b->order == 2 ? s->roots + b->root_off[1] : NULL;
+            n++;
+        }
+        g->nb = n;
+        size_t area = (size_t)g->rows * g->cols;
+        g->nbc = (int)(s->chunk_floats / area);
+        if (g->nbc > g->nb) g->nbc = g->nb;
+        g->offs = upload_array(be, offs, (size_t)n * sizeof(int64_t), "Shampoo plan offsets");
+        g->lds = upload_array(be, lds, (size_t)n * sizeof(int), "Shampoo plan strides");
+        memmove(roots + n, roots + nbl, (size_t)n * sizeof(float *));  // x0 (n) then x1 (n)
+        g->x0 = upload_array(be, roots, (size_t)2 * n * sizeof(float *), "Shampoo plan root pointers");
+        g->x1 = g->x0 + n;
+        // scratch: Pg | Gb | tmp | Ps, chunk_floats each; slot k of a chunk at k * area
+        slots = xmalloc((size_t)3 * g->nbc * sizeof(float *), "Shampoo plan slots");
+        for (int k = 0; k < g->nbc; k++)
+            for (int q = 0; q < 3; q++) slots[q * g->nbc + k] = s->scratch + (q + 1) * s->chunk_floats + k * area;
+        g->gb = upload_array(be, slots, (size_t)3 * g->nbc * sizeof(float *), "Shampoo plan slots");
+        g->tmp = g->gb + g->nbc;
+        g->ps = g->gb + 2 * g->nbc;
+        free(slots);
     }
-    be->scale(be, Gb, area, 1.0f / bc1);  // G-bar = m / (1 - beta1^t)
-    const float *X0 = s->roots + b->root_off[0];
-    if (b->order == 1) {
-        be->gemm(be, 0, 0, b->rows, 1, b->rows, 1.0f, X0, b->rows, Gb, 1, 0.0f, Ps, 1);
-    } else {
-        be->gemm(be, 0, 0, b->rows, b->cols, b->rows, 1.0f, X0, b->rows, Gb, b->cols, 0.0f, tmp, b->cols);
-        be->gemm(be, 0, 0, b->rows, b->cols, b->cols, 1.0f, tmp, b->cols, s->roots + b->root_off[1], b->cols, 0.0f,
-                 Ps, b->cols);
+    free(offs);
+    free(lds);
+    free(roots);
+    free(taken);
+    s->plan = p;
+}
+
+int shampoo_update_groups(const Shampoo *s, int *chunks) {
+    int ng = s->plan ? s->plan->ngroups : 0, nc = 0;
+    for (int i = 0; i < ng; i++) nc += (s->plan->g[i].nb + s->plan->g[i].nbc - 1) / s->plan->g[i].nbc;
+    if (chunks) *chunks = nc;
+    return ng;
+}
+
+// One group's update (spec §2.3 step 7) from m and v already updated, chunk by chunk: gather m and v, the Adam
+// direction, then either the graft step, or G-bar = m / bc1, X_0 G-bar (X_1) and the grafted step.
+static void update_group(Shampoo *s, const UpdGroup *g, double lr, float bc1, float bc2) {
+    Backend *be = s->model->be;
+    size_t area = (size_t)g->rows * g->cols;
+    float *Pg = s->scratch, *Gb = Pg + s->chunk_floats, *tmp = Gb + s->chunk_floats, *Ps = tmp + s->chunk_floats;
+    for (int c0 = 0; c0 < g->nb; c0 += g->nbc) {
+        int n = g->nb - c0 < g->nbc ? g->nb - c0 : g->nbc;
+        be->gather_blocks(be, Gb, s->m, g->offs + c0, g->lds + c0, n, g->rows, g->cols);
+        be->gather_blocks(be, tmp, s->v, g->offs + c0, g->lds + c0, n, g->rows, g->cols);
+        be->adam_dir(be, Pg, Gb, tmp, n * area, bc1, bc2, (float)s->cfg.graft_eps);
+        if (g->kind == 0) {
+            be->graft_update_blocks(be, s->model->params, g->offs + c0, g->lds + c0, Pg, NULL, n, g->rows, g->cols, lr);
+            continue;
+        }
+        be->scale(be, Gb, n * area, 1.0f / bc1);  // G-bar = m / (1 - beta1^t)
+        const float *const *gb = (const float *const *)g->gb, *const *tm = (const float *const *)g->tmp;
+        if (g->order == 1) {
+            int d = g->cols;
+            be->gemm_batched(be, 0, 0, d, 1, d, 1.0f, g->x0 + c0, d, gb, 1, 0.0f, g->ps, 1, n);
+        } else {
+            be->gemm_batched(be, 0, 0, g->rows, g->cols, g->rows, 1.0f, g->x0 + c0, g->rows, gb, g->cols, 0.0f, g->tmp,
+                             g->cols, n);
+            be->gemm_batched(be, 0, 0, g->rows, g->cols, g->cols, 1.0f, tm, g->cols, g->x1 + c0, g->cols, 0.0f, g->ps,
+                             g->cols, n);
+        }
+        be->graft_update_blocks(be, s->model->params, g->offs + c0, g->lds + c0, Pg, Ps, n, g->rows, g->cols, lr);
     }
-    block_apply(s, b, Pg, Ps, lr);  // grafted: the Adam step's norm
+    (void)tmp;
 }
 
 // Refresh steps: t mod f = 0 and t >= max(S, 1).
@@ -749,6 +858,8 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
     float bc1 = (float)(1.0 - pow(c->beta1, (double)s->t)), bc2 = (float)(1.0 - pow(c->graft_beta2, (double)s->t));
     double ta = now_sec();
     int any_block_step = 0;
+    signed char *kind = xmalloc((size_t)(s->nblocks ? s->nblocks : 1), "Shampoo block kinds");
+    memset(kind, -1, (size_t)s->nblocks);
     for (int i = 0, bi = 0; i < m->ntensors; i++) {
         const TensorInfo *t = &m->tensors[i];
         if (!t->trainable) continue;
@@ -767,9 +878,17 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
                     (float)c->graft_beta2);
         if (c->decoupled && c->weight_decay != 0.0 && t->decay)
             be->scale(be, m->params + t->offset, t->numel, (float)(1.0 - lr * c->weight_decay));
-        for (int j = b0; j < b1; j++) update_block(s, j, lr, bc1, bc2);
+        for (int j = b0; j < b1; j++) {
+            const ShampooBlock *b = &s->blocks[j];
+            kind[j] = b->has_roots && block_preconditioned(s, b) && s->t > c->start_step;
+        }
     }
-    if (any_block_step) s->apply_s += now_sec() - ta;
+    if (any_block_step) {  // every tensor's moments first, then the blocks group by group (no block reads another)
+        if (!s->plan || memcmp(s->plan->kind, kind, (size_t)s->nblocks) != 0) plan_build(s, kind);
+        for (int gi = 0; gi < s->plan->ngroups; gi++) update_group(s, &s->plan->g[gi], lr, bc1, bc2);
+        s->apply_s += now_sec() - ta;
+    }
+    free(kind);
     be->params_changed(be, m->params, np);
     if (refresh && c->check_replicas) check_params(s);
 }

@@ -59,8 +59,9 @@ typedef struct {
     double refresh_t0;
     float *factors;  // device: the owned blocks' factors
     size_t factor_floats;
-    float *scratch;  // device: per-block work space (4 * the largest block)
-    size_t scratch_floats;
+    float *scratch;  // device: the batched update's work space, 4 chunks of chunk_floats
+    size_t scratch_floats, chunk_floats;
+    struct ShampooPlan *plan;  // the update's block groups (same shape and kind), rebuilt when a block's kind changes
     // Device roots (the backend has inverse_root): the owners' packed buffers back to back in rank order, broadcast
     // in place; area_off[r] is owner r's byte offset (world + 1 entries). snap: the owned factors as of the refresh
     // step, for a root_delay 1 decomposition on the side stream. All NULL on the host-roots path.
@@ -97,6 +98,10 @@ void shampoo_traffic(const Shampoo *s, ShampooTraffic *out);
 // rank with an error naming the step, the owner and the ranks. Returns 1 if enabled, and the counts of passed
 // checks (either pointer may be NULL).
 int shampoo_replica_checks(const Shampoo *s, int64_t *root_checks, int64_t *param_checks);
+
+// The update's current plan: the number of block groups (blocks of one kind and shape) and of chunks they run in
+// (one round of batched calls each); 0 before the first block step.
+int shampoo_update_groups(const Shampoo *s, int *chunks);
 
 // Validates a config; returns 0 or -1 with a one-line reason naming the key.
 int shampoo_config_check(const ShampooConfig *c, char *err, size_t errlen);

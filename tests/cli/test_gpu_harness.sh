@@ -22,10 +22,10 @@ check() {  # pattern what
   else echo "not ok - gpu harness --cpu-faults: $2 was not caught"; fi
 }
 [ $rc = 1 ] && echo "ok - gpu harness --cpu-faults: exit 1" || echo "not ok - gpu harness --cpu-faults: exit $rc (want 1)"
-check "graft_update 96x64 ld 192 grafted Shampoo step" "a grafting norm 5e-5 off (graft_update)"
+check "graft_update_blocks 5 x (96x64) grafted Shampoo step" "a grafting norm 5e-5 off (graft_update_blocks)"
 check "inverse_root n96 (40 samples) -1/2 fp64: X against LAPACK" "a root from a doubled eps (inverse_root)"
 check "shampoo schedule (f 5, S 5, delay 1" "either fault in a Shampoo trajectory with root_delay 1"
-if grep -q "^ok - graft_update 96x64 ld 192 graft step" "$TMP/faults.log"; then
+if grep -q "^ok - graft_update_blocks 5 x (96x64) graft step" "$TMP/faults.log"; then
   echo "ok - gpu harness --cpu-faults: the unfaulted graft step still passes (the checks are specific)"
 else
   echo "not ok - gpu harness --cpu-faults: the unfaulted graft step failed"

@@ -27,7 +27,8 @@
 //   copy2d ............................................ 0      (a copy)
 //   Shampoo inverse root against LAPACK ............... 1e-6 fp64 / 1e-3 fp32; status codes equal; X exactly
 //                                                        symmetric; the side stream's X bit-identical
-//   graft_update (the update W1 - W0) ................. 1e-6
+//   gather_blocks ..................................... 0 (a copy); gemm_batched 1e-5 (as gemm)
+//   graft_update_blocks (the update W1 - W0) .......... 1e-6
 //   Shampoo trajectory, cumulative update per tensor .. 1e-5 (spec P19); a second GPU run bit-identical
 //   dropout mask ...................................... bit-identical: the same elements are zero
 //   whole step (depth 8, every layer in bf16): loss 1e-2, per-sample losses and logits 3e-2, every parameter
@@ -1052,9 +1053,9 @@ static void fault_gelu_fwd(Backend *be, void *y, const void *x, size_t n) {
     g_orig.gelu_fwd(be, y, x, n);
     ((float *)y)[n - 1] = NAN;  // as if never written (the poison)
 }
-static void fault_graft_update(Backend *be, float *W, int ldw, const float *Pg, const float *Ps, int rows, int cols,
-                               double lr) {
-    g_orig.graft_update(be, W, ldw, Pg, Ps, rows, cols, Ps ? lr * 1.00005 : lr);  // a grafting norm 5e-5 off
+static void fault_graft_update(Backend *be, float *base, const int64_t *offs, const int *lds, const float *Pg,
+                               const float *Ps, int nb, int rows, int cols, double lr) {
+    g_orig.graft_update_blocks(be, base, offs, lds, Pg, Ps, nb, rows, cols, Ps ? lr * 1.00005 : lr);  // 5e-5 off
 }
 // A root from a slightly different factor (the eps floor doubled), computed on the host as the CPU backend does.
 static int fault_inverse_root(Backend *be, const float *F, int n, double bc, int r, double eps, int fp64, float *X,
@@ -1063,7 +1064,7 @@ static int fault_inverse_root(Backend *be, const float *F, int n, double bc, int
 }
 static void plant_faults(Backend *be) {
     g_orig = *be;
-    be->graft_update = fault_graft_update;
+    be->graft_update_blocks = fault_graft_update;
     be->inverse_root = fault_inverse_root;
     be->matmul_bwd = fault_matmul_bwd;
     be->dropout_fwd = fault_dropout_fwd;
@@ -1217,34 +1218,85 @@ static void time_roots(void) {
         }
 }
 
-static void test_graft_update(int rows, int cols, int ldw, int with_ps) {
-    size_t nw = (size_t)rows * ldw, area = (size_t)rows * cols;
-    float *W = rnd(nw, 0.05, 0.0, 0), *Pg = rnd(area, 1.0, 0.0, 0), *Ps = rnd(area, 3.0, 0.0, 0), *o[2];
+// nb blocks of (rows, cols) inside one buffer, at scattered offsets with different row strides (as the blocks of
+// several parameters are): gather_blocks, graft_update_blocks (graft and grafted Shampoo step) and gemm_batched.
+static void test_blocks(int nb, int rows, int cols, int with_ps) {
+    size_t area = (size_t)rows * cols, nw = 0;
+    int64_t *offs = xmalloc((size_t)nb * sizeof(int64_t), "offs");
+    int *lds = xmalloc((size_t)nb * sizeof(int), "lds");
+    for (int b = 0; b < nb; b++) {
+        lds[b] = cols + 7 * (b % 3);  // 0, 7 or 14 columns of padding
+        offs[b] = (int64_t)nw + 5;
+        nw += (size_t)rows * lds[b] + 5;
+    }
+    nw += 5;
+    float *W = rnd(nw, 0.05, 0.0, 0), *Pg = rnd(area * nb, 1.0, 0.0, 0), *Ps = rnd(area * nb, 3.0, 0.0, 0);
+    float *X = rnd((size_t)rows * rows * nb, 0.3, 0.0, 0);
+    float *o[2], *gat[2], *mm[2];
     for (int s = 0; s < 2; s++) {
         Backend *be = S[s].be;
-        float *dW = f32_new(s, W, nw), *dPg = f32_new(s, Pg, area), *dPs = f32_new(s, Ps, area);
-        be->graft_update(be, dW, ldw, dPg, with_ps ? dPs : NULL, rows, cols, 3e-3);
+        float *dW = f32_new(s, W, nw), *dPg = f32_new(s, Pg, area * nb), *dPs = f32_new(s, Ps, area * nb);
+        float *dX = f32_new(s, X, (size_t)rows * rows * nb), *dG = f32_new(s, NULL, area * nb);
+        float *dC = f32_new(s, NULL, area * nb);
+        int64_t *doffs = be->alloc(be, (size_t)nb * sizeof(int64_t), "test offs");
+        int *dlds = be->alloc(be, (size_t)nb * sizeof(int), "test lds");
+        be->upload(be, doffs, offs, (size_t)nb * sizeof(int64_t));
+        be->upload(be, dlds, lds, (size_t)nb * sizeof(int));
+        be->gather_blocks(be, dG, dW, doffs, dlds, nb, rows, cols);
+        f32_get(s, gat[s] = hbuf(area * nb), dG, area * nb);
+        // C_b = X_b (rows x rows) @ G_b (rows x cols), through pointer arrays in backend memory
+        const float **pa = xmalloc((size_t)3 * nb * sizeof(float *), "ptrs");
+        for (int b = 0; b < nb; b++) {
+            pa[b] = dX + (size_t)b * rows * rows;
+            pa[nb + b] = dG + b * area;
+            pa[2 * nb + b] = dC + b * area;
+        }
+        void *dptr = be->alloc(be, (size_t)3 * nb * sizeof(float *), "test ptrs");
+        be->upload(be, dptr, pa, (size_t)3 * nb * sizeof(float *));
+        const float *const *dp = (const float *const *)dptr;
+        be->gemm_batched(be, 0, 0, rows, cols, rows, 1.0f, dp, rows, dp + nb, cols, 0.0f, (float *const *)(dp + 2 * nb),
+                         cols, nb);
+        f32_get(s, mm[s] = hbuf(area * nb), dC, area * nb);
+        be->graft_update_blocks(be, dW, doffs, dlds, dPg, with_ps ? dPs : NULL, nb, rows, cols, 3e-3);
         f32_get(s, o[s] = hbuf(nw), dW, nw);
+        free(pa);
+        dfree(s, dptr);
+        dfree(s, doffs);
+        dfree(s, dlds);
         dfree(s, dW);
         dfree(s, dPg);
         dfree(s, dPs);
+        dfree(s, dX);
+        dfree(s, dG);
+        dfree(s, dC);
     }
     float *d0 = hbuf(nw), *d1 = hbuf(nw);
     for (size_t i = 0; i < nw; i++) {
         d0[i] = (float)((double)o[REF][i] - W[i]);
         d1[i] = (float)((double)o[DUT][i] - W[i]);
     }
-    char name[160];
-    snprintf(name, sizeof name, "graft_update %dx%d ld %d %s: the update (padding untouched)", rows, cols, ldw,
+    char name[200];
+    snprintf(name, sizeof name, "gather_blocks %d x (%dx%d), strides cols + 0/7/14", nb, rows, cols);
+    check(name, gat[DUT], gat[REF], area * nb, 0.0);
+    snprintf(name, sizeof name, "gemm_batched %d x (%dx%d) @ (%dx%d) fp32 through pointer arrays", nb, rows, rows, rows,
+             cols);
+    check(name, mm[DUT], mm[REF], area * nb, TOL_GEMM);
+    snprintf(name, sizeof name, "graft_update_blocks %d x (%dx%d) %s: the update (padding untouched)", nb, rows, cols,
              with_ps ? "grafted Shampoo step" : "graft step");
     check(name, d1, d0, nw, 1e-6);
     free(d0);
     free(d1);
-    free(o[0]);
-    free(o[1]);
+    for (int s = 0; s < 2; s++) {
+        free(o[s]);
+        free(gat[s]);
+        free(mm[s]);
+    }
+    free(offs);
+    free(lds);
     free(W);
     free(Pg);
     free(Ps);
+    free(X);
 }
 
 // Shampoo trajectories on both backends from the same init and the same gradients (P19: properties 5-7 hold on the
@@ -1350,9 +1402,10 @@ static void group_shampoo(void) {
         test_root(577, 700, 2, fp64);  // odd size
     }
     test_root_nonfinite();
-    test_graft_update(96, 64, 192, 1);
-    test_graft_update(96, 64, 192, 0);
-    test_graft_update(1, 1152, 1152, 1);
+    test_blocks(5, 96, 64, 1);
+    test_blocks(5, 96, 64, 0);
+    test_blocks(3, 1, 1152, 1);  // 1-D blocks as (1, n)
+    test_blocks(1, 384, 576, 1);
     test_shampoo_run("general step", 1, 0, 12, 0, 1);
     test_shampoo_run("schedule", 5, 5, 30, 0, 1);
     test_shampoo_run("schedule", 5, 5, 30, 1, 1);

@@ -1829,6 +1829,48 @@ static void test_device_path(void) {
     }
 }
 
+// The update runs block groups of one shape in chunks of chunk_floats: a chunk of one block equals a chunk of all.
+static void test_chunks(void) {
+    TEST_CASE("batched update: groups cut into chunks of one block give the same bits as whole groups (25 steps, "
+              "f = S = 5, graft and Shampoo steps)") {
+        ModelConfig mc = tiny_simplest();
+        Model *ma = tiny_model(&mc, 13), *mb = tiny_model(&mc, 13);
+        size_t n = ma->num_params;
+        ShampooConfig sc = base_sc();
+        sc.max_dim = 32;
+        sc.frequency = sc.start_step = 5;
+        sc.eps = 1e-4;
+        Shampoo sa, sb;
+        shampoo_create(&sa, ma, &comm1, &sc, NULL);
+        shampoo_create(&sb, mb, &comm1, &sc, NULL);
+        size_t largest = 1;
+        for (int i = 0; i < sb.nblocks; i++) {
+            size_t area = (size_t)sb.blocks[i].rows * sb.blocks[i].cols;
+            largest = area > largest ? area : largest;
+        }
+        sb.chunk_floats = largest;  // the scratch stays as allocated (larger); the plan is built at the first block step
+        int first_diff = 0;
+        for (int k = 1; k <= 25; k++) {
+            fill_normal(ma->grads, n, 1.0, 88, k);
+            memcpy(mb->grads, ma->grads, n * sizeof(float));
+            shampoo_step(&sa, 0.01, 1.0);
+            shampoo_step(&sb, 0.01, 1.0);
+            if (!first_diff && memcmp(ma->params, mb->params, n * sizeof(float))) first_diff = k;
+        }
+        int chunks_a, chunks_b, groups = shampoo_update_groups(&sa, &chunks_a);
+        shampoo_update_groups(&sb, &chunks_b);
+        printf("    %d groups of %d blocks: %d chunks (chunk %zu floats) against %d (chunk %zu)\n", groups, sa.nblocks,
+               chunks_b, sb.chunk_floats, chunks_a, sa.chunk_floats);
+        EXPECT(groups > 1 && groups < sa.nblocks && chunks_a == groups && chunks_b > chunks_a,
+               "groups %d, chunks %d / %d", groups, chunks_a, chunks_b);
+        EXPECT(first_diff == 0, "parameters differ from step %d", first_diff);
+        shampoo_free(&sa);
+        shampoo_free(&sb);
+        model_free(ma);
+        model_free(mb);
+    }
+}
+
 // ================================================================ P13 validation
 
 static void test_validation(void) {
@@ -2065,6 +2107,7 @@ int main(int argc, char **argv) {
     GROUP("failures", test_failures);
     GROUP("validation", test_validation);
     GROUP("device", test_device_path);
+    GROUP("chunks", test_chunks);
     GROUP("parity", test_parity);
     be->destroy(be);
     return tl_finish();
