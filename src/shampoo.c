@@ -28,6 +28,21 @@ typedef struct RootJob {
     int64_t t;            // the refresh step
 } RootJob;
 
+typedef struct {
+    int kind, order, rows, cols;  // the (rows, cols) view: a 1-D block of n is (1, n)
+    int nb, nbc;                  // blocks, blocks per chunk
+    int64_t *offs;                // backend (nb): element offsets of the blocks
+    int *lds;                     // backend (nb): row strides
+    const float **x0, **x1;       // backend (nb each, one allocation): the roots
+    float **gb, **tmp, **ps;      // backend (nbc each, one allocation): chunk slots in the scratch
+} UpdGroup;
+
+struct ShampooPlan {
+    signed char *kind;  // per block, as built
+    int ngroups;
+    UpdGroup *g;
+};
+
 static void job_free(RootJob *job) {
     free(job->factors);
     free(job->out);
@@ -134,7 +149,8 @@ static void assign_owners(ShampooBlock *blocks, int n, int world, double *max_me
 }
 
 static size_t packed_size(const Shampoo *s, int r, int *nblocks);
-static void plan_free(Shampoo *s);
+struct ShampooPlan;
+static void plan_free(Shampoo *s, struct ShampooPlan **pp);
 
 static int block_preconditioned(const Shampoo *s, const ShampooBlock *b) {
     const TensorInfo *t = &s->model->tensors[b->param];
@@ -247,7 +263,8 @@ void shampoo_free(Shampoo *s) {
     free(s->area_off);
     be->free(be, s->factors);
     be->free(be, s->scratch);
-    plan_free(s);
+    plan_free(s, &s->plan);
+    plan_free(s, &s->fplan);
     free(s->blocks);
     free(s->owned);
 }
@@ -256,21 +273,36 @@ void shampoo_inject_failure(Shampoo *s, int block) { s->blocks[block].inject = 1
 
 // ---------------------------------------------------------------- statistics and roots
 
-// F <- beta2 F + (1 - beta2) G_b G_b^T (and G_b^T G_b): owner only, from the raw G of this step.
+static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind);
+
+// F <- beta2 F + (1 - beta2) G_b G_b^T (and G_b^T G_b): owner only, from the raw G of this step. The owned blocks
+// run group by group (one shape each: the statistics plan, built once), gathered into the scratch, as batched GEMMs.
 static void update_factors(Shampoo *s) {
     Backend *be = s->model->be;
     // 1 - beta2 rounded once from double: 1.0f - (float)0.999 would be 1.3e-5 off 0.001, a bias of the statistics.
     float b2 = (float)s->cfg.beta2, a = (float)(1.0 - s->cfg.beta2);
-    for (int i = 0; i < s->nowned; i++) {
-        const ShampooBlock *b = &s->blocks[s->owned[i]];
-        const float *g = s->G + b->offset;
-        float *F0 = s->factors + b->fac_off[0];
-        if (b->order == 1) {
-            be->gemm(be, 0, 1, b->rows, b->rows, 1, a, g, 1, g, 1, b2, F0, b->rows);
-        } else {
-            be->gemm(be, 0, 1, b->rows, b->rows, b->cols, a, g, b->ld, g, b->ld, b2, F0, b->rows);
-            be->gemm(be, 1, 0, b->cols, b->cols, b->rows, a, g, b->ld, g, b->ld, b2,
-                     s->factors + b->fac_off[1], b->cols);
+    if (!s->fplan) {
+        signed char *kind = xmalloc((size_t)(s->nblocks ? s->nblocks : 1), "Shampoo statistics plan");
+        memset(kind, -1, (size_t)s->nblocks);
+        for (int i = 0; i < s->nowned; i++) kind[s->owned[i]] = 2;
+        s->fplan = plan_build(s, kind);
+        free(kind);
+    }
+    float *Gb = s->scratch + s->chunk_floats;
+    for (int gi = 0; gi < s->fplan->ngroups; gi++) {
+        const UpdGroup *g = &s->fplan->g[gi];
+        const float *const *gb = (const float *const *)g->gb;
+        float *const *F0 = (float *const *)g->x0, *const *F1 = (float *const *)g->x1;
+        for (int c0 = 0; c0 < g->nb; c0 += g->nbc) {
+            int n = g->nb - c0 < g->nbc ? g->nb - c0 : g->nbc;
+            be->gather_blocks(be, Gb, s->G, g->offs + c0, g->lds + c0, n, g->rows, g->cols);
+            if (g->order == 1) {
+                int d = g->cols;
+                be->gemm_batched(be, 0, 1, d, d, 1, a, gb, 1, gb, 1, b2, F0 + c0, d, n);
+            } else {
+                be->gemm_batched(be, 0, 1, g->rows, g->rows, g->cols, a, gb, g->cols, gb, g->cols, b2, F0 + c0, g->rows, n);
+                be->gemm_batched(be, 1, 0, g->cols, g->cols, g->rows, a, gb, g->cols, gb, g->cols, b2, F1 + c0, g->cols, n);
+            }
         }
     }
 }
@@ -676,23 +708,8 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
 // its backend index arrays (block offsets and row strides, root pointers, scratch slots), so that a group costs a
 // few batched calls however many blocks it has. kind: 1 = Shampoo step, 0 = graft step, -1 = the block's tensor took
 // the whole-tensor Adam step. Kinds change only when roots are installed or S is passed; then the plan is rebuilt.
-typedef struct {
-    int kind, order, rows, cols;  // the (rows, cols) view: a 1-D block of n is (1, n)
-    int nb, nbc;                  // blocks, blocks per chunk
-    int64_t *offs;                // backend (nb): element offsets of the blocks
-    int *lds;                     // backend (nb): row strides
-    const float **x0, **x1;       // backend (nb each, one allocation): the roots
-    float **gb, **tmp, **ps;      // backend (nbc each, one allocation): chunk slots in the scratch
-} UpdGroup;
-
-struct ShampooPlan {
-    signed char *kind;  // per block, as built
-    int ngroups;
-    UpdGroup *g;
-};
-
-static void plan_free(Shampoo *s) {
-    struct ShampooPlan *p = s->plan;
+static void plan_free(Shampoo *s, struct ShampooPlan **pp) {
+    struct ShampooPlan *p = *pp;
     if (!p) return;
     Backend *be = s->model->be;
     for (int i = 0; i < p->ngroups; i++) {
@@ -705,7 +722,7 @@ static void plan_free(Shampoo *s) {
     free(p->g);
     free(p->kind);
     free(p);
-    s->plan = NULL;
+    *pp = NULL;
 }
 
 static void *upload_array(Backend *be, const void *host, size_t bytes, const char *what) {
@@ -714,8 +731,8 @@ static void *upload_array(Backend *be, const void *host, size_t bytes, const cha
     return d;
 }
 
-static void plan_build(Shampoo *s, const signed char *kind) {
-    plan_free(s);
+// kind 2 (the statistics plan): the owned blocks, with factor pointers in place of the roots.
+static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind) {
     Backend *be = s->model->be;
     size_t nbl = (size_t)(s->nblocks ? s->nblocks : 1);
     struct ShampooPlan *p = xcalloc(sizeof *p, "Shampoo plan");
@@ -743,8 +760,10 @@ static void plan_build(Shampoo *s, const signed char *kind) {
             taken[j] = 1;
             offs[n] = (int64_t)b->offset;
             lds[n] = b->order == 2 ? b->ld : b->rows;
-            roots[n] = s->roots + b->root_off[0];
-            roots[nbl + n] = b->order == 2 ? s->roots + b->root_off[1] : NULL;
+            const float *base = g->kind == 2 ? s->factors : s->roots;
+            const size_t *off = g->kind == 2 ? b->fac_off : b->root_off;
+            roots[n] = base + off[0];
+            roots[nbl + n] = b->order == 2 ? base + off[1] : NULL;
             n++;
         }
         g->nb = n;
@@ -769,7 +788,7 @@ static void plan_build(Shampoo *s, const signed char *kind) {
     free(lds);
     free(roots);
     free(taken);
-    s->plan = p;
+    return p;
 }
 
 int shampoo_update_groups(const Shampoo *s, int *chunks) {
@@ -810,6 +829,25 @@ static void update_group(Shampoo *s, const UpdGroup *g, double lr, float bc1, fl
     (void)tmp;
 }
 
+// A run of adjacent tensors [off, off + n) for one elementwise launch. run_add extends it with [o, o + k), or, if that
+// is not adjacent, returns 1 with the finished run in flush0/flushn and starts a new one.
+typedef struct {
+    size_t off, n, flush0, flushn;
+} Run;
+
+static int run_add(Run *r, size_t o, size_t k) {
+    if (r->n && r->off + r->n == o) {
+        r->n += k;
+        return 0;
+    }
+    int flush = r->n > 0;
+    r->flush0 = r->off;
+    r->flushn = r->n;
+    r->off = o;
+    r->n = k;
+    return flush;
+}
+
 // Refresh steps: t mod f = 0 and t >= max(S, 1).
 static int refresh_step(const Shampoo *s) {
     int64_t lo = s->cfg.start_step > 1 ? s->cfg.start_step : 1;
@@ -825,11 +863,15 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
     // G = clipped gradient, plus L2 decay on the decay set: exactly the ops of the Adam kernel.
     be->copy(be, s->G, m->grads, np * sizeof(float));
     be->scale(be, s->G, np, (float)grad_scale);
-    if (!c->decoupled && c->weight_decay != 0.0)
+    if (!c->decoupled && c->weight_decay != 0.0) {
+        Run r = {0, 0, 0, 0};
         for (int i = 0; i < m->ntensors; i++) {
             const TensorInfo *t = &m->tensors[i];
-            if (t->decay) be->axpy(be, s->G + t->offset, m->params + t->offset, t->numel, (float)c->weight_decay);
+            if (t->decay && run_add(&r, t->offset, t->numel))
+                be->axpy(be, s->G + r.flush0, m->params + r.flush0, r.flushn, (float)c->weight_decay);
         }
+        if (r.n) be->axpy(be, s->G + r.off, m->params + r.off, r.n, (float)c->weight_decay);
+    }
     update_factors(s);
     if (s->job) {  // root_delay 1: the roots of step t - 1 were computed on a thread during this step's compute
         pthread_join(s->thread, NULL);
@@ -860,6 +902,7 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
     int any_block_step = 0;
     signed char *kind = xmalloc((size_t)(s->nblocks ? s->nblocks : 1), "Shampoo block kinds");
     memset(kind, -1, (size_t)s->nblocks);
+    Run mom = {0, 0, 0, 0}, dec = {0, 0, 0, 0};  // elementwise ops over runs of adjacent tensors: one launch per run
     for (int i = 0, bi = 0; i < m->ntensors; i++) {
         const TensorInfo *t = &m->tensors[i];
         if (!t->trainable) continue;
@@ -874,17 +917,23 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
             continue;
         }
         any_block_step = 1;
-        be->moments(be, s->m + t->offset, s->v + t->offset, s->G + t->offset, t->numel, (float)c->beta1,
-                    (float)c->graft_beta2);
-        if (c->decoupled && c->weight_decay != 0.0 && t->decay)
-            be->scale(be, m->params + t->offset, t->numel, (float)(1.0 - lr * c->weight_decay));
+        if (run_add(&mom, t->offset, t->numel))
+            be->moments(be, s->m + mom.flush0, s->v + mom.flush0, s->G + mom.flush0, mom.flushn, (float)c->beta1,
+                        (float)c->graft_beta2);
+        if (c->decoupled && c->weight_decay != 0.0 && t->decay && run_add(&dec, t->offset, t->numel))
+            be->scale(be, m->params + dec.flush0, dec.flushn, (float)(1.0 - lr * c->weight_decay));
         for (int j = b0; j < b1; j++) {
             const ShampooBlock *b = &s->blocks[j];
             kind[j] = b->has_roots && block_preconditioned(s, b) && s->t > c->start_step;
         }
     }
+    if (mom.n) be->moments(be, s->m + mom.off, s->v + mom.off, s->G + mom.off, mom.n, (float)c->beta1, (float)c->graft_beta2);
+    if (dec.n) be->scale(be, m->params + dec.off, dec.n, (float)(1.0 - lr * c->weight_decay));
     if (any_block_step) {  // every tensor's moments first, then the blocks group by group (no block reads another)
-        if (!s->plan || memcmp(s->plan->kind, kind, (size_t)s->nblocks) != 0) plan_build(s, kind);
+        if (!s->plan || memcmp(s->plan->kind, kind, (size_t)s->nblocks) != 0) {
+            plan_free(s, &s->plan);
+            s->plan = plan_build(s, kind);
+        }
         for (int gi = 0; gi < s->plan->ngroups; gi++) update_group(s, &s->plan->g[gi], lr, bc1, bc2);
         s->apply_s += now_sec() - ta;
     }
