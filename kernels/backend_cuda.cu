@@ -1271,6 +1271,32 @@ static void cu_copy2d(Backend *be, float *dst, int ldd, const float *src, int ld
                                  cudaMemcpyDeviceToDevice, IM(be)->st));
 }
 
+// ---------------------------------------------------------------- input images
+
+// dst (B, C, H, W) = ((float)src / 255 - mean[c]) / std[c], src (B, H, W, C) uint8: the CPU's normalize_u8_hwc bit
+// for bit (IEEE division and subtraction, nothing contracted).
+__global__ void k_images_from_u8(float *dst, const uint8_t *src, int C, size_t plane, size_t n, float m0, float m1,
+                                 float m2, float s0, float s1, float s2) {
+    GRID_STRIDE(i, n) {
+        size_t img = (size_t)C * plane, b = i / img, r = i % img, ch = r / plane, p = r % plane;
+        float m = ch == 0 ? m0 : ch == 1 ? m1 : m2, sd = ch == 0 ? s0 : ch == 1 ? s1 : s2;
+        float u = (float)src[b * img + p * C + ch];
+        dst[i] = __fdiv_rn(__fsub_rn(__fdiv_rn(u, 255.0f), m), sd);
+    }
+}
+
+static void cu_images_from_u8(Backend *be, float *dst, const uint8_t *src, int B, int C, int H, int W,
+                              const float *mean, const float *std) {
+    PROF(be, "images_from_u8");
+    CHECK(C >= 1 && C <= 3, "images_from_u8: %d channels", C);
+    size_t plane = (size_t)H * W, n = (size_t)B * C * plane;
+    float m[3] = {mean[0], C > 1 ? mean[1] : 0.0f, C > 2 ? mean[2] : 0.0f};
+    float sd[3] = {std[0], C > 1 ? std[1] : 1.0f, C > 2 ? std[2] : 1.0f};
+    k_images_from_u8<<<grid_for(n, 256), 256, 0, IM(be)->st>>>(dst, src, C, plane, n, m[0], m[1], m[2], sd[0], sd[1],
+                                                               sd[2]);
+    KERNEL_CHECK("images_from_u8");
+}
+
 // ---------------------------------------------------------------- Shampoo
 
 // dst (nb, rows, cols) = the blocks at base + offs[b] with row stride lds[b].
@@ -1704,6 +1730,7 @@ Backend *backend_cuda_create(int device) {
     be->copy2d = cu_copy2d;
     be->moments = cu_moments;
     be->adam_dir = cu_adam_dir;
+    be->images_from_u8 = cu_images_from_u8;
     be->gather_blocks = cu_gather_blocks;
     be->graft_update_blocks = cu_graft_update_blocks;
     be->gemm_batched = cu_gemm_batched;

@@ -72,6 +72,10 @@ struct Backend {
     // dinp (R, Din) = dout @ W (skipped if NULL); dW (Dout, Din) += dout^T @ inp; dbias (Dout) += colsum(dout) (if non-NULL).
     void (*matmul_bwd)(Backend *be, void *dinp, float *dW, float *dbias, const void *dout, const void *inp,
                        const float *W, int R, int Din, int Dout);
+    // Input images: dst (B, C, H, W) fp32 = ((float)src / 255 - mean[c]) / std[c] from src (B, H, W, C) uint8, the
+    // loader's uint8 batches (ToTensor + Normalize on the device; bit for bit normalize_u8_hwc). mean, std: host (C).
+    void (*images_from_u8)(Backend *be, float *dst, const uint8_t *src, int B, int C, int H, int W, const float *mean,
+                           const float *std);
     // x (B, N, D) += pe (N, D), in place.
     void (*add_posemb)(Backend *be, void *x, const float *pe, int B, int N, int D);
     // out = a + b, n elements (out may alias a or b).

@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "backend.h"
+#include "data/augment.h"
 #include "mathf.h"
 #include "rng.h"
 #include "util.h"
@@ -513,6 +514,13 @@ static void cpu_gemm_batched(Backend *be, int transA, int transB, int M, int N, 
     for (int b = 0; b < nb; b++) cpu_gemm(be, transA, transB, M, N, K, alpha, A[b], lda, B[b], ldb, beta, C[b], ldc);
 }
 
+static void cpu_images_from_u8(Backend *be, float *dst, const uint8_t *src, int B, int C, int H, int W,
+                               const float *mean, const float *std) {
+    size_t img = (size_t)C * H * W;
+#pragma omp parallel for schedule(static)
+    for (int b = 0; b < B; b++) normalize_u8_hwc(src + b * img, C, H, W, mean, std, dst + b * img);
+}
+
 static void cpu_ema_update(Backend *be, float *ema, const float *w, size_t n, float decay) {
 #pragma omp parallel for simd schedule(static)
     for (size_t i = 0; i < n; i++) ema[i] = decay * ema[i] + (1.0f - decay) * w[i];
@@ -645,6 +653,7 @@ Backend *backend_cpu_create(int threads) {
         .scale = cpu_scale,
         .axpy = cpu_axpy,
         .ema_update = cpu_ema_update,
+        .images_from_u8 = cpu_images_from_u8,
         .gather_blocks = cpu_gather_blocks,
         .graft_update_blocks = cpu_graft_update_blocks,
         .gemm_batched = cpu_gemm_batched,

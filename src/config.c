@@ -77,6 +77,10 @@ static const KeySpec KEYS[] = {
      "decoder threads per rank; 0 = the rank's CPU affinity count - 2, at least 1"},
     {"data.prefetch", KT_INT, FIELD(data.prefetch), "3", 1, 64, NULL,
      "micro-batches the decoder threads may prepare ahead of the trainer (ring buffers, pinned on CUDA)"},
+    {"data.u8_batches", KT_BOOL, FIELD(data.u8_batches), "true", NOLIM, NULL,
+     "training batches leave the decoder threads as uint8 (H, W, C) and are normalized on the device: 4x fewer "
+     "bytes in the pinned ring and the upload, no normalization on the decoder threads (spec/data.md §4); the "
+     "same bits as false. Not with Mixup (train.mixup_alpha > 0), which mixes normalized images on the host"},
     {"data.max_file_bytes", KT_I64, FIELD(data.max_file_bytes), "67108864", 1, 1e15, NULL,
      "image files larger than this are skipped and counted (file_too_big)"},
     {"data.max_pixels", KT_I64, FIELD(data.max_pixels), "67108864", 1, 1e15, NULL,

@@ -28,6 +28,7 @@ typedef struct {
         int64_t train_limit, eval_limit;  // 0: all images; otherwise the first N (tests, smoke runs)
         int randaugment, randaugment_magnitude;
         int workers, prefetch;  // decoder threads (0: auto), micro-batches prepared ahead
+        int u8_batches;         // uint8 training batches, normalized on the device (not with Mixup)
         int64_t max_file_bytes, max_pixels;
         int jpeg_dct_scaling;
     } data;

@@ -157,8 +157,22 @@ void trainer_free(Trainer *t) {
     }
     be->free(be, t->d_input[1]);
     be->free(be, t->d_targets[1]);
+    for (int s = 0; s < 2; s++)
+        if (t->d_u8[s]) be->free(be, t->d_u8[s]);
     t->model->input = t->d_input[0];
     t->model->targets = t->d_targets[0];
+}
+
+void trainer_set_u8_input(Trainer *t, const float *mean, const float *std) {
+    const ModelConfig *mc = &t->model->cfg;
+    size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
+    for (int s = 0; s < 2; s++)
+        if (!t->d_u8[s]) t->d_u8[s] = t->be->alloc(t->be, (size_t)t->model->max_batch * img, "uint8 input batch");
+    for (int c = 0; c < mc->channels && c < 3; c++) {
+        t->u8_mean[c] = mean[c];
+        t->u8_std[c] = std[c];
+    }
+    t->u8_input = 1;
 }
 
 // Position of this rank's micro-batch within the step's global slice (keys dropout and mixup groups).
@@ -183,8 +197,11 @@ static void load_slot(Trainer *t, int s, int64_t k, int mi, BatchSource src, voi
     // In steady state both copies finished long ago, so this costs no overlap.
     be->input_host_free(be, s);
     be->input_host_free(be, s ^ 1);
-    const float *images = src(ctx, t, k, mi, t->h_images[s], t->h_targets[s]);
-    be->upload_async(be, t->d_input[s], images, (size_t)t->micro * img * sizeof(float), s);
+    const void *images = src(ctx, t, k, mi, t->h_images[s], t->h_targets[s]);
+    if (t->u8_input)
+        be->upload_async(be, t->d_u8[s], images, (size_t)t->micro * img, s);
+    else
+        be->upload_async(be, t->d_input[s], images, (size_t)t->micro * img * sizeof(float), s);
     be->upload_async(be, t->d_targets[s], t->h_targets[s], (size_t)t->micro * mc->num_classes * sizeof(float), s);
 }
 
@@ -206,6 +223,9 @@ static void micro_step(Trainer *t, int64_t k, int mi, BatchSource src, void *ctx
         t->stall_s += now_sec() - t0;
     }
     be->input_wait(be, s);
+    if (t->u8_input)
+        be->images_from_u8(be, t->d_input[s], t->d_u8[s], t->micro, m->cfg.channels, m->cfg.image_size,
+                           m->cfg.image_size, t->u8_mean, t->u8_std);
     m->input = t->d_input[s];
     m->targets = t->d_targets[s];
     model_forward(m, t->micro, 1, t->seed, (uint64_t)k, slice_pos(t, mi));
@@ -375,23 +395,32 @@ typedef struct {
     int64_t steps_per_epoch;
     int mixup_group;
     double mixup_alpha;
+    int u8;  // the loader makes uint8 batches (data.u8_batches, no Mixup)
 } LoaderCtx;
 
 // The loader's batch source: global slice [s B, (s + 1) B) of epoch e's permutation, this rank's sub-slice, made by
 // the decoder threads (micro-batch q = (k - 1) accum + micro of the plan), then one-hot targets and mixup.
-static const float *loader_source(void *ctx_, const Trainer *t, int64_t k, int micro, float *images,
-                                  float *targets) {
+static const void *loader_source(void *ctx_, const Trainer *t, int64_t k, int micro, float *images,
+                                 float *targets) {
     LoaderCtx *c = ctx_;
     const ModelConfig *mc = &t->model->cfg;
     size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
     int K = mc->num_classes;
     const float *src;
     const int32_t *labels;
-    int n = loader_get(c->loader, (k - 1) * t->accum + micro, &src, &labels);
+    int64_t q = (k - 1) * t->accum + micro;
+    int n;
+    if (c->u8) {  // uint8 batches, normalized on the device (trainer_set_u8_input); never with Mixup
+        const uint8_t *px;
+        n = loader_get_u8(c->loader, q, &px, &labels);
+        src = (const float *)(const void *)px;
+    } else {
+        n = loader_get(c->loader, q, &src, &labels);
+    }
     if (n != t->micro) die_user("data error in the training split of %s (see the lines above)", c->ds->name);
     memset(targets, 0, (size_t)n * K * sizeof(float));
     for (int i = 0; i < n; i++) targets[(size_t)i * K + labels[i]] = 1.0f;
-    if (c->mixup_alpha <= 0.0) return src;  // the loader's pinned ring buffer is uploaded as it is: no host copy
+    if (c->u8 || c->mixup_alpha <= 0.0) return src;  // the loader's pinned ring buffer is uploaded as it is
     // Mixup writes a copy, so that the ring's batch stays as decoded (a repeated step, SAM, takes it again).
     memcpy(images, src, (size_t)n * img * sizeof(float));
     uint64_t pos = slice_pos(t, micro);
@@ -607,12 +636,15 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     LoaderConfig lc = {.ds = &r->train_ds, .train = 1, .seed = r->t.seed, .global_batch = r->t.global_batch,
                        .world = comm->world, .rank = comm->rank, .accum = r->t.accum, .micro = r->t.micro,
                        .steps_per_epoch = spe, .workers = cfg->data.workers, .prefetch = cfg->data.prefetch,
-                       .alloc = host_alloc, .free = host_free, .alloc_ctx = r->be};
+                       .alloc = host_alloc, .free = host_free, .alloc_ctx = r->be,
+                       .u8 = cfg->data.u8_batches && cfg->train.mixup_alpha <= 0.0};
     r->lctx = (LoaderCtx){.ds = &r->train_ds,
                           .loader = loader_create(&lc),
                           .steps_per_epoch = spe,
                           .mixup_group = group,
-                          .mixup_alpha = cfg->train.mixup_alpha};
+                          .mixup_alpha = cfg->train.mixup_alpha,
+                          .u8 = lc.u8};
+    if (lc.u8) trainer_set_u8_input(&r->t, r->train_ds.mean, r->train_ds.std);
     r->config_json = config_to_json(cfg);
     if (comm->rank == 0) {
         prepare_run_dir(cfg->run.dir);

@@ -31,6 +31,11 @@ typedef struct {
     // slot (prefetch), so the copy and the host's batch work overlap the GPU's compute.
     float *h_images[2], *h_targets[2];
     float *d_input[2], *d_targets[2];
+    // uint8 input (trainer_set_u8_input): the source returns (micro, H, W, C) uint8 batches; they are uploaded to
+    // d_u8[s] (4x fewer bytes) and normalized into d_input[s] on the device.
+    int u8_input;
+    uint8_t *d_u8[2];
+    float u8_mean[3], u8_std[3];
     int pf_valid, pf_slot, pf_mi, next_slot;
     int64_t pf_k;
     double stall_s;  // time spent sourcing micro-batches that were not prefetched (the loader on the critical path)
@@ -42,8 +47,8 @@ typedef struct {
 // the images to upload: `images` itself, or a buffer of the source's own (allocated with the backend's alloc_host,
 // so the copy can be asynchronous) that stays unchanged until the source has been called twice more, which spares
 // a copy of the batch on the host.
-typedef const float *(*BatchSource)(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
-                                    float *targets);
+// With u8 input the returned buffer is (micro, H, W, C) uint8 instead.
+typedef const void *(*BatchSource)(void *ctx, const Trainer *t, int64_t k, int micro, float *images, float *targets);
 
 typedef struct {
     double loss_sum;  // sum of per-sample training losses on this rank
@@ -56,6 +61,9 @@ typedef struct {
 // Sets up backend-independent trainer state for a model; micro-batch sizes from cfg and the world size.
 void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64_t total_steps);
 void trainer_free(Trainer *t);
+// From now on the batch source returns uint8 (micro, H, W, C) images, normalized on the device with the
+// dataset's mean and std (C values each).
+void trainer_set_u8_input(Trainer *t, const float *mean, const float *std);
 // One optimizer step k (1-based).
 StepResult trainer_step(Trainer *t, int64_t k, BatchSource src, void *ctx);
 

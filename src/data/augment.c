@@ -431,6 +431,21 @@ void random_crop_pad(const Image *src, int size, int pad, Rng *r, Image *dst) {
 
 void hflip(Image *im) {
     int c = im->c;
+    if (c == 3) {  // RGB, the common case: whole pixels at a time (3 % of the train path with the generic loop)
+        for (int y = 0; y < im->h; y++) {
+            uint8_t *row = PX(im, 0, y);
+            for (int a = 0, b = im->w - 1; a < b; a++, b--) {
+                uint8_t *p = row + 3 * a, *q = row + 3 * b, t0 = p[0], t1 = p[1], t2 = p[2];
+                p[0] = q[0];
+                p[1] = q[1];
+                p[2] = q[2];
+                q[0] = t0;
+                q[1] = t1;
+                q[2] = t2;
+            }
+        }
+        return;
+    }
     for (int y = 0; y < im->h; y++) {
         uint8_t *row = PX(im, 0, y);
         for (int a = 0, b = im->w - 1; a < b; a++, b--)
@@ -867,6 +882,20 @@ void randaugment(Image *im, Rng *r, int num_ops, int magnitude, int bins, Image 
 }
 
 // ------------------------------------------------------------------------------------------------ normalize
+
+void normalize_u8_hwc(const uint8_t *in, int C, int H, int W, const float *mean, const float *std, float *out) {
+    size_t plane = (size_t)W * H;
+    for (int ch = 0; ch < C; ch++) {
+        float m = mean[ch], s = std[ch];
+        float *o = out + plane * ch;
+        for (size_t i = 0; i < plane; i++) o[i] = ((float)in[i * C + ch] / 255.0f - m) / s;
+    }
+}
+
+void image_to_hwc(const Image *im, uint8_t *out) {
+    size_t row = (size_t)im->w * im->c;
+    for (int y = 0; y < im->h; y++) memcpy(out + (size_t)y * row, PX(im, 0, y), row);
+}
 
 void normalize_chw(const Image *im, const float *mean, const float *std, float *out) {
     int W = im->w, H = im->h, c = im->c;

@@ -44,3 +44,8 @@ void randaugment(Image *im, Rng *r, int num_ops, int magnitude, int bins, Image 
 
 // ToTensor + Normalize: out (C, H, W) fp32 = (u / 255 - mean) / std, computed in that order in fp32.
 void normalize_chw(const Image *im, const float *mean, const float *std, float *out);
+// The same ToTensor + Normalize from a contiguous uint8 (H, W, C) buffer into (C, H, W) fp32: the loader's uint8
+// batches are normalized by this (host) or by the backend's images_from_u8 (the same expression, bit for bit).
+void normalize_u8_hwc(const uint8_t *in, int C, int H, int W, const float *mean, const float *std, float *out);
+// The image's pixels as a contiguous uint8 (H, W, C) buffer.
+void image_to_hwc(const Image *im, uint8_t *out);

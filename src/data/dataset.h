@@ -69,6 +69,9 @@ typedef struct {
 // stream (seed, AUG, epoch, idx): the pixels depend only on (seed, epoch, idx).
 void loader_image(const Dataset *ds, int64_t idx, const AugmentConfig *aug, uint64_t seed, int64_t epoch,
                   float *out);
+// The same image before ToTensor + Normalize: uint8 (H, W, C), the padding 0.
+void loader_image_u8(const Dataset *ds, int64_t idx, const AugmentConfig *aug, uint64_t seed, int64_t epoch,
+                     uint8_t *out);
 
 // Fills a training micro-batch: global positions [pos0, pos0 + count) of epoch `epoch`'s permutation, as images
 // (count, C, H, W) and one-hot targets (count, num_classes).
@@ -106,6 +109,7 @@ typedef struct {
     LoaderFreeFn free;
     void *alloc_ctx;
     int quiet;  // no log lines for skipped files
+    int u8;     // batches as uint8 (count, H, W, C), 4x smaller, normalized by the consumer (loader_get_u8)
 } LoaderConfig;
 
 typedef struct Loader Loader;
@@ -119,6 +123,8 @@ void loader_destroy(Loader *l);
 // Any q works (a repeated or earlier one is rebuilt); the ring then runs ahead from q. Exits with a data error
 // (exit 2) after 16 consecutive failures of one slot.
 int loader_get(Loader *l, int64_t q, const float **images, const int32_t **labels);
+// The same for a loader with cfg.u8: images (count, H, W, C) uint8 before ToTensor + Normalize.
+int loader_get_u8(Loader *l, int64_t q, const uint8_t **images, const int32_t **labels);
 // Micro-batches in the eval plan.
 int64_t loader_eval_batches(const Loader *l);
 double loader_wait_s(const Loader *l);            // time loader_get spent waiting for the threads

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "data/augment.h"
 #include "data/dataset.h"
 #include "rng.h"
 #include "util.h"
@@ -20,8 +21,8 @@ void loader_permutation(uint64_t seed, int64_t epoch, int64_t n, int64_t *perm) 
     }
 }
 
-void loader_image(const Dataset *ds, int64_t idx, const AugmentConfig *aug, uint64_t seed, int64_t epoch,
-                  float *out) {
+void loader_image_u8(const Dataset *ds, int64_t idx, const AugmentConfig *aug, uint64_t seed, int64_t epoch,
+                     uint8_t *out) {
     int H = ds->height, W = ds->width, C = ds->channels;
     int oy = 0, ox = 0, flip = 0, pad = 0;
     if (aug && aug->augment) {
@@ -34,15 +35,21 @@ void loader_image(const Dataset *ds, int64_t idx, const AugmentConfig *aug, uint
         if (aug->flip) flip = rng_uniform(&r) < 0.5;
     }
     const uint8_t *src = ds->pixels + (size_t)idx * H * W * C;
-    for (int c = 0; c < C; c++) {
-        float mean = ds->mean[c], std = ds->std[c];
-        for (int y = 0; y < H; y++)
-            for (int x = 0; x < W; x++) {
-                int sy = y + oy, sx = (flip ? W - 1 - x : x) + ox;
-                uint8_t u = (sy >= 0 && sy < H && sx >= 0 && sx < W) ? src[((size_t)sy * W + sx) * C + c] : 0;
-                out[((size_t)c * H + y) * W + x] = ((float)u / 255.0f - mean) / std;  // ToTensor, then Normalize
-            }
-    }
+    for (int y = 0; y < H; y++)
+        for (int x = 0; x < W; x++) {
+            int sy = y + oy, sx = (flip ? W - 1 - x : x) + ox;
+            int in = sy >= 0 && sy < H && sx >= 0 && sx < W;
+            for (int c = 0; c < C; c++) out[((size_t)y * W + x) * C + c] = in ? src[((size_t)sy * W + sx) * C + c] : 0;
+        }
+}
+
+void loader_image(const Dataset *ds, int64_t idx, const AugmentConfig *aug, uint64_t seed, int64_t epoch,
+                  float *out) {
+    size_t n = (size_t)ds->height * ds->width * ds->channels;
+    uint8_t *px = xmalloc(n, "image pixels");
+    loader_image_u8(ds, idx, aug, seed, epoch, px);
+    normalize_u8_hwc(px, ds->channels, ds->height, ds->width, ds->mean, ds->std, out);  // ToTensor, then Normalize
+    free(px);
 }
 
 void loader_train_batch(const Dataset *ds, const int64_t *perm, int64_t epoch, int64_t pos0, int count,
@@ -119,7 +126,7 @@ typedef struct {
     int failed;     // a slot ran out of substitutes (err says which)
     char err[600];
     int64_t *idx;   // (micro) key indices
-    float *images;  // (micro, C, H, W), from the caller's allocator
+    void *images;   // (micro, C, H, W) fp32 or (micro, H, W, C) uint8 (cfg.u8), from the caller's allocator
     int32_t *labels;  // (micro)
 } Slot;
 
@@ -134,7 +141,7 @@ struct Loader {
     pthread_t *threads;
     int nthreads, stop, chunk;
     int64_t *perm, perm_epoch;
-    size_t img_elems;
+    size_t img_elems, img_bytes;  // per image; bytes: 4 per element, 1 with cfg.u8
     PipeFailures fails;
     double wait_s;
 };
@@ -189,6 +196,7 @@ static void *loader_thread(void *arg) {
     Loader *l = arg;
     const LoaderConfig *c = &l->c;
     PipeWorker *w = pipe_worker_create(c->ds);
+    pipe_worker_set_u8(w, c->u8);
     pthread_mutex_lock(&l->mu);
     while (!l->stop) {
         Slot *s = NULL;
@@ -211,7 +219,7 @@ static void *loader_thread(void *arg) {
         char err[600] = "";
         int bad = 0;
         for (int j = j0; j < j1; j++)
-            if (pipe_sample(w, c->ds, c->train, c->seed, epoch, s->idx[j], s->images + (size_t)j * l->img_elems,
+            if (pipe_sample(w, c->ds, c->train, c->seed, epoch, s->idx[j], (char *)s->images + (size_t)j * l->img_bytes,
                             &s->labels[j], &l->fails, err, sizeof err) != 0)
                 bad = 1;
         pthread_mutex_lock(&l->mu);
@@ -249,6 +257,7 @@ Loader *loader_create(const LoaderConfig *cfg) {
     }
     l->perm_epoch = -1;
     l->img_elems = (size_t)ds->channels * ds->height * ds->width;
+    l->img_bytes = l->img_elems * (c->u8 ? 1 : sizeof(float));
     int prefetch = c->prefetch > 0 ? c->prefetch : 3;
     l->nslots = prefetch + 2;  // the two batches the caller holds (one may still be uploading), `prefetch` ahead
     l->slots = xcalloc((size_t)l->nslots * sizeof(Slot), "loader slots");
@@ -257,7 +266,7 @@ Loader *loader_create(const LoaderConfig *cfg) {
         s->q = -1;
         s->idx = xmalloc((size_t)c->micro * sizeof(int64_t), "slot indices");
         s->labels = xmalloc((size_t)c->micro * sizeof(int32_t), "slot labels");
-        s->images = c->alloc(c->alloc_ctx, (size_t)c->micro * l->img_elems * sizeof(float), "loader batch buffer");
+        s->images = c->alloc(c->alloc_ctx, (size_t)c->micro * l->img_bytes, "loader batch buffer");
     }
     int threads = c->workers > 0 ? c->workers : affinity_cpus() - 2;
     l->nthreads = threads > 0 ? threads : 1;
@@ -298,7 +307,25 @@ void loader_destroy(Loader *l) {
     free(l);
 }
 
+static int get_slot(Loader *l, int64_t q, const void **images, const int32_t **labels);
+
 int loader_get(Loader *l, int64_t q, const float **images, const int32_t **labels) {
+    CHECK(!l->c.u8, "loader_get on a uint8 loader (loader_get_u8)");
+    const void *p;
+    int n = get_slot(l, q, &p, labels);
+    *images = p;
+    return n;
+}
+
+int loader_get_u8(Loader *l, int64_t q, const uint8_t **images, const int32_t **labels) {
+    CHECK(l->c.u8, "loader_get_u8 on an fp32 loader (loader_get)");
+    const void *p;
+    int n = get_slot(l, q, &p, labels);
+    *images = p;
+    return n;
+}
+
+static int get_slot(Loader *l, int64_t q, const void **images, const int32_t **labels) {
     double t0 = now_sec();
     pthread_mutex_lock(&l->mu);
     if (q < l->base || q >= l->base + l->nslots) {  // a jump (resume, a repeated step): rebuild the ring at q

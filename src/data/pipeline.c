@@ -23,6 +23,7 @@ struct PipeWorker {
     size_t cap;
     Image dec_out, a, b, tmp;
     int64_t warnings_seen;
+    int u8;  // output uint8 (H, W, C) instead of normalized fp32 (C, H, W)
 };
 
 PipeWorker *pipe_worker_create(const Dataset *ds) {
@@ -119,14 +120,19 @@ static void account_warnings(PipeWorker *w) {
     w->warnings_seen = jpeg_warning_count(w->dec);
 }
 
+void pipe_worker_set_u8(PipeWorker *w, int u8) { w->u8 = u8; }
+
 ImgStatus pipe_image(PipeWorker *w, const Dataset *ds, int train, uint64_t seed, int64_t epoch, int64_t key_idx,
-                     int64_t src_idx, float *out) {
+                     int64_t src_idx, void *out) {
     const DataOptions *o = &ds->opt;
     int aug = train && o->augment;
     if (ds->kind == DS_IDX) {
         AugmentConfig ac = {o->augment, o->crop_padding, o->flip};
         if (key_idx == src_idx) {
-            loader_image(ds, src_idx, aug ? &ac : NULL, seed, epoch, out);
+            if (w->u8)
+                loader_image_u8(ds, src_idx, aug ? &ac : NULL, seed, epoch, out);
+            else
+                loader_image(ds, src_idx, aug ? &ac : NULL, seed, epoch, out);
             return IMG_OK;
         }
     }
@@ -178,7 +184,10 @@ ImgStatus pipe_image(PipeWorker *w, const Dataset *ds, int train, uint64_t seed,
             w->tmp = t;
         }
     }
-    normalize_chw(&w->a, ds->mean, ds->std, out);
+    if (w->u8)
+        image_to_hwc(&w->a, out);
+    else
+        normalize_chw(&w->a, ds->mean, ds->std, out);
 out:
     account_warnings(w);
     return st;
@@ -201,7 +210,7 @@ int64_t pipe_failures_total(const PipeFailures *f) {
     return t;
 }
 
-int pipe_sample(PipeWorker *w, const Dataset *ds, int train, uint64_t seed, int64_t epoch, int64_t idx, float *out,
+int pipe_sample(PipeWorker *w, const Dataset *ds, int train, uint64_t seed, int64_t epoch, int64_t idx, void *out,
                 int32_t *label, PipeFailures *fails, char *err, size_t errlen) {
     int64_t warn0 = w->warnings_seen;
     for (int t = 0; t < 16; t++) {

@@ -3,7 +3,8 @@
 // to fp32 CHW. RandAugment is off (the measured path); the files are small enough to stay in the page
 // cache, as the peer (tests/bench/torch_decode.py) keeps them in memory. One PipeWorker per thread. Prints one
 // JSON line per thread count: images/s in all and per thread.
-//   bench_decode ROOT [--threads 1,2] [--seconds 3] [--dct-scaling 0|1]
+//   bench_decode ROOT [--threads 1,2] [--seconds 3] [--dct-scaling 0|1] [--u8 0|1]
+// --u8 1: the loader's default training output (data.u8_batches): uint8 HWC, the normalization left to the device.
 // ROOT is an ImageFolder (ROOT/train/<class>/*.jpg), as tests/bench/make_jpegs.py writes it.
 #include <pthread.h>
 #include <stdio.h>
@@ -16,13 +17,14 @@
 typedef struct {
     const Dataset *ds;
     double seconds;
-    int tid;
+    int tid, u8;
     long images, skipped;
 } Work;
 
 static void *worker(void *arg) {
     Work *w = arg;
     PipeWorker *pw = pipe_worker_create(w->ds);
+    pipe_worker_set_u8(pw, w->u8);
     float *chw = xmalloc((size_t)3 * w->ds->height * w->ds->width * sizeof(float), "bench output");
     double t0 = now_sec();
     int64_t i = 0;
@@ -42,14 +44,15 @@ static void *worker(void *arg) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) die_user("usage: bench_decode ROOT [--threads 1,2] [--seconds 3] [--dct-scaling 0|1]");
+    if (argc < 2) die_user("usage: bench_decode ROOT [--threads 1,2] [--seconds 3] [--dct-scaling 0|1] [--u8 0|1]");
     const char *root = argv[1], *threads = "1,2";
     double seconds = 3.0;
-    int dct = 0;
+    int dct = 0, u8 = 0;
     for (int i = 2; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--threads")) threads = argv[i + 1];
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--dct-scaling")) dct = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--u8")) u8 = atoi(argv[i + 1]);
         else die_user("bench_decode: unknown option %s", argv[i]);
     }
     Dataset ds;
@@ -66,7 +69,7 @@ int main(int argc, char **argv) {
         pthread_t *th = xcalloc((size_t)nt * sizeof(pthread_t), "threads");
         double t0 = now_sec();
         for (int t = 0; t < nt; t++) {
-            w[t] = (Work){&ds, seconds, t, 0, 0};
+            w[t] = (Work){&ds, seconds, t, u8, 0, 0};
             pthread_create(&th[t], NULL, worker, &w[t]);
         }
         long images = 0, skipped = 0;
@@ -77,8 +80,9 @@ int main(int argc, char **argv) {
         }
         double el = now_sec() - t0;
         printf("{\"impl\": \"simplest-dist\", \"threads\": %d, \"files\": %lld, \"size\": %d, \"dct_scaling\": %d, "
-               "\"images\": %ld, \"skipped\": %ld, \"img_per_s\": %.1f, \"img_per_s_per_thread\": %.1f}\n",
-               nt, (long long)ds.n, ds.width, dct, images, skipped, images / el, images / el / nt);
+               "\"output\": \"%s\", \"images\": %ld, \"skipped\": %ld, \"img_per_s\": %.1f, \"img_per_s_per_thread\": %.1f}\n",
+               nt, (long long)ds.n, ds.width, dct, u8 ? "uint8 HWC (normalized on the device)" : "fp32 CHW normalized",
+               images, skipped, images / el, images / el / nt);
         fflush(stdout);
         free(w);
         free(th);

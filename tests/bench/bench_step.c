@@ -25,7 +25,7 @@ typedef struct {
     const float *filled[2];  // the host buffers that already hold the batch
 } SynthBatch;
 
-static const float *synth_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
+static const void *synth_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
                                  float *targets) {
     SynthBatch *s = ctx;
     // The same batch every step: copy it once into each of the trainer's two host buffers (input double

@@ -46,3 +46,20 @@ if "$BIN" configs/fashion-mnist.json --set data.dataset=cifar10 --set model.patc
 else
   grep -q "data.root" "$TMP/err" && echo "ok - cifar10 without data.root is refused" || echo "not ok - cifar10 without data.root is refused"
 fi
+# data.u8_batches (the default): uint8 batches normalized by the backend. The same run with fp32 batches normalized
+# on the decoder threads must give the same training losses and eval, bit for bit (CPU backend).
+if "$BIN" configs/fashion-mnist.json --set data.dataset=cifar10 --set data.root="$TMP/data" \
+    --set data.augment=true --set data.threads=2 --set data.prefetch=2 --set data.u8_batches=false \
+    --set model.width=custom --set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=2 \
+    --set model.arch=simplevit --set model.patch_size=8 --set train.batch_size=20 --set train.steps=12 \
+    --set train.log_every=4 --set opt.lr=0.001 --set run.dir="$TMP/run_f32" > "$TMP/log_f32" 2>&1 &&
+   "$PY" - "$TMP/run/metrics.jsonl" "$TMP/run_f32/metrics.jsonl" <<'PYEOF'
+import json, sys
+def rows(p):
+    return [{k: v for k, v in json.loads(l).items() if k.startswith(("train/loss", "eval/"))} for l in open(p)]
+a, b = rows(sys.argv[1]), rows(sys.argv[2])
+assert len(a) >= 3 and a == b, (a, b)
+assert json.load(open(sys.argv[1].replace("metrics.jsonl", "config.json")))["data"]["u8_batches"] is True
+PYEOF
+then echo "ok - uint8 batches normalized by the backend train bit for bit as fp32 batches (losses and eval)"
+else echo "not ok - uint8 batches normalized by the backend train bit for bit as fp32 batches"; tail -3 "$TMP/log_f32"; fi

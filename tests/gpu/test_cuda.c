@@ -20,6 +20,7 @@
 //   bf16 activation outputs of one op ................ 1e-2   (bf16 keeps 8 bits: rounding alone is <= 2^-9)
 //   activation gradients, weight gradients of one op .. 2e-2
 //   patch unfold (fp32 image -> bf16 patches) ......... 4e-3   (only the output rounding)
+//   images_from_u8 (uint8 batches -> normalized fp32) . 0      (the same IEEE operations as the CPU)
 //   per-sample losses of the fused cross-entropy ...... 1e-4   (fp32 math on the same bf16 logits)
 //   LayerNorm mean / rstd (fp32) ...................... 1e-4
 //   fp32 optimizer ops (adam, scale, axpy, ema, moments, adam_dir, sumsq) ... 1e-6; Adam's update w1 - w0: 1e-4
@@ -339,6 +340,34 @@ static void test_matmul(int R, int Din, int Dout) {
 }
 
 // ---------------------------------------------------------------- ops: elementwise
+
+// The loader's uint8 (B, H, W, C) batches normalized on the device: bit for bit the CPU's normalize_u8_hwc.
+static void test_images_from_u8(int B, int C, int H, int W) {
+    size_t n = (size_t)B * C * H * W;
+    uint8_t *px = xalloc_host(n);
+    Rng r = rng_stream(9, 4, (uint64_t)n, 0);
+    for (size_t i = 0; i < n; i++) px[i] = (uint8_t)rng_below(&r, 256);
+    px[0] = 0;
+    px[1] = 255;
+    const float mean[3] = {0.4914f, 0.4822f, 0.4465f}, std[3] = {0.2470f, 0.2435f, 0.2616f};
+    float *o[2];
+    for (int s = 0; s < 2; s++) {
+        Backend *be = S[s].be;
+        uint8_t *d = be->alloc(be, n, "test u8 images");
+        be->upload(be, d, px, n);
+        float *f = f32_new(s, NULL, n);
+        be->images_from_u8(be, f, d, B, C, H, W, mean, std);
+        f32_get(s, o[s] = hbuf(n), f, n);
+        dfree(s, d);
+        dfree(s, f);
+    }
+    char name[128];
+    snprintf(name, sizeof name, "images_from_u8 B%d C%d %dx%d (bit-identical to the CPU)", B, C, H, W);
+    check(name, o[DUT], o[REF], n, 0.0);
+    free(o[0]);
+    free(o[1]);
+    free(px);
+}
 
 static void test_posemb_add(void) {
     int B = 3, N = 50, D = 64;
@@ -1075,6 +1104,9 @@ static void plant_faults(Backend *be) {
 // ---------------------------------------------------------------- main
 
 static void group_ops(void) {
+    test_images_from_u8(3, 3, 32, 32);
+    test_images_from_u8(2, 1, 28, 28);
+    test_images_from_u8(2, 3, 224, 224);
     test_patch_unfold(3, 3, 32, 4);
     test_patch_unfold(2, 1, 28, 7);
     test_patch_unfold(2, 3, 224, 16);

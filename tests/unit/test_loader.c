@@ -11,6 +11,8 @@
 #include <unistd.h>
 
 #include "data/dataset.h"
+#include "backend.h"
+#include "data/augment.h"
 #include "data/pipeline.h"
 #include "prepare.h"
 #include "testlib.h"
@@ -387,6 +389,53 @@ static void run_epochs(const Dataset *d, int B, int steps, int workers, int32_t 
     loader_destroy(l);
 }
 
+// The same batches as uint8 (cfg.u8), normalized on the host (normalize_u8_hwc) into imgs, and by the CPU backend's
+// images_from_u8 into imgs_be.
+static void run_epochs_u8(const Dataset *d, int B, int steps, int workers, float *imgs, float *imgs_be) {
+    LoaderConfig c = train_cfg(d, B, 1, 0, 1, workers);
+    c.steps_per_epoch = d->n / B;
+    c.u8 = 1;
+    Loader *l = loader_create(&c);
+    Backend *be = backend_cpu_create(1);
+    size_t img = (size_t)d->channels * d->height * d->width;
+    for (int k = 1; k <= steps; k++) {
+        const uint8_t *px;
+        const int32_t *lb;
+        int n = loader_get_u8(l, k - 1, &px, &lb);
+        EXPECT(n == B, "batch %d has %d", k, n);
+        float *out = imgs + (size_t)(k - 1) * B * img;
+        for (int i = 0; i < n; i++)
+            normalize_u8_hwc(px + i * img, d->channels, d->height, d->width, d->mean, d->std, out + i * img);
+        be->images_from_u8(be, imgs_be + (size_t)(k - 1) * B * img, px, n, d->channels, d->height, d->width, d->mean,
+                           d->std);
+    }
+    be->destroy(be);
+    loader_destroy(l);
+}
+
+static void test_u8_batches(void) {
+    // in-memory records (CIFAR's crop + flip path, and IDX's own), then JPEGs (RandomResizedCrop, RandAugment)
+    for (int kind = 0; kind < 2; kind++) {
+        char title[200];
+        snprintf(title, sizeof title, "uint8 batches (%s path): normalized on the host or by the backend's "
+                 "images_from_u8, the same bits as the fp32 batches, 2 epochs with 3 threads", kind ? "IDX" : "CIFAR");
+        TEST_CASE(title) {
+            Dataset d = mem_ds(40);
+            if (kind) d.kind = DS_IDX;
+            size_t img = 3072, n = (size_t)2 * 40 * img;
+            float *a = malloc(n * sizeof(float)), *b = malloc(n * sizeof(float)), *c = malloc(n * sizeof(float));
+            run_epochs(&d, 8, 10, 3, NULL, a);
+            run_epochs_u8(&d, 8, 10, 3, b, c);
+            EXPECT(!memcmp(a, b, n * sizeof(float)), "host-normalized uint8 batches differ from the fp32 batches");
+            EXPECT(!memcmp(a, c, n * sizeof(float)), "images_from_u8 differs from the fp32 batches");
+            free(a);
+            free(b);
+            free(c);
+            dataset_free(&d);
+        }
+    }
+}
+
 static void test_threads_and_corrupt(void) {
     char root[700], p[1024];
     snprintf(root, sizeof root, "%s/inet2", g_dir);
@@ -408,6 +457,11 @@ static void test_threads_and_corrupt(void) {
             EXPECT(!memcmp(a, b, 6 * 4 * img * sizeof(float)), "batches differ between 1 and 3 threads");
             run_epochs(&d, 4, 6, 7, NULL, b);
             EXPECT(!memcmp(a, b, 6 * 4 * img * sizeof(float)), "batches differ between 1 and 7 threads");
+            float *c = malloc(6 * 4 * img * sizeof(float));
+            run_epochs_u8(&d, 4, 6, 2, b, c);  // uint8 batches (data.u8_batches), normalized after the loader
+            EXPECT(!memcmp(a, b, 6 * 4 * img * sizeof(float)), "uint8 batches normalized on the host differ");
+            EXPECT(!memcmp(a, c, 6 * 4 * img * sizeof(float)), "uint8 batches through images_from_u8 differ");
+            free(c);
             d.opt.augment = 0;  // the eval transform: Resize(256) + CenterCrop(224), no draws
             run_epochs(&d, 4, 1, 2, NULL, a);
             float mx = 0;
@@ -561,6 +615,7 @@ int main(void) {
     test_tiny_reader();
     test_cifar_reader();
     test_sharding();
+    test_u8_batches();
     test_threads_and_corrupt();
     test_prepare();
     char cmd[700];

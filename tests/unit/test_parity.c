@@ -49,7 +49,7 @@ typedef struct {
 } FixedBatch;
 
 // The same fixture batch at every step.
-static const float *fixed_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
+static const void *fixed_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
                                  float *targets) {
     FixedBatch *fb = ctx;
     memcpy(images, fb->images, (size_t)fb->B * fb->img * sizeof(float));

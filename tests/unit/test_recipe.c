@@ -84,7 +84,7 @@ typedef struct {
 } FixedBatch;
 
 // Micro-batch `micro` is slice [micro * t->micro, (micro + 1) * t->micro) of the fixed batch, at every step.
-static const float *slice_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
+static const void *slice_source(void *ctx, const Trainer *t, int64_t k, int micro, float *images,
                                  float *targets) {
     FixedBatch *fb = ctx;
     size_t i0 = (size_t)micro * t->micro;
