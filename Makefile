@@ -51,9 +51,10 @@ ifeq ($(USE_CUDA),1)
   # cuSOLVER joins with GPU Shampoo roots.
   LDLIBS += -L$(CUDA_HOME_DIR)/lib64 -Wl,-rpath,$(CUDA_HOME_DIR)/lib64 -lcudart -lcublas -lcublasLt -lcusolver -lstdc++
   CUDA_OBJS := $(patsubst kernels/%.cu,$(BUILD)/kernels/%.o,$(CUDA_SRCS))
-  # NCCL (the GPU gradient all-reduce) needs MPI for its bootstrap: the toolkit's, or EXTRA_CFLAGS/LDFLAGS (pip's
-  # nvidia-nccl-cu13) with USE_NCCL=1.
-  USE_NCCL ?= $(if $(and $(filter 1,$(USE_MPI)),$(wildcard $(CUDA_HOME_DIR)/include/nccl.h)),1,0)
+  # NCCL (the GPU gradient all-reduce, Shampoo's root broadcast): the toolkit's, or EXTRA_CFLAGS/LDFLAGS (pip's
+  # nvidia-nccl-cu13) with USE_NCCL=1. Several ranks bootstrap it over MPI; a single-process build (USE_MPI=0) uses
+  # it only with SD_NCCL_FORCE=1 (a one-rank communicator: the NCCL path checked on a one-GPU machine).
+  USE_NCCL ?= $(if $(wildcard $(CUDA_HOME_DIR)/include/nccl.h),1,0)
   ifeq ($(USE_NCCL),1)
     CFLAGS += -DUSE_NCCL
     LDLIBS += -lnccl

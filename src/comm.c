@@ -17,20 +17,6 @@ static void add_into(float *out, const float *s, size_t n) {
     for (size_t i = 0; i < n; i++) out[i] += s[i];
 }
 
-#ifdef USE_MPI
-#include <mpi.h>
-
-#define MPI_CHECK(c, call)                                                   \
-    do {                                                                     \
-        int rc_ = (call);                                                    \
-        if (rc_ != MPI_SUCCESS) {                                            \
-            char msg_[MPI_MAX_ERROR_STRING];                                 \
-            int len_ = 0;                                                    \
-            MPI_Error_string(rc_, msg_, &len_);                              \
-            DIE("rank %d: %s failed: %s", (c)->rank, #call, msg_);           \
-        }                                                                    \
-    } while (0)
-
 #ifdef USE_NCCL
 #include <cuda_runtime_api.h>
 #include <nccl.h>
@@ -45,7 +31,38 @@ static void add_into(float *out, const float *s, size_t n) {
         cudaError_t e_ = (call);                                                                                 \
         if (e_ != cudaSuccess) DIE("rank %d: %s failed: %s", (c)->rank, #call, cudaGetErrorString(e_));          \
     } while (0)
+
+// The NCCL side of a rank (comm_gpu_init): shared by the MPI build and the single-process build, where a one-rank
+// communicator runs only with SD_NCCL_FORCE=1 (to check the NCCL path on a one-GPU machine).
+typedef struct {
+    int on;                         // comm_gpu_init done: device buffers go through NCCL
+    ncclComm_t comm;
+    cudaStream_t compute, st;       // the backend's stream; NCCL's own
+    cudaEvent_t ev_ready, ev_done;  // compute -> NCCL (a bucket is final); NCCL -> compute (the sums are done)
+    int pending;                    // collectives started since the last wait
+} NcclState;
+
+static int nccl_on(const Comm *c);
+static int is_device(const void *p);
+static void nccl_start(Comm *c, float *buf, size_t n);
+static void nccl_wait_for(Comm *c, const char *what);
+static void nccl_bcast_all(Comm *c, void *const *bufs, const size_t *bytes);
+static void nccl_destroy(Comm *c);
 #endif
+
+#ifdef USE_MPI
+#include <mpi.h>
+
+#define MPI_CHECK(c, call)                                                   \
+    do {                                                                     \
+        int rc_ = (call);                                                    \
+        if (rc_ != MPI_SUCCESS) {                                            \
+            char msg_[MPI_MAX_ERROR_STRING];                                 \
+            int len_ = 0;                                                    \
+            MPI_Error_string(rc_, msg_, &len_);                              \
+            DIE("rank %d: %s failed: %s", (c)->rank, #call, msg_);           \
+        }                                                                    \
+    } while (0)
 
 #define TAG_HEARTBEAT 1
 #define TAG_CHAIN 2
@@ -65,11 +82,7 @@ struct CommState {
     int64_t *last_step;   // (world) rank 0: the step it reported
     int byes;             // rank 0: goodbyes already received while draining (a rank may finalize first)
 #ifdef USE_NCCL
-    int gpu;                      // comm_gpu_init done: device buffers go through NCCL
-    ncclComm_t nccl;
-    cudaStream_t compute, nccl_st;  // the backend's stream; NCCL's own
-    cudaEvent_t ev_ready, ev_done;  // compute -> NCCL (a bucket is final); NCCL -> compute (the sums are done)
-    int nccl_pending;               // all-reduces started since the last wait
+    NcclState nc;
 #endif
 };
 
@@ -220,12 +233,7 @@ void comm_finalize(Comm *c) {
         }
     }
 #ifdef USE_NCCL
-    if (st->gpu) {
-        ncclCommDestroy(st->nccl);
-        cudaEventDestroy(st->ev_ready);
-        cudaEventDestroy(st->ev_done);
-        cudaStreamDestroy(st->nccl_st);
-    }
+    nccl_destroy(c);
 #endif
     MPI_CHECK(c, MPI_Comm_free(&st->hb_comm));
     free(st->reqs);
@@ -250,110 +258,33 @@ static void allreduce(Comm *c, void *buf, size_t n, size_t esize, MPI_Datatype t
     }
 }
 
-#ifdef USE_NCCL
-static int is_device(const void *p) {
-    struct cudaPointerAttributes a;
-    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
-        cudaGetLastError();
-        return 0;
-    }
-    return a.type == cudaMemoryTypeDevice;
-}
-
-// Starts an in-place NCCL sum of a device buffer once the compute stream has finished writing it.
-static void nccl_start(Comm *c, float *buf, size_t n) {
-    CommState *st = c->st;
-    CUDA_CALL(c, cudaEventRecord(st->ev_ready, st->compute));
-    CUDA_CALL(c, cudaStreamWaitEvent(st->nccl_st, st->ev_ready, 0));
-    NCCL_CHECK(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, st->nccl, st->nccl_st));
-    st->nccl_pending++;
-}
-
-// Waits for every started NCCL sum by polling, with the heartbeats and the timeout of poll_wait; the compute
-// stream is then ordered after them.
-static void nccl_wait_for(Comm *c, const char *what) {
-    CommState *st = c->st;
-    if (!st->nccl_pending) return;
-    CUDA_CALL(c, cudaEventRecord(st->ev_done, st->nccl_st));
-    double t0 = now_sec();
-    for (;;) {
-        cudaError_t q = cudaEventQuery(st->ev_done);
-        if (q == cudaSuccess) break;
-        if (q != cudaErrorNotReady) DIE("rank %d: %s failed: %s", c->rank, what, cudaGetErrorString(q));
-        ncclResult_t async = ncclSuccess;
-        NCCL_CHECK(c, ncclCommGetAsyncError(st->nccl, &async));
-        if (async != ncclSuccess) DIE("rank %d: NCCL reports %s during %s", c->rank, ncclGetErrorString(async), what);
-        if (c->rank == 0) drain_heartbeats(c);
-        double waited = now_sec() - t0;
-        if (c->timeout_s > 0 && waited > c->timeout_s) {
-            ncclCommAbort(st->nccl);
-            report_timeout(c, what, waited);
-        }
-        if (waited > 0.02) {
-            struct timespec ts = {0, 50000};
-            nanosleep(&ts, NULL);
-        }
-    }
-    CUDA_CALL(c, cudaStreamWaitEvent(st->compute, st->ev_done, 0));
-    st->nccl_pending = 0;
-}
-
-static void nccl_wait(Comm *c) { nccl_wait_for(c, "the NCCL gradient all-reduce"); }
-
-int comm_gpu_init(Comm *c, void *stream) {
-    if (c->world == 1) return 1;
-    CommState *st = c->st;
-    ncclUniqueId id;
-    if (c->rank == 0) NCCL_CHECK(c, ncclGetUniqueId(&id));
-    comm_bcast(c, &id, sizeof id, 0);
-    NCCL_CHECK(c, ncclCommInitRank(&st->nccl, c->world, id, c->rank));
-    st->compute = (cudaStream_t)stream;
-    CUDA_CALL(c, cudaStreamCreateWithFlags(&st->nccl_st, cudaStreamNonBlocking));
-    CUDA_CALL(c, cudaEventCreateWithFlags(&st->ev_ready, cudaEventDisableTiming));
-    CUDA_CALL(c, cudaEventCreateWithFlags(&st->ev_done, cudaEventDisableTiming));
-    st->gpu = 1;
-    return 1;
-}
-#else
-int comm_gpu_init(Comm *c, void *stream) { return c->world == 1; }
-#endif
-
-int comm_device_collectives(const Comm *c) {
-#ifdef USE_NCCL
-    if (c->world > 1 && c->st->gpu) return 1;
-#endif
-    return c->world == 1;
-}
-
 void comm_bcast_all(Comm *c, void *const *bufs, const size_t *bytes, int device) {
+#ifdef USE_NCCL
+    if (c->world == 1 && !nccl_on(c)) return;
+#else
     if (c->world == 1) return;
+#endif
     if (device) {
 #ifdef USE_NCCL
-        CommState *st = c->st;
-        CHECK(st->gpu, "comm_bcast_all: device buffers need comm_gpu_init");
-        CUDA_CALL(c, cudaEventRecord(st->ev_ready, st->compute));
-        CUDA_CALL(c, cudaStreamWaitEvent(st->nccl_st, st->ev_ready, 0));
-        NCCL_CHECK(c, ncclGroupStart());
-        for (int r = 0; r < c->world; r++)
-            if (bytes[r]) NCCL_CHECK(c, ncclBroadcast(bufs[r], bufs[r], bytes[r], ncclChar, r, st->nccl, st->nccl_st));
-        NCCL_CHECK(c, ncclGroupEnd());
-        st->nccl_pending++;
-        nccl_wait_for(c, "the NCCL Shampoo root broadcast");
+        CHECK(nccl_on(c), "comm_bcast_all: device buffers need comm_gpu_init");
+        nccl_bcast_all(c, bufs, bytes);
         return;
 #else
-        DIE("rank %d: comm_bcast_all on device buffers in a build without NCCL", c->rank);
+        if (c->world > 1) DIE("rank %d: comm_bcast_all on device buffers in a build without NCCL", c->rank);
+        return;
 #endif
     }
+    if (c->world == 1) return;
     for (int r = 0; r < c->world; r++)
         if (bytes[r]) comm_bcast(c, bufs[r], bytes[r], r);
 }
 
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {
 #ifdef USE_NCCL
-    if (c->world > 1 && c->st->gpu && is_device(buf)) {
+    if (nccl_on(c) && is_device(buf)) {
         nccl_start(c, buf, n);
         double t0 = now_sec();
-        nccl_wait(c);
+        nccl_wait_for(c, "the NCCL gradient all-reduce");
         c->st->wait_s += now_sec() - t0;
         return;
     }
@@ -383,14 +314,14 @@ void comm_barrier(Comm *c) {
 }
 
 void comm_allreduce_start_f32(Comm *c, float *buf, size_t n) {
-    if (c->world == 1) return;
-    CommState *st = c->st;
 #ifdef USE_NCCL
-    if (st->gpu && is_device(buf)) {
+    if (nccl_on(c) && is_device(buf)) {
         nccl_start(c, buf, n);
         return;
     }
 #endif
+    if (c->world == 1) return;
+    CommState *st = c->st;
     for (size_t off = 0; off < n; off += MPI_CHUNK) {
         if (st->nreq == st->cap) {
             st->cap = st->cap ? 2 * st->cap : 64;
@@ -413,9 +344,9 @@ void comm_progress(Comm *c) {
 void comm_wait_all(Comm *c) {
     CommState *st = c->st;
 #ifdef USE_NCCL
-    if (c->world > 1 && st->gpu && st->nccl_pending) {
+    if (nccl_on(c) && st->nc.pending) {
         double t0 = now_sec();
-        nccl_wait(c);
+        nccl_wait_for(c, "the NCCL gradient all-reduce");
         st->wait_s += now_sec() - t0;
     }
 #endif
@@ -455,28 +386,67 @@ void comm_ordered_sum_f32(Comm *c, float *const *shards, int nlocal, float *out,
 }
 
 #else  // single process
-int comm_gpu_init(Comm *c, void *stream) { return c->world == 1; }
-
 struct CommState {
-    int unused;
+    double wait_s;
+    int64_t step;
+#ifdef USE_NCCL
+    NcclState nc;  // SD_NCCL_FORCE=1 only
+#endif
 };
+
+static void drain_heartbeats(Comm *c) {}
+static void report_timeout(Comm *c, const char *what, double waited) {
+    DIE("waited %.0f s in %s (comm.timeout_s)", waited, what);
+}
 
 void comm_init(Comm *c, int *argc, char ***argv) {
     memset(c, 0, sizeof *c);
     c->world = c->local_world = 1;
+    c->st = xcalloc(sizeof(CommState), "comm state");
 }
-void comm_finalize(Comm *c) {}
+void comm_finalize(Comm *c) {
+    if (!c->st) return;
+#ifdef USE_NCCL
+    nccl_destroy(c);
+#endif
+    free(c->st);
+    c->st = NULL;
+}
 void comm_set_timeout(Comm *c, double seconds) { c->timeout_s = seconds; }
-void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {}
+void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {
+#ifdef USE_NCCL
+    if (nccl_on(c) && is_device(buf)) {
+        nccl_start(c, buf, n);
+        double t0 = now_sec();
+        nccl_wait_for(c, "the NCCL gradient all-reduce");
+        c->st->wait_s += now_sec() - t0;
+    }
+#endif
+}
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n) {}
 void comm_bcast(Comm *c, void *buf, size_t bytes, int root) {}
-void comm_bcast_all(Comm *c, void *const *bufs, const size_t *bytes, int device) {}
-int comm_device_collectives(const Comm *c) { return 1; }
+void comm_bcast_all(Comm *c, void *const *bufs, const size_t *bytes, int device) {
+#ifdef USE_NCCL
+    if (device && nccl_on(c)) nccl_bcast_all(c, bufs, bytes);
+#endif
+}
 void comm_barrier(Comm *c) {}
-void comm_allreduce_start_f32(Comm *c, float *buf, size_t n) {}
+void comm_allreduce_start_f32(Comm *c, float *buf, size_t n) {
+#ifdef USE_NCCL
+    if (nccl_on(c) && is_device(buf)) nccl_start(c, buf, n);
+#endif
+}
 void comm_progress(Comm *c) {}
-void comm_wait_all(Comm *c) {}
-double comm_wait_seconds(const Comm *c) { return 0.0; }
+void comm_wait_all(Comm *c) {
+#ifdef USE_NCCL
+    if (nccl_on(c) && c->st->nc.pending) {
+        double t0 = now_sec();
+        nccl_wait_for(c, "the NCCL gradient all-reduce");
+        c->st->wait_s += now_sec() - t0;
+    }
+#endif
+}
+double comm_wait_seconds(const Comm *c) { return c->st ? c->st->wait_s : 0.0; }
 void comm_heartbeat(Comm *c, int64_t step, double images_per_sec, double loader_stall_s) {}
 int comm_rank_info(const Comm *c, int r, int64_t *step, double *heard_unix, double *images_per_sec,
                    double *loader_stall_s, int *pid) {
@@ -488,4 +458,110 @@ void comm_ordered_sum_f32(Comm *c, float *const *shards, int nlocal, float *out,
     for (int i = 1; i < nlocal; i++) add_into(out, shards[i], n);
 }
 
+#endif
+
+// ---------------------------------------------------------------- NCCL (both builds)
+
+int comm_nccl_forced(void) {
+    const char *e = getenv("SD_NCCL_FORCE");
+    return e && !strcmp(e, "1");
+}
+
+#ifdef USE_NCCL
+static int nccl_on(const Comm *c) { return c->st && c->st->nc.on; }
+
+static int is_device(const void *p) {
+    struct cudaPointerAttributes a;
+    if (cudaPointerGetAttributes(&a, p) != cudaSuccess) {
+        cudaGetLastError();
+        return 0;
+    }
+    return a.type == cudaMemoryTypeDevice;
+}
+
+// Starts an in-place NCCL sum of a device buffer once the compute stream has finished writing it.
+static void nccl_start(Comm *c, float *buf, size_t n) {
+    NcclState *nc = &c->st->nc;
+    CUDA_CALL(c, cudaEventRecord(nc->ev_ready, nc->compute));
+    CUDA_CALL(c, cudaStreamWaitEvent(nc->st, nc->ev_ready, 0));
+    NCCL_CHECK(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nc->comm, nc->st));
+    nc->pending++;
+}
+
+// Waits for every started NCCL collective by polling, with the heartbeats and the timeout; the compute stream is
+// then ordered after them.
+static void nccl_wait_for(Comm *c, const char *what) {
+    NcclState *nc = &c->st->nc;
+    if (!nc->pending) return;
+    CUDA_CALL(c, cudaEventRecord(nc->ev_done, nc->st));
+    double t0 = now_sec();
+    for (;;) {
+        cudaError_t q = cudaEventQuery(nc->ev_done);
+        if (q == cudaSuccess) break;
+        if (q != cudaErrorNotReady) DIE("rank %d: %s failed: %s", c->rank, what, cudaGetErrorString(q));
+        ncclResult_t async = ncclSuccess;
+        NCCL_CHECK(c, ncclCommGetAsyncError(nc->comm, &async));
+        if (async != ncclSuccess) DIE("rank %d: NCCL reports %s during %s", c->rank, ncclGetErrorString(async), what);
+        if (c->rank == 0 && c->world > 1) drain_heartbeats(c);
+        double waited = now_sec() - t0;
+        if (c->timeout_s > 0 && waited > c->timeout_s) {
+            ncclCommAbort(nc->comm);
+            report_timeout(c, what, waited);
+        }
+        if (waited > 0.02) {
+            struct timespec ts = {0, 50000};
+            nanosleep(&ts, NULL);
+        }
+    }
+    CUDA_CALL(c, cudaStreamWaitEvent(nc->compute, nc->ev_done, 0));
+    nc->pending = 0;
+}
+
+// Every owner's buffer, one ncclBroadcast each (root = owner) inside one group (spec/shampoo.md §3.3).
+static void nccl_bcast_all(Comm *c, void *const *bufs, const size_t *bytes) {
+    NcclState *nc = &c->st->nc;
+    CUDA_CALL(c, cudaEventRecord(nc->ev_ready, nc->compute));
+    CUDA_CALL(c, cudaStreamWaitEvent(nc->st, nc->ev_ready, 0));
+    NCCL_CHECK(c, ncclGroupStart());
+    for (int r = 0; r < c->world; r++)
+        if (bytes[r]) NCCL_CHECK(c, ncclBroadcast(bufs[r], bufs[r], bytes[r], ncclChar, r, nc->comm, nc->st));
+    NCCL_CHECK(c, ncclGroupEnd());
+    nc->pending++;
+    nccl_wait_for(c, "the NCCL Shampoo root broadcast");
+}
+
+static void nccl_destroy(Comm *c) {
+    NcclState *nc = &c->st->nc;
+    if (!nc->on) return;
+    ncclCommDestroy(nc->comm);
+    cudaEventDestroy(nc->ev_ready);
+    cudaEventDestroy(nc->ev_done);
+    cudaStreamDestroy(nc->st);
+    nc->on = 0;
+}
+
+int comm_gpu_init(Comm *c, void *stream) {
+    int force = comm_nccl_forced();
+    if (c->world == 1 && !force) return 1;
+    CHECK(c->st, "comm_gpu_init before comm_init");
+    NcclState *nc = &c->st->nc;
+    ncclUniqueId id;
+    if (c->rank == 0) NCCL_CHECK(c, ncclGetUniqueId(&id));
+    if (c->world > 1) comm_bcast(c, &id, sizeof id, 0);
+    NCCL_CHECK(c, ncclCommInitRank(&nc->comm, c->world, id, c->rank));
+    nc->compute = (cudaStream_t)stream;
+    CUDA_CALL(c, cudaStreamCreateWithFlags(&nc->st, cudaStreamNonBlocking));
+    CUDA_CALL(c, cudaEventCreateWithFlags(&nc->ev_ready, cudaEventDisableTiming));
+    CUDA_CALL(c, cudaEventCreateWithFlags(&nc->ev_done, cudaEventDisableTiming));
+    nc->on = 1;
+    if (c->world == 1)
+        fprintf(stderr, "simplest-dist: SD_NCCL_FORCE=1: a one-rank NCCL communicator; gradient sums and Shampoo "
+                        "root broadcasts go through NCCL as on several GPUs\n");
+    return 1;
+}
+
+int comm_device_collectives(const Comm *c) { return nccl_on(c) || c->world == 1; }
+#else
+int comm_gpu_init(Comm *c, void *stream) { return c->world == 1; }
+int comm_device_collectives(const Comm *c) { return c->world == 1; }
 #endif

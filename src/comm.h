@@ -39,7 +39,8 @@ double comm_wait_seconds(const Comm *c);  // time spent in comm_wait_all so far 
 // stream (`stream`, a cudaStream_t) and gives it a stream of its own. From then on the f32 all-reduces above run
 // through NCCL when their buffer is device memory: a bucket starts on the NCCL stream once the compute stream has
 // produced it (an event), and comm_wait_all polls its completion (heartbeats and the timeout keep working).
-// Returns 1, or 0 when this build has no NCCL (USE_NCCL needs MPI and CUDA); with one rank it does nothing.
+// Returns 1, or 0 when this build has no NCCL (USE_NCCL: CUDA with nccl.h); with one rank it does nothing unless
+// comm_nccl_forced().
 int comm_gpu_init(Comm *c, void *stream);
 
 // Every rank r broadcasts bufs[r] (bytes[r] bytes; 0 = nothing) to all ranks, in one call: Shampoo's root
@@ -49,6 +50,10 @@ int comm_gpu_init(Comm *c, void *stream);
 void comm_bcast_all(Comm *c, void *const *bufs, const size_t *bytes, int device);
 // 1 if comm_bcast_all takes device buffers: NCCL is bound (comm_gpu_init) or there is only one rank.
 int comm_device_collectives(const Comm *c);
+// SD_NCCL_FORCE=1: comm_gpu_init binds NCCL even with one rank (a one-rank communicator, no MPI needed), so that
+// the NCCL path (bucketed sums on NCCL's stream, events, polled waits, grouped root broadcasts) runs and can be
+// checked on a one-GPU machine (tests/gpu/run.sh); a one-rank sum or broadcast leaves the bits unchanged.
+int comm_nccl_forced(void);
 
 // Deterministic sum: rank r holds nlocal consecutive shards of a global sequence of world * nlocal shards; out gets
 // ((s_0 + s_1) + s_2) + ... in global shard order on every rank, bit-identical at any world size.

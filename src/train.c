@@ -34,11 +34,12 @@ Backend *backend_for_config(const Config *cfg, Comm *comm) {
                      "(the fixed-order sum runs on host buffers); set it false or use \"cpu\"", comm->world);
         Backend *be = backend_cuda_create(comm->local_rank);
         backend_cuda_set_attention(be, strcmp(cfg->run.attention, "unfused") != 0);
-        if (comm->world > 1) {
+        if (comm->world > 1 || comm_nccl_forced()) {
             if (!comm_gpu_init(comm, be->native_stream(be)))
-                die_user("config key 'run.device': \"cuda\" with %d ranks needs NCCL, and this build has none "
-                         "(build with MPI and a CUDA toolkit that has nccl.h, or USE_NCCL=1 with its paths)",
-                         comm->world);
+                die_user("config key 'run.device': \"cuda\" with %d ranks%s needs NCCL, and this build has none "
+                         "(a CUDA toolkit with nccl.h, or USE_NCCL=1 with pip's nvidia-nccl paths; several ranks also "
+                         "need MPI)",
+                         comm->world, comm->world == 1 ? " and SD_NCCL_FORCE=1" : "");
             if (comm->rank == 0)
                 printf("warning: the NCCL gradient all-reduce has compiled but has not yet run on GPUs in this "
                        "project's checks (docs/gpu-validation.md)\n");
@@ -83,7 +84,8 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
         if (t->global_batch % (comm->world * t->accum) != 0)
             die_user("config key 'train.batch_size': %d is not divisible by ranks (%d) x train.grad_accum (%d)",
                      t->global_batch, comm->world, t->accum);
-        t->overlap = cfg->comm.overlap && comm->world > 1;
+        // (SD_NCCL_FORCE=1 with one rank: the bucketed NCCL path runs too, on a one-rank communicator)
+        t->overlap = cfg->comm.overlap && (comm->world > 1 || (comm_nccl_forced() && !strcmp(model->be->name, "cuda")));
     }
     t->micro = config_micro_batch(cfg, comm->world);
     t->seed = (uint64_t)cfg->train.seed;

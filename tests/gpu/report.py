@@ -203,6 +203,16 @@ def main():
     summary.append(("fashion-mnist 300 steps vs CPU", "ok" if fm_ok else ("no fixture" if fm_ok is None else "FAIL"),
                     "stage rc %s, %s s" % stage_info(w, "fmnist_gpu")[:2]))
 
+    # 3b. the NCCL path at np = 1
+    rc, secs, log = stage_info(w, "nccl_np1")
+    if rc != "missing":
+        lines = log.splitlines()
+        n_ok = sum(1 for l in lines if l.startswith("ok - "))
+        bad = [l for l in lines if l.startswith("not ok - ")]
+        res = "skipped" if rc == "skip" else ("ok" if rc == "0" and n_ok == 3 and not bad else "FAIL")
+        summary.append(("nccl np=1 (SD_NCCL_FORCE=1)", res, "%d ok, %d not ok, %s s" % (n_ok, len(bad), secs)))
+        md += ["## 3b. The NCCL path at np = 1 (tests/gpu/nccl_np1.sh)", "", "```"] + lines[-20:] + ["```", ""]
+
     # 4. benchmarks
     md += ["## 4. Training throughput, ViT-S/16, 224 px, batch 256, bf16", "",
            "FLOPs per training image (tests/gpu/flops.py, docs/gpu-validation.md): matmuls only, "

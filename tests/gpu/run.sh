@@ -9,7 +9,8 @@
 #      CPU backend, with per-tensor bf16 tolerances, and Shampoo (cuSOLVER roots against LAPACK, trajectories
 #      against the CPU: spec/shampoo.md P19) (one process per group: a crash loses one group only);
 #   3. 300 Fashion-MNIST steps on the GPU, loss and accuracy against a CPU run of the same config
-#      (tests/gpu/fixtures/fmnist_cpu_300.jsonl);
+#      (tests/gpu/fixtures/fmnist_cpu_300.jsonl); 3b. the NCCL path at np = 1 (tests/gpu/nccl_np1.sh: gradient sums
+#      and Shampoo root broadcasts through a one-rank NCCL communicator change no bit);
 #   4. benchmark: bench_step --device cuda for SimplEsT-ViT-S/16 and SimpleViT-S/16 at 224 px, batch 256, both
 #      attention implementations; PyTorch (tests/gpu/torch_bench.py, the reference models) eager and torch.compile;
 #      images/s and MFU (tests/gpu/flops.py);
@@ -135,6 +136,20 @@ LIBDIRS=""
         fi
     done
     EXTRA_LDFLAGS="$EXTRA_LDFLAGS -L$DEPS/cudalibs"
+    # NCCL's header: the toolkit's, else pip's nvidia-nccl-cu13 (the library is linked above); without one the
+    # build has no NCCL and the np = 1 NCCL stage reports that.
+    NCCL_USE=0
+    if [ -e "$CUDA_DIR/include/nccl.h" ]; then
+        NCCL_USE=1; echo "nccl.h: $CUDA_DIR/include"
+    else
+        for d in $pipdirs; do
+            if [ -e "$d/../include/nccl.h" ]; then
+                NCCL_USE=1; EXTRA_CFLAGS="$EXTRA_CFLAGS -I$(cd "$d/../include" && pwd)"; echo "nccl.h: $d/../include"; break
+            fi
+        done
+    fi
+    [ "$NCCL_USE" = 1 ] || echo "nccl.h: NOT FOUND (building without NCCL)"
+    echo "NCCL_USE=$NCCL_USE" >"$W/nccl_use.txt"
     echo "EXTRA_CFLAGS=$EXTRA_CFLAGS"
     echo "EXTRA_LDFLAGS=$EXTRA_LDFLAGS"
 } >"$W/build-setup.txt" 2>&1
@@ -143,7 +158,8 @@ cat "$W/build-setup.txt" | sed 's/^/   /' | cut -c1-220
 # Only the GPU that is here (sm_90 for H100/H200): half the nvcc time of CI's sm_80 + sm_90 build.
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 NVFLAGS="-O3 -std=c++17 -gencode arch=compute_${CAP:-90},code=sm_${CAP:-90}"
-stage build 300 make USE_MPI=0 BUILD=$BUILD -j16 NVCCFLAGS="$NVFLAGS" EXTRA_CFLAGS="$EXTRA_CFLAGS" EXTRA_LDFLAGS="$EXTRA_LDFLAGS" gpu-bins
+NCCL_USE=$(sed -n 's/^NCCL_USE=//p' "$W/nccl_use.txt" 2>/dev/null); NCCL_USE=${NCCL_USE:-0}
+stage build 300 make USE_MPI=0 USE_NCCL=$NCCL_USE BUILD=$BUILD -j16 NVCCFLAGS="$NVFLAGS" EXTRA_CFLAGS="$EXTRA_CFLAGS" EXTRA_LDFLAGS="$EXTRA_LDFLAGS" gpu-bins
 { ldd ./simplest-dist; echo "--- test_cuda"; ldd $BUILD/gpu/test_cuda | grep -E 'not found|cjson|openblas|lapack|blas|gfortran|quadmath|libz|cuda|cublas|nccl|cusolver'; } >"$W/ldd.txt" 2>&1
 
 # ---- 2. every op and a whole step against the CPU backend
@@ -199,6 +215,11 @@ elif [ -z "$FM" ]; then
 else
     stage fmnist_gpu 150 ./simplest-dist configs/fashion-mnist.json --set run.device=cuda --set train.steps=300 \
         --set train.log_every=10 --set train.eval_every=150 --set data.root="$FM" --set run.dir="$W/fm-gpu"
+fi
+
+# ---- 3b. the NCCL path at np = 1 (issue 5): a one-rank NCCL communicator (SD_NCCL_FORCE=1) must change no bit
+if [ -x ./simplest-dist ] && [ -n "$FM" ]; then
+    stage nccl_np1 150 tests/gpu/nccl_np1.sh "$FM" "$W/nccl"
 fi
 
 # ---- 4. benchmarks: ours, then PyTorch
