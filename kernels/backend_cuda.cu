@@ -1352,10 +1352,10 @@ static void cu_graft_update_blocks(Backend *be, float *base, const int64_t *offs
         KERNEL_CHECK("blocks_axpy");
         return;
     }
-    if (nb > im->gcoef_cap) {
+    if (nb > im->gcoef_cap) {  // rarely: the first call takes 4096 (a free would synchronize the device)
         if (im->gcoef) CUDA_CHECK(cudaFree(im->gcoef));  // implicit device sync: no kernel still reads it
-        CUDA_CHECK(cudaMalloc(&im->gcoef, (size_t)nb * sizeof(float)));
-        im->gcoef_cap = nb;
+        im->gcoef_cap = nb > 4096 ? nb : 4096;
+        CUDA_CHECK(cudaMalloc(&im->gcoef, (size_t)im->gcoef_cap * sizeof(float)));
     }
     k_graft_coefs<<<nb, 256, 0, im->st>>>(im->gcoef, Pg, Ps, area, lr);
     KERNEL_CHECK("graft_coefs");
@@ -1386,8 +1386,8 @@ __global__ void k_root_prep(double *A, float *Af, const float *F, size_t nn, dou
 __global__ void k_f32_to_f64(double *y, const float *x, size_t n) { GRID_STRIDE(i, n) y[i] = x[i]; }
 
 // The shift rule and the eigenvalue powers: sc[j] = (w[j] - min(w_min, 0) + eps)^(-1/(2r)). One block.
-__global__ void k_root_powers(double *sc, const double *w, int n, int r, double eps, int *flag) {
-    __shared__ double sh[1024];
+__global__ void __launch_bounds__(256) k_root_powers(double *sc, const double *w, int n, int r, double eps, int *flag) {
+    __shared__ double sh[256];
     double mn = INFINITY;
     for (int i = threadIdx.x; i < n; i += blockDim.x) mn = fmin(mn, w[i]);
     sh[threadIdx.x] = mn;
@@ -1486,6 +1486,9 @@ static void root_ctx_free(RootCtx *c) {
 static int cu_inverse_root(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
                            int side) {
     CudaImpl *im = IM(be);
+    // The current device is per host thread: a root thread (side = 1, root_delay 1) starts on device 0, not on this
+    // rank's GPU.
+    if (side) CUDA_CHECK(cudaSetDevice(im->device));
     RootCtx *c = root_ctx(im, side, n);
     size_t nn = (size_t)n * n;
     cudaStream_t st = c->st;
@@ -1519,7 +1522,7 @@ static int cu_inverse_root(Backend *be, const float *F, int n, double bias_corr,
         k_f32_to_f64<<<grid_for(n, 256), 256, 0, st>>>(c->w, c->wf, n);
         KERNEL_CHECK("f32_to_f64");
     }
-    k_root_powers<<<1, 1024, 0, st>>>(c->sc, c->w, n, r, eps, c->dflag);
+    k_root_powers<<<1, 256, 0, st>>>(c->sc, c->w, n, r, eps, c->dflag);
     KERNEL_CHECK("root_powers");
     k_col_scale<<<grid_for(nn, 256), 256, 0, st>>>(c->A, c->sc, n);
     KERNEL_CHECK("col_scale");

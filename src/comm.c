@@ -562,6 +562,6 @@ int comm_gpu_init(Comm *c, void *stream) {
 
 int comm_device_collectives(const Comm *c) { return nccl_on(c) || c->world == 1; }
 #else
-int comm_gpu_init(Comm *c, void *stream) { return c->world == 1; }
+int comm_gpu_init(Comm *c, void *stream) { return c->world == 1 && !comm_nccl_forced(); }
 int comm_device_collectives(const Comm *c) { return c->world == 1; }
 #endif

@@ -175,6 +175,7 @@ void trainer_set_u8_input(Trainer *t, const float *mean, const float *std) {
         t->u8_std[c] = std[c];
     }
     t->u8_input = 1;
+    t->be->sync(t->be);  // the buffers' zeroing (compute stream) before any upload on the copy stream
 }
 
 // Position of this rank's micro-batch within the step's global slice (keys dropout and mixup groups).
