@@ -58,7 +58,8 @@ typedef __nv_bfloat16 bf16;
 // ---------------------------------------------------------------- state
 
 // Shampoo's inverse roots (cu_inverse_root): a stream, solver and BLAS handles and work buffers grown to the largest
-// n seen. Context 0 runs on the compute stream; context 1 on a side stream of its own, for a root thread.
+// n seen. Context 0 runs on the compute stream; contexts 1 .. BE_ROOT_SIDES each on a side stream of its own, for
+// root threads (they overlap each other: one eigendecomposition is latency-bound).
 typedef struct {
     int ready;
     cudaStream_t st;
@@ -104,7 +105,7 @@ typedef struct {
     cudaEvent_t ev_copied[2], ev_consumed[2];  // per input slot: copies done; compute's last read enqueued
     int no_lt;      // SD_LT=0: every GEMM through cublasGemmEx (to compare with cuBLASLt)
     int lt_bgrad;   // SD_LT_BGRAD=1: bias gradients from the dW GEMM's BGRADB epilogue (not yet validated)
-    RootCtx rctx[2];  // Shampoo roots: compute stream, side stream
+    RootCtx rctx[1 + BE_ROOT_SIDES];  // Shampoo roots: compute stream, side streams
     float *gcoef;     // graft_update_blocks: one coefficient per block
     int gcoef_cap;
     int profiling;  // SD_CUDA_PROFILE=1: every op timed with events (serializes the stream), table at destroy
@@ -1423,7 +1424,8 @@ __global__ void k_root_out(float *X, const double *Xd, int n, int *flag) {
 }
 
 static RootCtx *root_ctx(CudaImpl *im, int side, int n) {
-    RootCtx *c = &im->rctx[side ? 1 : 0];
+    CHECK(side >= 0 && side <= BE_ROOT_SIDES, "inverse_root: side context %d", side);
+    RootCtx *c = &im->rctx[side];
     if (!c->ready) {
         if (side) {
             CUDA_CHECK(cudaStreamCreateWithFlags(&c->st, cudaStreamNonBlocking));
@@ -1486,8 +1488,7 @@ static void root_ctx_free(RootCtx *c) {
 static int cu_inverse_root(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
                            int side) {
     CudaImpl *im = IM(be);
-    // The current device is per host thread: a root thread (side = 1, root_delay 1) starts on device 0, not on this
-    // rank's GPU.
+    // The current device is per host thread: a root thread (side >= 1) starts on device 0, not on this rank's GPU.
     if (side) CUDA_CHECK(cudaSetDevice(im->device));
     RootCtx *c = root_ctx(im, side, n);
     size_t nn = (size_t)n * n;
@@ -1609,7 +1610,7 @@ static void cu_destroy(Backend *be) {
             im->prof[best].calls = -1;
         }
     }
-    for (int k = 1; k >= 0; k--) root_ctx_free(&im->rctx[k]);  // context 0 borrows the backend's BLAS handle
+    for (int k = BE_ROOT_SIDES; k >= 0; k--) root_ctx_free(&im->rctx[k]);  // context 0 borrows the backend's BLAS
     if (im->gcoef) cudaFree(im->gcoef);
     if (im->shadow) cudaFree(im->shadow);
     if (im->scratch) cudaFree(im->scratch);

@@ -28,6 +28,7 @@ typedef struct AdamArgs {
 } AdamArgs;
 
 typedef struct Backend Backend;
+#define BE_ROOT_SIDES 4  // side contexts of inverse_root (Shampoo's concurrent root threads)
 struct Backend {
     const char *name;  // "cpu" or "cuda"
     DType act_dtype;
@@ -152,8 +153,10 @@ struct Backend {
     // Shampoo's inverse root on the device (spec/shampoo.md §2.4): X (n, n) = (F / bias_corr + shift + eps I)^(-1/r)
     // of the symmetric factor F (n, n, row-major; its lower triangle is read), by a symmetric eigendecomposition in
     // fp64 (fp64 = 1) or fp32, X exactly symmetric, fp32. Returns 0, 1 if the decomposition failed or gave
-    // non-finite values, 2 if F is not finite. side = 1 runs it on a second stream and handle, for a root thread
-    // that overlaps the step (the caller orders the inputs with be->sync first); it returns when X is written.
+    // non-finite values, 2 if F is not finite. side = 0 runs it on the compute stream; side = 1 .. BE_ROOT_SIDES on
+    // side context `side` (a stream and handles of its own), for root threads that overlap each other and the step
+    // (one host thread per context at a time; the caller orders the inputs with be->sync first). It returns when X
+    // is written.
     // NULL on the CPU backend: the owner computes roots on the host with LAPACK (src/shampoo.c).
     int (*inverse_root)(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
                         int side);

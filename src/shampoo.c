@@ -387,6 +387,56 @@ static size_t packed_size(const Shampoo *s, int r, int *nblocks) {
 }
 
 
+// Device roots by up to BE_ROOT_SIDES threads, each on a side context of its own (one cuSOLVER eigendecomposition
+// is latency-bound, so several overlap); blocks are taken from a shared counter. Each root depends only on its
+// factor, so the bits do not depend on which thread computes it.
+typedef struct {
+    Shampoo *s;
+    RootJob *job;
+    const float *src;
+    float *roots;
+    double bias;
+    int *blk;       // owned preconditioned blocks, ascending
+    size_t *at;     // their slots in the packed roots
+    int n, next;    // blocks; the next to take (atomic)
+} DevRoots;
+
+typedef struct {
+    DevRoots *d;
+    int side;
+} DevRootsArg;
+
+// SD_ROOT_SIDES (1 .. BE_ROOT_SIDES, default BE_ROOT_SIDES): how many root threads (and side streams) an owner uses.
+static int root_sides(void) {
+    const char *e = getenv("SD_ROOT_SIDES");
+    int n = e ? atoi(e) : BE_ROOT_SIDES;
+    return n < 1 ? 1 : n > BE_ROOT_SIDES ? BE_ROOT_SIDES : n;
+}
+
+static void *dev_roots_worker(void *arg) {
+    DevRootsArg *a = arg;
+    DevRoots *d = a->d;
+    Shampoo *s = d->s;
+    Backend *be = s->model->be;
+    int32_t *status = (int32_t *)d->job->out;
+    for (;;) {
+        int j = __atomic_fetch_add(&d->next, 1, __ATOMIC_RELAXED);
+        if (j >= d->n) break;
+        const ShampooBlock *b = &s->blocks[d->blk[j]];
+        int st = d->job->inject[d->blk[j]] ? 1 : 0;
+        size_t slot = d->at[j];
+        int k = 0;
+        for (; k < b->order && st == 0; k++) {
+            st = be->inverse_root(be, d->src + b->fac_off[k], b->dim[k], d->bias, 2 * b->order, s->cfg.eps,
+                                  s->cfg.root_fp64, d->roots + slot, a->side);
+            slot += (size_t)b->dim[k] * b->dim[k];
+        }
+        d->job->bad[j] = st == 2 ? (float)(k - 1) : 0.0f;  // written into the slot by finish_refresh
+        status[j] = st;
+    }
+    return NULL;
+}
+
 // Owner work: roots of every owned block from the factor snapshot, into the packed buffer (host only: it may run
 // on a thread while the next step computes).
 static void *compute_roots(void *arg) {
@@ -395,28 +445,33 @@ static void *compute_roots(void *arg) {
     double te = now_sec(), bias = 1.0 - pow(s->cfg.beta2, (double)job->t);
     int nb;
     packed_size(s, s->comm->rank, &nb);
-    Backend *be = s->model->be;
-    if (s->area) {  // device roots: into this rank's slot of the broadcast area, on the side stream under delay 1
-        int32_t *status = (int32_t *)job->out;
-        const float *src = s->cfg.root_delay ? s->snap : s->factors;
-        float *roots = (float *)((char *)s->area + s->area_off[s->comm->rank] + (size_t)nb * sizeof(int32_t));
+    if (s->area) {  // device roots: into this rank's slot of the broadcast area, by root threads on side contexts
+        DevRoots d = {.s = s, .job = job, .bias = bias, .next = 0};
+        d.src = s->cfg.root_delay ? s->snap : s->factors;
+        d.roots = (float *)((char *)s->area + s->area_off[s->comm->rank] + (size_t)nb * sizeof(int32_t));
+        d.blk = xmalloc((size_t)(nb ? nb : 1) * sizeof(int), "owned root blocks");
+        d.at = xmalloc((size_t)(nb ? nb : 1) * sizeof(size_t), "owned root slots");
         int j = 0;
         size_t at = 0;
         for (int i = 0; i < s->nblocks; i++) {
             const ShampooBlock *b = &s->blocks[i];
             if (b->owner != s->comm->rank || !block_preconditioned(s, b)) continue;
-            int st = job->inject[i] ? 1 : 0;
-            size_t slot = at;
-            int k = 0;
-            for (; k < b->order && st == 0; k++) {
-                st = be->inverse_root(be, src + b->fac_off[k], b->dim[k], bias, 2 * b->order, s->cfg.eps,
-                                      s->cfg.root_fp64, roots + slot, s->cfg.root_delay);
-                slot += (size_t)b->dim[k] * b->dim[k];
-            }
-            job->bad[j] = st == 2 ? (float)(k - 1) : 0.0f;  // written into the slot by finish_refresh
-            status[j++] = st;
+            d.blk[j] = i;
+            d.at[j++] = at;
             for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
         }
+        d.n = j;
+        int nt = root_sides();
+        if (nt > d.n) nt = d.n;
+        pthread_t th[BE_ROOT_SIDES];
+        DevRootsArg args[BE_ROOT_SIDES];
+        for (int w = 0; w < nt; w++) {
+            args[w] = (DevRootsArg){&d, w + 1};
+            CHECK(pthread_create(&th[w], NULL, dev_roots_worker, &args[w]) == 0, "cannot start a root thread");
+        }
+        for (int w = 0; w < nt; w++) pthread_join(th[w], NULL);
+        free(d.blk);
+        free(d.at);
         s->eig_s += now_sec() - te;
         return NULL;
     }
@@ -457,10 +512,9 @@ static RootJob *start_refresh(Shampoo *s) {
     job->t = s->t;
     size_t own = packed_size(s, s->comm->rank, &nb);
     if (s->area) {
-        if (s->cfg.root_delay) {  // the next step updates the factors while the side stream reads the snapshot
+        if (s->cfg.root_delay)  // the next step updates the factors while the side streams read the snapshot
             be->copy(be, s->snap, s->factors, s->factor_floats * sizeof(float));
-            be->sync(be);
-        }
+        be->sync(be);  // the side streams read what the compute stream wrote
         job->out = xcalloc((size_t)nb * sizeof(int32_t) + 1, "own root status");
         job->bad = xcalloc((size_t)nb * sizeof(float) + 1, "own root status");
     } else {

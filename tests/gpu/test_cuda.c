@@ -1277,6 +1277,84 @@ static void time_roots(void) {
 
 // nb blocks of (rows, cols) inside one buffer, at scattered offsets with different row strides (as the blocks of
 // several parameters are): gather_blocks, graft_update_blocks (graft and grafted Shampoo step) and gemm_batched.
+// A refresh-like set of roots (4 x 1024, 4 x 768, 8 x 384, fp64) by 1, 2 and 4 root threads on side contexts, as an
+// owner computes them: the time of each (reported), and the roots bit-identical whatever thread and context
+// computed them (checked).
+typedef struct {
+    Backend *be;
+    float **F, **X;
+    const int *n;
+    int count, side;
+    int *next;
+    int rc;
+} RefreshArg;
+static void *refresh_worker(void *arg) {
+    RefreshArg *a = arg;
+    for (;;) {
+        int j = __atomic_fetch_add(a->next, 1, __ATOMIC_RELAXED);
+        if (j >= a->count) break;
+        if (a->be->inverse_root(a->be, a->F[j], a->n[j], 0.5, 4, 1e-6, 1, a->X[j], a->side) != 0) a->rc = 1;
+    }
+    return NULL;
+}
+
+static void test_root_threads(void) {
+    enum { NF = 16 };
+    int n[NF];
+    for (int j = 0; j < NF; j++) n[j] = j < 4 ? 1024 : j < 8 ? 768 : 384;
+    if (g_cpu_mode)
+        for (int j = 0; j < NF; j++) n[j] /= 8;  // the CPU self-check: small sizes
+    Backend *be = S[DUT].be;
+    float *F[NF], *X[NF], *first[NF];
+    for (int j = 0; j < NF; j++) {
+        float *h = shampoo_factor(n[j], n[j] + 8, 1e-6, 300 + (uint64_t)j);
+        F[j] = f32_new(DUT, h, (size_t)n[j] * n[j]);
+        X[j] = f32_new(DUT, NULL, (size_t)n[j] * n[j]);
+        first[j] = NULL;
+        free(h);
+    }
+    int same = 1, ok = 1;
+    double ms[3] = {0, 0, 0};
+    const int threads[3] = {1, 2, 4};
+    for (int rep = 0; rep < 2; rep++)  // the first round grows every context's work buffers
+        for (int ti = 0; ti < 3; ti++) {
+            int nt = threads[ti] <= BE_ROOT_SIDES ? threads[ti] : BE_ROOT_SIDES, next = 0;
+            RefreshArg a[BE_ROOT_SIDES];
+            pthread_t th[BE_ROOT_SIDES];
+            be->sync(be);
+            double t0 = now_sec();
+            for (int w = 0; w < nt; w++) {
+                a[w] = (RefreshArg){be, F, X, n, NF, w + 1, &next, 0};
+                CHECK(pthread_create(&th[w], NULL, refresh_worker, &a[w]) == 0, "cannot start a thread");
+            }
+            for (int w = 0; w < nt; w++) {
+                pthread_join(th[w], NULL);
+                ok &= a[w].rc == 0;
+            }
+            ms[ti] = 1e3 * (now_sec() - t0);
+            for (int j = 0; j < NF; j++) {
+                size_t nn = (size_t)n[j] * n[j];
+                float *h = hbuf(nn);
+                f32_get(DUT, h, X[j], nn);
+                if (!first[j])
+                    first[j] = h;
+                else {
+                    same &= !memcmp(h, first[j], nn * 4);
+                    free(h);
+                }
+            }
+        }
+    printf("# root refresh timing (%d roots: 4 x %d, 4 x %d, 8 x %d, fp64) on %s: 1 thread %.1f ms, 2 threads %.1f "
+           "ms, 4 threads %.1f ms\n", NF, n[0], n[4], n[8], be->name, ms[0], ms[1], ms[2]);
+    report(ok && same, "inverse_root from 1, 2 and 4 concurrent root threads (side contexts 1-4): every status 0, the "
+           "roots bit-identical whatever thread computed them", "status ok %d, identical %d", ok, same);
+    for (int j = 0; j < NF; j++) {
+        dfree(DUT, F[j]);
+        dfree(DUT, X[j]);
+        free(first[j]);
+    }
+}
+
 static void test_blocks(int nb, int rows, int cols, int with_ps) {
     size_t area = (size_t)rows * cols, nw = 0;
     int64_t *offs = xmalloc((size_t)nb * sizeof(int64_t), "offs");
@@ -1467,6 +1545,7 @@ static void group_shampoo(void) {
     test_shampoo_run("schedule", 5, 5, 30, 0, 1);
     test_shampoo_run("schedule", 5, 5, 30, 1, 1);
     test_shampoo_run("schedule", 5, 5, 30, 0, 0);
+    if (S[DUT].be->inverse_root) test_root_threads();
     if (!g_cpu_mode) time_roots();
 }
 

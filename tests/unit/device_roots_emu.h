@@ -14,7 +14,7 @@
 #include "backend.h"
 #include "shampoo.h"
 
-static long emu_root_calls[2];  // per stream: 0 = the compute stream, 1 = the side stream (root_delay 1)
+static long emu_root_calls[2];  // 0: on the compute stream; 1: on a side context (a root thread)
 
 static int emu_inverse_root(Backend *b, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
                             int side) {

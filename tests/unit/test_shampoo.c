@@ -1769,8 +1769,8 @@ static void test_device_path(void) {
         snprintf(title, sizeof title,
                  "device-roots path (as on CUDA, emulated on host memory), delay %d: 32 steps with f = S = 4 and two "
                  "injected failures equal the host-roots path bit for bit (parameters every step, roots, counters, "
-                 "traffic); roots computed on the %s stream",
-                 delay, delay ? "side" : "compute");
+                 "traffic); roots computed by concurrent root threads on side contexts",
+                 delay);
         TEST_CASE(title) {
             Backend dev = *be, host = *be;
             dev.inverse_root = emu_inverse_root;
@@ -1808,10 +1808,10 @@ static void test_device_path(void) {
             ShampooTraffic ta, tb;
             shampoo_traffic(&sa, &ta);
             shampoo_traffic(&sb, &tb);
-            long used = emu_root_calls[delay] - calls0[delay], other = emu_root_calls[!delay] - calls0[!delay];
-            printf("    device path: %ld roots on the %s stream, %lld refreshes, %lld failed, %zu bytes per refresh\n",
-                   used, delay ? "side" : "compute", (long long)sb.refreshes, (long long)sb.failed_decomps,
-                   tb.per_refresh);
+            long used = emu_root_calls[1] - calls0[1], other = emu_root_calls[0] - calls0[0];
+            printf("    device path: %ld roots on side contexts (up to %d threads), %lld refreshes, %lld failed, %zu "
+                   "bytes per refresh\n",
+                   used, BE_ROOT_SIDES, (long long)sb.refreshes, (long long)sb.failed_decomps, tb.per_refresh);
             EXPECT(first_diff == 0, "parameters differ from step %d", first_diff);
             EXPECT(!memcmp(sa.roots, sb.roots, sa.root_floats * sizeof(float)), "roots differ");
             EXPECT(sa.refreshes == sb.refreshes && sa.refreshes >= 7, "refreshes %lld / %lld",
