@@ -1423,6 +1423,15 @@ __global__ void k_root_out(float *X, const double *Xd, int n, int *flag) {
     }
 }
 
+static void root_bufs_free(RootCtx *c) {
+    cudaFree(c->A);
+    cudaFree(c->X);
+    cudaFree(c->w);
+    cudaFree(c->sc);
+    cudaFree(c->Af);
+    cudaFree(c->wf);
+}
+
 static RootCtx *root_ctx(CudaImpl *im, int side, int n) {
     CHECK(side >= 0 && side <= BE_ROOT_SIDES, "inverse_root: side context %d", side);
     RootCtx *c = &im->rctx[side];
@@ -1445,12 +1454,7 @@ static RootCtx *root_ctx(CudaImpl *im, int side, int n) {
     }
     if (n > c->cap) {
         CUDA_CHECK(cudaStreamSynchronize(c->st));
-        cudaFree(c->A);
-        cudaFree(c->X);
-        cudaFree(c->w);
-        cudaFree(c->sc);
-        cudaFree(c->Af);
-        cudaFree(c->wf);
+        root_bufs_free(c);
         size_t nn = (size_t)n * n;
         CUDA_CHECK(cudaMalloc(&c->A, nn * sizeof(double)));
         CUDA_CHECK(cudaMalloc(&c->X, nn * sizeof(double)));
@@ -1466,12 +1470,7 @@ static RootCtx *root_ctx(CudaImpl *im, int side, int n) {
 static void root_ctx_free(RootCtx *c) {
     if (!c->ready) return;
     cudaStreamSynchronize(c->st);
-    cudaFree(c->A);
-    cudaFree(c->X);
-    cudaFree(c->w);
-    cudaFree(c->sc);
-    cudaFree(c->Af);
-    cudaFree(c->wf);
+    root_bufs_free(c);
     cudaFree(c->work);
     cudaFree(c->dflag);
     cudaFreeHost(c->hflag);

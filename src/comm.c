@@ -48,6 +48,8 @@ static void nccl_start(Comm *c, float *buf, size_t n);
 static void nccl_wait_for(Comm *c, const char *what);
 static void nccl_bcast_all(Comm *c, void *const *bufs, const size_t *bytes);
 static void nccl_destroy(Comm *c);
+static int nccl_sum(Comm *c, float *buf, size_t n);
+static void nccl_wait_sums(Comm *c);
 #endif
 
 #ifdef USE_MPI
@@ -281,13 +283,7 @@ void comm_bcast_all(Comm *c, void *const *bufs, const size_t *bytes, int device)
 
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {
 #ifdef USE_NCCL
-    if (nccl_on(c) && is_device(buf)) {
-        nccl_start(c, buf, n);
-        double t0 = now_sec();
-        nccl_wait_for(c, "the NCCL gradient all-reduce");
-        c->st->wait_s += now_sec() - t0;
-        return;
-    }
+    if (nccl_sum(c, buf, n)) return;
 #endif
     allreduce(c, buf, n, 4, MPI_FLOAT, "an all-reduce");
 }
@@ -344,11 +340,7 @@ void comm_progress(Comm *c) {
 void comm_wait_all(Comm *c) {
     CommState *st = c->st;
 #ifdef USE_NCCL
-    if (nccl_on(c) && st->nc.pending) {
-        double t0 = now_sec();
-        nccl_wait_for(c, "the NCCL gradient all-reduce");
-        st->wait_s += now_sec() - t0;
-    }
+    nccl_wait_sums(c);
 #endif
     if (c->world == 1 || st->nreq == 0) return;
     double t0 = now_sec();
@@ -415,12 +407,7 @@ void comm_finalize(Comm *c) {
 void comm_set_timeout(Comm *c, double seconds) { c->timeout_s = seconds; }
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {
 #ifdef USE_NCCL
-    if (nccl_on(c) && is_device(buf)) {
-        nccl_start(c, buf, n);
-        double t0 = now_sec();
-        nccl_wait_for(c, "the NCCL gradient all-reduce");
-        c->st->wait_s += now_sec() - t0;
-    }
+    nccl_sum(c, buf, n);
 #endif
 }
 void comm_allreduce_sum_f64(Comm *c, double *buf, size_t n) {}
@@ -439,11 +426,7 @@ void comm_allreduce_start_f32(Comm *c, float *buf, size_t n) {
 void comm_progress(Comm *c) {}
 void comm_wait_all(Comm *c) {
 #ifdef USE_NCCL
-    if (nccl_on(c) && c->st->nc.pending) {
-        double t0 = now_sec();
-        nccl_wait_for(c, "the NCCL gradient all-reduce");
-        c->st->wait_s += now_sec() - t0;
-    }
+    nccl_wait_sums(c);
 #endif
 }
 double comm_wait_seconds(const Comm *c) { return c->st ? c->st->wait_s : 0.0; }
@@ -515,6 +498,22 @@ static void nccl_wait_for(Comm *c, const char *what) {
     }
     CUDA_CALL(c, cudaStreamWaitEvent(nc->compute, nc->ev_done, 0));
     nc->pending = 0;
+}
+
+// A blocking f32 sum through NCCL when it is bound and buf is device memory: 1 if done so.
+static int nccl_sum(Comm *c, float *buf, size_t n) {
+    if (!nccl_on(c) || !is_device(buf)) return 0;
+    nccl_start(c, buf, n);
+    nccl_wait_sums(c);
+    return 1;
+}
+
+// Waits for the sums started so far (the time counts as exposed communication).
+static void nccl_wait_sums(Comm *c) {
+    if (!nccl_on(c) || !c->st->nc.pending) return;
+    double t0 = now_sec();
+    nccl_wait_for(c, "the NCCL gradient all-reduce");
+    c->st->wait_s += now_sec() - t0;
 }
 
 // Every owner's buffer, one ncclBroadcast each (root = owner) inside one group (spec/shampoo.md §3.3).
