@@ -12,6 +12,7 @@
 #include <cusolverDn.h>
 #include <cuda_runtime.h>
 #include <math.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -106,6 +107,7 @@ typedef struct {
     int no_lt;      // SD_LT=0: every GEMM through cublasGemmEx (to compare with cuBLASLt)
     int lt_bgrad;   // SD_LT_BGRAD=1: bias gradients from the dW GEMM's BGRADB epilogue (not yet validated)
     RootCtx rctx[1 + BE_ROOT_SIDES];  // Shampoo roots: compute stream, side streams
+    pthread_mutex_t rmu[1 + BE_ROOT_SIDES];  // one caller per context at a time (two Shampoo instances may share)
     float *gcoef;     // graft_update_blocks: one coefficient per block
     int gcoef_cap;
     int profiling;  // SD_CUDA_PROFILE=1: every op timed with events (serializes the stream), table at destroy
@@ -1448,6 +1450,8 @@ static RootCtx *root_ctx(CudaImpl *im, int side, int n) {
         }
         CUSOLVER_CHECK(cusolverDnCreate(&c->sol));
         CUSOLVER_CHECK(cusolverDnSetStream(c->sol, c->st));
+        // Replicas and reruns must get the same root bits from the same factor (the default; made explicit).
+        CUSOLVER_CHECK(cusolverDnSetDeterministicMode(c->sol, CUSOLVER_DETERMINISTIC_RESULTS));
         CUDA_CHECK(cudaMalloc(&c->dflag, 2 * sizeof(int)));
         CUDA_CHECK(cudaMallocHost(&c->hflag, 2 * sizeof(int)));
         c->ready = 1;
@@ -1484,8 +1488,21 @@ static void root_ctx_free(RootCtx *c) {
 
 // The row-major factor's lower triangle is the upper triangle of the column-major matrix that cuSOLVER sees (the
 // same entries LAPACKE_?syevd(ROW_MAJOR, 'L') reads on the CPU). Eigenvectors come back as columns.
+static int inverse_root_locked(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64,
+                               float *X, int side);
+
 static int cu_inverse_root(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
                            int side) {
+    CudaImpl *im = IM(be);
+    CHECK(side >= 0 && side <= BE_ROOT_SIDES, "inverse_root: side context %d", side);
+    pthread_mutex_lock(&im->rmu[side]);
+    int rc = inverse_root_locked(be, F, n, bias_corr, r, eps, fp64, X, side);
+    pthread_mutex_unlock(&im->rmu[side]);
+    return rc;
+}
+
+static int inverse_root_locked(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64,
+                               float *X, int side) {
     CudaImpl *im = IM(be);
     // The current device is per host thread: a root thread (side >= 1) starts on device 0, not on this rank's GPU.
     if (side) CUDA_CHECK(cudaSetDevice(im->device));
@@ -1609,7 +1626,10 @@ static void cu_destroy(Backend *be) {
             im->prof[best].calls = -1;
         }
     }
-    for (int k = BE_ROOT_SIDES; k >= 0; k--) root_ctx_free(&im->rctx[k]);  // context 0 borrows the backend's BLAS
+    for (int k = BE_ROOT_SIDES; k >= 0; k--) {
+        root_ctx_free(&im->rctx[k]);  // context 0 borrows the backend's BLAS handle
+        pthread_mutex_destroy(&im->rmu[k]);
+    }
     if (im->gcoef) cudaFree(im->gcoef);
     if (im->shadow) cudaFree(im->shadow);
     if (im->scratch) cudaFree(im->scratch);
@@ -1672,6 +1692,7 @@ Backend *backend_cuda_create(int device) {
     CUBLAS_CHECK(cublasSetWorkspace(im->blas, im->lt_ws, im->lt_ws_bytes));
     CUDA_CHECK(cudaMalloc(&im->red, (RED_BLOCKS + 8) * sizeof(double)));
     CUDA_CHECK(cudaMallocHost(&im->h_red, 8 * sizeof(double)));
+    for (int k = 0; k <= BE_ROOT_SIDES; k++) pthread_mutex_init(&im->rmu[k], NULL);
     im->fused_attn = HAVE_FLASH;  // fused by default (tests/gpu checks both; run.attention / SD_ATTN choose)
     const char *lt = getenv("SD_LT");
     im->no_lt = lt && !strcmp(lt, "0");

@@ -155,7 +155,7 @@ struct Backend {
     // fp64 (fp64 = 1) or fp32, X exactly symmetric, fp32. Returns 0, 1 if the decomposition failed or gave
     // non-finite values, 2 if F is not finite. side = 0 runs it on the compute stream; side = 1 .. BE_ROOT_SIDES on
     // side context `side` (a stream and handles of its own), for root threads that overlap each other and the step
-    // (one host thread per context at a time; the caller orders the inputs with be->sync first). It returns when X
+    // (callers of one context are serialized; the caller orders the inputs with be->sync first). It returns when X
     // is written.
     // NULL on the CPU backend: the owner computes roots on the host with LAPACK (src/shampoo.c).
     int (*inverse_root)(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
