@@ -1491,6 +1491,33 @@ static void root_ctx_free(RootCtx *c) {
 static int inverse_root_locked(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64,
                                float *X, int side);
 
+// The syevd work buffer of context c for n, grown if needed.
+static void root_work(RootCtx *c, int n, int fp64) {
+    int lwork = 0;
+    if (fp64)
+        CUSOLVER_CHECK(cusolverDnDsyevd_bufferSize(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->A, n,
+                                                   c->w, &lwork));
+    else
+        CUSOLVER_CHECK(cusolverDnSsyevd_bufferSize(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->Af,
+                                                   n, c->wf, &lwork));
+    size_t wbytes = (size_t)lwork * (fp64 ? sizeof(double) : sizeof(float));
+    if (wbytes > c->work_bytes) {
+        CUDA_CHECK(cudaStreamSynchronize(c->st));
+        cudaFree(c->work);
+        CUDA_CHECK(cudaMalloc(&c->work, wbytes));
+        c->work_bytes = wbytes;
+    }
+}
+
+static void cu_reserve_roots(Backend *be, int n, int fp64) {
+    CudaImpl *im = IM(be);
+    for (int k = 0; k <= BE_ROOT_SIDES; k++) {
+        pthread_mutex_lock(&im->rmu[k]);
+        root_work(root_ctx(im, k, n), n, fp64);
+        pthread_mutex_unlock(&im->rmu[k]);
+    }
+}
+
 static int cu_inverse_root(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
                            int side) {
     CudaImpl *im = IM(be);
@@ -1515,19 +1542,8 @@ static int inverse_root_locked(Backend *be, const float *F, int n, double bias_c
     CUDA_CHECK(cudaMemcpyAsync(c->hflag, c->dflag, 2 * sizeof(int), cudaMemcpyDeviceToHost, st));
     CUDA_CHECK(cudaStreamSynchronize(st));
     if (c->hflag[1] == 2) return 2;  // as the host path: no decomposition of a non-finite factor
-    int lwork = 0;
-    if (fp64)
-        CUSOLVER_CHECK(cusolverDnDsyevd_bufferSize(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->A, n,
-                                                   c->w, &lwork));
-    else
-        CUSOLVER_CHECK(cusolverDnSsyevd_bufferSize(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->Af,
-                                                   n, c->wf, &lwork));
-    size_t wbytes = (size_t)lwork * (fp64 ? sizeof(double) : sizeof(float));
-    if (wbytes > c->work_bytes) {
-        cudaFree(c->work);
-        CUDA_CHECK(cudaMalloc(&c->work, wbytes));
-        c->work_bytes = wbytes;
-    }
+    root_work(c, n, fp64);
+    int lwork = (int)(c->work_bytes / (fp64 ? sizeof(double) : sizeof(float)));
     if (fp64) {
         CUSOLVER_CHECK(cusolverDnDsyevd(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->A, n, c->w,
                                         (double *)c->work, lwork, c->dflag));
@@ -1759,6 +1775,7 @@ Backend *backend_cuda_create(int device) {
     be->graft_update_blocks = cu_graft_update_blocks;
     be->gemm_batched = cu_gemm_batched;
     be->inverse_root = cu_inverse_root;
+    be->reserve_roots = cu_reserve_roots;
     be->signal_stats = cu_signal_stats;
     be->native_stream = cu_native_stream;
     be->destroy = cu_destroy;

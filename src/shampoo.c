@@ -232,6 +232,11 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
             s->area_off[r + 1] = s->area_off[r] + packed_size(s, r, &nb);
         }
         s->area = be->alloc(be, s->area_off[comm->world] + 4, "Shampoo root broadcast area");
+        int nmax = 0;  // the largest factor this rank owns: every root context sized once, here
+        for (int i = 0; i < s->nowned; i++)
+            for (int k = 0; k < s->blocks[s->owned[i]].order; k++)
+                nmax = s->blocks[s->owned[i]].dim[k] > nmax ? s->blocks[s->owned[i]].dim[k] : nmax;
+        if (nmax && be->reserve_roots) be->reserve_roots(be, nmax, cfg->root_fp64);
         if (cfg->root_delay)
             s->snap = be->alloc(be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float), "Shampoo factor snapshot");
     }
