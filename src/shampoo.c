@@ -26,6 +26,7 @@ typedef struct RootJob {
     float *bad;           // device mode: per owned block, the non-finite factor's index (status 2)
     int *inject;          // per block: an injected failure (tests), taken from the blocks when the job starts
     int64_t t;            // the refresh step
+    double eig_s;         // time of the decompositions (added to s->eig_s by the main thread, in finish_refresh)
 } RootJob;
 
 typedef struct {
@@ -477,7 +478,7 @@ static void *compute_roots(void *arg) {
         for (int w = 0; w < nt; w++) pthread_join(th[w], NULL);
         free(d.blk);
         free(d.at);
-        s->eig_s += now_sec() - te;
+        job->eig_s = now_sec() - te;
         return NULL;
     }
     int32_t *status = (int32_t *)job->out;
@@ -504,7 +505,7 @@ static void *compute_roots(void *arg) {
         for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
     }
     if (!s->cfg.root_delay) openblas_set_num_threads(1);
-    s->eig_s += now_sec() - te;
+    job->eig_s = now_sec() - te;
     return NULL;
 }
 
@@ -757,6 +758,7 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
     free(bytes);
     free(nbs);
     if (s->cfg.check_replicas) check_roots(s, job->t);
+    s->eig_s += job->eig_s;
     job_free(job);
     s->refreshes++;
 }
