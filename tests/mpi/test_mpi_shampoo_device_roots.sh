@@ -6,7 +6,9 @@
 #  - every case of build/tests/test_shampoo (P1-P13, P18 and the parity with the float64 reference) passes through it;
 #  - build/tests/test_shampoo_mpi traces at np = 1 and 3 (uneven ownership; without NCCL the area is staged through
 #    the host and broadcast owner by owner) equal the host-roots path's np = 1 traces bit for bit after each of
-#    100 steps, for root_delay 0 and 1 and one_d "full" and "adam", with the replica checks on.
+#    100 steps, for root_delay 0 and 1 and one_d "full" and "adam", with the replica checks on;
+#  - P17 through it: the states those np = 3 runs saved at t = 37 and 50 (pending roots under delay 1) resumed at
+#    np = 2 reproduce the np = 1 trace through t = 100.
 # The GPU itself (cuSOLVER roots against LAPACK, NCCL) is checked by tests/gpu/run.sh.
 set -u
 BUILD=${BUILD:-build}
@@ -47,3 +49,10 @@ for np in 1 3; do
     fi
   done
 done
+# P17 through the device path: np = 3's states resumed at np = 2 (test_shampoo_mpi compares with trace_*_np1.txt)
+timeout 120 $MPI -np 2 -x SD_TEST_DEVICE_ROOTS=1 "$BUILD/tests/test_shampoo_mpi" resume "$TMP/dev" 3 >"$TMP/resume.log" 2>&1
+rc=$?
+grep -E '^(not )?ok - ' "$TMP/resume.log" | sed -E 's/^(not )?ok - /&device-roots path: /'
+if [ $rc != 0 ] && ! grep -q '^not ok - ' "$TMP/resume.log"; then
+  echo "not ok - device-roots path: resume at np = 2 exit $rc"; tail -n 8 "$TMP/resume.log"
+fi
