@@ -864,6 +864,7 @@ int shampoo_update_groups(const Shampoo *s, int *chunks) {
 static void update_group(Shampoo *s, const UpdGroup *g, double lr, float bc1, float bc2) {
     Backend *be = s->model->be;
     size_t area = (size_t)g->rows * g->cols;
+    // the scratch's four chunks: Pg | Gb | tmp (v, then X_0 G-bar: the slots behind g->tmp) | Ps
     float *Pg = s->scratch, *Gb = Pg + s->chunk_floats, *tmp = Gb + s->chunk_floats, *Ps = tmp + s->chunk_floats;
     for (int c0 = 0; c0 < g->nb; c0 += g->nbc) {
         int n = g->nb - c0 < g->nbc ? g->nb - c0 : g->nbc;
@@ -887,7 +888,6 @@ static void update_group(Shampoo *s, const UpdGroup *g, double lr, float bc1, fl
         }
         be->graft_update_blocks(be, s->model->params, g->offs + c0, g->lds + c0, Pg, Ps, n, g->rows, g->cols, lr);
     }
-    (void)tmp;
 }
 
 // A run of adjacent tensors [off, off + n) for one elementwise launch. run_add extends it with [o, o + k), or, if that
