@@ -3,16 +3,16 @@
 # SD_NCCL_FORCE=1 binds a one-rank NCCL communicator, so the gradient sums run as on several GPUs (bucketed during
 # backward on NCCL's stream, events, polled waits) and Shampoo's roots go through the grouped ncclBroadcast. A
 # one-rank sum or broadcast changes no bit: each run must equal the same run without NCCL, loss for loss.
-#   1. Adam, 40 steps (the bucketed all-reduce, comm.overlap on);
+#   1. Adam, 20 steps (the bucketed all-reduce, comm.overlap on);
 #   2. the same with comm.overlap off (one all-reduce of every gradient after backward);
-#   3. Shampoo with f = S = 10, 40 steps (four root broadcasts through NCCL).
+#   3. Shampoo with f = S = 5, 20 steps (four root broadcasts through NCCL).
 set -u
 FM=${1:?usage: nccl_np1.sh FMNIST_DIR WORKDIR}
 W=${2:?usage: nccl_np1.sh FMNIST_DIR WORKDIR}
 BIN=${SIMPLEST_BIN:-./simplest-dist}
 PY=${PYTHON:-python3}
 mkdir -p "$W"
-COMMON="--set run.device=cuda --set train.steps=40 --set train.log_every=1 --set train.eval_every=0
+COMMON="--set run.device=cuda --set train.steps=20 --set train.log_every=1 --set train.eval_every=0
   --set data.root=$FM --set data.eval_limit=512"
 ok=0
 run() {  # name extra...
@@ -32,11 +32,11 @@ def losses(p):
     return [(r["step"], r["train/loss"]) for r in map(json.loads, open(p)) if "train/loss" in r]
 a, b = losses(sys.argv[1]), losses(sys.argv[2])
 print("   steps %d, final loss %s / %s" % (len(a), a[-1][1] if a else "-", b[-1][1] if b else "-"))
-sys.exit(0 if len(a) == 40 and a == b else 1)
+sys.exit(0 if len(a) == 20 and a == b else 1)
 PYEOF
-    then echo "ok - nccl np=1 $name: 40 steps through NCCL equal the run without it, loss for loss"
+    then echo "ok - nccl np=1 $name: 20 steps through NCCL equal the run without it, loss for loss"
     else echo "not ok - nccl np=1 $name: the losses differ from the run without NCCL"; fi
 }
 run adam_overlap
 run adam_no_overlap --set comm.overlap=false
-run shampoo --set opt.name=shampoo --set shampoo.precondition_frequency=10 --set shampoo.start_preconditioning_step=10
+run shampoo --set opt.name=shampoo --set shampoo.precondition_frequency=5 --set shampoo.start_preconditioning_step=5

@@ -266,7 +266,7 @@ if [ "${SD_GPU_SHAMPOO_BENCH:-1}" = 1 ] && [ -x $BUILD/bench/bench_step ]; then
         case $v in
             adam) a="--opt adam" ;; shampoo) a="--opt shampoo" ;; shampoo_delay1) a="--opt shampoo --root-delay 1" ;;
         esac
-        stage "shampoo_$v" 120 $BUILD/bench/bench_step --device cuda --arch simplest $VITS $a --steps 100 --warmup 25
+        stage "shampoo_$v" 90 $BUILD/bench/bench_step --device cuda --arch simplest $VITS $a --steps 50 --warmup 25
     done
 fi
 
