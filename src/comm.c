@@ -386,10 +386,12 @@ struct CommState {
 #endif
 };
 
+#ifdef USE_NCCL  // what the shared NCCL wait calls (no peers here: nothing to drain)
 static void drain_heartbeats(Comm *c) {}
 static void report_timeout(Comm *c, const char *what, double waited) {
     DIE("waited %.0f s in %s (comm.timeout_s)", waited, what);
 }
+#endif
 
 void comm_init(Comm *c, int *argc, char ***argv) {
     memset(c, 0, sizeof *c);
