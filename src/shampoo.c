@@ -23,7 +23,7 @@ typedef struct RootJob {
     Shampoo *s;
     float *factors;       // host: snapshot of this rank's factors (NULL in device mode)
     unsigned char *out;   // host: this rank's packed buffer (device mode: its status header only)
-    float *bad;           // device mode: per owned block, the non-finite factor's index (status 2)
+    float *bad;           // per owned block: the non-finite factor's index (status 2)
     int *inject;          // per block: an injected failure (tests), taken from the blocks when the job starts
     int64_t t;            // the refresh step
     double eig_s;         // time of the decompositions (added to s->eig_s by the main thread, in finish_refresh)
@@ -393,24 +393,27 @@ static size_t packed_size(const Shampoo *s, int r, int *nblocks) {
 }
 
 
-// Device roots by up to BE_ROOT_SIDES threads, each on a side context of its own (one cuSOLVER eigendecomposition
-// is latency-bound, so several overlap); blocks are taken from a shared counter. Each root depends only on its
-// factor, so the bits do not depend on which thread computes it.
+// The owner's roots, block by block from a shared counter: on the host with LAPACK (CPU backend: one worker, on
+// the calling thread), or on the device by up to BE_ROOT_SIDES root threads, each on a side context of its own
+// (one cuSOLVER eigendecomposition is latency-bound, so several overlap). Each root depends only on its factor, so
+// the bits do not depend on which worker computes it. Status and a non-finite factor's index go to job->out and
+// job->bad (finish_refresh writes the index into the block's first root slot).
 typedef struct {
     Shampoo *s;
     RootJob *job;
-    const float *src;
-    float *roots;
+    const float *src;  // the factors (host snapshot, or device factors / snapshot)
+    float *roots;      // this rank's packed roots (host buffer or device area slot)
     double bias;
-    int *blk;       // owned preconditioned blocks, ascending
-    size_t *at;     // their slots in the packed roots
-    int n, next;    // blocks; the next to take (atomic)
-} DevRoots;
+    int device;        // be->inverse_root, else shampoo_inverse_root
+    int *blk;          // owned preconditioned blocks, ascending
+    size_t *at;        // their slots in the packed roots
+    int n, next;       // blocks; the next to take (atomic)
+} RootWork;
 
 typedef struct {
-    DevRoots *d;
-    int side;
-} DevRootsArg;
+    RootWork *w;
+    int side;  // the device context (1 .. BE_ROOT_SIDES)
+} RootWorker;
 
 // SD_ROOT_SIDES (1 .. BE_ROOT_SIDES, default BE_ROOT_SIDES): how many root threads (and side streams) an owner uses.
 static int root_sides(void) {
@@ -419,92 +422,77 @@ static int root_sides(void) {
     return n < 1 ? 1 : n > BE_ROOT_SIDES ? BE_ROOT_SIDES : n;
 }
 
-static void *dev_roots_worker(void *arg) {
-    DevRootsArg *a = arg;
-    DevRoots *d = a->d;
-    Shampoo *s = d->s;
+static void *root_worker(void *arg) {
+    RootWorker *a = arg;
+    RootWork *w = a->w;
+    Shampoo *s = w->s;
     Backend *be = s->model->be;
-    int32_t *status = (int32_t *)d->job->out;
+    int32_t *status = (int32_t *)w->job->out;
     for (;;) {
-        int j = __atomic_fetch_add(&d->next, 1, __ATOMIC_RELAXED);
-        if (j >= d->n) break;
-        const ShampooBlock *b = &s->blocks[d->blk[j]];
-        int st = d->job->inject[d->blk[j]] ? 1 : 0;
-        size_t slot = d->at[j];
+        int j = __atomic_fetch_add(&w->next, 1, __ATOMIC_RELAXED);
+        if (j >= w->n) break;
+        const ShampooBlock *b = &s->blocks[w->blk[j]];
+        int st = w->job->inject[w->blk[j]] ? 1 : 0;  // an injected failure (tests)
+        size_t slot = w->at[j];
         int k = 0;
         for (; k < b->order && st == 0; k++) {
-            st = be->inverse_root(be, d->src + b->fac_off[k], b->dim[k], d->bias, 2 * b->order, s->cfg.eps,
-                                  s->cfg.root_fp64, d->roots + slot, a->side);
+            const float *F = w->src + b->fac_off[k];
+            st = w->device ? be->inverse_root(be, F, b->dim[k], w->bias, 2 * b->order, s->cfg.eps, s->cfg.root_fp64,
+                                              w->roots + slot, a->side)
+                           : shampoo_inverse_root(F, b->dim[k], w->bias, 2 * b->order, s->cfg.eps, s->cfg.root_fp64,
+                                                  w->roots + slot);
             slot += (size_t)b->dim[k] * b->dim[k];
         }
-        d->job->bad[j] = st == 2 ? (float)(k - 1) : 0.0f;  // written into the slot by finish_refresh
+        w->job->bad[j] = st == 2 ? (float)(k - 1) : 0.0f;
         status[j] = st;
     }
     return NULL;
 }
 
-// Owner work: roots of every owned block from the factor snapshot, into the packed buffer (host only: it may run
-// on a thread while the next step computes).
+// Owner work: roots of every owned block from the factor snapshot (it may run on a thread while the next step
+// computes).
 static void *compute_roots(void *arg) {
     RootJob *job = arg;
     Shampoo *s = job->s;
-    double te = now_sec(), bias = 1.0 - pow(s->cfg.beta2, (double)job->t);
+    double te = now_sec();
     int nb;
     packed_size(s, s->comm->rank, &nb);
-    if (s->area) {  // device roots: into this rank's slot of the broadcast area, by root threads on side contexts
-        DevRoots d = {.s = s, .job = job, .bias = bias, .next = 0};
-        d.src = s->cfg.root_delay ? s->snap : s->factors;
-        d.roots = (float *)((char *)s->area + s->area_off[s->comm->rank] + (size_t)nb * sizeof(int32_t));
-        d.blk = xmalloc((size_t)(nb ? nb : 1) * sizeof(int), "owned root blocks");
-        d.at = xmalloc((size_t)(nb ? nb : 1) * sizeof(size_t), "owned root slots");
-        int j = 0;
-        size_t at = 0;
-        for (int i = 0; i < s->nblocks; i++) {
-            const ShampooBlock *b = &s->blocks[i];
-            if (b->owner != s->comm->rank || !block_preconditioned(s, b)) continue;
-            d.blk[j] = i;
-            d.at[j++] = at;
-            for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
-        }
-        d.n = j;
-        int nt = root_sides();
-        if (nt > d.n) nt = d.n;
-        pthread_t th[BE_ROOT_SIDES];
-        DevRootsArg args[BE_ROOT_SIDES];
-        for (int w = 0; w < nt; w++) {
-            args[w] = (DevRootsArg){&d, w + 1};
-            CHECK(pthread_create(&th[w], NULL, dev_roots_worker, &args[w]) == 0, "cannot start a root thread");
-        }
-        for (int w = 0; w < nt; w++) pthread_join(th[w], NULL);
-        free(d.blk);
-        free(d.at);
-        job->eig_s = now_sec() - te;
-        return NULL;
+    RootWork w = {.s = s, .job = job, .bias = 1.0 - pow(s->cfg.beta2, (double)job->t), .device = s->area != NULL};
+    if (w.device) {  // into this rank's slot of the broadcast area
+        w.src = s->cfg.root_delay ? s->snap : s->factors;
+        w.roots = (float *)((char *)s->area + s->area_off[s->comm->rank] + (size_t)nb * sizeof(int32_t));
+    } else {
+        w.src = job->factors;
+        w.roots = (float *)(job->out + (size_t)nb * sizeof(int32_t));
     }
-    int32_t *status = (int32_t *)job->out;
-    float *roots = (float *)(job->out + (size_t)nb * sizeof(int32_t));
-    // The same on every rank: the root bits depend on it. Only without a concurrent step (the setting is global).
-    if (!s->cfg.root_delay) openblas_set_num_threads(s->cfg.root_threads);
-    int j = 0;
-    size_t at = 0;  // this block's slot in the packed roots
+    w.blk = xmalloc((size_t)(nb ? nb : 1) * sizeof(int), "owned root blocks");
+    w.at = xmalloc((size_t)(nb ? nb : 1) * sizeof(size_t), "owned root slots");
+    size_t at = 0;
     for (int i = 0; i < s->nblocks; i++) {
         const ShampooBlock *b = &s->blocks[i];
         if (b->owner != s->comm->rank || !block_preconditioned(s, b)) continue;
-        int st = job->inject[i] ? 1 : 0;  // an injected failure (tests)
-        size_t slot = at;
-        int k = 0;
-        for (; k < b->order && st == 0; k++) {
-            st = shampoo_inverse_root(job->factors + b->fac_off[k], b->dim[k], bias, 2 * b->order, s->cfg.eps,
-                                      s->cfg.root_fp64, roots + slot);
-            slot += (size_t)b->dim[k] * b->dim[k];
-        }
-        // A non-finite factor: the (otherwise unused) first root slot of the block carries the factor's index, so
-        // that every rank's error message names it.
-        if (st == 2) roots[at] = (float)(k - 1);
-        status[j++] = st;
+        w.blk[w.n] = i;
+        w.at[w.n++] = at;
         for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
     }
-    if (!s->cfg.root_delay) openblas_set_num_threads(1);
+    if (w.device) {
+        int nt = root_sides() < w.n ? root_sides() : w.n;
+        pthread_t th[BE_ROOT_SIDES];
+        RootWorker args[BE_ROOT_SIDES];
+        for (int k = 0; k < nt; k++) {
+            args[k] = (RootWorker){&w, k + 1};
+            CHECK(pthread_create(&th[k], NULL, root_worker, &args[k]) == 0, "cannot start a root thread");
+        }
+        for (int k = 0; k < nt; k++) pthread_join(th[k], NULL);
+    } else {
+        // The same on every rank: the root bits depend on it. Only without a concurrent step (the setting is global).
+        if (!s->cfg.root_delay) openblas_set_num_threads(s->cfg.root_threads);
+        RootWorker one = {&w, 0};
+        root_worker(&one);
+        if (!s->cfg.root_delay) openblas_set_num_threads(1);
+    }
+    free(w.blk);
+    free(w.at);
     job->eig_s = now_sec() - te;
     return NULL;
 }
@@ -522,12 +510,12 @@ static RootJob *start_refresh(Shampoo *s) {
             be->copy(be, s->snap, s->factors, s->factor_floats * sizeof(float));
         be->sync(be);  // the side streams read what the compute stream wrote
         job->out = xcalloc((size_t)nb * sizeof(int32_t) + 1, "own root status");
-        job->bad = xcalloc((size_t)nb * sizeof(float) + 1, "own root status");
     } else {
         job->factors = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factor snapshot");
         be->download(be, job->factors, s->factors, s->factor_floats * sizeof(float));
         job->out = xcalloc(own + 1, "own root buffer");
     }
+    job->bad = xcalloc((size_t)nb * sizeof(float) + 1, "non-finite factor indices");
     job->inject = xcalloc((size_t)(s->nblocks ? s->nblocks : 1) * sizeof(int), "injected failures");
     for (int i = 0; i < s->nblocks; i++) {
         job->inject[i] = s->blocks[i].inject;
@@ -665,19 +653,21 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
     for (int r = 0; r < P; r++) bytes[r] = packed_size(s, r, &nbs[r]);
     double tb = now_sec();
     unsigned char *staged;
+    int nb_own = nbs[comm->rank];
+    char *own = dev ? (char *)s->area + s->area_off[comm->rank] : (char *)job->out;
+    const int32_t *st = (const int32_t *)job->out;
+    size_t at = 0;  // a non-finite factor's index rides in the block's first root slot, so that every rank names it
+    for (int i = 0, j = 0; i < s->nblocks; i++) {
+        const ShampooBlock *b = &s->blocks[i];
+        if (b->owner != comm->rank || !block_preconditioned(s, b)) continue;
+        char *slot = own + (size_t)nb_own * sizeof(int32_t) + at * sizeof(float);
+        if (st[j] == 2 && dev) be->upload(be, slot, &job->bad[j], sizeof(float));
+        if (st[j] == 2 && !dev) memcpy(slot, &job->bad[j], sizeof(float));
+        j++;
+        for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
+    }
     if (dev) {
-        int nb = nbs[comm->rank];
-        char *own = (char *)s->area + s->area_off[comm->rank];
-        if (nb) be->upload(be, own, job->out, (size_t)nb * sizeof(int32_t));
-        const int32_t *st = (const int32_t *)job->out;
-        size_t at = 0;  // a non-finite factor's index rides in the block's first root slot, as on the host path
-        for (int i = 0, j = 0; i < s->nblocks; i++) {
-            const ShampooBlock *b = &s->blocks[i];
-            if (b->owner != comm->rank || !block_preconditioned(s, b)) continue;
-            if (st[j] == 2) be->upload(be, own + (size_t)nb * sizeof(int32_t) + at * sizeof(float), &job->bad[j], 4);
-            j++;
-            for (int k = 0; k < b->order; k++) at += (size_t)b->dim[k] * b->dim[k];
-        }
+        if (nb_own) be->upload(be, own, job->out, (size_t)nb_own * sizeof(int32_t));  // the status header
         if (comm_device_collectives(comm)) {
             for (int r = 0; r < P; r++) bufs[r] = (char *)s->area + s->area_off[r];
             comm_bcast_all(comm, bufs, bytes, 1);
