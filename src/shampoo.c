@@ -226,6 +226,7 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
     if (s->chunk_floats > model->num_params && model->num_params >= largest) s->chunk_floats = model->num_params;
     s->scratch_floats = 4 * s->chunk_floats;
     s->scratch = be->alloc(be, s->scratch_floats * sizeof(float), "Shampoo scratch");
+    s->kind = xmalloc((size_t)(s->nblocks ? s->nblocks : 1), "Shampoo block kinds");
     if (be->inverse_root) {  // device roots: the broadcast area (every owner's packed buffer, in rank order)
         s->area_off = xcalloc((size_t)(comm->world + 1) * sizeof(size_t), "root area offsets");
         for (int r = 0; r < comm->world; r++) {
@@ -271,6 +272,7 @@ void shampoo_free(Shampoo *s) {
     be->free(be, s->scratch);
     plan_free(s, &s->plan);
     plan_free(s, &s->fplan);
+    free(s->kind);
     free(s->blocks);
     free(s->owned);
 }
@@ -951,7 +953,7 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
     float bc1 = (float)(1.0 - pow(c->beta1, (double)s->t)), bc2 = (float)(1.0 - pow(c->graft_beta2, (double)s->t));
     double ta = now_sec();
     int any_block_step = 0;
-    signed char *kind = xmalloc((size_t)(s->nblocks ? s->nblocks : 1), "Shampoo block kinds");
+    signed char *kind = s->kind;  // this step's kind of every block (see the plan)
     memset(kind, -1, (size_t)s->nblocks);
     Run mom = {0, 0, 0, 0}, dec = {0, 0, 0, 0};  // elementwise ops over runs of adjacent tensors: one launch per run
     for (int i = 0, bi = 0; i < m->ntensors; i++) {
@@ -988,7 +990,6 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
         for (int gi = 0; gi < s->plan->ngroups; gi++) update_group(s, &s->plan->g[gi], lr, bc1, bc2);
         s->apply_s += now_sec() - ta;
     }
-    free(kind);
     be->params_changed(be, m->params, np);
     if (refresh && c->check_replicas) check_params(s);
 }

@@ -63,6 +63,7 @@ typedef struct {
     size_t scratch_floats, chunk_floats;
     struct ShampooPlan *plan;   // the update's block groups (same shape and kind), rebuilt when a block's kind changes
     struct ShampooPlan *fplan;  // the statistics' groups of owned blocks (built once)
+    signed char *kind;          // (nblocks) this step's kind of each block, compared with the plan's
     // Device roots (the backend has inverse_root): the owners' packed buffers back to back in rank order, broadcast
     // in place; area_off[r] is owner r's byte offset (world + 1 entries). snap: the owned factors as of the refresh
     // step, for a root_delay 1 decomposition on the side stream. All NULL on the host-roots path.

@@ -409,21 +409,16 @@ static const void *loader_source(void *ctx_, const Trainer *t, int64_t k, int mi
     const ModelConfig *mc = &t->model->cfg;
     size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
     int K = mc->num_classes;
-    const float *src;
+    const float *src = NULL;
+    const uint8_t *px = NULL;  // uint8 batches, normalized on the device (trainer_set_u8_input); never with Mixup
     const int32_t *labels;
     int64_t q = (k - 1) * t->accum + micro;
-    int n;
-    if (c->u8) {  // uint8 batches, normalized on the device (trainer_set_u8_input); never with Mixup
-        const uint8_t *px;
-        n = loader_get_u8(c->loader, q, &px, &labels);
-        src = (const float *)(const void *)px;
-    } else {
-        n = loader_get(c->loader, q, &src, &labels);
-    }
+    int n = c->u8 ? loader_get_u8(c->loader, q, &px, &labels) : loader_get(c->loader, q, &src, &labels);
     if (n != t->micro) die_user("data error in the training split of %s (see the lines above)", c->ds->name);
     memset(targets, 0, (size_t)n * K * sizeof(float));
     for (int i = 0; i < n; i++) targets[(size_t)i * K + labels[i]] = 1.0f;
-    if (c->u8 || c->mixup_alpha <= 0.0) return src;  // the loader's pinned ring buffer is uploaded as it is
+    if (c->u8) return px;  // the loader's pinned ring buffer is uploaded as it is
+    if (c->mixup_alpha <= 0.0) return src;
     // Mixup writes a copy, so that the ring's batch stays as decoded (a repeated step, SAM, takes it again).
     memcpy(images, src, (size_t)n * img * sizeof(float));
     uint64_t pos = slice_pos(t, micro);

@@ -1166,18 +1166,25 @@ static int exactly_symmetric(const float *X, int n) {
     return 1;
 }
 
-// side = 1 runs on a thread of its own, as Shampoo's root thread does under root_delay 1 (a new host thread starts
-// on device 0: the backend must select the rank's GPU itself).
+// Root threads as Shampoo's owners run them: each takes factors from a shared counter and computes their roots on
+// side context `side` (a new host thread starts on device 0: the backend must select the rank's GPU itself).
 typedef struct {
     Backend *be;
-    const float *F;
-    float *X;
-    int n, r, fp64, rc;
+    float *const *F, *const *X;
+    const int *n;
+    int count, r, fp64, side;
     double bc, eps;
-} RootCall;
-static void *root_thread(void *arg) {
-    RootCall *a = arg;
-    a->rc = a->be->inverse_root(a->be, a->F, a->n, a->bc, a->r, a->eps, a->fp64, a->X, 1);
+    int *next;
+    int rc;  // 0, or the last nonzero status
+} RootTask;
+static void *root_task(void *arg) {
+    RootTask *a = arg;
+    for (;;) {
+        int j = __atomic_fetch_add(a->next, 1, __ATOMIC_RELAXED);
+        if (j >= a->count) break;
+        int rc = a->be->inverse_root(a->be, a->F[j], a->n[j], a->bc, a->r, a->eps, a->fp64, a->X[j], a->side);
+        if (rc) a->rc = rc;
+    }
     return NULL;
 }
 
@@ -1196,10 +1203,11 @@ static int dut_root(const float *F, int n, double bc, int r, double eps, int fp6
     be->sync(be);
     double t0 = now_sec();
     int rc;
-    if (side) {
-        RootCall a = {be, dF, dX, n, r, fp64, -1, bc, eps};
+    if (side) {  // on a thread of its own, as under root_delay 1
+        int next = 0;
+        RootTask a = {be, &dF, &dX, &n, 1, r, fp64, side, bc, eps, &next, 0};
         pthread_t th;
-        CHECK(pthread_create(&th, NULL, root_thread, &a) == 0, "cannot start a thread");
+        CHECK(pthread_create(&th, NULL, root_task, &a) == 0, "cannot start a thread");
         pthread_join(th, NULL);
         rc = a.rc;
     } else {
@@ -1278,24 +1286,6 @@ static void time_roots(void) {
 // A refresh-like set of roots (4 x 1024, 4 x 768, 8 x 384, fp64) by 1, 2 and 4 root threads on side contexts, as an
 // owner computes them: the time of each (reported), and the roots bit-identical whatever thread and context
 // computed them (checked).
-typedef struct {
-    Backend *be;
-    float **F, **X;
-    const int *n;
-    int count, side;
-    int *next;
-    int rc;
-} RefreshArg;
-static void *refresh_worker(void *arg) {
-    RefreshArg *a = arg;
-    for (;;) {
-        int j = __atomic_fetch_add(a->next, 1, __ATOMIC_RELAXED);
-        if (j >= a->count) break;
-        if (a->be->inverse_root(a->be, a->F[j], a->n[j], 0.5, 4, 1e-6, 1, a->X[j], a->side) != 0) a->rc = 1;
-    }
-    return NULL;
-}
-
 static void test_root_threads(void) {
     enum { NF = 16 };
     int n[NF];
@@ -1317,7 +1307,7 @@ static void test_root_threads(void) {
     for (int rep = 0; rep < 2; rep++)  // the first round grows every context's work buffers
         for (int ti = 0; ti < 3; ti++) {
             int nt = threads[ti] <= BE_ROOT_SIDES ? threads[ti] : BE_ROOT_SIDES, next = 0;
-            RefreshArg a[BE_ROOT_SIDES];
+            RootTask a[BE_ROOT_SIDES];
             pthread_t th[BE_ROOT_SIDES];
             for (int j = 0; j < NF; j++) {  // NaN first: a root that a round skips cannot pass on the last one's bits
                 float *nan = hbuf((size_t)n[j] * n[j]);
@@ -1328,8 +1318,8 @@ static void test_root_threads(void) {
             be->sync(be);
             double t0 = now_sec();
             for (int w = 0; w < nt; w++) {
-                a[w] = (RefreshArg){be, F, X, n, NF, w + 1, &next, 0};
-                CHECK(pthread_create(&th[w], NULL, refresh_worker, &a[w]) == 0, "cannot start a thread");
+                a[w] = (RootTask){be, F, X, n, NF, 4, 1, w + 1, 0.5, 1e-6, &next, 0};
+                CHECK(pthread_create(&th[w], NULL, root_task, &a[w]) == 0, "cannot start a thread");
             }
             for (int w = 0; w < nt; w++) {
                 pthread_join(th[w], NULL);
