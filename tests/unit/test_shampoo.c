@@ -1760,6 +1760,29 @@ static void test_failures(void) {
 
 // ================================================================ the device-roots path (CUDA's) on the CPU
 
+// Steps two instances on the same pseudo-gradients for `steps` steps (the warm-up + cosine schedule, a clip factor
+// in [0.5, 1]); at the steps of inject_at (0-terminated, may be NULL) block inject_block fails on both. Returns the
+// first step after which their parameters differ, or 0.
+static int lockstep(Shampoo *sa, Shampoo *sb, int steps, uint64_t seed, const int *inject_at, int inject_block) {
+    Model *ma = sa->model, *mb = sb->model;
+    size_t n = ma->num_params;
+    int first_diff = 0;
+    for (int k = 1; k <= steps; k++) {
+        for (const int *p = inject_at; p && *p; p++)
+            if (*p == k) {
+                shampoo_inject_failure(sa, inject_block);
+                shampoo_inject_failure(sb, inject_block);
+            }
+        fill_normal(ma->grads, n, 1.0, seed, k);
+        memcpy(mb->grads, ma->grads, n * sizeof(float));
+        double lr = lr_at_step(0.01, k, 3, 40, 0), scale = 0.5 + 0.5 * uniform(seed, k);
+        shampoo_step(sa, lr, scale);
+        shampoo_step(sb, lr, scale);
+        if (!first_diff && memcmp(ma->params, mb->params, n * sizeof(float))) first_diff = k;
+    }
+    return first_diff;
+}
+
 // The same run through the host-roots path (inverse_root NULL) and the device-roots path (device_roots_emu.h: the
 // broadcast area, status headers read back, installs by device copies, a factor snapshot and the side stream under
 // delay 1), with injected decomposition failures: parameters, roots, counters and traffic must be bit-identical.
@@ -1780,7 +1803,6 @@ static void test_device_path(void) {
             model_init(ma, 11);
             Model *mb = model_create(&mc, &dev, 1);
             model_init(mb, 11);
-            size_t n = ma->num_params;
             ShampooConfig sc = base_sc();
             sc.max_dim = 32;
             sc.frequency = sc.start_step = 4;
@@ -1792,19 +1814,8 @@ static void test_device_path(void) {
             EXPECT(sa.area == NULL && sb.area != NULL, "the paths were not the ones meant (area %p / %p)", sa.area,
                    sb.area);
             long calls0[2] = {emu_root_calls[0], emu_root_calls[1]};
-            int first_diff = 0;
-            for (int k = 1; k <= 32; k++) {
-                if (k == 12 || k == 20) {  // a refresh step: the qkv weight's first block fails on both
-                    shampoo_inject_failure(&sa, 2);
-                    shampoo_inject_failure(&sb, 2);
-                }
-                fill_normal(ma->grads, n, 1.0, 77, k);
-                memcpy(mb->grads, ma->grads, n * sizeof(float));
-                double lr = lr_at_step(0.01, k, 3, 40, 0), scale = 0.5 + 0.5 * uniform(77, k);
-                shampoo_step(&sa, lr, scale);
-                shampoo_step(&sb, lr, scale);
-                if (!first_diff && memcmp(ma->params, mb->params, n * sizeof(float))) first_diff = k;
-            }
+            const int fail_at[] = {12, 20, 0};  // refresh steps: the qkv weight's first block fails on both
+            int first_diff = lockstep(&sa, &sb, 32, 77, fail_at, 2);
             ShampooTraffic ta, tb;
             shampoo_traffic(&sa, &ta);
             shampoo_traffic(&sb, &tb);
@@ -1820,7 +1831,7 @@ static void test_device_path(void) {
                    (long long)sa.failed_decomps, (long long)sb.failed_decomps);
             EXPECT(ta.total == tb.total && ta.per_refresh == tb.per_refresh && ta.total > 0, "traffic %zu / %zu",
                    ta.total, tb.total);
-            EXPECT(used > 0 && other == 0, "roots on the expected stream %ld, on the other %ld", used, other);
+            EXPECT(used > 0 && other == 0, "roots on side contexts %ld, on the compute stream %ld", used, other);
             shampoo_free(&sa);
             shampoo_free(&sb);
             model_free(ma);
@@ -1835,7 +1846,6 @@ static void test_chunks(void) {
               "f = S = 5, graft and Shampoo steps)") {
         ModelConfig mc = tiny_simplest();
         Model *ma = tiny_model(&mc, 13), *mb = tiny_model(&mc, 13);
-        size_t n = ma->num_params;
         ShampooConfig sc = base_sc();
         sc.max_dim = 32;
         sc.frequency = sc.start_step = 5;
@@ -1849,14 +1859,7 @@ static void test_chunks(void) {
             largest = area > largest ? area : largest;
         }
         sb.chunk_floats = largest;  // the scratch stays as allocated (larger); the plan is built at the first block step
-        int first_diff = 0;
-        for (int k = 1; k <= 25; k++) {
-            fill_normal(ma->grads, n, 1.0, 88, k);
-            memcpy(mb->grads, ma->grads, n * sizeof(float));
-            shampoo_step(&sa, 0.01, 1.0);
-            shampoo_step(&sb, 0.01, 1.0);
-            if (!first_diff && memcmp(ma->params, mb->params, n * sizeof(float))) first_diff = k;
-        }
+        int first_diff = lockstep(&sa, &sb, 25, 88, NULL, 0);
         int chunks_a, chunks_b, groups = shampoo_update_groups(&sa, &chunks_a);
         shampoo_update_groups(&sb, &chunks_b);
         printf("    %d groups of %d blocks: %d chunks (chunk %zu floats) against %d (chunk %zu)\n", groups, sa.nblocks,
