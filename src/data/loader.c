@@ -46,10 +46,11 @@ void loader_image_u8(const Dataset *ds, int64_t idx, const AugmentConfig *aug, u
 void loader_image(const Dataset *ds, int64_t idx, const AugmentConfig *aug, uint64_t seed, int64_t epoch,
                   float *out) {
     size_t n = (size_t)ds->height * ds->width * ds->channels;
-    uint8_t *px = xmalloc(n, "image pixels");
+    uint8_t small[4096];  // MNIST 784 and CIFAR 3072 bytes: no allocation per image
+    uint8_t *px = n <= sizeof small ? small : xmalloc(n, "image pixels");
     loader_image_u8(ds, idx, aug, seed, epoch, px);
     normalize_u8_hwc(px, ds->channels, ds->height, ds->width, ds->mean, ds->std, out);  // ToTensor, then Normalize
-    free(px);
+    if (px != small) free(px);
 }
 
 void loader_train_batch(const Dataset *ds, const int64_t *perm, int64_t epoch, int64_t pos0, int count,
