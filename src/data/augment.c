@@ -49,6 +49,26 @@ static inline uint8_t clip8_fixed(int v) {
     return v < 0 ? 0 : v > 255 ? 255 : (uint8_t)v;
 }
 
+// Scratch slots of the resampler (ResizeScratch in augment.h), grown as needed and kept between calls.
+enum { RS_HBOUNDS, RS_HKK, RS_VBOUNDS, RS_VKK, RS_WEIGHTS, RS_PAIRK, RS_PAIRINFO, RS_TMP };
+
+static void *scratch(ResizeScratch *s, int slot, size_t bytes) {
+    if (bytes > s->cap[slot] || !s->p[slot]) {
+        free(s->p[slot]);
+        s->p[slot] = xmalloc(bytes ? bytes : 1, "resample scratch");
+        s->cap[slot] = bytes;
+    }
+    return s->p[slot];
+}
+
+void resize_scratch_free(ResizeScratch *s) {
+    for (int i = 0; i < RS_SLOTS; i++) {
+        free(s->p[i]);
+        s->p[i] = NULL;
+        s->cap[i] = 0;
+    }
+}
+
 // The coefficients for one axis: for each output position, the first input index, the tap count and ksize
 // fixed-point weights. The box edges are single precision, as Pillow parses them.
 typedef struct {
@@ -57,15 +77,16 @@ typedef struct {
     int32_t *kk;   // [out][ksize]
 } Coeffs;
 
-static void precompute_coeffs(int in_size, float in0, float in1, int out_size, Coeffs *cf) {
+static void precompute_coeffs(int in_size, float in0, float in1, int out_size, Coeffs *cf, ResizeScratch *s,
+                              int slot_bounds, int slot_kk) {
     double scale = (double)(in1 - in0) / out_size;
     double filterscale = scale < 1.0 ? 1.0 : scale;
     double support = 1.0 * filterscale;
     int ksize = (int)ceil(support) * 2 + 1;
     cf->ksize = ksize;
-    cf->bounds = xmalloc(sizeof(int) * 2 * (size_t)out_size, "resample bounds");
-    cf->kk = xmalloc(sizeof(int32_t) * (size_t)ksize * (size_t)out_size, "resample coefficients");
-    double *k = xmalloc(sizeof(double) * (size_t)ksize, "resample weights");
+    cf->bounds = scratch(s, slot_bounds, sizeof(int) * 2 * (size_t)out_size);
+    cf->kk = scratch(s, slot_kk, sizeof(int32_t) * (size_t)ksize * (size_t)out_size);
+    double *k = scratch(s, RS_WEIGHTS, sizeof(double) * (size_t)ksize);
     for (int xx = 0; xx < out_size; xx++) {
         double center = in0 + (xx + 0.5) * scale;
         double ww = 0.0, ss = 1.0 / filterscale;
@@ -90,23 +111,35 @@ static void precompute_coeffs(int in_size, float in0, float in1, int out_size, C
         cf->bounds[2 * xx] = xmin;
         cf->bounds[2 * xx + 1] = xmax;
     }
-    free(k);
 }
 
-static void free_coeffs(Coeffs *cf) {
-    free(cf->bounds);
-    free(cf->kk);
+// Mirrors the output positions (xx <-> out_size - 1 - xx): resampling with the mirrored coefficients gives the
+// mirrored rows, byte for byte, because every output sample is computed from its own coefficients alone. This is
+// how a horizontal flip after the resize (RandomResizedCrop, then RandomHorizontalFlip) costs nothing.
+static void mirror_coeffs(Coeffs *cf, int out_size) {
+    int ks = cf->ksize;
+    for (int a = 0, b = out_size - 1; a < b; a++, b--) {
+        for (int i = 0; i < 2; i++) {
+            int t = cf->bounds[2 * a + i];
+            cf->bounds[2 * a + i] = cf->bounds[2 * b + i];
+            cf->bounds[2 * b + i] = t;
+        }
+        for (int i = 0; i < ks; i++) {
+            int32_t t = cf->kk[(size_t)a * ks + i];
+            cf->kk[(size_t)a * ks + i] = cf->kk[(size_t)b * ks + i];
+            cf->kk[(size_t)b * ks + i] = t;
+        }
+    }
 }
 
 // The two passes below are Pillow's ImagingResampleHorizontal/Vertical_8bpc: for every output sample, a sum of
 // input bytes times int32 coefficients (non-negative here, at most 1 << 22) started at 1 << 21, then >> 22 and
 // clipped. Each product is below 2^30 and each sum below 2^31, so the int32 arithmetic never overflows, and integer
-// addition is associative: the AVX2 paths (8 x int32 lanes, vpmulld) give the scalar paths' bytes, tap by tap.
+// addition is associative: the AVX2 paths give the scalar paths' bytes, tap by tap.
 
 #ifdef __AVX2__
-// Final step for 8 int32 sums a (any lane order handled by the caller): >> 22 (arithmetic), then the
-// signed-saturating pack to int16 (exact: |a >> 22| < 512) and the unsigned-saturating pack to uint8 (the clip to
-// 0..255, as clip8_fixed).
+// >> 22 (arithmetic) of 8 int32 sums; the callers then use the signed-saturating pack to int16 (exact: |a >> 22| <
+// 512) and the unsigned-saturating pack to uint8 (the clip to 0..255, as clip8_fixed).
 static inline __m256i shift22(__m256i a) { return _mm256_srai_epi32(a, PRECISION_BITS); }
 #endif
 
@@ -123,50 +156,87 @@ static inline void h_pixel_rgb(const uint8_t *p, const int32_t *k, int n, uint8_
 }
 
 #ifdef __AVX2__
-// One intermediate row of the AVX2 RGB horizontal pass (see resample_h); nblk, nm_last are constants at the
-// call sites below, so that the tap loops unroll.
-static inline __attribute__((always_inline)) void h_row_rgb_avx2(const uint8_t *row, size_t avail, uint8_t *o,
-                                                                 int np, const int16_t *pk, const int *pinfo,
-                                                                 const Coeffs *cf, const __m256i mask[3], int nblk,
-                                                                 int nm_last) {
-    int ks = cf->ksize;
-    const __m256i bias = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
-    for (int i = 0; i < np; i++) {
-        const int *pi = pinfo + 4 * i;
-        if ((size_t)pi[3] > avail) {  // the 16-byte loads would pass the image's end: scalar
-            const int32_t *ka = cf->kk + (size_t)(2 * i) * ks;
-            h_pixel_rgb(row + pi[0], ka, cf->bounds[4 * i + 1], o + 6 * i);
-            h_pixel_rgb(row + pi[1], ka + ks, cf->bounds[4 * i + 3], o + 6 * i + 3);
-            continue;
+// The shifted sums of one pair of output pixels (2i, 2i + 1), lanes (R, G, B, 0) of pixel 2i then of 2i + 1. pi:
+// the pair's byte offsets in the row; kv: its coefficient vectors (see resample_h). nblk and nm_last are constants
+// at the call sites, so that the tap loops unroll.
+static inline __attribute__((always_inline)) __m256i h_pair_avx2(const uint8_t *row, const int *pi, const __m256i *kv,
+                                                                 const __m256i mask[3], int nblk, int nm_last) {
+    __m256i lo = _mm256_set1_epi32(1 << (PRECISION_BITS - 1)), hi = _mm256_setzero_si256();
+    for (int blk = 0, x0 = 0; blk < nblk; blk++, x0 += 5, kv += 6) {
+        __m256i d = _mm256_inserti128_si256(
+            _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(row + pi[0] + 3 * x0))),
+            _mm_loadu_si128((const __m128i *)(row + pi[1] + 3 * x0)), 1);
+        int nm = blk < nblk - 1 ? 3 : nm_last;
+        for (int m = 0; m < nm; m++) {
+            __m256i s = _mm256_shuffle_epi8(d, mask[m]);
+            lo = _mm256_add_epi32(lo, _mm256_madd_epi16(s, _mm256_loadu_si256(kv + 2 * m)));
+            hi = _mm256_add_epi32(hi, _mm256_madd_epi16(s, _mm256_loadu_si256(kv + 2 * m + 1)));
         }
-        const __m256i *kv = (const __m256i *)(pk + (size_t)i * nblk * 3 * 2 * 16);
-        __m256i lo = bias, hi = _mm256_setzero_si256();
-        for (int blk = 0, x0 = 0; blk < nblk; blk++, x0 += 5, kv += 6) {
-            __m256i d = _mm256_inserti128_si256(
-                _mm256_castsi128_si256(_mm_loadu_si128((const __m128i *)(row + pi[0] + 3 * x0))),
-                _mm_loadu_si128((const __m128i *)(row + pi[1] + 3 * x0)), 1);
-            int nm = blk < nblk - 1 ? 3 : nm_last;
-            for (int m = 0; m < nm; m++) {
-                __m256i s = _mm256_shuffle_epi8(d, mask[m]);
-                lo = _mm256_add_epi32(lo, _mm256_madd_epi16(s, _mm256_loadu_si256(kv + 2 * m)));
-                hi = _mm256_add_epi32(hi, _mm256_madd_epi16(s, _mm256_loadu_si256(kv + 2 * m + 1)));
-            }
-        }
-        __m256i v = shift22(_mm256_add_epi32(lo, _mm256_slli_epi32(hi, 15)));
-        v = _mm256_packs_epi32(v, v);
-        v = _mm256_packus_epi16(v, v);
-        int32_t r0 = _mm256_cvtsi256_si32(v), r1 = _mm256_extract_epi32(v, 4);
-        memcpy(o + 6 * i, &r0, 4);  // byte 4 is pixel xx + 1's, stored next
-        memcpy(o + 6 * i + 3, &r1, 4);  // byte 4 is the next pixel's (or the spare byte)
     }
+    return shift22(_mm256_add_epi32(lo, _mm256_slli_epi32(hi, 15)));
 }
 
+// One pair on its own: scalar when its 16-byte loads would pass the image's end (avail: readable bytes from row),
+// else h_pair_avx2 with two 4-byte stores (the second writes 1 byte past pixel 2i + 1: a spare byte or a pixel that
+// is written later).
+static inline __attribute__((always_inline)) void h_pair_one(const uint8_t *row, size_t avail, uint8_t *o, int i,
+                                                             const int16_t *pk, const int *pinfo, const Coeffs *cf,
+                                                             const __m256i mask[3], int nblk, int nm_last) {
+    const int *pi = pinfo + 4 * i;
+    int ks = cf->ksize;
+    if ((size_t)pi[3] > avail) {
+        const int32_t *ka = cf->kk + (size_t)(2 * i) * ks;
+        h_pixel_rgb(row + pi[0], ka, cf->bounds[4 * i + 1], o + 6 * i);
+        h_pixel_rgb(row + pi[1], ka + ks, cf->bounds[4 * i + 3], o + 6 * i + 3);
+        return;
+    }
+    __m256i v = h_pair_avx2(row, pi, (const __m256i *)(pk + (size_t)i * nblk * 3 * 2 * 16), mask, nblk, nm_last);
+    v = _mm256_packs_epi32(v, v);
+    v = _mm256_packus_epi16(v, v);
+    int32_t r0 = _mm256_cvtsi256_si32(v), r1 = _mm256_extract_epi32(v, 4);
+    memcpy(o + 6 * i, &r0, 4);
+    memcpy(o + 6 * i + 3, &r1, 4);
+}
+
+// One intermediate row of the AVX2 RGB horizontal pass (see resample_h). Four pairs (8 pixels, 24 bytes) at a time
+// share one pack, permute and compress, and two 16-byte stores whose last 4 bytes are written again by the next
+// group, the tail or the next row (the buffer has 4 spare bytes after the last row). gmax[g]: the most bytes any
+// pair of group g reads past the row start.
+static inline __attribute__((always_inline)) void h_row_rgb_avx2(const uint8_t *row, size_t avail, uint8_t *o,
+                                                                 int np, const int16_t *pk, const int *pinfo,
+                                                                 const int *gmax, const Coeffs *cf,
+                                                                 const __m256i mask[3], int nblk, int nm_last) {
+    const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    const __m256i squeeze = _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1,  //
+                                             0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+    size_t kstride = (size_t)nblk * 3 * 2 * 16;  // int16 per pair
+    int ng = np / 4;
+    for (int g = 0; g < ng; g++) {
+        if ((size_t)gmax[g] > avail) {
+            for (int i = 4 * g; i < 4 * g + 4; i++) h_pair_one(row, avail, o, i, pk, pinfo, cf, mask, nblk, nm_last);
+            continue;
+        }
+        const int *pi = pinfo + 16 * g;
+        const int16_t *kp = pk + (size_t)(4 * g) * kstride;
+        __m256i v0 = h_pair_avx2(row, pi, (const __m256i *)kp, mask, nblk, nm_last);
+        __m256i v1 = h_pair_avx2(row, pi + 4, (const __m256i *)(kp + kstride), mask, nblk, nm_last);
+        __m256i v2 = h_pair_avx2(row, pi + 8, (const __m256i *)(kp + 2 * kstride), mask, nblk, nm_last);
+        __m256i v3 = h_pair_avx2(row, pi + 12, (const __m256i *)(kp + 3 * kstride), mask, nblk, nm_last);
+        // packs/packus per 128-bit lane: lane 0 holds pixels 8g, 8g+2, 8g+4, 8g+6 (4 bytes each, R G B 0), lane 1
+        // the odd ones; the permute interleaves them, the shuffle drops every fourth byte (12 per lane).
+        __m256i u = _mm256_packus_epi16(_mm256_packs_epi32(v0, v1), _mm256_packs_epi32(v2, v3));
+        u = _mm256_shuffle_epi8(_mm256_permutevar8x32_epi32(u, perm), squeeze);
+        _mm_storeu_si128((__m128i *)(o + 24 * g), _mm256_castsi256_si128(u));
+        _mm_storeu_si128((__m128i *)(o + 24 * g + 12), _mm256_extracti128_si256(u, 1));
+    }
+    for (int i = 4 * ng; i < np; i++) h_pair_one(row, avail, o, i, pk, pinfo, cf, mask, nblk, nm_last);
+}
 #endif
 
 // Horizontal pass: out rows 0..out_rows-1 from in rows offset.. (in has in_h rows of in_w pixels), widths from cf.
-// out rows must have 1 spare byte after out_w * c (the AVX2 path stores 4 bytes per RGB pixel).
+// Rows are written in order; out must have 4 spare bytes after its last row (the AVX2 path's stores).
 static void resample_h(const uint8_t *in, size_t in_stride, int in_w, int in_h, int offset, int c, uint8_t *out,
-                       size_t out_stride, int out_w, int out_rows, const Coeffs *cf) {
+                       size_t out_stride, int out_w, int out_rows, const Coeffs *cf, ResizeScratch *scr) {
     int ks = cf->ksize;
 #ifdef __AVX2__
     if (c == 3 && out_w >= 2) {
@@ -175,15 +245,16 @@ static void resample_h(const uint8_t *in, size_t in_stride, int in_w, int in_h, 
         // B_j, B_j+1, 0, 0), and vpmaddwd with the pixel's coefficient pair gives int32 partial sums (R, G, B, 0).
         // The coefficients (0 .. 1 << 22) do not fit int16, so k = kh << 15 | kl: two sums, one of p * kl (kl <
         // 2^15) and one of p * kh (kh <= 128), joined at the end as (hi << 15) + lo: the same integer.
-        int np = out_w / 2;
+        int np = out_w / 2, ng = np / 4;
         // Every pair runs the same number of taps, the most any pixel has (taps past a pixel's count have
         // coefficient 0: kk is padded to ksize), so that the loops' trip counts are the same for every pair.
         int t = 1;
         for (int xx = 0; xx < 2 * np; xx++)
             if (cf->bounds[2 * xx + 1] > t) t = cf->bounds[2 * xx + 1];
         int nblk = (t + 4) / 5, nm_last = ((t - 5 * (nblk - 1)) + 1) / 2, nb = nblk;
-        int16_t *pk = xmalloc(sizeof(int16_t) * 16 * 2 * 3 * (size_t)nb * (size_t)np, "resample pair coefficients");
-        int *pinfo = xmalloc(sizeof(int) * 4 * (size_t)np, "resample pair bounds");
+        int16_t *pk = scratch(scr, RS_PAIRK, sizeof(int16_t) * 16 * 2 * 3 * (size_t)nb * (size_t)np);
+        int *pinfo = scratch(scr, RS_PAIRINFO, sizeof(int) * (4 * (size_t)np + (size_t)ng + 1));
+        int *gmax = pinfo + 4 * (size_t)np;
         for (int i = 0; i < np; i++) {
             int xa = cf->bounds[4 * i], xb = cf->bounds[4 * i + 2];
             for (int px = 0; px < 2; px++) {
@@ -207,6 +278,11 @@ static void resample_h(const uint8_t *in, size_t in_stride, int in_w, int in_h, 
             pinfo[4 * i + 2] = t;
             pinfo[4 * i + 3] = 3 * xm + 15 * ((t - 1) / 5) + 16;  // bytes read past the row start, at most
         }
+        for (int g = 0; g < ng; g++) {
+            int m = 0;
+            for (int i = 4 * g; i < 4 * g + 4; i++) m = pinfo[4 * i + 3] > m ? pinfo[4 * i + 3] : m;
+            gmax[g] = m;
+        }
         __m256i mask[3];
         for (int m = 0; m < 3; m++) {
             int8_t mb[32];
@@ -224,23 +300,23 @@ static void resample_h(const uint8_t *in, size_t in_stride, int in_w, int in_h, 
             size_t avail = (size_t)(in_h - 1 - y) * in_stride + (size_t)in_w * 3;  // readable bytes from row
             uint8_t *o = out + (size_t)yy * out_stride;
             if (nblk == 1 && nm_last == 1)
-                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, cf, mask, 1, 1);
+                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, gmax, cf, mask, 1, 1);
             else if (nblk == 1 && nm_last == 2)
-                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, cf, mask, 1, 2);
+                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, gmax, cf, mask, 1, 2);
             else if (nblk == 1)
-                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, cf, mask, 1, 3);
+                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, gmax, cf, mask, 1, 3);
             else
-                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, cf, mask, nblk, nm_last);
+                h_row_rgb_avx2(row, avail, o, np, pk, pinfo, gmax, cf, mask, nblk, nm_last);
             if (out_w & 1) {
                 int xx = out_w - 1;
                 h_pixel_rgb(row + (size_t)cf->bounds[2 * xx] * 3, cf->kk + (size_t)xx * ks, cf->bounds[2 * xx + 1],
                             o + 3 * xx);
             }
         }
-        free(pk);
-        free(pinfo);
         return;
     }
+#else
+    (void)scr;
 #endif
     for (int yy = 0; yy < out_rows; yy++) {
         const uint8_t *row = in + (size_t)(yy + offset) * in_stride;
@@ -303,51 +379,81 @@ static void resample_v(const uint8_t *in, size_t in_stride, int c, uint8_t *out,
     }
 }
 
-void pil_resize_bilinear(const Image *src, const double box[4], int out_w, int out_h, Image *dst) {
+// Reverses the order of the pixels of each of h rows of w pixels (c bytes each) in place.
+static void flip_rows(uint8_t *px, size_t stride, int w, int h, int c) {
+    for (int y = 0; y < h; y++) {
+        uint8_t *row = px + (size_t)y * stride;
+        if (c == 3) {  // RGB, the common case: whole pixels at a time
+            for (int a = 0, b = w - 1; a < b; a++, b--) {
+                uint8_t *p = row + 3 * a, *q = row + 3 * b, t0 = p[0], t1 = p[1], t2 = p[2];
+                p[0] = q[0];
+                p[1] = q[1];
+                p[2] = q[2];
+                q[0] = t0;
+                q[1] = t1;
+                q[2] = t2;
+            }
+            continue;
+        }
+        for (int a = 0, b = w - 1; a < b; a++, b--)
+            for (int ch = 0; ch < c; ch++) {
+                uint8_t t = row[a * c + ch];
+                row[a * c + ch] = row[b * c + ch];
+                row[b * c + ch] = t;
+            }
+    }
+}
+
+void pil_resize_bilinear_to(const Image *src, const double box[4], int out_w, int out_h, int flip, uint8_t *dst,
+                            size_t dst_stride, ResizeScratch *scr) {
     float b[4] = {(float)box[0], (float)box[1], (float)box[2], (float)box[3]};
     int c = src->c;
+    size_t row_bytes = (size_t)out_w * c;
     // _imaging.c: an integer box whose size is the output size is a plain crop.
     if (b[0] - (int)b[0] == 0 && b[2] - b[0] == out_w && b[1] - (int)b[1] == 0 && b[3] - b[1] == out_h) {
         int x0 = (int)b[0], y0 = (int)b[1];
-        image_reserve(dst, out_w, out_h, c);
-        for (int y = 0; y < out_h; y++)
-            memcpy(PX(dst, 0, y), PX(src, x0, y0 + y), (size_t)out_w * c);
+        for (int y = 0; y < out_h; y++) memcpy(dst + (size_t)y * dst_stride, PX(src, x0, y0 + y), row_bytes);
+        if (flip) flip_rows(dst, dst_stride, out_w, out_h, c);
         return;
     }
     int need_h = out_w != src->w || b[0] != 0 || b[2] != out_w;
     int need_v = out_h != src->h || b[1] != 0 || b[3] != out_h;
     Coeffs ch, cv;
-    precompute_coeffs(src->w, b[0], b[2], out_w, &ch);
-    precompute_coeffs(src->h, b[1], b[3], out_h, &cv);
+    precompute_coeffs(src->w, b[0], b[2], out_w, &ch, scr, RS_HBOUNDS, RS_HKK);
+    precompute_coeffs(src->h, b[1], b[3], out_h, &cv, scr, RS_VBOUNDS, RS_VKK);
     int yfirst = cv.bounds[0];
     int ylast = cv.bounds[2 * out_h - 2] + cv.bounds[2 * out_h - 1];
 
     const uint8_t *vin = src->px;
     size_t vin_stride = (size_t)src->stride;
-    uint8_t *tmp = NULL;
+    int mirrored = 0;
     if (need_h) {
+        if (flip) {
+            mirror_coeffs(&ch, out_w);
+            mirrored = 1;
+        }
         for (int i = 0; i < out_h; i++) cv.bounds[2 * i] -= yfirst;
         int rows = ylast - yfirst;
-        size_t ts = (size_t)out_w * c;
-        tmp = xmalloc(ts * (size_t)(rows > 0 ? rows : 1) + 1, "resample intermediate");  // + 1: see resample_h
-        resample_h(src->px, (size_t)src->stride, src->w, src->h, yfirst, c, tmp, ts, out_w, rows, &ch);
+        uint8_t *tmp = scratch(scr, RS_TMP, row_bytes * (size_t)(rows > 0 ? rows : 1) + 4);  // + 4: resample_h
+        resample_h(src->px, (size_t)src->stride, src->w, src->h, yfirst, c, tmp, row_bytes, out_w, rows, &ch, scr);
         vin = tmp;
-        vin_stride = ts;
-        if (!need_v) {  // Pillow returns the intermediate itself (its rows are the output rows here)
-            image_reserve(dst, out_w, rows, c);
-            for (int y = 0; y < rows; y++) memcpy(PX(dst, 0, y), tmp + (size_t)y * ts, ts);
-        }
+        vin_stride = row_bytes;
+        if (!need_v)  // Pillow returns the intermediate itself (its rows are the output rows here)
+            for (int y = 0; y < rows; y++) memcpy(dst + (size_t)y * dst_stride, tmp + (size_t)y * row_bytes, row_bytes);
     }
     if (need_v) {
-        int vw = need_h ? out_w : src->w;
-        image_reserve(dst, vw, out_h, c);
-        resample_v(vin, vin_stride, c, dst->px, (size_t)dst->stride, vw, out_h, &cv);
+        resample_v(vin, vin_stride, c, dst, dst_stride, out_w, out_h, &cv);
     } else if (!need_h) {
-        copy_image(src, dst);
+        for (int y = 0; y < out_h; y++) memcpy(dst + (size_t)y * dst_stride, PX(src, 0, y), row_bytes);
     }
-    free(tmp);
-    free_coeffs(&ch);
-    free_coeffs(&cv);
+    if (flip && !mirrored) flip_rows(dst, dst_stride, out_w, out_h, c);
+}
+
+void pil_resize_bilinear(const Image *src, const double box[4], int out_w, int out_h, Image *dst) {
+    ResizeScratch scr = {0};
+    image_reserve(dst, out_w, out_h, src->c);
+    pil_resize_bilinear_to(src, box, out_w, out_h, 0, dst->px, (size_t)dst->stride, &scr);
+    resize_scratch_free(&scr);
 }
 
 // ------------------------------------------------------------------------------------------------ geometry
@@ -429,33 +535,7 @@ void random_crop_pad(const Image *src, int size, int pad, Rng *r, Image *dst) {
     }
 }
 
-void hflip(Image *im) {
-    int c = im->c;
-    if (c == 3) {  // RGB, the common case: whole pixels at a time (3 % of the train path with the generic loop)
-        for (int y = 0; y < im->h; y++) {
-            uint8_t *row = PX(im, 0, y);
-            for (int a = 0, b = im->w - 1; a < b; a++, b--) {
-                uint8_t *p = row + 3 * a, *q = row + 3 * b, t0 = p[0], t1 = p[1], t2 = p[2];
-                p[0] = q[0];
-                p[1] = q[1];
-                p[2] = q[2];
-                q[0] = t0;
-                q[1] = t1;
-                q[2] = t2;
-            }
-        }
-        return;
-    }
-    for (int y = 0; y < im->h; y++) {
-        uint8_t *row = PX(im, 0, y);
-        for (int a = 0, b = im->w - 1; a < b; a++, b--)
-            for (int ch = 0; ch < c; ch++) {
-                uint8_t t = row[a * c + ch];
-                row[a * c + ch] = row[b * c + ch];
-                row[b * c + ch] = t;
-            }
-    }
-}
+void hflip(Image *im) { flip_rows(im->px, (size_t)im->stride, im->w, im->h, im->c); }
 
 // ------------------------------------------------------------------------------------------------ PIL AFFINE
 // Image.transform(size, AFFINE, a, NEAREST) with a zero fill: Geometry.c's ImagingTransformAffine. a maps

@@ -13,6 +13,20 @@
 // not alias src.
 void pil_resize_bilinear(const Image *src, const double box[4], int out_w, int out_h, Image *dst);
 
+// The resampler's working buffers (coefficients, the intermediate rows), kept between calls by a caller that
+// resizes many images (one per thread; zero-initialize, release with resize_scratch_free).
+#define RS_SLOTS 8
+typedef struct ResizeScratch {
+    void *p[RS_SLOTS];
+    size_t cap[RS_SLOTS];
+} ResizeScratch;
+void resize_scratch_free(ResizeScratch *s);
+// The same resize into dst (out_h rows of out_w * c bytes, dst_stride apart; dst may not alias src), mirrored
+// left-right when flip is set: the bytes of pil_resize_bilinear followed by hflip, computed as one pass (the
+// horizontal coefficients are mirrored, so the flip costs nothing).
+void pil_resize_bilinear_to(const Image *src, const double box[4], int out_w, int out_h, int flip, uint8_t *dst,
+                            size_t dst_stride, ResizeScratch *s);
+
 // torchvision RandomResizedCrop.get_params(scale (0.08, 1), ratio (3/4, 4/3)) on a W x H image: crop (x, y, w, h).
 // Draws, in order, per attempt: U(0.08, 1) for the area, U(ln 3/4, ln 4/3) for the log-ratio; then U{0..H-h} for
 // the top and U{0..W-w} for the left.

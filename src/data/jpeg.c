@@ -65,6 +65,7 @@ struct JpegDecoder {
     int cmyk;                // the current image is decoded as JCS_CMYK
     uint8_t *row;            // a band of output rows as libjpeg writes them (RGB or CMYK, cropped width)
     size_t row_cap;
+    Image own;               // the rows of jpeg_read_crop_view (decoded width), which the view borrows
 };
 
 static const char *const status_names[IMG_STATUS_COUNT] = {
@@ -133,6 +134,7 @@ void jpeg_decoder_free(JpegDecoder *d) {
     if (!d) return;
     jpeg_destroy_decompress(&d->cinfo);
     free(d->row);
+    image_free(&d->own);
     free(d);
 }
 
@@ -258,8 +260,10 @@ __attribute__((noinline)) static int pick_denom(int cw, int ch, int min_w, int m
     return 1;
 }
 
-ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w, int min_h, int dct_scaling,
-                         Image *out, double box[4], int *scale_denom) {
+// jpeg_read_crop and jpeg_read_crop_view. view: out becomes a view of d->own (its rows at the decoded width, with
+// the margin columns beside the crop), so that an RGB crop is written once, by libjpeg, and never copied.
+static ImgStatus read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w, int min_h, int dct_scaling,
+                           Image *out, double box[4], int *scale_denom, int view) {
     struct jpeg_decompress_struct *ci = &d->cinfo;
     if (!d->open) return IMG_CORRUPT;
     int W = (int)ci->image_width, H = (int)ci->image_height;
@@ -288,11 +292,18 @@ ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w
     if (xoff != 0 || width != ci->output_width) jpeg_crop_scanline(ci, &xoff, &width);  // may widen
     int col0 = sx0 - (int)xoff;  // the crop's first column in a decoded row
     int ncomp = ci->output_components;
-    image_reserve(out, ow, oh, 3);
-    // Rows are read straight into out when the decoded rows are exactly out's rows; else through a scratch band
-    // of up to JPEG_BAND rows (libjpeg hands out at most one row group per call anyway), trimmed or converted.
-    int direct = !d->cmyk && col0 == 0 && (int)ci->output_width == ow;
     size_t row_bytes = (size_t)ci->output_width * (size_t)ncomp;
+    Image *dst = out;
+    if (view && !d->cmyk) {  // every decoded row straight into d->own; out looks at its columns col0 .. col0 + ow
+        image_reserve(&d->own, (int)ci->output_width, oh, 3);
+        dst = &d->own;
+    } else {
+        if (view) dst = &d->own;
+        image_reserve(dst, ow, oh, 3);
+    }
+    // Rows are read straight into dst when the decoded rows are exactly dst's rows; else through a scratch band
+    // of up to JPEG_BAND rows (libjpeg hands out at most one row group per call anyway), trimmed or converted.
+    int direct = !d->cmyk && (view || (col0 == 0 && (int)ci->output_width == ow));
     if (!direct && row_bytes * JPEG_BAND > d->row_cap) {
         free(d->row);
         d->row = xmalloc(row_bytes * JPEG_BAND, "jpeg rows");
@@ -306,20 +317,20 @@ ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w
     for (int r = 0; r < oh;) {
         int want = oh - r < JPEG_BAND ? oh - r : JPEG_BAND;
         for (int i = 0; i < want; i++)
-            rows[i] = direct ? out->px + (size_t)(r + i) * (size_t)out->stride : d->row + (size_t)i * row_bytes;
+            rows[i] = direct ? dst->px + (size_t)(r + i) * (size_t)dst->stride : d->row + (size_t)i * row_bytes;
         int got = (int)jpeg_read_scanlines(ci, rows, (JDIMENSION)want);
         if (got <= 0) return fail(d, d->eof ? IMG_TRUNCATED : IMG_CORRUPT);
         for (int i = 0; !direct && i < got; i++) {
-            uint8_t *dst = out->px + (size_t)(r + i) * (size_t)out->stride;
+            uint8_t *o = dst->px + (size_t)(r + i) * (size_t)dst->stride;
             const uint8_t *src = rows[i] + (size_t)col0 * (size_t)ncomp;
             if (!d->cmyk) {
-                memcpy(dst, src, (size_t)ow * 3);
+                memcpy(o, src, (size_t)ow * 3);
             } else {
-                for (int k = 0; k < ow; k++, src += 4, dst += 3) {
+                for (int k = 0; k < ow; k++, src += 4, o += 3) {
                     int kk = src[3];
-                    dst[0] = (uint8_t)(kk - muldiv255(255 - src[0], kk));
-                    dst[1] = (uint8_t)(kk - muldiv255(255 - src[1], kk));
-                    dst[2] = (uint8_t)(kk - muldiv255(255 - src[2], kk));
+                    o[0] = (uint8_t)(kk - muldiv255(255 - src[0], kk));
+                    o[1] = (uint8_t)(kk - muldiv255(255 - src[1], kk));
+                    o[2] = (uint8_t)(kk - muldiv255(255 - src[2], kk));
                 }
             }
         }
@@ -328,6 +339,14 @@ ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w
     jpeg_abort_decompress(ci);  // rows below the crop are never entropy-decoded
     d->open = 0;
     if (d->eof) return IMG_TRUNCATED;
+    if (view) {  // a borrowed view (cap 0): the crop's columns of d->own
+        *out = d->own;
+        out->cap = 0;
+        if (!d->cmyk) {
+            out->px = d->own.px + (size_t)col0 * 3;
+            out->w = ow;
+        }
+    }
     d->warnings += d->image_warnings;
     box[0] = (double)x / denom - sx0;
     box[1] = (double)y / denom - sy0;
@@ -335,4 +354,14 @@ ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w
     box[3] = (double)(y + ch) / denom - sy0;
     *scale_denom = denom;
     return IMG_OK;
+}
+
+ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w, int min_h, int dct_scaling,
+                         Image *out, double box[4], int *scale_denom) {
+    return read_crop(d, x, y, cw, ch, min_w, min_h, dct_scaling, out, box, scale_denom, 0);
+}
+
+ImgStatus jpeg_read_crop_view(JpegDecoder *d, int x, int y, int cw, int ch, int min_w, int min_h, int dct_scaling,
+                              Image *view, double box[4], int *scale_denom) {
+    return read_crop(d, x, y, cw, ch, min_w, min_h, dct_scaling, view, box, scale_denom, 1);
 }

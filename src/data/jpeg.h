@@ -54,6 +54,12 @@ ImgStatus jpeg_open(JpegDecoder *d, const uint8_t *buf, size_t len, int *w, int 
 ImgStatus jpeg_read_crop(JpegDecoder *d, int x, int y, int cw, int ch, int min_w, int min_h, int dct_scaling,
                          Image *out, double box[4], int *scale_denom);
 
+// jpeg_read_crop without the final copy: *view (the same pixels, size and box) borrows the decoder's buffer, with a
+// stride that may exceed w * 3 (the decoded rows keep the margin columns around the crop). The view stays valid
+// until the next jpeg_open or jpeg_read_crop_view on d, and must not be passed to image_reserve or image_free.
+ImgStatus jpeg_read_crop_view(JpegDecoder *d, int x, int y, int cw, int ch, int min_w, int min_h, int dct_scaling,
+                              Image *view, double box[4], int *scale_denom);
+
 // Ends the opened image without decoding (after jpeg_open returned IMG_OK); harmless when idle.
 void jpeg_close(JpegDecoder *d);
 

@@ -22,6 +22,7 @@ struct PipeWorker {
     uint8_t *buf;  // the file being decoded
     size_t cap;
     Image dec_out, a, b, tmp;
+    ResizeScratch rs;  // the resampler's buffers, kept between images
     int64_t warnings_seen;
     int u8;  // output uint8 (H, W, C) instead of normalized fp32 (C, H, W)
 };
@@ -40,6 +41,7 @@ void pipe_worker_free(PipeWorker *w) {
     image_free(&w->a);
     image_free(&w->b);
     image_free(&w->tmp);
+    resize_scratch_free(&w->rs);
     free(w);
 }
 
@@ -162,10 +164,19 @@ ImgStatus pipe_image(PipeWorker *w, const Dataset *ds, int train, uint64_t seed,
             int x, y, cw, ch, sd;
             rrc_params(&r, W, H, &x, &y, &cw, &ch);
             double box[4];
-            if ((st = jpeg_read_crop(w->dec, x, y, cw, ch, S, S, o->dct_scaling, &w->dec_out, box, &sd)) != IMG_OK)
+            Image crop;  // a view of the decoder's rows: no copy
+            if ((st = jpeg_read_crop_view(w->dec, x, y, cw, ch, S, S, o->dct_scaling, &crop, box, &sd)) != IMG_OK)
                 goto out;
-            pil_resize_bilinear(&w->dec_out, box, S, S, &w->a);
-            if (o->flip && rng_uniform(&r) < 0.5) hflip(&w->a);
+            // The flip is drawn after the crop, as before the resize consumed no draws, and done by the resize
+            // itself (mirrored coefficients: the bytes of resize + hflip). Without RandAugment, uint8 output is
+            // written by the resize straight into out.
+            int flip = o->flip && rng_uniform(&r) < 0.5;
+            if (w->u8 && !o->randaugment) {
+                pil_resize_bilinear_to(&crop, box, S, S, flip, out, (size_t)S * 3, &w->rs);
+                goto out;
+            }
+            image_reserve(&w->a, S, S, crop.c);
+            pil_resize_bilinear_to(&crop, box, S, S, flip, w->a.px, (size_t)w->a.stride, &w->rs);
             if (o->randaugment) randaugment(&w->a, &r, o->ra_ops, o->ra_magnitude, 31, &w->tmp);
         } else {
             if ((st = decode_full(w, ds, src_idx, &W, &H)) != IMG_OK) goto out;

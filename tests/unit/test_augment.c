@@ -344,6 +344,66 @@ static void test_randaugment(void) {
     }
 }
 
+// pil_resize_bilinear_to (the loader's path: one scratch reused across images, a flip folded into the horizontal
+// pass, a strided destination) against pil_resize_bilinear + hflip, which the fixtures check against Pillow.
+static void test_resize_to(void) {
+    TEST_CASE("pil_resize_bilinear_to == pil_resize_bilinear (+ hflip): 600 random boxes, RGB and grey, strided "
+              "destination untouched outside the image, one scratch reused") {
+        uint64_t st = 0x51ED2701u;
+        ResizeScratch scr = {0};
+        Image src = {0}, ref = {0};
+        int bad = 0, flips = 0;
+        for (int it = 0; it < 600; it++) {
+            st = st * 6364136223846793005ull + 1442695040888963407ull;
+            uint64_t r = st;
+            int c = (r & 7) == 0 ? 1 : 3;
+            int w = 1 + (int)((r >> 3) % 400), h = 1 + (int)((r >> 12) % 300);
+            int ow = 1 + (int)((r >> 21) % 260), oh = 1 + (int)((r >> 30) % 260);
+            int flip = (int)((r >> 39) & 1), pad = (int)((r >> 40) % 6);
+            image_reserve(&src, w, h, c);
+            for (size_t i = 0; i < (size_t)w * h * c; i++) src.px[i] = (uint8_t)((i * 2654435761u + it) >> 7);
+            double box[4] = {0, 0, w, h};
+            if ((r >> 44) % 3) {  // a fractional sub-box, as RandomResizedCrop after DCT scaling gives
+                double x0 = (double)((r >> 46) % 1000) / 1000 * w * 0.5, y0 = (double)((r >> 50) % 1000) / 1000 * h * 0.5;
+                box[0] = x0;
+                box[1] = y0;
+                box[2] = x0 + (w - x0) * (0.3 + 0.7 * (double)((r >> 54) % 100) / 100);
+                box[3] = y0 + (h - y0) * (0.3 + 0.7 * (double)((r >> 58) % 32) / 32);
+            }
+            if (it % 50 == 7) {  // a plain crop (integer box of the output size)
+                ow = w / 2 + 1;
+                oh = h / 2 + 1;
+                box[0] = w - ow;
+                box[1] = 0;
+                box[2] = w;
+                box[3] = oh;
+            }
+            pil_resize_bilinear(&src, box, ow, oh, &ref);
+            if (flip) hflip(&ref);
+            flips += flip;
+            size_t stride = (size_t)ow * c + (size_t)pad, total = stride * (size_t)oh + 16;
+            uint8_t *dst = malloc(total);
+            memset(dst, 0xAB, total);
+            pil_resize_bilinear_to(&src, box, ow, oh, flip, dst, stride, &scr);
+            int ok = 1;
+            for (int y = 0; y < oh && ok; y++) {
+                ok = !memcmp(dst + (size_t)y * stride, ref.px + (size_t)y * ref.stride, (size_t)ow * c);
+                for (int k = 0; k < pad && ok; k++) ok = dst[(size_t)y * stride + (size_t)ow * c + (size_t)k] == 0xAB;
+            }
+            for (size_t k = stride * (size_t)oh; k < total && ok; k++) ok = dst[k] == 0xAB;
+            if (!ok && bad++ < 3)
+                printf("    %dx%dx%d box (%g %g %g %g) -> %dx%d flip %d pad %d: differs\n", w, h, c, box[0], box[1],
+                       box[2], box[3], ow, oh, flip, pad);
+            free(dst);
+        }
+        EXPECT(bad == 0, "%d of 600 resizes differ", bad);
+        EXPECT(flips > 200, "only %d flipped", flips);
+        resize_scratch_free(&scr);
+        image_free(&src);
+        image_free(&ref);
+    }
+}
+
 int main(void) {
     char err[512];
     // AUGMENT_FIXTURE: another case file, e.g. gen_augment_fixtures.py --fuzz SEED PATH (its case kinds only)
@@ -357,6 +417,7 @@ int main(void) {
     if (cases) run_cases(cases);
     if (!getenv("AUGMENT_FIXTURE")) test_numbers();
     test_randaugment();
+    test_resize_to();
     cJSON_Delete((cJSON *)cases);
     st_close(&g_st);
     return tl_finish();

@@ -164,13 +164,39 @@ static void cmyk_to_rgb_pillow(const uint8_t *cmyk, uint8_t *rgb, size_t n) {
 // ---------------------------------------------------------------- decode helpers
 
 // Decodes the crop with the given scale forced through min_w/min_h (denom 1: no scaling).
+// Every decode_crop also decodes the same crop with jpeg_read_crop_view (the loader's no-copy path) and counts
+// the crops where the two differ in status, size, box, scale or any pixel (test_view_equals_copy checks the count).
+static long view_checked, view_bad;
+
 static ImgStatus decode_crop(JpegDecoder *d, const Buf *b, int x, int y, int cw, int ch, int denom, Image *out,
                              double box[4], int *got_denom) {
     int w, h;
     ImgStatus s = jpeg_open(d, b->p, b->n, &w, &h);
     if (s != IMG_OK) return s;
     int mw = denom > 1 ? cw / denom : 0, mh = denom > 1 ? ch / denom : 0;
-    return jpeg_read_crop(d, x, y, cw, ch, mw, mh, denom > 1, out, box, got_denom);
+    s = jpeg_read_crop(d, x, y, cw, ch, mw, mh, denom > 1, out, box, got_denom);
+    Image v;
+    double vbox[4];
+    int vden = 0;
+    ImgStatus vs = jpeg_open(d, b->p, b->n, &w, &h);
+    if (vs == IMG_OK) vs = jpeg_read_crop_view(d, x, y, cw, ch, mw, mh, denom > 1, &v, vbox, &vden);
+    view_checked++;
+    int bad = vs != s;
+    if (!bad && s == IMG_OK) {
+        bad = v.w != out->w || v.h != out->h || v.c != 3 || v.cap != 0 || v.stride < v.w * 3 || vden != *got_denom ||
+              memcmp(vbox, box, sizeof vbox) != 0;
+        for (int r = 0; !bad && r < v.h; r++)
+            bad = memcmp(v.px + (size_t)r * v.stride, out->px + (size_t)r * out->stride, (size_t)v.w * 3) != 0;
+    }
+    view_bad += bad;
+    return s;
+}
+
+static void test_view_equals_copy(void) {
+    TEST_CASE("jpeg_read_crop_view == jpeg_read_crop (status, size, box, scale, pixels) on every crop above") {
+        EXPECT(view_checked > 3000, "only %ld crops compared", view_checked);
+        EXPECT(view_bad == 0, "%ld of %ld views differ from the copied crop", view_bad, view_checked);
+    }
 }
 
 // Compares out with the region [sx0, sx0 + out->w) x [sy0, ...) of ref (ref_w wide, RGB). Returns mismatches.
@@ -690,6 +716,7 @@ int main(void) {
     test_full_and_crops();
     test_scaled_crops();
     test_corpus();
+    test_view_equals_copy();
     jpeg_decoder_free(dec);
     image_free(&img);
     return tl_finish();

@@ -461,6 +461,13 @@ static void test_threads_and_corrupt(void) {
             run_epochs_u8(&d, 4, 6, 2, b, c);  // uint8 batches (data.u8_batches), normalized after the loader
             EXPECT(!memcmp(a, b, 6 * 4 * img * sizeof(float)), "uint8 batches normalized on the host differ");
             EXPECT(!memcmp(a, c, 6 * 4 * img * sizeof(float)), "uint8 batches through images_from_u8 differ");
+            // Without RandAugment, uint8 output is resized (and flipped) straight into the batch slot: the same
+            // bits as the fp32 path through the worker's image
+            d.opt.randaugment = 0;
+            run_epochs(&d, 4, 6, 1, NULL, a);
+            run_epochs_u8(&d, 4, 6, 2, b, c);
+            EXPECT(!memcmp(a, b, 6 * 4 * img * sizeof(float)), "uint8 batches without RandAugment differ");
+            d.opt.randaugment = 1;
             free(c);
             d.opt.augment = 0;  // the eval transform: Resize(256) + CenterCrop(224), no draws
             run_epochs(&d, 4, 1, 2, NULL, a);
