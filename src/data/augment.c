@@ -350,25 +350,52 @@ static void resample_v(const uint8_t *in, size_t in_stride, int c, uint8_t *out,
         uint8_t *o = out + (size_t)yy * out_stride;
         int i = 0;
 #ifdef __AVX2__
+        // Taps two at a time: the bytes of rows y and y + 1, widened to int16 and interleaved, form pairs (p_y,
+        // p_y+1) that vpmaddwd multiplies by (k_y, k_y+1) and sums into int32. As in the horizontal pass the
+        // coefficients are split, k = kh << 15 | kl (kl < 2^15, kh <= 128), into two sums joined at the end as
+        // (hi << 15) + lo: the same integer as the scalar sum. An odd last tap pairs with a zero row weight.
         const __m256i bias = _mm256_set1_epi32(1 << (PRECISION_BITS - 1));
-        const __m256i perm = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-        for (; i + 32 <= n; i += 32) {
-            __m256i a0 = bias, a1 = bias, a2 = bias, a3 = bias;
-            for (int y = 0; y < ymax; y++) {
-                const uint8_t *r = base + (size_t)y * in_stride + i;
-                __m256i kv = _mm256_set1_epi32(k[y]);
-                __m128i b0 = _mm_loadu_si128((const __m128i *)r), b1 = _mm_loadu_si128((const __m128i *)(r + 16));
-                a0 = _mm256_add_epi32(a0, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(b0), kv));
-                a1 = _mm256_add_epi32(a1, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b0, 8)), kv));
-                a2 = _mm256_add_epi32(a2, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(b1), kv));
-                a3 = _mm256_add_epi32(a3, _mm256_mullo_epi32(_mm256_cvtepu8_epi32(_mm_srli_si128(b1, 8)), kv));
+        int npair = (ymax + 1) / 2;
+        __m256i klo[4], khi[4];  // ksize <= 7 taps while downscaling by at most 3 (else the generic loop below)
+        if (npair <= 4) {
+            for (int q = 0; q < npair; q++) {
+                int32_t k0 = k[2 * q], k1 = 2 * q + 1 < ymax ? k[2 * q + 1] : 0;
+                klo[q] = _mm256_set1_epi32((int32_t)((uint32_t)(k1 & 0x7fff) << 16 | (uint32_t)(k0 & 0x7fff)));
+                khi[q] = _mm256_set1_epi32((int32_t)((uint32_t)(k1 >> 15) << 16 | (uint32_t)(k0 >> 15)));
             }
-            // packs/packus work per 128-bit lane: bytes come out as 4-byte groups in the order a0 a1 a2 a3 of the
-            // low halves, then of the high halves; the permutation restores 0..31.
-            __m256i p01 = _mm256_packs_epi32(shift22(a0), shift22(a1));
-            __m256i p23 = _mm256_packs_epi32(shift22(a2), shift22(a3));
-            __m256i b = _mm256_permutevar8x32_epi32(_mm256_packus_epi16(p01, p23), perm);
-            _mm256_storeu_si256((__m256i *)(o + i), b);
+            for (; i + 32 <= n; i += 32) {
+                __m256i lo0 = bias, lo1 = bias, lo2 = bias, lo3 = bias;
+                __m256i hi0 = _mm256_setzero_si256(), hi1 = hi0, hi2 = hi0, hi3 = hi0;
+                for (int q = 0; q < npair; q++) {
+                    const uint8_t *r0 = base + (size_t)(2 * q) * in_stride + i;
+                    __m256i a0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)r0));
+                    __m256i c0 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(r0 + 16)));
+                    __m256i a1 = _mm256_setzero_si256(), c1 = a1;
+                    if (2 * q + 1 < ymax) {
+                        a1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(r0 + in_stride)));
+                        c1 = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(r0 + in_stride + 16)));
+                    }
+                    // per 128-bit lane: unpacklo holds outputs 0-3 (lane 0) and 8-11 (lane 1), unpackhi 4-7, 12-15
+                    __m256i l0 = _mm256_unpacklo_epi16(a0, a1), h0 = _mm256_unpackhi_epi16(a0, a1);
+                    __m256i l1 = _mm256_unpacklo_epi16(c0, c1), h1 = _mm256_unpackhi_epi16(c0, c1);
+                    lo0 = _mm256_add_epi32(lo0, _mm256_madd_epi16(l0, klo[q]));
+                    hi0 = _mm256_add_epi32(hi0, _mm256_madd_epi16(l0, khi[q]));
+                    lo1 = _mm256_add_epi32(lo1, _mm256_madd_epi16(h0, klo[q]));
+                    hi1 = _mm256_add_epi32(hi1, _mm256_madd_epi16(h0, khi[q]));
+                    lo2 = _mm256_add_epi32(lo2, _mm256_madd_epi16(l1, klo[q]));
+                    hi2 = _mm256_add_epi32(hi2, _mm256_madd_epi16(l1, khi[q]));
+                    lo3 = _mm256_add_epi32(lo3, _mm256_madd_epi16(h1, klo[q]));
+                    hi3 = _mm256_add_epi32(hi3, _mm256_madd_epi16(h1, khi[q]));
+                }
+                __m256i v0 = shift22(_mm256_add_epi32(lo0, _mm256_slli_epi32(hi0, 15)));
+                __m256i v1 = shift22(_mm256_add_epi32(lo1, _mm256_slli_epi32(hi1, 15)));
+                __m256i v2 = shift22(_mm256_add_epi32(lo2, _mm256_slli_epi32(hi2, 15)));
+                __m256i v3 = shift22(_mm256_add_epi32(lo3, _mm256_slli_epi32(hi3, 15)));
+                // packs(v0, v1): outputs 0-15 in order (int16); packus of the two halves: per lane 0-7, 16-23 |
+                // 8-15, 24-31; the 64-bit permute restores 0..31.
+                __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(v0, v1), _mm256_packs_epi32(v2, v3));
+                _mm256_storeu_si256((__m256i *)(o + i), _mm256_permute4x64_epi64(b, 0xD8));
+            }
         }
 #endif
         for (; i < n; i++) {
