@@ -172,6 +172,10 @@ static const KeySpec KEYS[] = {
      "1-D parameters: full-matrix factors (the reference), or plain Adam"},
     {"shampoo.root_delay", KT_INT, FIELD(shampoo.root_delay), "0", 0, 1, NULL,
      "0: roots computed at step t are used from t on; 1: from t + 1"},
+    {"shampoo.apply", KT_STR, FIELD(shampoo.apply), "\"replicated\"", NOLIM, "replicated|owners",
+     "who computes each block's step: every rank for every block (replicated, the spec's design), or each block's "
+     "owner, the steps then all-gathered every step (owners: 1/P of the apply GEMMs per rank for 4 bytes per "
+     "parameter of traffic; spec/shampoo.md §3.6)"},
     {"shampoo.root_threads", KT_INT, FIELD(shampoo.root_threads), "1", 1, 1024, NULL,
      "LAPACK threads for the roots (the same on every rank, whatever the world size)"},
     {"shampoo.check_replicas", KT_BOOL, FIELD(shampoo.check_replicas), "false", NOLIM, NULL,

@@ -78,6 +78,7 @@ typedef struct {
         char root_dtype[8];  // "fp64" | "fp32"
         char one_d[8];       // "full" | "adam"
         int root_delay;      // 0 | 1
+        char apply[12];      // "replicated" | "owners"
         int root_threads;
         int check_replicas;
     } shampoo;

@@ -34,6 +34,8 @@ typedef struct {
     int nb, nbc;                  // blocks, blocks per chunk
     int64_t *offs;                // backend (nb): element offsets of the blocks
     int *lds;                     // backend (nb): row strides
+    int64_t *toffs;               // backend (nb): where the step goes: offs (into the parameters), or with
+    int *tlds;                    //   shampoo.apply "owners" the blocks' slots in the direction buffer (ld = cols)
     const float **x0, **x1;       // backend (nb each, one allocation): the roots
     float **gb, **tmp, **ps;      // backend (nbc each, one allocation): chunk slots in the scratch
 } UpdGroup;
@@ -214,6 +216,22 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
         if (b->owner == comm->rank) s->owned[s->nowned++] = i;
     }
     Backend *be = model->be;
+    if (cfg->apply_owners) {  // the direction buffer: owner r's blocks (ascending) back to back, owners in rank order
+        s->dseg = xcalloc((size_t)(comm->world + 1) * sizeof(size_t), "direction segments");
+        size_t at = 0;
+        for (int r = 0; r < comm->world; r++) {
+            s->dseg[r] = at;
+            for (int i = 0; i < s->nblocks; i++)  // (a 1-D block under one_d "adam" never takes a block step)
+                if (s->blocks[i].owner == r && block_preconditioned(s, &s->blocks[i])) {
+                    s->blocks[i].dir_off = at;
+                    at += (size_t)s->blocks[i].rows * s->blocks[i].cols;
+                }
+        }
+        s->dseg[comm->world] = at;
+        s->dirs = be->alloc(be, (at ? at : 1) * sizeof(float), "Shampoo directions");
+        if (be->inverse_root && !comm_device_collectives(comm) && comm->world > 1)
+            s->dirs_host = xmalloc((at ? at : 1) * sizeof(float), "Shampoo directions, host stage");
+    }
     size_t np = model->num_params;
     s->m = be->alloc(be, 3 * np * sizeof(float), "Shampoo m, v and G");  // one allocation: m, v, G
     s->v = s->m + np;
@@ -271,7 +289,11 @@ void shampoo_free(Shampoo *s) {
     be->free(be, s->factors);
     be->free(be, s->scratch);
     plan_free(s, &s->plan);
+    plan_free(s, &s->aplan);
     plan_free(s, &s->fplan);
+    if (s->dirs) be->free(be, s->dirs);
+    free(s->dirs_host);
+    free(s->dseg);
     free(s->kind);
     free(s->blocks);
     free(s->owned);
@@ -281,7 +303,9 @@ void shampoo_inject_failure(Shampoo *s, int block) { s->blocks[block].inject = 1
 
 // ---------------------------------------------------------------- statistics and roots
 
-static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind);
+// Plan modes: the blocks the plan takes and where their steps go.
+enum { PLAN_REPLICATED, PLAN_OWNERS, PLAN_APPLY };
+static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind, int mode);
 
 // F <- beta2 F + (1 - beta2) G_b G_b^T (and G_b^T G_b): owner only, from the raw G of this step. The owned blocks
 // run group by group (one shape each: the statistics plan, built once), gathered into the scratch, as batched GEMMs.
@@ -293,7 +317,7 @@ static void update_factors(Shampoo *s) {
         signed char *kind = xmalloc((size_t)(s->nblocks ? s->nblocks : 1), "Shampoo statistics plan");
         memset(kind, -1, (size_t)s->nblocks);
         for (int i = 0; i < s->nowned; i++) kind[s->owned[i]] = 2;
-        s->fplan = plan_build(s, kind);
+        s->fplan = plan_build(s, kind, PLAN_REPLICATED);
         free(kind);
     }
     float *Gb = s->scratch + s->chunk_floats;
@@ -769,6 +793,8 @@ static void plan_free(Shampoo *s, struct ShampooPlan **pp) {
         UpdGroup *g = &p->g[i];
         be->free(be, g->offs);
         be->free(be, g->lds);
+        if (g->toffs != g->offs) be->free(be, g->toffs);
+        if (g->tlds != g->lds) be->free(be, g->tlds);
         be->free(be, (void *)g->x0);
         be->free(be, g->gb);
     }
@@ -784,8 +810,10 @@ static void *upload_array(Backend *be, const void *host, size_t bytes, const cha
     return d;
 }
 
-// kind 2 (the statistics plan): the owned blocks, with factor pointers in place of the roots.
-static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind) {
+// kind 2 (the statistics plan): the owned blocks, with factor pointers in place of the roots. mode PLAN_OWNERS: only
+// the blocks this rank owns, their steps written to their slots of the direction buffer; PLAN_APPLY: every block,
+// with both its parameter offsets and its slots (the steps are read back from the gathered buffer).
+static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind, int mode) {
     Backend *be = s->model->be;
     size_t nbl = (size_t)(s->nblocks ? s->nblocks : 1);
     struct ShampooPlan *p = xcalloc(sizeof *p, "Shampoo plan");
@@ -794,9 +822,14 @@ static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind) {
     p->g = xcalloc(nbl * sizeof(UpdGroup), "Shampoo plan groups");
     int64_t *offs = xmalloc(nbl * sizeof(int64_t), "Shampoo plan offsets");
     int *lds = xmalloc(nbl * sizeof(int), "Shampoo plan strides");
+    int64_t *toffs = xmalloc(nbl * sizeof(int64_t), "Shampoo plan slot offsets");
+    int *tlds = xmalloc(nbl * sizeof(int), "Shampoo plan slot strides");
     const float **roots = xmalloc(2 * nbl * sizeof(float *), "Shampoo plan roots");
     float **slots = NULL;
     char *taken = xcalloc(nbl, "Shampoo plan taken");
+    for (int i = 0; i < s->nblocks; i++) {
+        if (mode == PLAN_OWNERS && s->blocks[i].owner != s->comm->rank) taken[i] = 1;
+    }
     for (int i = 0; i < s->nblocks; i++) {
         if (kind[i] < 0 || taken[i]) continue;
         const ShampooBlock *b0 = &s->blocks[i];
@@ -813,6 +846,8 @@ static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind) {
             taken[j] = 1;
             offs[n] = (int64_t)b->offset;
             lds[n] = b->order == 2 ? b->ld : b->rows;
+            toffs[n] = (int64_t)b->dir_off;
+            tlds[n] = cols;
             const float *base = g->kind == 2 ? s->factors : s->roots;
             const size_t *off = g->kind == 2 ? b->fac_off : b->root_off;
             roots[n] = base + off[0];
@@ -825,6 +860,12 @@ static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind) {
         if (g->nbc > g->nb) g->nbc = g->nb;
         g->offs = upload_array(be, offs, (size_t)n * sizeof(int64_t), "Shampoo plan offsets");
         g->lds = upload_array(be, lds, (size_t)n * sizeof(int), "Shampoo plan strides");
+        g->toffs = g->offs;
+        g->tlds = g->lds;
+        if (mode != PLAN_REPLICATED) {
+            g->toffs = upload_array(be, toffs, (size_t)n * sizeof(int64_t), "Shampoo plan slot offsets");
+            g->tlds = upload_array(be, tlds, (size_t)n * sizeof(int), "Shampoo plan slot strides");
+        }
         memmove(roots + n, roots + nbl, (size_t)n * sizeof(float *));  // x0 (n) then x1 (n)
         g->x0 = upload_array(be, roots, (size_t)2 * n * sizeof(float *), "Shampoo plan root pointers");
         g->x1 = g->x0 + n;
@@ -839,6 +880,8 @@ static struct ShampooPlan *plan_build(Shampoo *s, const signed char *kind) {
     }
     free(offs);
     free(lds);
+    free(toffs);
+    free(tlds);
     free(roots);
     free(taken);
     return p;
@@ -863,8 +906,9 @@ static void update_group(Shampoo *s, const UpdGroup *g, double lr, float bc1, fl
         be->gather_blocks(be, Gb, s->m, g->offs + c0, g->lds + c0, n, g->rows, g->cols);
         be->gather_blocks(be, tmp, s->v, g->offs + c0, g->lds + c0, n, g->rows, g->cols);
         be->adam_dir(be, Pg, Gb, tmp, n * area, bc1, bc2, (float)s->cfg.graft_eps);
+        float *target = g->toffs == g->offs ? s->model->params : s->dirs;
         if (g->kind == 0) {
-            be->graft_update_blocks(be, s->model->params, g->offs + c0, g->lds + c0, Pg, NULL, n, g->rows, g->cols, lr);
+            be->graft_update_blocks(be, target, g->toffs + c0, g->tlds + c0, Pg, NULL, n, g->rows, g->cols, lr);
             continue;
         }
         be->scale(be, Gb, n * area, 1.0f / bc1);  // G-bar = m / (1 - beta1^t)
@@ -878,7 +922,57 @@ static void update_group(Shampoo *s, const UpdGroup *g, double lr, float bc1, fl
             be->gemm_batched(be, 0, 0, g->rows, g->cols, g->cols, 1.0f, tm, g->cols, g->x1 + c0, g->cols, 0.0f, g->ps,
                              g->cols, n);
         }
-        be->graft_update_blocks(be, s->model->params, g->offs + c0, g->lds + c0, Pg, Ps, n, g->rows, g->cols, lr);
+        be->graft_update_blocks(be, target, g->toffs + c0, g->tlds + c0, Pg, Ps, n, g->rows, g->cols, lr);
+    }
+}
+
+// shampoo.apply "owners": every owner's steps (written at its blocks' slots of s->dirs, minus the sign: 0 - lr d)
+// go to every rank in one grouped broadcast (an all-gather), then every rank adds each block's slot to its
+// parameters with the graft kernel at lr = -1 (w + 1 * u): the same additions, so the same bits, as the replicated
+// update's w + (-c p) on the CPU backend, and the same u on every rank whatever the world size.
+static void gather_dirs(Shampoo *s) {
+    Backend *be = s->model->be;
+    Comm *comm = s->comm;
+    int P = comm->world;
+    double t0 = now_sec();
+    void **bufs = xcalloc((size_t)P * sizeof(void *), "direction buffers");
+    size_t *bytes = xcalloc((size_t)P * sizeof(size_t), "direction sizes");
+    for (int r = 0; r < P; r++) {
+        bufs[r] = s->dirs + s->dseg[r];
+        bytes[r] = (s->dseg[r + 1] - s->dseg[r]) * sizeof(float);
+    }
+    int dev = s->area != NULL;  // device buffers (the backend computes roots: as finish_refresh)
+    if (!dev || comm_device_collectives(comm)) {
+        comm_bcast_all(comm, bufs, bytes, dev);
+    } else if (P > 1) {  // device buffers without NCCL: through the host
+        size_t total = s->dseg[P] * sizeof(float);
+        be->download(be, s->dirs_host, s->dirs, total);
+        for (int r = 0; r < P; r++) bufs[r] = s->dirs_host + s->dseg[r];
+        comm_bcast_all(comm, bufs, bytes, 0);
+        be->upload(be, s->dirs, s->dirs_host, total);
+    }
+    for (int r = 0; r < P; r++) {
+        if (r == comm->rank)
+            s->dirs_sent += bytes[r];
+        else
+            s->dirs_recv += bytes[r];
+    }
+    free(bufs);
+    free(bytes);
+    s->gather_s += now_sec() - t0;
+}
+
+static void apply_dirs(Shampoo *s) {
+    Backend *be = s->model->be;
+    float *D = s->scratch;  // the first chunk of the scratch
+    for (int gi = 0; gi < s->aplan->ngroups; gi++) {
+        const UpdGroup *g = &s->aplan->g[gi];
+        for (int c0 = 0; c0 < g->nb; c0 += g->nbc) {
+            int n = g->nb - c0 < g->nbc ? g->nb - c0 : g->nbc;
+            be->gather_blocks(be, D, s->dirs, g->toffs + c0, g->tlds + c0, n, g->rows, g->cols);
+            be->graft_update_blocks(be, s->model->params, g->offs + c0, g->lds + c0, D, NULL, n, g->rows, g->cols,
+                                    -1.0);
+        }
     }
 }
 
@@ -985,9 +1079,20 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
     if (any_block_step) {  // every tensor's moments first, then the blocks group by group (no block reads another)
         if (!s->plan || memcmp(s->plan->kind, kind, (size_t)s->nblocks) != 0) {
             plan_free(s, &s->plan);
-            s->plan = plan_build(s, kind);
+            plan_free(s, &s->aplan);
+            s->plan = plan_build(s, kind, c->apply_owners ? PLAN_OWNERS : PLAN_REPLICATED);
+            if (c->apply_owners) s->aplan = plan_build(s, kind, PLAN_APPLY);
+        }
+        if (c->apply_owners) {  // this rank's slots start at 0: the graft kernel adds the step to them
+            size_t own = s->dseg[s->comm->rank];
+            if (s->dseg[s->comm->rank + 1] > own)
+                be->zero(be, s->dirs + own, (s->dseg[s->comm->rank + 1] - own) * sizeof(float));
         }
         for (int gi = 0; gi < s->plan->ngroups; gi++) update_group(s, &s->plan->g[gi], lr, bc1, bc2);
+        if (c->apply_owners) {
+            gather_dirs(s);
+            apply_dirs(s);
+        }
         s->apply_s += now_sec() - ta;
     }
     be->params_changed(be, m->params, np);

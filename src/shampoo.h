@@ -23,6 +23,7 @@ typedef struct {
     int one_d_adam;                // one_d "adam" (else "full")
     int root_delay;                // 0 or 1
     int root_threads;              // LAPACK threads for roots
+    int apply_owners;              // apply "owners": each owner computes its blocks' steps, all-gathered every step
     int check_replicas;            // debug (spec §3.4 item 5, P16): checksum the roots after every broadcast and the
                                    // parameters at every refresh step across ranks (also SD_SHAMPOO_CHECK=1)
 } ShampooConfig;
@@ -37,6 +38,7 @@ typedef struct {
     size_t root_off[2];  // float offsets of the roots in the packed root store (every rank)
     size_t fac_off[2];   // float offsets of the factors in this rank's factor store (owner only; else unused)
     int owner;           // rank that keeps the statistics and computes the roots
+    size_t dir_off;      // apply "owners": float offset of the block's step in the direction buffer
     int has_roots;       // roots installed at least once (identical on every rank)
     int fails;           // consecutive failed decompositions (identical on every rank)
     int inject;          // test hook: the next refresh of this block fails (owner only reads it)
@@ -63,6 +65,11 @@ typedef struct {
     size_t scratch_floats, chunk_floats;
     struct ShampooPlan *plan;   // the update's block groups (same shape and kind), rebuilt when a block's kind changes
     struct ShampooPlan *fplan;  // the statistics' groups of owned blocks (built once)
+    struct ShampooPlan *aplan;  // apply "owners": every block's group, to add the gathered steps (with plan)
+    // apply "owners": the blocks' steps, owner segments back to back (dseg[r]: owner r's first float, world + 1
+    // entries); dirs_host stages them on a device backend without NCCL.
+    float *dirs, *dirs_host;
+    size_t *dseg;
     signed char *kind;          // (nblocks) this step's kind of each block, compared with the plan's
     // Device roots (the backend has inverse_root): the owners' packed buffers back to back in rank order, broadcast
     // in place; area_off[r] is owner r's byte offset (world + 1 entries). snap: the owned factors as of the refresh
@@ -76,6 +83,8 @@ typedef struct {
     // statistics for status.json and benchmarks
     int64_t refreshes, failed_decomps;
     double last_refresh_s, eig_s, bcast_s, apply_s;
+    double gather_s;                // apply "owners": time in the all-gather of the steps (part of apply_s)
+    size_t dirs_sent, dirs_recv;    // apply "owners": bytes of steps this rank sent and received
     size_t bcast_bytes;  // bytes broadcast by all owners so far (status headers included)
     size_t bcast_sent, bcast_recv;  // of those, the bytes this rank sent as an owner and received from the others
     size_t bcast_last;   // bytes broadcast by the last refresh (all owners)

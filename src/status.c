@@ -78,6 +78,10 @@ int status_write(const char *dir, const StatusInfo *s) {
         add_num(sh, "eig_s_total", s->shampoo_eig_s);
         add_num(sh, "broadcast_s_total", s->shampoo_bcast_s);
         add_num(sh, "apply_s_total", s->shampoo_apply_s);
+        cJSON_AddStringToObject(sh, "apply", s->shampoo_apply_owners ? "owners" : "replicated");
+        add_num(sh, "step_gather_s_total", s->shampoo_gather_s);
+        add_num(sh, "step_bytes_sent", s->shampoo_steps_sent);
+        add_num(sh, "step_bytes_received", s->shampoo_steps_received);
         add_num(sh, "broadcast_bytes_sent", s->shampoo_bytes_sent);
         add_num(sh, "broadcast_bytes_received", s->shampoo_bytes_received);
         add_num(sh, "broadcast_bytes_per_refresh", s->shampoo_bytes_per_refresh);

@@ -30,6 +30,8 @@ typedef struct {
     int shampoo_blocks, shampoo_owned;
     int64_t shampoo_refreshes, shampoo_failed;
     double shampoo_last_refresh_s, shampoo_eig_s, shampoo_bcast_s, shampoo_apply_s, shampoo_max_mean_load;
+    double shampoo_gather_s, shampoo_steps_sent, shampoo_steps_received;  // shampoo.apply "owners"
+    int shampoo_apply_owners;
     double shampoo_bytes_sent, shampoo_bytes_received, shampoo_bytes_per_refresh;  // root broadcast traffic
     int shampoo_checks_on;                       // shampoo.check_replicas
     int64_t shampoo_root_checks, shampoo_param_checks;  // replica checks passed

@@ -112,6 +112,7 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
                             .one_d_adam = !strcmp(cfg->shampoo.one_d, "adam"),
                             .root_delay = cfg->shampoo.root_delay,
                             .root_threads = cfg->shampoo.root_threads,
+                            .apply_owners = !strcmp(cfg->shampoo.apply, "owners"),
                             .check_replicas = cfg->shampoo.check_replicas};
         char err[512];
         if (shampoo_config_check(&sc, err, sizeof err) != 0) die_user("%s", err);
@@ -724,6 +725,10 @@ static void run_log(Run *r, int64_t k, const StepResult *sr) {
         si->shampoo_eig_s = sh->eig_s;
         si->shampoo_bcast_s = sh->bcast_s;
         si->shampoo_apply_s = sh->apply_s;
+        si->shampoo_apply_owners = sh->cfg.apply_owners;
+        si->shampoo_gather_s = sh->gather_s;
+        si->shampoo_steps_sent = (double)sh->dirs_sent;
+        si->shampoo_steps_received = (double)sh->dirs_recv;
         ShampooTraffic tr;
         shampoo_traffic(sh, &tr);
         si->shampoo_bytes_sent = (double)tr.sent;

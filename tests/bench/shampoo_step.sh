@@ -2,7 +2,8 @@
 # Shampoo@25 against Adam, same model, same run configuration, measured as the mean step time over whole refresh
 # intervals (steps 26..125: refreshes at 50, 75, 100, 125, plus the one at 25 just before) after the graft-only
 # warm-up, so the refresh cost is included (spec shampoo.md §4). The issue's reference model (Fashion-MNIST, patch
-# 4, D 128, depth 8, MLP 256, batch 256), at np = 1 and np = 2, root_delay 0 and 1.
+# 4, D 128, depth 8, MLP 256, batch 256), at np = 1 and np = 2, root_delay 0 and 1, and at np = 2 shampoo.apply
+# "owners" (each owner computes its blocks' steps; they are all-gathered every step).
 #
 # This VM's speed drifts (docs/benchmarks.md), so Adam and the Shampoo runs are interleaved in rounds and the
 # ratio is taken between the medians over rounds. Also prints the refresh breakdown from status.json.
@@ -45,21 +46,24 @@ open(out, "a").write(json.dumps(rec) + "\n")
 print(f"{name}: {ms:.0f} ms/step over steps 26-125{extra}", flush=True)
 PYEOF
 }
+NPS=${SHAMPOO_BENCH_NP:-1 2}  # e.g. SHAMPOO_BENCH_NP=2 for the np = 2 rows only
 for r in $(seq 1 "$ROUNDS"); do
-  for np in 1 2; do
+  for np in $NPS; do
     run adam_np$np $np
     run shampoo_np$np $np --set opt.name=shampoo
     run shampoo_delay_np$np $np --set opt.name=shampoo --set shampoo.root_delay=1
+    # shampoo.apply "owners": each rank computes its own blocks' steps, all-gathered every step
+    [ "$np" != 1 ] && run shampoo_owners_np$np $np --set opt.name=shampoo --set shampoo.apply=owners
   done
 done
-"$PY" - "$TMP/results.jsonl" <<'PYEOF'
+"$PY" - "$TMP/results.jsonl" $NPS <<'PYEOF'
 import json, statistics as st, sys
 recs = [json.loads(l) for l in open(sys.argv[1])]
 by = {}
 for r in recs:
     by.setdefault(r["name"], []).append(r)
 med = lambda name, k="ms": st.median(x[k] for x in by[name])
-for np in (1, 2):
+for np in map(int, sys.argv[2:]):
     a, s, d = med(f"adam_np{np}"), med(f"shampoo_np{np}"), med(f"shampoo_delay_np{np}")
     rounds = len(by[f"adam_np{np}"])
     per_round = [round(x["ms"] / y["ms"], 3) for x, y in zip(by[f"shampoo_np{np}"], by[f"adam_np{np}"])]
@@ -71,5 +75,10 @@ for np in (1, 2):
           f"broadcast {med(n, 'bcast_ms'):.1f} ms, whole refresh {med(n, 'last_refresh_ms'):.0f} ms per refresh; "
           f"update (apply, every Shampoo step) {med(n, 'apply_ms'):.1f} ms/step; {by[n][0]['blocks']} blocks, "
           f"ownership max/mean {by[n][0]['load']:.3f}")
+    o = f"shampoo_owners_np{np}"
+    if o in by:
+        print(f"RESULT np={np} apply owners (medians): Shampoo@25 {med(o):.0f} ms/step, / Adam = {med(o) / a:.3f}; "
+              f"update (apply incl. the all-gather of the steps) {med(o, 'apply_ms'):.1f} ms/step against "
+              f"{med(n, 'apply_ms'):.1f} replicated")
 PYEOF
 rm -rf "$TMP"

@@ -4,6 +4,8 @@
 #    shards in one order, whatever the rank count), np = 1, 2, 3 and 4 give bit-identical weights after 100 steps
 #    (f = S = 10: refreshes at 10, 20, ..., 100 and 90 Shampoo steps; b = 64 cuts the qkv weight and bias into two blocks each, so np = 3
 #    owns an uneven share), for root_delay 0 and 1 and one_d "adam" (with root_delay 0 and 1);
+#  - shampoo.apply "owners" (each owner computes its blocks' steps, all-gathered every step) at np = 2 and 3 gives
+#    the replicated run's bits, and status.json shows its step traffic;
 #  - ownership invariance: round-robin, reversed and a random block -> owner map (SD_SHAMPOO_OWNERS) at np = 3
 #    give the same bits as LPT;
 #  - replica consistency (P16): SD_SHAMPOO_CHECK=1 checksums the roots after every broadcast and the parameters at
@@ -61,6 +63,21 @@ if [ $ok = 1 ]; then
   check_set "rank-count invariance (root_delay 0)" d0_np1 d0_np2 d0_np3 d0_np4
 else
   echo "not ok - rank-count invariance (root_delay 0): runs failed"; tail -n 5 "$TMP"/d0_np*.log
+fi
+
+# shampoo.apply "owners": each owner computes its blocks' steps and they are all-gathered every step; on the CPU
+# backend the same additions as the replicated update, so the same weights as d0_np1 at any np.
+ok=1
+for np in 2 3; do run owners_np$np $np --set shampoo.apply=owners || ok=0; done
+if [ $ok = 1 ]; then
+  check_set "shampoo.apply owners" d0_np1 owners_np2 owners_np3
+  if "$PY" -c "import json,sys; s=json.load(open(sys.argv[1]))['shampoo']; sys.exit(0 if s['apply'] == 'owners' and s['step_bytes_received'] > 0 and s['step_bytes_sent'] > 0 else 1)" "$TMP/owners_np3/status.json"; then
+    echo "ok - status.json shows apply owners and its step traffic at np = 3"
+  else
+    echo "not ok - status.json shampoo section (apply owners)"; cat "$TMP/owners_np3/status.json"
+  fi
+else
+  echo "not ok - shampoo.apply owners: runs failed"; tail -n 5 "$TMP"/owners_np*.log
 fi
 
 ok=1

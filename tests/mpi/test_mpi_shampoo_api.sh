@@ -43,7 +43,7 @@ relay() {  # log rc
 for np in 1 2 3 4; do
   mrun trace_np$np $np trace "$TMP"; relay trace_np$np $?
 done
-for v in d0_full d1_full d0_adam d1_adam; do
+for v in d0_full d1_full d0_adam d1_adam d0_full_own d1_adam_own; do
   for np in 2 3 4; do
     a="$TMP/trace_${v}_np1.txt" b="$TMP/trace_${v}_np$np.txt"
     if [ -s "$a" ] && [ "$(wc -l <"$a")" = 100 ] && cmp -s "$a" "$b"; then
@@ -53,6 +53,18 @@ for v in d0_full d1_full d0_adam d1_adam; do
       diff "$a" "$b" | head -n 4
     fi
   done
+done
+# shampoo.apply "owners" on the CPU backend: the owner's step slots plus the all-gather add the same numbers as the
+# replicated update, so the traces equal the replicated variants' (w + (0 + a p) = w + a p).
+for pair in "d0_full_own d0_full" "d1_adam_own d1_adam"; do
+  set -- $pair
+  if [ -s "$TMP/trace_$1_np1.txt" ] && cmp -s "$TMP/trace_$1_np1.txt" "$TMP/trace_$2_np1.txt" &&
+     cmp -s "$TMP/trace_$1_np3.txt" "$TMP/trace_$2_np1.txt"; then
+    echo "ok - apply owners ($1): np = 1 and 3 equal the replicated $2 bit for bit after each of 100 steps"
+  else
+    echo "not ok - apply owners ($1): differs from the replicated $2"
+    diff "$TMP/trace_$1_np3.txt" "$TMP/trace_$2_np1.txt" | head -n 4
+  fi
 done
 # A control: the traces of the variants differ, so that equal traces mean something.
 if ! cmp -s "$TMP/trace_d0_full_np1.txt" "$TMP/trace_d1_full_np1.txt" &&

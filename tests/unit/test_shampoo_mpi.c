@@ -55,10 +55,13 @@ static ModelConfig tiny(void) {
 
 typedef struct {
     const char *name;
-    int delay, one_d_adam;
+    int delay, one_d_adam, owners;
 } Variant;
-static const Variant variants[] = {{"d0_full", 0, 0}, {"d1_full", 1, 0}, {"d0_adam", 0, 1}, {"d1_adam", 1, 1}};
-#define NVAR 4
+// *_own: shampoo.apply "owners" (each owner computes its blocks' steps, all-gathered every step); on the CPU backend
+// its traces must equal the replicated variants' as well as each other's at every np.
+static const Variant variants[] = {{"d0_full", 0, 0, 0}, {"d1_full", 1, 0, 0}, {"d0_adam", 0, 1, 0},
+                                   {"d1_adam", 1, 1, 0}, {"d0_full_own", 0, 0, 1}, {"d1_adam_own", 1, 1, 1}};
+#define NVAR 6
 static const int64_t save_points[] = {37, 50};
 
 // f = S = 10: refreshes at 10, 20, ..., 100; b = 24 cuts the 64-wide MLP weights into uneven blocks.
@@ -66,7 +69,7 @@ static ShampooConfig scfg(const Variant *v) {
     ShampooConfig c = {.lr0 = 1e-2, .weight_decay = 0.01, .decoupled = 0, .beta1 = 0.9, .beta2 = 0.999,
                        .eps = 1e-6, .frequency = 10, .start_step = 10, .max_dim = 24, .graft_beta2 = 0.999,
                        .graft_eps = 1e-8, .root_fp64 = 1, .one_d_adam = v->one_d_adam, .root_delay = v->delay,
-                       .root_threads = 1, .check_replicas = 1};
+                       .root_threads = 1, .check_replicas = 1, .apply_owners = v->owners};
     return c;
 }
 
@@ -139,9 +142,28 @@ static void trace(const char *dir, const Variant *v) {
     int traffic_ok = tr.per_refresh == all && all > 0;
     if (!traffic_ok) snprintf(why, sizeof why, "layout size %zu, expected %zu", tr.per_refresh, all);
     int nref = 0;
+    // apply "owners": after step S every step all-gathers 4 bytes per element of every block that takes block
+    // steps (under one_d "adam" not the 1-D ones), each rank sending its own blocks'; nothing through step S.
+    size_t st_all = 0, st_own = 0;
+    for (int i = 0; i < s->nblocks; i++) {
+        const ShampooBlock *b = &s->blocks[i];
+        if (v->one_d_adam && r.m->tensors[b->param].ndim == 1) continue;
+        st_all += 4 * (size_t)b->rows * b->cols;
+        if (b->owner == comm.rank) st_own += 4 * (size_t)b->rows * b->cols;
+    }
+    int steps_ok = 1;
+    char why2[300] = "";
     for (int64_t k = 1; k <= STEPS; k++) {
         size_t before = s->bcast_bytes, sent0 = s->bcast_sent, recv0 = s->bcast_recv;
+        size_t ds0 = s->dirs_sent, dr0 = s->dirs_recv;
         one_step(s, k);
+        int gstep = v->owners && k > 10;
+        size_t ds = s->dirs_sent - ds0, dr = s->dirs_recv - dr0;
+        if (steps_ok && (ds != (gstep ? st_own : 0) || dr != (gstep ? st_all - st_own : 0))) {
+            steps_ok = 0;
+            snprintf(why2, sizeof why2, "step %lld: sent %zu, received %zu step bytes, expected %zu, %zu",
+                     (long long)k, ds, dr, gstep ? st_own : 0, gstep ? st_all - st_own : 0);
+        }
         int refresh = k % 10 == 0;
         nref += refresh;
         // Broadcast steps: the refresh step itself (delay 0) or the step after it (delay 1).
@@ -161,6 +183,12 @@ static void trace(const char *dir, const Variant *v) {
                                 "receives the blocks it does not own, other steps move nothing",
              v->name, all);
     report(name, traffic_ok, why);
+    if (v->owners)
+        snprintf(name, sizeof name, "%s: block steps all-gathered every step after S (%zu bytes, this rank's own "
+                                    "%zu), nothing through S", v->name, st_all, st_own);
+    else
+        snprintf(name, sizeof name, "%s: replicated apply, no step is all-gathered", v->name);
+    report(name, steps_ok, why2);
     int64_t rc, pc;
     int en = shampoo_replica_checks(s, &rc, &pc);
     // delay 1: the refresh of step 100 is still pending at the end (installed by the next step or a save)
@@ -252,7 +280,7 @@ static void resume(const char *dir, const Variant *v, int from) {
 
 // P16 negative: one replica diverges at step 15; the check at the refresh of step 20 stops the run on every rank.
 static void corrupt(int roots) {
-    Variant v = {"d0_full", 0, 0};
+    Variant v = {"d0_full", 0, 0, 0};
     Run r;
     run_open(&r, &v);
     Shampoo *s = &r.s;
