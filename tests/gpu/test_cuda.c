@@ -1433,7 +1433,7 @@ static void test_blocks(int nb, int rows, int cols, int with_ps) {
 // Shampoo trajectories on both backends from the same init and the same gradients (P19: properties 5-7 hold on the
 // GPU as on the CPU within 1e-5): the cumulative update of every tensor after every step, the roots, and a second
 // GPU run from the same start, bit-identical (the replicas of a multi-GPU run apply the same kernels).
-static void test_shampoo_run(const char *label, int f, int S0, int steps, int delay, int fp64) {
+static void test_shampoo_run(const char *label, int f, int S0, int steps, int delay, int fp64, int owners) {
     ModelConfig mc;
     memset(&mc, 0, sizeof mc);
     mc.arch = ARCH_SIMPLEST;
@@ -1463,6 +1463,7 @@ static void test_shampoo_run(const char *label, int f, int S0, int steps, int de
     sc.root_delay = delay;
     sc.root_threads = 1;
     sc.weight_decay = 1e-4;
+    sc.apply_owners = owners;  // the device under test only: the CPU reference applies replicated (the same bits)
     Comm comm1 = {.rank = 0, .world = 1, .local_rank = 0, .local_world = 1};
     Model *m[3];
     Shampoo sh[3];
@@ -1470,7 +1471,9 @@ static void test_shampoo_run(const char *label, int f, int S0, int steps, int de
     for (int i = 0; i < 3; i++) {
         m[i] = model_create(&mc, bes[i], 1);
         model_init(m[i], 31);
-        shampoo_create(&sh[i], m[i], &comm1, &sc, NULL);
+        ShampooConfig sci = sc;
+        if (i == 0) sci.apply_owners = 0;
+        shampoo_create(&sh[i], m[i], &comm1, &sci, NULL);
     }
     size_t np = m[0]->num_params;
     float *g = hbuf(np), *w0 = hbuf(np), *w[3];
@@ -1537,10 +1540,11 @@ static void group_shampoo(void) {
     test_blocks(5, 96, 64, 0);
     test_blocks(3, 1, 1152, 1);  // 1-D blocks as (1, n)
     test_blocks(1, 384, 576, 1);
-    test_shampoo_run("general step", 1, 0, 12, 0, 1);
-    test_shampoo_run("schedule", 5, 5, 30, 0, 1);
-    test_shampoo_run("schedule", 5, 5, 30, 1, 1);
-    test_shampoo_run("schedule", 5, 5, 30, 0, 0);
+    test_shampoo_run("general step", 1, 0, 12, 0, 1, 0);
+    test_shampoo_run("schedule", 5, 5, 30, 0, 1, 0);
+    test_shampoo_run("schedule", 5, 5, 30, 1, 1, 0);
+    test_shampoo_run("schedule", 5, 5, 30, 0, 0, 0);
+    test_shampoo_run("schedule, apply owners", 5, 5, 30, 0, 1, 1);  // steps in the direction buffer, then applied
     if (S[DUT].be->inverse_root) test_root_threads();
     if (!g_cpu_mode) time_roots();
 }
