@@ -431,49 +431,108 @@ static void flip_rows(uint8_t *px, size_t stride, int w, int h, int c) {
     }
 }
 
-void pil_resize_bilinear_to(const Image *src, const double box[4], int out_w, int out_h, int flip, uint8_t *dst,
-                            size_t dst_stride, ResizeScratch *scr) {
+// _imaging.c: an integer box whose size is the output size is a plain crop (no resampling).
+static int plain_crop(const float b[4], int out_w, int out_h) {
+    return b[0] - (int)b[0] == 0 && b[2] - b[0] == out_w && b[1] - (int)b[1] == 0 && b[3] - b[1] == out_h;
+}
+
+// The window [wx, wx + ww) x [wy, wy + wh) of Pillow's resize of the box of a full_w x full_h image to out_w x out_h,
+// from src, which holds the image's pixels [ox, ox + src->w) x [oy, oy + src->h) (at least the rectangle that
+// pil_resize_window_source names). Each output byte depends only on its own coefficients (computed for the whole
+// resize) and on the intermediate bytes of its own column, so the window's bytes are the whole resize's, exactly.
+static void resize_window(const Image *src, int ox, int oy, int full_w, int full_h, const double box[4], int out_w,
+                          int out_h, int wx, int wy, int ww, int wh, int flip, uint8_t *dst, size_t dst_stride,
+                          ResizeScratch *scr) {
     float b[4] = {(float)box[0], (float)box[1], (float)box[2], (float)box[3]};
     int c = src->c;
-    size_t row_bytes = (size_t)out_w * c;
-    // _imaging.c: an integer box whose size is the output size is a plain crop.
-    if (b[0] - (int)b[0] == 0 && b[2] - b[0] == out_w && b[1] - (int)b[1] == 0 && b[3] - b[1] == out_h) {
-        int x0 = (int)b[0], y0 = (int)b[1];
-        for (int y = 0; y < out_h; y++) memcpy(dst + (size_t)y * dst_stride, PX(src, x0, y0 + y), row_bytes);
-        if (flip) flip_rows(dst, dst_stride, out_w, out_h, c);
+    size_t row_bytes = (size_t)ww * c;
+    if (ww <= 0 || wh <= 0) return;
+    if (plain_crop(b, out_w, out_h)) {
+        int x0 = (int)b[0] + wx - ox, y0 = (int)b[1] + wy - oy;
+        for (int y = 0; y < wh; y++) memcpy(dst + (size_t)y * dst_stride, PX(src, x0, y0 + y), row_bytes);
+        if (flip) flip_rows(dst, dst_stride, ww, wh, c);
         return;
     }
-    int need_h = out_w != src->w || b[0] != 0 || b[2] != out_w;
-    int need_v = out_h != src->h || b[1] != 0 || b[3] != out_h;
+    int need_h = out_w != full_w || b[0] != 0 || b[2] != out_w;
+    int need_v = out_h != full_h || b[1] != 0 || b[3] != out_h;
     Coeffs ch, cv;
-    precompute_coeffs(src->w, b[0], b[2], out_w, &ch, scr, RS_HBOUNDS, RS_HKK);
-    precompute_coeffs(src->h, b[1], b[3], out_h, &cv, scr, RS_VBOUNDS, RS_VKK);
+    precompute_coeffs(full_w, b[0], b[2], out_w, &ch, scr, RS_HBOUNDS, RS_HKK);
+    precompute_coeffs(full_h, b[1], b[3], out_h, &cv, scr, RS_VBOUNDS, RS_VKK);
+    // the window's coefficients, with first taps in src's coordinates
+    ch.bounds += 2 * (size_t)wx;
+    ch.kk += (size_t)wx * ch.ksize;
+    cv.bounds += 2 * (size_t)wy;
+    cv.kk += (size_t)wy * cv.ksize;
+    for (int i = 0; i < ww; i++) ch.bounds[2 * i] -= ox;
+    for (int i = 0; i < wh; i++) cv.bounds[2 * i] -= oy;
     int yfirst = cv.bounds[0];
-    int ylast = cv.bounds[2 * out_h - 2] + cv.bounds[2 * out_h - 1];
+    int ylast = cv.bounds[2 * wh - 2] + cv.bounds[2 * wh - 1];
 
-    const uint8_t *vin = src->px;
+    const uint8_t *vin = src->px + (size_t)(wx - ox) * c;  // without a horizontal pass, column x is the image's x
     size_t vin_stride = (size_t)src->stride;
     int mirrored = 0;
     if (need_h) {
         if (flip) {
-            mirror_coeffs(&ch, out_w);
+            mirror_coeffs(&ch, ww);
             mirrored = 1;
         }
-        for (int i = 0; i < out_h; i++) cv.bounds[2 * i] -= yfirst;
+        for (int i = 0; i < wh; i++) cv.bounds[2 * i] -= yfirst;
         int rows = ylast - yfirst;
         uint8_t *tmp = scratch(scr, RS_TMP, row_bytes * (size_t)(rows > 0 ? rows : 1) + 4);  // + 4: resample_h
-        resample_h(src->px, (size_t)src->stride, src->w, src->h, yfirst, c, tmp, row_bytes, out_w, rows, &ch, scr);
+        resample_h(src->px, (size_t)src->stride, src->w, src->h, yfirst, c, tmp, row_bytes, ww, rows, &ch, scr);
         vin = tmp;
         vin_stride = row_bytes;
         if (!need_v)  // Pillow returns the intermediate itself (its rows are the output rows here)
             for (int y = 0; y < rows; y++) memcpy(dst + (size_t)y * dst_stride, tmp + (size_t)y * row_bytes, row_bytes);
     }
     if (need_v) {
-        resample_v(vin, vin_stride, c, dst, dst_stride, out_w, out_h, &cv);
+        resample_v(vin, vin_stride, c, dst, dst_stride, ww, wh, &cv);
     } else if (!need_h) {
-        for (int y = 0; y < out_h; y++) memcpy(dst + (size_t)y * dst_stride, PX(src, 0, y), row_bytes);
+        for (int y = 0; y < wh; y++) memcpy(dst + (size_t)y * dst_stride, PX(src, wx - ox, wy - oy + y), row_bytes);
     }
-    if (flip && !mirrored) flip_rows(dst, dst_stride, out_w, out_h, c);
+    if (flip && !mirrored) flip_rows(dst, dst_stride, ww, wh, c);
+}
+
+void pil_resize_window_source(int full_w, int full_h, const double box[4], int out_w, int out_h, int wx, int wy,
+                              int ww, int wh, ResizeScratch *scr, int rect[4]) {
+    float b[4] = {(float)box[0], (float)box[1], (float)box[2], (float)box[3]};
+    if (plain_crop(b, out_w, out_h)) {
+        rect[0] = (int)b[0] + wx;
+        rect[1] = (int)b[1] + wy;
+        rect[2] = rect[0] + ww;
+        rect[3] = rect[1] + wh;
+        return;
+    }
+    int need[2] = {out_w != full_w || b[0] != 0 || b[2] != out_w, out_h != full_h || b[1] != 0 || b[3] != out_h};
+    int full[2] = {full_w, full_h}, out[2] = {out_w, out_h}, w0[2] = {wx, wy}, wn[2] = {ww, wh};
+    for (int ax = 0; ax < 2; ax++) {
+        int lo = w0[ax], hi = w0[ax] + wn[ax];  // identity along an axis without a pass
+        if (need[ax]) {
+            Coeffs cf;
+            precompute_coeffs(full[ax], b[ax], b[ax + 2], out[ax], &cf, scr, RS_HBOUNDS, RS_HKK);
+            lo = full[ax];
+            hi = 0;
+            for (int i = w0[ax]; i < w0[ax] + wn[ax]; i++) {
+                int x0 = cf.bounds[2 * i], x1 = x0 + cf.bounds[2 * i + 1];
+                lo = x0 < lo ? x0 : lo;
+                hi = x1 > hi ? x1 : hi;
+            }
+            if (hi <= lo) hi = lo + 1;
+        }
+        rect[ax] = lo;
+        rect[ax + 2] = hi;
+    }
+}
+
+void pil_resize_bilinear_window(const Image *src, int ox, int oy, int full_w, int full_h, const double box[4],
+                                int out_w, int out_h, int wx, int wy, int ww, int wh, uint8_t *dst, size_t dst_stride,
+                                ResizeScratch *scr) {
+    resize_window(src, ox, oy, full_w, full_h, box, out_w, out_h, wx, wy, ww, wh, 0, dst, dst_stride, scr);
+}
+
+void pil_resize_bilinear_to(const Image *src, const double box[4], int out_w, int out_h, int flip, uint8_t *dst,
+                            size_t dst_stride, ResizeScratch *scr) {
+    resize_window(src, 0, 0, src->w, src->h, box, out_w, out_h, 0, 0, out_w, out_h, flip, dst, dst_stride, scr);
 }
 
 void pil_resize_bilinear(const Image *src, const double box[4], int out_w, int out_h, Image *dst) {

@@ -26,6 +26,16 @@ void resize_scratch_free(ResizeScratch *s);
 // horizontal coefficients are mirrored, so the flip costs nothing).
 void pil_resize_bilinear_to(const Image *src, const double box[4], int out_w, int out_h, int flip, uint8_t *dst,
                             size_t dst_stride, ResizeScratch *s);
+// The window [wx, wx + ww) x [wy, wy + wh) of that resize (of a full_w x full_h image) into dst: the bytes of the
+// whole resize cropped to the window, computing only the window. src holds the image's pixels [ox, ox + src->w) x
+// [oy, oy + src->h), which must cover the rectangle pil_resize_window_source gives: Resize(256) + CenterCrop(224)
+// decodes and resamples just what the crop needs.
+void pil_resize_bilinear_window(const Image *src, int ox, int oy, int full_w, int full_h, const double box[4],
+                                int out_w, int out_h, int wx, int wy, int ww, int wh, uint8_t *dst, size_t dst_stride,
+                                ResizeScratch *s);
+// The pixels of the full image that window reads: rect = x0, y0, x1, y1 (exclusive ends).
+void pil_resize_window_source(int full_w, int full_h, const double box[4], int out_w, int out_h, int wx, int wy,
+                              int ww, int wh, ResizeScratch *s, int rect[4]);
 
 // torchvision RandomResizedCrop.get_params(scale (0.08, 1), ratio (3/4, 4/3)) on a W x H image: crop (x, y, w, h).
 // Draws, in order, per attempt: U(0.08, 1) for the area, U(ln 3/4, ln 4/3) for the log-ratio; then U{0..H-h} for

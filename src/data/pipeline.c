@@ -178,21 +178,27 @@ ImgStatus pipe_image(PipeWorker *w, const Dataset *ds, int train, uint64_t seed,
             image_reserve(&w->a, S, S, crop.c);
             pil_resize_bilinear_to(&crop, box, S, S, flip, w->a.px, (size_t)w->a.stride, &w->rs);
             if (o->randaugment) randaugment(&w->a, &r, o->ra_ops, o->ra_magnitude, 31, &w->tmp);
-        } else {
-            if ((st = decode_full(w, ds, src_idx, &W, &H)) != IMG_OK) goto out;
-            int rw, rh, cx, cy;
+        } else {  // Resize(256) + CenterCrop(224)
+            if ((st = open_image(w, ds, src_idx, &W, &H)) != IMG_OK) goto out;
+            int rw, rh, cx, cy, rect[4], sd;
             resize_short_size(W, H, 256 * S / 224, &rw, &rh);
-            const Image *src = &w->a;
-            if (rw != W || rh != H) {
-                double box[4] = {0, 0, W, H};
-                pil_resize_bilinear(&w->a, box, rw, rh, &w->b);
-                src = &w->b;
-            }
             center_crop_pos(rw, rh, S, &cx, &cy);
-            crop_copy(src, cx, cy, S, S, &w->tmp);
-            Image t = w->a;
-            w->a = w->tmp;
-            w->tmp = t;
+            // Only the source rows and columns the centre crop reads are decoded and resampled (spec/data.md §3.2):
+            // the bytes of the whole image resized, then cropped.
+            double whole[4] = {0, 0, W, H}, box[4];
+            pil_resize_window_source(W, H, whole, rw, rh, cx, cy, S, S, &w->rs, rect);
+            Image part;  // a view of the decoder's rows
+            if ((st = jpeg_read_crop_view(w->dec, rect[0], rect[1], rect[2] - rect[0], rect[3] - rect[1], 0, 0, 0,
+                                          &part, box, &sd)) != IMG_OK)
+                goto out;
+            if (w->u8) {  // straight into the batch slot
+                pil_resize_bilinear_window(&part, rect[0], rect[1], W, H, whole, rw, rh, cx, cy, S, S, out,
+                                           (size_t)S * 3, &w->rs);
+                goto out;
+            }
+            image_reserve(&w->a, S, S, part.c);
+            pil_resize_bilinear_window(&part, rect[0], rect[1], W, H, whole, rw, rh, cx, cy, S, S, w->a.px,
+                                       (size_t)w->a.stride, &w->rs);
         }
     }
     if (w->u8)

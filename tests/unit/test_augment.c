@@ -404,6 +404,75 @@ static void test_resize_to(void) {
     }
 }
 
+// pil_resize_bilinear_window from only the source rectangle that pil_resize_window_source names (copied into a
+// tight image, so that nothing outside it can be read) == the whole resize cropped to the window.
+static void test_resize_window(void) {
+    TEST_CASE("pil_resize_bilinear_window from just pil_resize_window_source's rectangle == the whole resize cropped "
+              "(500 random windows: Resize(256) + CenterCrop(224)-like, fractional boxes, up and down, RGB and grey)") {
+        uint64_t st = 0xC0FFEEu;
+        ResizeScratch scr = {0};
+        Image full = {0}, ref = {0}, part = {0};
+        int bad = 0, inside = 1;
+        double area_frac = 0;
+        for (int it = 0; it < 500; it++) {
+            st = st * 6364136223846793005ull + 1442695040888963407ull;
+            uint64_t r = st;
+            int c = (r & 7) == 0 ? 1 : 3;
+            int W = 8 + (int)((r >> 3) % 300), H = 8 + (int)((r >> 12) % 300);
+            image_reserve(&full, W, H, c);
+            for (size_t i = 0; i < (size_t)W * H * c; i++) full.px[i] = (uint8_t)((i * 2246822519u + it) >> 9);
+            int ow, oh;
+            double box[4] = {0, 0, W, H};
+            if (it % 2 == 0) {  // the eval transform: short side to 256 * k / 224-ish, window = the centre crop
+                resize_short_size(W, H, 20 + (int)((r >> 21) % 200), &ow, &oh);
+            } else {
+                ow = 1 + (int)((r >> 21) % 260);
+                oh = 1 + (int)((r >> 30) % 260);
+                box[0] = (double)((r >> 39) % 100) / 100 * W * 0.4;
+                box[1] = (double)((r >> 46) % 100) / 100 * H * 0.4;
+                box[2] = box[0] + (W - box[0]) * (0.4 + 0.6 * (double)((r >> 53) % 64) / 64);
+                box[3] = box[1] + (H - box[1]) * (0.4 + 0.6 * (double)((r >> 59) % 32) / 32);
+            }
+            int ww = 1 + (int)((r >> 17) % (uint64_t)ow), wh = 1 + (int)((r >> 25) % (uint64_t)oh);
+            int wx = (int)((r >> 33) % (uint64_t)(ow - ww + 1)), wy = (int)((r >> 41) % (uint64_t)(oh - wh + 1));
+            if (it % 2 == 0) {  // a centred square window
+                ww = wh = ww < wh ? ww : wh;
+                center_crop_pos(ow, oh, ww, &wx, &wy);
+            }
+            int rect[4];
+            pil_resize_window_source(W, H, box, ow, oh, wx, wy, ww, wh, &scr, rect);
+            inside = inside && rect[0] >= 0 && rect[1] >= 0 && rect[2] <= W && rect[3] <= H && rect[0] < rect[2] &&
+                     rect[1] < rect[3];
+            if (!inside) break;
+            area_frac += (double)(rect[2] - rect[0]) * (rect[3] - rect[1]) / ((double)W * H) / 500;
+            int pw = rect[2] - rect[0], ph = rect[3] - rect[1];
+            image_reserve(&part, pw, ph, c);
+            for (int y = 0; y < ph; y++)
+                memcpy(part.px + (size_t)y * part.stride, full.px + (size_t)(rect[1] + y) * full.stride + (size_t)rect[0] * c,
+                       (size_t)pw * c);
+            pil_resize_bilinear(&full, box, ow, oh, &ref);
+            uint8_t *dst = malloc((size_t)ww * wh * c);
+            pil_resize_bilinear_window(&part, rect[0], rect[1], W, H, box, ow, oh, wx, wy, ww, wh, dst, (size_t)ww * c,
+                                       &scr);
+            int ok = 1;
+            for (int y = 0; y < wh && ok; y++)
+                ok = !memcmp(dst + (size_t)y * ww * c, ref.px + (size_t)(wy + y) * ref.stride + (size_t)wx * c,
+                             (size_t)ww * c);
+            if (!ok && bad++ < 3)
+                printf("    %dx%dx%d box (%g %g %g %g) -> %dx%d, window (%d %d %d %d), source (%d %d %d %d): differs\n", W,
+                       H, c, box[0], box[1], box[2], box[3], ow, oh, wx, wy, ww, wh, rect[0], rect[1], rect[2], rect[3]);
+            free(dst);
+        }
+        EXPECT(inside, "a source rectangle outside the image");
+        EXPECT(bad == 0, "%d of 500 windows differ", bad);
+        EXPECT(area_frac < 0.9, "the source rectangles cover %.0f %% of the images on average: no saving", 100 * area_frac);
+        resize_scratch_free(&scr);
+        image_free(&full);
+        image_free(&ref);
+        image_free(&part);
+    }
+}
+
 int main(void) {
     char err[512];
     // AUGMENT_FIXTURE: another case file, e.g. gen_augment_fixtures.py --fuzz SEED PATH (its case kinds only)
@@ -418,6 +487,7 @@ int main(void) {
     if (!getenv("AUGMENT_FIXTURE")) test_numbers();
     test_randaugment();
     test_resize_to();
+    test_resize_window();
     cJSON_Delete((cJSON *)cases);
     st_close(&g_st);
     return tl_finish();

@@ -469,6 +469,52 @@ static void test_threads_and_corrupt(void) {
             EXPECT(!memcmp(a, b, 6 * 4 * img * sizeof(float)), "uint8 batches without RandAugment differ");
             d.opt.randaugment = 1;
             free(c);
+            // The eval transform (decoded and resampled only where the centre crop reads) against the whole
+            // image decoded, resized to short side 256 and cropped, for every file, fp32 and uint8 output
+            {
+                PipeWorker *pw = pipe_worker_create(&d), *pw8 = pipe_worker_create(&d);
+                pipe_worker_set_u8(pw8, 1);
+                JpegDecoder *dec = jpeg_decoder_create(1 << 26, (size_t)256 << 20);
+                Image full = {0}, big = {0}, crop = {0};
+                float *got = malloc(img * sizeof(float)), *want = malloc(img * sizeof(float));
+                uint8_t *got8 = malloc(img);
+                int bad = 0;
+                for (int64_t i = 0; i < d.n; i++) {
+                    size_t len;
+                    uint8_t *buf = read_file_all(d.paths[i], &len);
+                    int W, H, sd, rw, rh, cx, cy;
+                    double box[4];
+                    ImgStatus st = jpeg_open(dec, buf, len, &W, &H);
+                    if (st == IMG_OK) st = jpeg_read_crop(dec, 0, 0, W, H, 0, 0, 0, &full, box, &sd);
+                    resize_short_size(W, H, 256, &rw, &rh);
+                    double whole[4] = {0, 0, W, H};
+                    pil_resize_bilinear(&full, whole, rw, rh, &big);
+                    center_crop_pos(rw, rh, 224, &cx, &cy);
+                    image_reserve(&crop, 224, 224, 3);
+                    for (int y = 0; y < 224; y++)
+                        memcpy(crop.px + (size_t)y * crop.stride, big.px + (size_t)(cy + y) * big.stride + (size_t)cx * 3,
+                               224 * 3);
+                    normalize_chw(&crop, d.mean, d.std, want);
+                    ImgStatus s1 = pipe_image(pw, &d, 0, 1, 0, i, i, got);
+                    ImgStatus s2 = pipe_image(pw8, &d, 0, 1, 0, i, i, got8);
+                    int ok = st == IMG_OK && s1 == IMG_OK && s2 == IMG_OK && !memcmp(got, want, img * sizeof(float));
+                    for (int y = 0; y < 224 && ok; y++)
+                        ok = !memcmp(got8 + (size_t)y * 224 * 3, crop.px + (size_t)y * crop.stride, 224 * 3);
+                    if (!ok && bad++ < 3) printf("    %s (%dx%d): the eval image differs\n", d.paths[i], W, H);
+                    free(buf);
+                }
+                EXPECT(bad == 0, "%d of %lld eval images differ from decode + Resize(256) + CenterCrop(224)", bad,
+                       (long long)d.n);
+                free(got);
+                free(want);
+                free(got8);
+                image_free(&full);
+                image_free(&big);
+                image_free(&crop);
+                jpeg_decoder_free(dec);
+                pipe_worker_free(pw);
+                pipe_worker_free(pw8);
+            }
             d.opt.augment = 0;  // the eval transform: Resize(256) + CenterCrop(224), no draws
             run_epochs(&d, 4, 1, 2, NULL, a);
             float mx = 0;
