@@ -656,7 +656,17 @@ static void pil_affine_nearest(const Image *src, const double a[6], Image *dst) 
             int yi = COORD(yo);
             if (yi >= 0 && yi < H) {
                 uint8_t *o = PX(dst, 0, y);
-                for (int x = xmin; x < xmax; x++) px_copy(o + x * c, PX(src, xintab[x], yi), c);
+                const uint8_t *row = PX(src, 0, yi);
+                if (c == 3) {
+                    for (int x = xmin; x < xmax; x++) {
+                        const uint8_t *q = row + 3 * (size_t)xintab[x];
+                        o[3 * x] = q[0];
+                        o[3 * x + 1] = q[1];
+                        o[3 * x + 2] = q[2];
+                    }
+                } else {
+                    for (int x = xmin; x < xmax; x++) px_copy(o + x * c, row + (size_t)xintab[x] * c, c);
+                }
             }
             yo += a[4];
         }
@@ -673,14 +683,30 @@ static void pil_affine_nearest(const Image *src, const double a[6], Image *dst) 
         for (int y = 0; y < H; y++) {
             int xx = a2, yy = a5;
             uint8_t *o = PX(dst, 0, y);
-            for (int x = 0; x < W; x++) {
-                int xin = xx >> 16;
-                if (xin >= 0 && xin < W) {
-                    int yin = yy >> 16;
-                    if (yin >= 0 && yin < H) px_copy(o + x * c, PX(src, xin, yin), c);
+            if (c == 3) {  // RGB: one unsigned compare per coordinate, the row pointer from one multiply
+                const uint8_t *base = src->px;
+                size_t stride = (size_t)src->stride;
+                for (int x = 0; x < W; x++, o += 3) {
+                    unsigned xin = (unsigned)(xx >> 16), yin = (unsigned)(yy >> 16);
+                    if (xin < (unsigned)W && yin < (unsigned)H) {
+                        const uint8_t *q = base + yin * stride + 3 * (size_t)xin;
+                        o[0] = q[0];
+                        o[1] = q[1];
+                        o[2] = q[2];
+                    }
+                    xx += a0;
+                    yy += a3;
                 }
-                xx += a0;
-                yy += a3;
+            } else {
+                for (int x = 0; x < W; x++) {
+                    int xin = xx >> 16;
+                    if (xin >= 0 && xin < W) {
+                        int yin = yy >> 16;
+                        if (yin >= 0 && yin < H) px_copy(o + x * c, PX(src, xin, yin), c);
+                    }
+                    xx += a0;
+                    yy += a3;
+                }
             }
             a2 += a1;
             a5 += a4;
@@ -787,23 +813,61 @@ static void tv_affine(Image *im, const double m[6], Image *tmp) {
 
 // ------------------------------------------------------------------------------------------------ colour ops
 
-// Image.blend(degenerate, im, alpha) in place on im (Blend.c: alpha is single precision).
+// Image.blend(degenerate, im, alpha) (Blend.c: alpha is single precision) on n bytes: out = d + alpha * (p - d) in
+// float, truncated, clipped to 0..255 (for 0 <= alpha <= 1 the value is in range and Pillow skips the clip). d is
+// per byte, or the constant dc when d is NULL. The AVX2 path does the same single-precision operations in the same
+// order (no fused multiply-add): p - d exactly in int32, then one rounding for the product and one for the sum;
+// cvttps truncates toward zero and the saturating packs give the clip (a value in (-1, 0) truncates to 0 like the
+// scalar code; below, or at 256 and above, the packs saturate to 0 or 255).
+static void blend_bytes(uint8_t *p, const uint8_t *d, uint8_t dc, size_t n, float alpha) {
+    size_t i = 0;
+#ifdef __AVX2__
+    const __m256 va = _mm256_set1_ps(alpha);
+    const __m256i vdc = _mm256_set1_epi32(dc);
+    for (; i + 16 <= n; i += 16) {
+        __m256i r[2];
+        for (int h = 0; h < 2; h++) {
+            __m256i pi = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(p + i + 8 * h)));
+            __m256i di = d ? _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(d + i + 8 * h))) : vdc;
+            __m256 t = _mm256_add_ps(_mm256_cvtepi32_ps(di),
+                                     _mm256_mul_ps(va, _mm256_cvtepi32_ps(_mm256_sub_epi32(pi, di))));
+            r[h] = _mm256_cvttps_epi32(t);
+        }
+        __m256i w = _mm256_packs_epi32(r[0], r[1]);  // per lane: r0 lo, r1 lo | r0 hi, r1 hi
+        __m128i b = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+        // b holds r0[0..3], r1[0..3], r0[4..7], r1[4..7]: back to byte order
+        b = _mm_shuffle_epi32(b, _MM_SHUFFLE(3, 1, 2, 0));
+        _mm_storeu_si128((__m128i *)(p + i), b);
+    }
+#endif
+    for (; i < n; i++) {
+        int dv = d ? d[i] : dc;
+        float t = (float)(dv + alpha * ((int)p[i] - dv));
+        p[i] = t <= 0.0 ? 0 : t >= 255.0 ? 255 : (uint8_t)t;
+    }
+}
+
+// Image.blend(degenerate, im, alpha) in place on im.
 static void pil_blend_into(Image *im, const Image *deg, float alpha) {
     if (alpha == 1.0f) return;
-    int n = im->w * im->c;
+    size_t n = (size_t)im->w * im->c;
     for (int y = 0; y < im->h; y++) {
-        uint8_t *p = PX(im, 0, y);
-        const uint8_t *d = PX(deg, 0, y);
-        if (alpha == 0.0f) {
-            memcpy(p, d, (size_t)n);
-        } else if (alpha >= 0 && alpha <= 1.0) {
-            for (int i = 0; i < n; i++) p[i] = (uint8_t)((int)d[i] + alpha * ((int)p[i] - (int)d[i]));
-        } else {
-            for (int i = 0; i < n; i++) {
-                float t = (float)((int)d[i] + alpha * ((int)p[i] - (int)d[i]));
-                p[i] = t <= 0.0 ? 0 : t >= 255.0 ? 255 : (uint8_t)t;
-            }
-        }
+        if (alpha == 0.0f)
+            memcpy(PX(im, 0, y), PX(deg, 0, y), n);
+        else
+            blend_bytes(PX(im, 0, y), PX(deg, 0, y), 0, n, alpha);
+    }
+}
+
+// The same with a constant degenerate image (every byte dc).
+static void pil_blend_const(Image *im, uint8_t dc, float alpha) {
+    if (alpha == 1.0f) return;
+    size_t n = (size_t)im->w * im->c;
+    for (int y = 0; y < im->h; y++) {
+        if (alpha == 0.0f)
+            memset(PX(im, 0, y), dc, n);
+        else
+            blend_bytes(PX(im, 0, y), NULL, dc, n, alpha);
     }
 }
 
@@ -811,7 +875,9 @@ static inline uint8_t rgb_to_l(const uint8_t *p) {
     return (uint8_t)((p[0] * 19595 + p[1] * 38470 + p[2] * 7471 + 0x8000) >> 16);
 }
 
-// ImageFilter.SMOOTH (Filter.c's 3x3 path, single precision), border pixels copied.
+// ImageFilter.SMOOTH (Filter.c's 3x3 path, single precision), border pixels copied. Every interior byte is
+// offset + (row below) + (row) + (row above), each row's three products added left to right, as Filter.c does;
+// the AVX2 path runs those operations 8 bytes at a time (a pixel's neighbours are c bytes away).
 static void pil_smooth(const Image *src, Image *dst) {
     int W = src->w, H = src->h, c = src->c;
     copy_image(src, dst);
@@ -819,66 +885,122 @@ static void pil_smooth(const Image *src, Image *dst) {
     const float k1 = 1.0f / 13.0f, k5 = 5.0f / 13.0f;
     const float kern[9] = {k1, k1, k1, k1, k5, k1, k1, k1, k1};
     const float offset = 0.0f + 0.5f;
+    int i_end = (W - 1) * c;  // interior bytes [c, i_end)
     for (int y = 1; y < H - 1; y++) {
         const uint8_t *rm = PX(src, 0, y - 1), *r0 = PX(src, 0, y), *rp = PX(src, 0, y + 1);
         uint8_t *o = PX(dst, 0, y);
-        for (int x = 1; x < W - 1; x++)
-            for (int ch = 0; ch < c; ch++) {
-                int i = x * c + ch;
-                float ss = offset;
-                ss += (float)rp[i - c] * kern[0] + (float)rp[i] * kern[1] + (float)rp[i + c] * kern[2];
-                ss += (float)r0[i - c] * kern[3] + (float)r0[i] * kern[4] + (float)r0[i + c] * kern[5];
-                ss += (float)rm[i - c] * kern[6] + (float)rm[i] * kern[7] + (float)rm[i + c] * kern[8];
-                o[i] = ss <= 0.0 ? 0 : ss >= 255.0 ? 255 : (uint8_t)ss;
-            }
+        int i = c;
+#ifdef __AVX2__
+        const __m256 K1 = _mm256_set1_ps(k1), K5 = _mm256_set1_ps(k5), OFF = _mm256_set1_ps(offset);
+#define LD8(ptr) _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(ptr))))
+        for (; i + 8 <= i_end; i += 8) {
+            __m256 ss = OFF;
+            __m256 t = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(LD8(rp + i - c), K1), _mm256_mul_ps(LD8(rp + i), K1)),
+                                     _mm256_mul_ps(LD8(rp + i + c), K1));
+            ss = _mm256_add_ps(ss, t);
+            t = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(LD8(r0 + i - c), K1), _mm256_mul_ps(LD8(r0 + i), K5)),
+                              _mm256_mul_ps(LD8(r0 + i + c), K1));
+            ss = _mm256_add_ps(ss, t);
+            t = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(LD8(rm + i - c), K1), _mm256_mul_ps(LD8(rm + i), K1)),
+                              _mm256_mul_ps(LD8(rm + i + c), K1));
+            ss = _mm256_add_ps(ss, t);
+            // ss > 0 here: truncation, then the saturating packs clip at 255
+            __m256i v = _mm256_cvttps_epi32(ss);
+            __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
+            _mm_storel_epi64((__m128i *)(o + i), _mm_packus_epi16(w, w));
+        }
+#undef LD8
+#endif
+        for (; i < i_end; i++) {
+            float ss = offset;
+            ss += (float)rp[i - c] * kern[0] + (float)rp[i] * kern[1] + (float)rp[i + c] * kern[2];
+            ss += (float)r0[i - c] * kern[3] + (float)r0[i] * kern[4] + (float)r0[i + c] * kern[5];
+            ss += (float)rm[i - c] * kern[6] + (float)rm[i] * kern[7] + (float)rm[i + c] * kern[8];
+            o[i] = ss <= 0.0 ? 0 : ss >= 255.0 ? 255 : (uint8_t)ss;
+        }
     }
 }
 
 static void enhance(Image *im, RaOp op, double factor, Image *tmp) {
     int W = im->w, H = im->h, c = im->c;
     float alpha = (float)factor;
-    if (op == RA_BRIGHTNESS) {
+    if (op == RA_BRIGHTNESS) {  // blend with black
+        pil_blend_const(im, 0, alpha);
+    } else if (op == RA_COLOR) {  // blend with the image's L replicated (a grey image is its own L)
+        if (c != 3) return;
         image_reserve(tmp, W, H, c);
-        for (int y = 0; y < H; y++) memset(PX(tmp, 0, y), 0, (size_t)W * c);
-    } else if (op == RA_COLOR) {
-        copy_image(im, tmp);
-        if (c == 3)
-            for (int y = 0; y < H; y++)
-                for (int x = 0; x < W; x++) {
-                    uint8_t *p = PX(tmp, x, y);
-                    p[0] = p[1] = p[2] = rgb_to_l(p);
-                }
-    } else if (op == RA_CONTRAST) {
-        long long hist[256] = {0};
-        for (int y = 0; y < H; y++)
-            for (int x = 0; x < W; x++) {
-                const uint8_t *p = PX(im, x, y);
-                hist[c == 3 ? rgb_to_l(p) : p[0]]++;
-            }
-        double sum = 0.0;
-        for (int j = 0; j < 256; j++) sum += (double)(j * hist[j]);
-        double mean = sum / (double)((long long)W * H);
-        int m = (int)(mean + 0.5);
-        image_reserve(tmp, W, H, c);
-        for (int y = 0; y < H; y++) memset(PX(tmp, 0, y), m, (size_t)W * c);
+        for (int y = 0; y < H; y++) {
+            const uint8_t *p = PX(im, 0, y);
+            uint8_t *q = PX(tmp, 0, y);
+            for (int x = 0; x < W; x++, p += 3, q += 3) q[0] = q[1] = q[2] = rgb_to_l(p);
+        }
+        pil_blend_into(im, tmp, alpha);
+    } else if (op == RA_CONTRAST) {  // blend with the rounded mean of L: the sum of L is the histogram's sum
+        long long sum = 0;
+        for (int y = 0; y < H; y++) {
+            const uint8_t *p = PX(im, 0, y);
+            if (c == 3)
+                for (int x = 0; x < W; x++, p += 3) sum += rgb_to_l(p);
+            else
+                for (int x = 0; x < W; x++) sum += p[x];
+        }
+        double mean = (double)sum / (double)((long long)W * H);
+        pil_blend_const(im, (uint8_t)(int)(mean + 0.5), alpha);
     } else {  // RA_SHARPNESS
         pil_smooth(im, tmp);
+        pil_blend_into(im, tmp, alpha);
     }
-    pil_blend_into(im, tmp, alpha);
 }
 
 static void apply_lut(Image *im, const uint8_t lut[][256], int per_channel) {
     int c = im->c;
     for (int y = 0; y < im->h; y++) {
         uint8_t *p = PX(im, 0, y);
-        for (int x = 0; x < im->w; x++)
-            for (int ch = 0; ch < c; ch++) p[x * c + ch] = lut[per_channel ? ch : 0][p[x * c + ch]];
+        if (!per_channel || c == 1) {
+            const uint8_t *t = lut[0];
+            for (int i = 0; i < im->w * c; i++) p[i] = t[p[i]];
+        } else if (c == 3) {
+            for (int x = 0; x < im->w; x++, p += 3) {
+                p[0] = lut[0][p[0]];
+                p[1] = lut[1][p[1]];
+                p[2] = lut[2][p[2]];
+            }
+        } else {
+            for (int x = 0; x < im->w; x++)
+                for (int ch = 0; ch < c; ch++) p[x * c + ch] = lut[ch][p[x * c + ch]];
+        }
     }
 }
 
+// Per-channel histograms. RGB counts even and odd pixels into separate tables (added at the end), so that runs of
+// equal bytes, common in real images, do not chain every increment through the same memory word.
 static void channel_hist(const Image *im, long long hist[][256]) {
     int c = im->c;
     memset(hist, 0, sizeof(long long) * 256 * (size_t)c);
+    if (c == 3) {
+        uint32_t h[2][3][256];
+        memset(h, 0, sizeof h);
+        for (int y = 0; y < im->h; y++) {
+            const uint8_t *p = PX(im, 0, y);
+            int x = 0;
+            for (; x + 2 <= im->w; x += 2, p += 6) {
+                h[0][0][p[0]]++;
+                h[0][1][p[1]]++;
+                h[0][2][p[2]]++;
+                h[1][0][p[3]]++;
+                h[1][1][p[4]]++;
+                h[1][2][p[5]]++;
+            }
+            if (x < im->w) {
+                h[0][0][p[0]]++;
+                h[0][1][p[1]]++;
+                h[0][2][p[2]]++;
+            }
+        }
+        for (int ch = 0; ch < 3; ch++)
+            for (int i = 0; i < 256; i++) hist[ch][i] = (long long)h[0][ch][i] + h[1][ch][i];
+        return;
+    }
     for (int y = 0; y < im->h; y++) {
         const uint8_t *p = PX(im, 0, y);
         for (int x = 0; x < im->w; x++)
@@ -972,18 +1094,26 @@ void ra_apply(Image *im, RaOp op, double value, Image *tmp) {
     case RA_SHARPNESS:
         enhance(im, op, 1.0 + value, tmp);
         return;
-    case RA_POSTERIZE: {
+    case RA_POSTERIZE: {  // keep the top bits: a mask on every byte (vectorized by the compiler)
         int bits = (int)value;
-        uint8_t lut[1][256];
-        int mask = ~((1 << (8 - bits)) - 1);
-        for (int i = 0; i < 256; i++) lut[0][i] = (uint8_t)(i & mask);
-        apply_lut(im, (const uint8_t(*)[256])lut, 0);
+        uint8_t mask = (uint8_t)~((1 << (8 - bits)) - 1);
+        size_t n = (size_t)im->w * im->c;
+        for (int y = 0; y < im->h; y++) {
+            uint8_t *p = PX(im, 0, y);
+            for (size_t i = 0; i < n; i++) p[i] &= mask;
+        }
         return;
     }
-    case RA_SOLARIZE: {
-        uint8_t lut[1][256];
-        for (int i = 0; i < 256; i++) lut[0][i] = (uint8_t)(i < value ? i : 255 - i);
-        apply_lut(im, (const uint8_t(*)[256])lut, 0);
+    case RA_SOLARIZE: {  // invert the bytes at or above the threshold: i < value <=> i < ceil(value) for integers i
+        double cv = ceil(value);
+        int thr = cv <= 0 ? 0 : cv >= 256 ? 256 : (int)cv;
+        if (thr >= 256) return;
+        uint8_t t = (uint8_t)thr;
+        size_t n = (size_t)im->w * im->c;
+        for (int y = 0; y < im->h; y++) {
+            uint8_t *p = PX(im, 0, y);
+            for (size_t i = 0; i < n; i++) p[i] = p[i] >= t ? (uint8_t)(255 - p[i]) : p[i];
+        }
         return;
     }
     case RA_AUTOCONTRAST:
