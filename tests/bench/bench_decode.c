@@ -46,16 +46,17 @@ static void *worker(void *arg) {
 int main(int argc, char **argv) {
     if (argc < 2)
         die_user("usage: bench_decode ROOT [--threads 1,2] [--seconds 3] [--dct-scaling 0|1] [--u8 0|1] "
-                 "[--transform train|eval]");
+                 "[--transform train|eval] [--randaugment 0|1]");
     const char *root = argv[1], *threads = "1,2";
     double seconds = 3.0;
-    int dct = 0, u8 = 0, eval = 0;
+    int dct = 0, u8 = 0, eval = 0, ra = 0;
     for (int i = 2; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--threads")) threads = argv[i + 1];
         else if (!strcmp(argv[i], "--seconds")) seconds = atof(argv[i + 1]);
         else if (!strcmp(argv[i], "--dct-scaling")) dct = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--u8")) u8 = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--transform")) eval = !strcmp(argv[i + 1], "eval");
+        else if (!strcmp(argv[i], "--randaugment")) ra = atoi(argv[i + 1]);
         else die_user("bench_decode: unknown option %s", argv[i]);
     }
     Dataset ds;
@@ -64,7 +65,7 @@ int main(int argc, char **argv) {
     data_options_default(&ds.opt);
     ds.opt.augment = !eval;  // RandomResizedCrop + flip, or Resize(256) + CenterCrop(224)
     ds.opt.flip = 1;
-    ds.opt.randaugment = 0;
+    ds.opt.randaugment = ra;  // RandAugment(2, 10) after the flip (train transform)
     ds.opt.dct_scaling = dct;
     for (const char *p = threads; *p;) {
         int nt = atoi(p);
@@ -85,7 +86,8 @@ int main(int argc, char **argv) {
         printf("{\"impl\": \"simplest-dist\", \"threads\": %d, \"files\": %lld, \"size\": %d, \"dct_scaling\": %d, "
                "\"transform\": \"%s\", \"output\": \"%s\", \"images\": %ld, \"skipped\": %ld, \"img_per_s\": %.1f, "
                "\"img_per_s_per_thread\": %.1f}\n",
-               nt, (long long)ds.n, ds.width, dct, eval ? "Resize(256) + CenterCrop(224)" : "RandomResizedCrop + flip",
+               nt, (long long)ds.n, ds.width, dct,
+               eval ? "Resize(256) + CenterCrop(224)" : ra ? "RandomResizedCrop + flip + RandAugment(2, 10)" : "RandomResizedCrop + flip",
                u8 ? "uint8 HWC (normalized on the device)" : "fp32 CHW normalized", images, skipped, images / el,
                images / el / nt);
         fflush(stdout);

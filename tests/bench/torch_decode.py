@@ -2,7 +2,8 @@
 RandomHorizontalFlip + ToTensor + Normalize (the reference's ImageNet train transform without RandAugment), on the
 same in-memory files, one image at a time per process, torch limited to one thread. --procs 1,2 runs 1 and 2
 processes at once (the per-core figure and the scaling). --transform eval: Resize(256) + CenterCrop(224) instead
-(bench_decode --transform eval). Prints one JSON line per process count."""
+(bench_decode --transform eval); train_ra: the train transform + RandAugment(2, 10) (bench_decode --randaugment 1).
+Prints one JSON line per process count."""
 import io
 import json
 import multiprocessing as mp
@@ -21,6 +22,8 @@ def work(args):
     torch.manual_seed(seed)
     geo = [T.Resize(256), T.CenterCrop(224)] if transform == "eval" else [T.RandomResizedCrop(224),
                                                                           T.RandomHorizontalFlip()]
+    if transform == "train_ra":
+        geo.append(T.RandAugment(num_ops=2, magnitude=10, num_magnitude_bins=31))
     tf = T.Compose(geo + [T.ToTensor(), T.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
     n, i, t0 = 0, seed, time.time()
     while time.time() - t0 < seconds:
