@@ -477,7 +477,10 @@ static void resize_window(const Image *src, int ox, int oy, int full_w, int full
             mirrored = 1;
         }
         for (int i = 0; i < wh; i++) cv.bounds[2 * i] -= yfirst;
-        int rows = ylast - yfirst;
+        // Without a vertical pass the window's rows are the intermediate's rows [wy, wy + wh): the identity
+        // coefficients' zero-weight second tap would otherwise add a row below the window (the whole image's last
+        // row has none, so there rows == out_h either way).
+        int rows = need_v ? ylast - yfirst : wh;
         uint8_t *tmp = scratch(scr, RS_TMP, row_bytes * (size_t)(rows > 0 ? rows : 1) + 4);  // + 4: resample_h
         resample_h(src->px, (size_t)src->stride, src->w, src->h, yfirst, c, tmp, row_bytes, ww, rows, &ch, scr);
         vin = tmp;
