@@ -689,7 +689,50 @@ static void pil_affine_nearest(const Image *src, const double a[6], Image *dst) 
             if (c == 3) {  // RGB: one unsigned compare per coordinate, the row pointer from one multiply
                 const uint8_t *base = src->px;
                 size_t stride = (size_t)src->stride;
-                for (int x = 0; x < W; x++, o += 3) {
+                int x = 0;
+#ifdef __AVX2__
+                // 8 pixels at a time: the same xx >> 16, yy >> 16 (a2 + x a0 exactly: the sums never overflow, as
+                // check_fixed bounds every coordinate), one 4-byte gather per pixel inside the image, 0 outside
+                // (dst starts zeroed), then R G B of each. The gather reads one byte past a pixel, so the image's
+                // last pixel, whose fourth byte would be past the buffer, is copied on its own.
+                if (stride * (size_t)H < ((size_t)1 << 31)) {
+                    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7), minus1 = _mm256_set1_epi32(-1);
+                    const __m256i squeeze = _mm256_setr_epi8(0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1,  //
+                                                             0, 1, 2, 4, 5, 6, 8, 9, 10, 12, 13, 14, -1, -1, -1, -1);
+                    const __m256i join = _mm256_setr_epi32(0, 1, 2, 4, 5, 6, 7, 7);
+                    const __m256i vW = _mm256_set1_epi32(W), vH = _mm256_set1_epi32(H);
+                    const __m256i vs = _mm256_set1_epi32((int)stride), three = _mm256_set1_epi32(3);
+                    const __m256i last = _mm256_set1_epi32((int)((size_t)(H - 1) * stride + 3 * (size_t)(W - 1)));
+                    __m256i vx = _mm256_add_epi32(_mm256_set1_epi32(xx), _mm256_mullo_epi32(lane, _mm256_set1_epi32(a0)));
+                    __m256i vy = _mm256_add_epi32(_mm256_set1_epi32(yy), _mm256_mullo_epi32(lane, _mm256_set1_epi32(a3)));
+                    const __m256i dx = _mm256_set1_epi32((int)((unsigned)a0 * 8u)), dy = _mm256_set1_epi32((int)((unsigned)a3 * 8u));
+                    for (; x + 8 <= W; x += 8, o += 24) {
+                        __m256i xi = _mm256_srai_epi32(vx, 16), yi = _mm256_srai_epi32(vy, 16);
+                        __m256i ok = _mm256_and_si256(
+                            _mm256_and_si256(_mm256_cmpgt_epi32(vW, xi), _mm256_cmpgt_epi32(xi, minus1)),
+                            _mm256_and_si256(_mm256_cmpgt_epi32(vH, yi), _mm256_cmpgt_epi32(yi, minus1)));
+                        __m256i off = _mm256_add_epi32(_mm256_mullo_epi32(yi, vs), _mm256_mullo_epi32(xi, three));
+                        __m256i tail = _mm256_and_si256(ok, _mm256_cmpeq_epi32(off, last));
+                        __m256i g = _mm256_mask_i32gather_epi32(_mm256_setzero_si256(), (const int *)base, off,
+                                                                _mm256_andnot_si256(tail, ok), 1);
+                        // R G B of each lane (12 bytes per 128-bit lane), then the two lanes' 12 bytes side by side:
+                        // exactly 24 bytes stored, nothing past the group
+                        __m256i u = _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(g, squeeze), join);
+                        _mm_storeu_si128((__m128i *)o, _mm256_castsi256_si128(u));
+                        _mm_storel_epi64((__m128i *)(o + 16), _mm256_extracti128_si256(u, 1));
+                        int tm = _mm256_movemask_ps(_mm256_castsi256_ps(tail));
+                        if (tm) {
+                            int k = __builtin_ctz((unsigned)tm);
+                            memcpy(o + 3 * k, base + (size_t)(H - 1) * stride + 3 * (size_t)(W - 1), 3);
+                        }
+                        vx = _mm256_add_epi32(vx, dx);
+                        vy = _mm256_add_epi32(vy, dy);
+                    }
+                    xx = (int)((unsigned)a2 + (unsigned)x * (unsigned)a0);
+                    yy = (int)((unsigned)a5 + (unsigned)x * (unsigned)a3);
+                }
+#endif
+                for (; x < W; x++, o += 3) {
                     unsigned xin = (unsigned)(xx >> 16), yin = (unsigned)(yy >> 16);
                     if (xin < (unsigned)W && yin < (unsigned)H) {
                         const uint8_t *q = base + yin * stride + 3 * (size_t)xin;
