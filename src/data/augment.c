@@ -655,12 +655,17 @@ static void pil_affine_nearest(const Image *src, const double a[6], Image *dst) 
             }
             xo += a[0];
         }
+        // A translation maps consecutive output pixels to consecutive input pixels: then each row is one copy.
+        int runs = xmin < xmax;
+        for (int x = xmin + 1; x < xmax && runs; x++) runs = xintab[x] == xintab[x - 1] + 1;
         for (int y = 0; y < H; y++) {
             int yi = COORD(yo);
             if (yi >= 0 && yi < H) {
                 uint8_t *o = PX(dst, 0, y);
                 const uint8_t *row = PX(src, 0, yi);
-                if (c == 3) {
+                if (runs) {
+                    memcpy(o + (size_t)xmin * c, row + (size_t)xintab[xmin] * c, (size_t)(xmax - xmin) * c);
+                } else if (c == 3) {
                     for (int x = xmin; x < xmax; x++) {
                         const uint8_t *q = row + 3 * (size_t)xintab[x];
                         o[3 * x] = q[0];
