@@ -663,6 +663,33 @@ void shampoo_traffic(const Shampoo *s, ShampooTraffic *out) {
     }
 }
 
+// Every owner r broadcasts its segment [off[r], off[r + 1]) (in units of `unit` bytes; world + 1 entries) of the
+// contiguous buffer base to all ranks, in one call: by MPI (host memory), by NCCL (device memory, comm_bcast_all),
+// or, on a device backend without NCCL, staged through host memory (stage: the whole buffer's size; NULL: one is
+// allocated for the call). The root broadcast and apply "owners"' all-gather of the steps.
+static void bcast_segments(Shampoo *s, char *base, const size_t *off, size_t unit, int dev, char *stage) {
+    Backend *be = s->model->be;
+    Comm *comm = s->comm;
+    int P = comm->world;
+    void **bufs = xcalloc((size_t)P * sizeof(void *), "broadcast buffers");
+    size_t *bytes = xcalloc((size_t)P * sizeof(size_t), "broadcast sizes");
+    size_t total = off[P] * unit;
+    char *own_stage = NULL, *src = base;
+    if (dev && !comm_device_collectives(comm)) {  // no NCCL: through the host
+        src = stage ? stage : (own_stage = xmalloc(total + 1, "staged broadcast"));
+        be->download(be, src, base, total);
+    }
+    for (int r = 0; r < P; r++) {
+        bufs[r] = src + off[r] * unit;
+        bytes[r] = (off[r + 1] - off[r]) * unit;
+    }
+    comm_bcast_all(comm, bufs, bytes, dev && src == base);
+    if (src != base) be->upload(be, base, src, total);
+    free(own_stage);
+    free(bufs);
+    free(bytes);
+}
+
 // Every owner broadcasts its packed buffer; every rank (the owner included) installs the roots from the bytes it
 // holds, so that all ranks take the same decisions and hold the same bits. Device mode: the area is broadcast in
 // place (NCCL, or staged through the host without it), the status headers are read back, and roots are installed
@@ -678,7 +705,6 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
     int *nbs = xcalloc((size_t)P * sizeof(int), "root broadcast counts");
     for (int r = 0; r < P; r++) bytes[r] = packed_size(s, r, &nbs[r]);
     double tb = now_sec();
-    unsigned char *staged;
     int nb_own = nbs[comm->rank];
     char *own = dev ? (char *)s->area + s->area_off[comm->rank] : (char *)job->out;
     const int32_t *st = (const int32_t *)job->out;
@@ -694,18 +720,7 @@ static void finish_refresh(Shampoo *s, RootJob *job) {
     }
     if (dev) {
         if (nb_own) be->upload(be, own, job->out, (size_t)nb_own * sizeof(int32_t));  // the status header
-        if (comm_device_collectives(comm)) {
-            for (int r = 0; r < P; r++) bufs[r] = (char *)s->area + s->area_off[r];
-            comm_bcast_all(comm, bufs, bytes, 1);
-        } else if (P > 1) {  // no NCCL: through the host
-            size_t total = s->area_off[P];
-            staged = xmalloc(total + 1, "staged root broadcast");
-            be->download(be, staged, s->area, total);
-            for (int r = 0; r < P; r++) bufs[r] = staged + s->area_off[r];
-            comm_bcast_all(comm, bufs, bytes, 0);
-            be->upload(be, s->area, staged, total);
-            free(staged);
-        }
+        bcast_segments(s, s->area, s->area_off, 1, 1, NULL);
         for (int r = 0; r < P; r++) bufs[r] = (char *)s->area + s->area_off[r];  // what is installed from
     } else {
         for (int r = 0; r < P; r++)
@@ -931,34 +946,16 @@ static void update_group(Shampoo *s, const UpdGroup *g, double lr, float bc1, fl
 // parameters with the graft kernel at lr = -1 (w + 1 * u): the same additions, so the same bits, as the replicated
 // update's w + (-c p) on the CPU backend, and the same u on every rank whatever the world size.
 static void gather_dirs(Shampoo *s) {
-    Backend *be = s->model->be;
-    Comm *comm = s->comm;
-    int P = comm->world;
     double t0 = now_sec();
-    void **bufs = xcalloc((size_t)P * sizeof(void *), "direction buffers");
-    size_t *bytes = xcalloc((size_t)P * sizeof(size_t), "direction sizes");
-    for (int r = 0; r < P; r++) {
-        bufs[r] = s->dirs + s->dseg[r];
-        bytes[r] = (s->dseg[r + 1] - s->dseg[r]) * sizeof(float);
-    }
-    int dev = s->area != NULL;  // device buffers (the backend computes roots: as finish_refresh)
-    if (!dev || comm_device_collectives(comm)) {
-        comm_bcast_all(comm, bufs, bytes, dev);
-    } else if (P > 1) {  // device buffers without NCCL: through the host
-        size_t total = s->dseg[P] * sizeof(float);
-        be->download(be, s->dirs_host, s->dirs, total);
-        for (int r = 0; r < P; r++) bufs[r] = s->dirs_host + s->dseg[r];
-        comm_bcast_all(comm, bufs, bytes, 0);
-        be->upload(be, s->dirs, s->dirs_host, total);
-    }
-    for (int r = 0; r < P; r++) {
-        if (r == comm->rank)
-            s->dirs_sent += bytes[r];
+    // device buffers when the backend computes roots (as finish_refresh)
+    bcast_segments(s, (char *)s->dirs, s->dseg, sizeof(float), s->area != NULL, (char *)s->dirs_host);
+    for (int r = 0; r < s->comm->world; r++) {
+        size_t bytes = (s->dseg[r + 1] - s->dseg[r]) * sizeof(float);
+        if (r == s->comm->rank)
+            s->dirs_sent += bytes;
         else
-            s->dirs_recv += bytes[r];
+            s->dirs_recv += bytes;
     }
-    free(bufs);
-    free(bytes);
     s->gather_s += now_sec() - t0;
 }
 
