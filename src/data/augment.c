@@ -1003,14 +1003,12 @@ static void enhance(Image *im, RaOp op, double factor, Image *tmp) {
     }
 }
 
-static void apply_lut(Image *im, const uint8_t lut[][256], int per_channel) {
+// A table per channel.
+static void apply_lut(Image *im, const uint8_t lut[][256]) {
     int c = im->c;
     for (int y = 0; y < im->h; y++) {
         uint8_t *p = PX(im, 0, y);
-        if (!per_channel || c == 1) {
-            const uint8_t *t = lut[0];
-            for (int i = 0; i < im->w * c; i++) p[i] = t[p[i]];
-        } else if (c == 3) {
+        if (c == 3) {
             for (int x = 0; x < im->w; x++, p += 3) {
                 p[0] = lut[0][p[0]];
                 p[1] = lut[1][p[1]];
@@ -1081,7 +1079,7 @@ static void autocontrast(Image *im) {
             }
         }
     }
-    apply_lut(im, (const uint8_t(*)[256])lut, 1);
+    apply_lut(im, (const uint8_t(*)[256])lut);
 }
 
 // ImageOps.equalize(image): per channel; the step is (count - count of the top level) // 255, and Image.point
@@ -1110,7 +1108,7 @@ static void equalize(Image *im) {
             }
         }
     }
-    apply_lut(im, (const uint8_t(*)[256])lut, 1);
+    apply_lut(im, (const uint8_t(*)[256])lut);
 }
 
 // ------------------------------------------------------------------------------------------------ RandAugment

@@ -124,6 +124,18 @@ static void account_warnings(PipeWorker *w) {
 
 void pipe_worker_set_u8(PipeWorker *w, int u8) { w->u8 = u8; }
 
+// Where the final S x S RGB resize of a JPEG goes: uint8 output with nothing after the resize is written straight
+// into the batch slot (direct), anything else into the worker's image a. *stride: the rows' stride.
+static uint8_t *resize_target(PipeWorker *w, void *out, int S, int direct, size_t *stride) {
+    if (direct) {
+        *stride = (size_t)S * 3;
+        return out;
+    }
+    image_reserve(&w->a, S, S, 3);
+    *stride = (size_t)w->a.stride;
+    return w->a.px;
+}
+
 ImgStatus pipe_image(PipeWorker *w, const Dataset *ds, int train, uint64_t seed, int64_t epoch, int64_t key_idx,
                      int64_t src_idx, void *out) {
     const DataOptions *o = &ds->opt;
@@ -170,13 +182,11 @@ ImgStatus pipe_image(PipeWorker *w, const Dataset *ds, int train, uint64_t seed,
             // The flip is drawn after the crop, as before the resize consumed no draws, and done by the resize
             // itself (mirrored coefficients: the bytes of resize + hflip). Without RandAugment, uint8 output is
             // written by the resize straight into out.
-            int flip = o->flip && rng_uniform(&r) < 0.5;
-            if (w->u8 && !o->randaugment) {
-                pil_resize_bilinear_to(&crop, box, S, S, flip, out, (size_t)S * 3, &w->rs);
-                goto out;
-            }
-            image_reserve(&w->a, S, S, crop.c);
-            pil_resize_bilinear_to(&crop, box, S, S, flip, w->a.px, (size_t)w->a.stride, &w->rs);
+            int flip = o->flip && rng_uniform(&r) < 0.5, direct = w->u8 && !o->randaugment;
+            size_t stride;
+            uint8_t *dst = resize_target(w, out, S, direct, &stride);
+            pil_resize_bilinear_to(&crop, box, S, S, flip, dst, stride, &w->rs);
+            if (direct) goto out;
             if (o->randaugment) randaugment(&w->a, &r, o->ra_ops, o->ra_magnitude, 31, &w->tmp);
         } else {  // Resize(256) + CenterCrop(224)
             if ((st = open_image(w, ds, src_idx, &W, &H)) != IMG_OK) goto out;
@@ -191,14 +201,11 @@ ImgStatus pipe_image(PipeWorker *w, const Dataset *ds, int train, uint64_t seed,
             if ((st = jpeg_read_crop_view(w->dec, rect[0], rect[1], rect[2] - rect[0], rect[3] - rect[1], 0, 0, 0,
                                           &part, box, &sd)) != IMG_OK)
                 goto out;
-            if (w->u8) {  // straight into the batch slot
-                pil_resize_bilinear_window(&part, rect[0], rect[1], W, H, whole, rw, rh, cx, cy, S, S, out,
-                                           (size_t)S * 3, &w->rs);
-                goto out;
-            }
-            image_reserve(&w->a, S, S, part.c);
-            pil_resize_bilinear_window(&part, rect[0], rect[1], W, H, whole, rw, rh, cx, cy, S, S, w->a.px,
-                                       (size_t)w->a.stride, &w->rs);
+            size_t stride;
+            uint8_t *dst = resize_target(w, out, S, w->u8, &stride);
+            pil_resize_bilinear_window(&part, rect[0], rect[1], W, H, whole, rw, rh, cx, cy, S, S, dst, stride,
+                                       &w->rs);
+            if (w->u8) goto out;
         }
     }
     if (w->u8)
