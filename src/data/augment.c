@@ -67,6 +67,7 @@ void resize_scratch_free(ResizeScratch *s) {
         s->p[i] = NULL;
         s->cap[i] = 0;
     }
+    s->coeffs_valid = 0;
 }
 
 // The coefficients for one axis: for each output position, the first input index, the tap count and ksize
@@ -130,6 +131,26 @@ static void mirror_coeffs(Coeffs *cf, int out_size) {
             cf->kk[(size_t)b * ks + i] = t;
         }
     }
+}
+
+// Both axes' coefficients of the resize of box (of a full_w x full_h image) to out_w x out_h, in scr's H and V
+// slots. They stay valid there until a resize shifts them in place, so that pil_resize_window_source followed by
+// pil_resize_bilinear_window of the same resize (the eval transform, per image) computes them once.
+static void resize_coeffs(ResizeScratch *scr, int full_w, int full_h, const float b[4], int out_w, int out_h,
+                          Coeffs *ch, Coeffs *cv) {
+    int key[4] = {full_w, full_h, out_w, out_h};
+    if (scr->coeffs_valid && !memcmp(scr->key_dims, key, sizeof key) && !memcmp(scr->key_box, b, sizeof scr->key_box)) {
+        *ch = (Coeffs){scr->key_ksize[0], scr->p[RS_HBOUNDS], scr->p[RS_HKK]};
+        *cv = (Coeffs){scr->key_ksize[1], scr->p[RS_VBOUNDS], scr->p[RS_VKK]};
+        return;
+    }
+    precompute_coeffs(full_w, b[0], b[2], out_w, ch, scr, RS_HBOUNDS, RS_HKK);
+    precompute_coeffs(full_h, b[1], b[3], out_h, cv, scr, RS_VBOUNDS, RS_VKK);
+    memcpy(scr->key_dims, key, sizeof key);
+    memcpy(scr->key_box, b, sizeof scr->key_box);
+    scr->key_ksize[0] = ch->ksize;
+    scr->key_ksize[1] = cv->ksize;
+    scr->coeffs_valid = 1;
 }
 
 // The two passes below are Pillow's ImagingResampleHorizontal/Vertical_8bpc: for every output sample, a sum of
@@ -456,8 +477,8 @@ static void resize_window(const Image *src, int ox, int oy, int full_w, int full
     int need_h = out_w != full_w || b[0] != 0 || b[2] != out_w;
     int need_v = out_h != full_h || b[1] != 0 || b[3] != out_h;
     Coeffs ch, cv;
-    precompute_coeffs(full_w, b[0], b[2], out_w, &ch, scr, RS_HBOUNDS, RS_HKK);
-    precompute_coeffs(full_h, b[1], b[3], out_h, &cv, scr, RS_VBOUNDS, RS_VKK);
+    resize_coeffs(scr, full_w, full_h, b, out_w, out_h, &ch, &cv);
+    scr->coeffs_valid = 0;  // shifted (and maybe mirrored) in place below
     // the window's coefficients, with first taps in src's coordinates
     ch.bounds += 2 * (size_t)wx;
     ch.kk += (size_t)wx * ch.ksize;
@@ -507,12 +528,13 @@ void pil_resize_window_source(int full_w, int full_h, const double box[4], int o
         return;
     }
     int need[2] = {out_w != full_w || b[0] != 0 || b[2] != out_w, out_h != full_h || b[1] != 0 || b[3] != out_h};
-    int full[2] = {full_w, full_h}, out[2] = {out_w, out_h}, w0[2] = {wx, wy}, wn[2] = {ww, wh};
+    int full[2] = {full_w, full_h}, w0[2] = {wx, wy}, wn[2] = {ww, wh};
+    Coeffs cfs[2];
+    resize_coeffs(scr, full_w, full_h, b, out_w, out_h, &cfs[0], &cfs[1]);  // left valid for the resize itself
     for (int ax = 0; ax < 2; ax++) {
         int lo = w0[ax], hi = w0[ax] + wn[ax];  // identity along an axis without a pass
         if (need[ax]) {
-            Coeffs cf;
-            precompute_coeffs(full[ax], b[ax], b[ax + 2], out[ax], &cf, scr, RS_HBOUNDS, RS_HKK);
+            const Coeffs cf = cfs[ax];
             lo = full[ax];
             hi = 0;
             for (int i = w0[ax]; i < w0[ax] + wn[ax]; i++) {

@@ -19,6 +19,10 @@ void pil_resize_bilinear(const Image *src, const double box[4], int out_w, int o
 typedef struct ResizeScratch {
     void *p[RS_SLOTS];
     size_t cap[RS_SLOTS];
+    // the resize whose coefficients the slots hold, unshifted (pil_resize_window_source leaves them there for the
+    // pil_resize_bilinear_window of the same resize, which shifts them): dims = full w, h, out w, h
+    int coeffs_valid, key_dims[4], key_ksize[2];
+    float key_box[4];
 } ResizeScratch;
 void resize_scratch_free(ResizeScratch *s);
 // The same resize into dst (out_h rows of out_w * c bytes, dst_stride apart; dst may not alias src), mirrored
