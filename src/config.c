@@ -170,8 +170,9 @@ static const KeySpec KEYS[] = {
      "precision of the eigendecomposition (roots are stored and applied in fp32)"},
     {"shampoo.one_d", KT_STR, FIELD(shampoo.one_d), "\"full\"", NOLIM, "full|adam",
      "1-D parameters: full-matrix factors (the reference), or plain Adam"},
-    {"shampoo.root_delay", KT_INT, FIELD(shampoo.root_delay), "0", 0, 1, NULL,
-     "0: roots computed at step t are used from t on; 1: from t + 1"},
+    {"shampoo.root_delay", KT_INT, FIELD(shampoo.root_delay), "0", 0, 1e9, NULL,
+     "d: roots computed at step t are used from t + d on (0: from t, the reference; 1: the spec's overlap; up to "
+     "precondition_frequency: the decomposition runs behind d steps, docs/spec-deviations.md)"},
     {"shampoo.apply", KT_STR, FIELD(shampoo.apply), "\"replicated\"", NOLIM, "replicated|owners",
      "who computes each block's step: every rank for every block (replicated, the spec's design), or each block's "
      "owner, the steps then all-gathered every step (owners: 1/P of the apply GEMMs per rank for 4 bytes per "
@@ -392,6 +393,10 @@ static int resolve(Config *c, char *err, size_t n) {
         return set_err(err, n, "config key 'shampoo.start_preconditioning_step': %d must be 0 or a multiple of "
                                "shampoo.precondition_frequency %d (otherwise zero roots would be used)",
                        c->shampoo.start_preconditioning_step, c->shampoo.precondition_frequency);
+    if (!strcmp(c->opt.name, "shampoo") && c->shampoo.root_delay > c->shampoo.precondition_frequency)
+        return set_err(err, n, "config key 'shampoo.root_delay': %d exceeds shampoo.precondition_frequency %d (a "
+                               "refresh must be installed before the next one starts)",
+                       c->shampoo.root_delay, c->shampoo.precondition_frequency);
     if (c->train.sam && c->model.seed_compat)
         return set_err(err, n, "config key 'train.sam': the seed_compat variant (second pass on the next batch) is "
                                "not supported; use model.seed_compat false");

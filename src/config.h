@@ -77,7 +77,7 @@ typedef struct {
         double graft_beta2, graft_eps;
         char root_dtype[8];  // "fp64" | "fp32"
         char one_d[8];       // "full" | "adam"
-        int root_delay;      // 0 | 1
+        int root_delay;      // 0 .. precondition_frequency
         char apply[12];      // "replicated" | "owners"
         int root_threads;
         int check_replicas;

@@ -17,11 +17,13 @@
 
 // A refresh in flight: the owner's factor snapshot, and its packed roots once computed.
 // Host roots (CPU backend): a host snapshot of the factors and the packed buffer on the host. Device roots
-// (be->inverse_root, the CUDA backend): the factors stay on the device (a device snapshot under root_delay 1), the
-// roots go straight into this rank's slot of the device broadcast area, and only the status header is on the host.
+// (be->inverse_root, the CUDA backend): the factors stay on the device (a device snapshot under root_delay >= 1),
+// the roots go straight into this rank's slot of the device broadcast area, and only the status header is on the
+// host.
 typedef struct RootJob {
     Shampoo *s;
     float *factors;       // host: snapshot of this rank's factors (NULL in device mode)
+    const float *dsrc;    // device: what the decompositions read (s->factors, or the snapshot s->snap)
     unsigned char *out;   // host: this rank's packed buffer (device mode: its status header only)
     float *bad;           // per owned block: the non-finite factor's index (status 2)
     int *inject;          // per block: an injected failure (tests), taken from the blocks when the job starts
@@ -60,8 +62,9 @@ int shampoo_config_check(const ShampooConfig *c, char *err, size_t n) {
         return set_err(err, n, "config key 'shampoo.start_preconditioning_step': %d must be 0 or a multiple of "
                                "shampoo.precondition_frequency %d (otherwise the zero roots would be used)",
                        c->start_step, c->frequency);
-    if (c->root_delay != 0 && c->root_delay != 1)
-        return set_err(err, n, "config key 'shampoo.root_delay': must be 0 or 1");
+    if (c->root_delay < 0 || c->root_delay > c->frequency)
+        return set_err(err, n, "config key 'shampoo.root_delay': %d must be 0 .. shampoo.precondition_frequency %d",
+                       c->root_delay, c->frequency);
     if (c->max_dim < 1) return set_err(err, n, "config key 'shampoo.max_preconditioner_dim': must be >= 1");
     return 0;
 }
@@ -485,7 +488,7 @@ static void *compute_roots(void *arg) {
     packed_size(s, s->comm->rank, &nb);
     RootWork w = {.s = s, .job = job, .bias = 1.0 - pow(s->cfg.beta2, (double)job->t), .device = s->area != NULL};
     if (w.device) {  // into this rank's slot of the broadcast area
-        w.src = s->cfg.root_delay ? s->snap : s->factors;
+        w.src = job->dsrc;
         w.roots = (float *)((char *)s->area + s->area_off[s->comm->rank] + (size_t)nb * sizeof(int32_t));
     } else {
         w.src = job->factors;
@@ -523,22 +526,18 @@ static void *compute_roots(void *arg) {
     return NULL;
 }
 
-// Snapshot of the owned factors and the job that turns them into roots.
-static RootJob *start_refresh(Shampoo *s) {
-    Backend *be = s->model->be;
+// The job of the refresh of step t, without its factor snapshot (the caller fills job->factors on the host path,
+// or points job->dsrc at the device factors or snapshot).
+static RootJob *job_new(Shampoo *s, int64_t t) {
     RootJob *job = xcalloc(sizeof(RootJob), "root job");
     int nb;
     job->s = s;
-    job->t = s->t;
+    job->t = t;
     size_t own = packed_size(s, s->comm->rank, &nb);
     if (s->area) {
-        if (s->cfg.root_delay)  // the next step updates the factors while the side streams read the snapshot
-            be->copy(be, s->snap, s->factors, s->factor_floats * sizeof(float));
-        be->sync(be);  // the side streams read what the compute stream wrote
         job->out = xcalloc((size_t)nb * sizeof(int32_t) + 1, "own root status");
     } else {
         job->factors = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factor snapshot");
-        be->download(be, job->factors, s->factors, s->factor_floats * sizeof(float));
         job->out = xcalloc(own + 1, "own root buffer");
     }
     job->bad = xcalloc((size_t)nb * sizeof(float) + 1, "non-finite factor indices");
@@ -548,6 +547,43 @@ static RootJob *start_refresh(Shampoo *s) {
         s->blocks[i].inject = 0;
     }
     return job;
+}
+
+// Snapshot of the owned factors and the job that turns them into roots.
+static RootJob *start_refresh(Shampoo *s) {
+    Backend *be = s->model->be;
+    RootJob *job = job_new(s, s->t);
+    if (s->area) {
+        job->dsrc = s->factors;
+        if (s->cfg.root_delay) {  // later steps update the factors while the side streams read the snapshot
+            be->copy(be, s->snap, s->factors, s->factor_floats * sizeof(float));
+            job->dsrc = s->snap;
+        }
+        be->sync(be);  // the side streams read what the compute stream wrote
+    } else {
+        be->download(be, job->factors, s->factors, s->factor_floats * sizeof(float));
+    }
+    return job;
+}
+
+// root_delay >= 1: the decompositions of `job` run on s->thread while the next steps compute; the step that
+// installs them (shampoo_step, at t >= job->t + root_delay) or a save joins it.
+static void launch_refresh(Shampoo *s, RootJob *job) {
+    s->job = job;
+    CHECK(pthread_create(&s->thread, NULL, compute_roots, job) == 0, "cannot start the root thread");
+}
+
+static void finish_refresh(Shampoo *s, RootJob *job);
+
+// Waits for the pending refresh and installs its roots (a collective: every rank calls it at the same step).
+static void install_pending(Shampoo *s) {
+    double tw = now_sec();
+    pthread_join(s->thread, NULL);
+    s->last_root_wait_s = now_sec() - tw;
+    s->root_wait_s += s->last_root_wait_s;
+    finish_refresh(s, s->job);
+    s->job = NULL;
+    s->last_refresh_s = now_sec() - s->refresh_t0;
 }
 
 // ---------------------------------------------------------------- replica checks (spec §3.4 item 5, P16)
@@ -649,6 +685,8 @@ int shampoo_replica_checks(const Shampoo *s, int64_t *root_checks, int64_t *para
     if (param_checks) *param_checks = s->param_checks;
     return s->cfg.check_replicas;
 }
+
+int64_t shampoo_pending_step(const Shampoo *s) { return s->job ? s->job->t : 0; }
 
 void shampoo_traffic(const Shampoo *s, ShampooTraffic *out) {
     memset(out, 0, sizeof *out);
@@ -1017,19 +1055,15 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
         if (r.n) be->axpy(be, s->G + r.off, m->params + r.off, r.n, (float)c->weight_decay);
     }
     update_factors(s);
-    if (s->job) {  // root_delay 1: the roots of step t - 1 were computed on a thread during this step's compute
-        pthread_join(s->thread, NULL);
-        finish_refresh(s, s->job);
-        s->job = NULL;
-        s->last_refresh_s = now_sec() - s->refresh_t0;
-    }
+    // root_delay d >= 1: the roots of step t - d were computed on a thread during the compute of steps t - d + 1
+    // .. t, and become active now (d <= f, so this comes before the next refresh starts, even at d = f).
+    if (s->job && s->t >= s->job->t + c->root_delay) install_pending(s);
     int refresh = refresh_step(s);
     if (refresh) {
         s->refresh_t0 = now_sec();
         RootJob *job = start_refresh(s);
         if (c->root_delay) {
-            s->job = job;
-            CHECK(pthread_create(&s->thread, NULL, compute_roots, job) == 0, "cannot start the root thread");
+            launch_refresh(s, job);
         } else {
             compute_roots(job);
             finish_refresh(s, job);
@@ -1103,15 +1137,30 @@ static void block_name(const Shampoo *s, int i, char *out, size_t n) {
     snprintf(out, n, "%s.block%d", s->model->tensors[s->blocks[i].param].name, param_block_index(s, i));
 }
 
+// Every block's factors from `own` (this rank's owned factors, host, fac_off layout) onto every rank, in global
+// root order (root_off doubles as the factor slot).
+static float *gather_factors(Shampoo *s, const float *own) {
+    float *fac = xcalloc((s->root_floats ? s->root_floats : 1) * sizeof(float), "all factors");
+    for (int i = 0; i < s->nblocks; i++) {
+        const ShampooBlock *b = &s->blocks[i];
+        if (!block_preconditioned(s, b)) continue;
+        size_t len = 0;
+        for (int k = 0; k < b->order; k++) len += (size_t)b->dim[k] * b->dim[k];
+        if (b->owner == s->comm->rank) memcpy(fac + b->root_off[0], own + b->fac_off[0], len * sizeof(float));
+        comm_bcast(s->comm, fac + b->root_off[0], len * sizeof(float), b->owner);
+    }
+    return fac;
+}
+
 int shampoo_save(Shampoo *s, const char *path) {
     Model *m = s->model;
     Backend *be = m->be;
     Comm *comm = s->comm;
-    if (s->job) {  // the pending roots are the ones the next step uses: install them now
-        pthread_join(s->thread, NULL);
-        finish_refresh(s, s->job);
-        s->job = NULL;
-    }
+    // A pending refresh that the next step would install is installed now, so that its roots are saved as active
+    // (spec §3.5). One that is due later (root_delay d > 1) is saved as its factor snapshot and step: a resume
+    // recomputes the same roots from the same bits (spec §3.4 item 3) and installs them at the same step.
+    if (s->job && s->t + 1 >= s->job->t + s->cfg.root_delay) install_pending(s);
+    int64_t pending_t = s->job ? s->job->t : 0;
     size_t np = m->num_params;
     float *mv = xmalloc(2 * np * sizeof(float), "Shampoo m and v");
     float *roots = xmalloc((s->root_floats ? s->root_floats : 1) * sizeof(float), "roots");
@@ -1119,19 +1168,21 @@ int shampoo_save(Shampoo *s, const char *path) {
     be->download(be, mv, s->m, 2 * np * sizeof(float));
     be->download(be, roots, s->roots, s->root_floats * sizeof(float));
     be->download(be, own, s->factors, s->factor_floats * sizeof(float));
-    // Gather every block's factors onto every rank in global root order (root_off doubles as the factor slot).
-    float *fac = xcalloc((s->root_floats ? s->root_floats : 1) * sizeof(float), "all factors");
-    for (int i = 0; i < s->nblocks; i++) {
-        const ShampooBlock *b = &s->blocks[i];
-        if (!block_preconditioned(s, b)) continue;
-        size_t len = 0;
-        for (int k = 0; k < b->order; k++) len += (size_t)b->dim[k] * b->dim[k];
-        if (b->owner == comm->rank) memcpy(fac + b->root_off[0], own + b->fac_off[0], len * sizeof(float));
-        comm_bcast(comm, fac + b->root_off[0], len * sizeof(float), b->owner);
+    // Gather every block's factors (and a pending refresh's snapshot) onto every rank in global root order
+    // (root_off doubles as the factor slot).
+    float *fac = gather_factors(s, own);
+    float *snap = NULL;
+    if (pending_t) {
+        if (s->area) {
+            be->download(be, own, s->job->dsrc, s->factor_floats * sizeof(float));  // read beside the side streams
+            snap = gather_factors(s, own);
+        } else {
+            snap = gather_factors(s, s->job->factors);
+        }
     }
     int rc = 0;
     if (comm->rank == 0) {
-        int cap = 2 * m->ntensors + 6 * s->nblocks + 1, n = 0;
+        int cap = 2 * m->ntensors + 8 * s->nblocks + 1, n = 0;
         StEntry *e = xcalloc((size_t)cap * sizeof(StEntry), "state entries");
         char (*names)[200] = xcalloc((size_t)cap * 200, "state names");
         int32_t *flags = xmalloc((size_t)(2 * s->nblocks + 1) * sizeof(int32_t), "block flags");
@@ -1166,13 +1217,19 @@ int shampoo_save(Shampoo *s, const char *path) {
                 snprintf(names[n], 200, "%s.root%d", base, k);
                 e[n] = (StEntry){names[n], "F32", 2, {b->dim[k], b->dim[k]}, roots + off};
                 n++;
+                if (snap) {
+                    snprintf(names[n], 200, "%s.pending_factor%d", base, k);
+                    e[n] = (StEntry){names[n], "F32", 2, {b->dim[k], b->dim[k]}, snap + off};
+                    n++;
+                }
                 off += (size_t)b->dim[k] * b->dim[k];
             }
         }
-        char tbuf[32];
+        char tbuf[32], pbuf[32];
         snprintf(tbuf, sizeof tbuf, "%lld", (long long)s->t);
-        const char *keys[] = {"format", "t"}, *vals[] = {"simplest-dist-shampoo-state-1", tbuf};
-        rc = st_write(path, e, n, keys, vals, 2);
+        snprintf(pbuf, sizeof pbuf, "%lld", (long long)pending_t);
+        const char *keys[] = {"format", "t", "pending_t"}, *vals[] = {"simplest-dist-shampoo-state-1", tbuf, pbuf};
+        rc = st_write(path, e, n, keys, vals, pending_t ? 3 : 2);
         free(e);
         free(names);
         free(flags);
@@ -1181,6 +1238,7 @@ int shampoo_save(Shampoo *s, const char *path) {
     free(roots);
     free(own);
     free(fac);
+    free(snap);
     return rc;
 }
 
@@ -1206,10 +1264,19 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
         st_close(&f);
         return set_err(err, errlen, "%s: not a Shampoo state file", path);
     }
+    // A refresh still pending when the state was saved (root_delay d > 1): its factor snapshot and step.
+    const char *pstr = st_meta(&f, "pending_t");
+    int64_t t = strtoll(tstr, NULL, 10), pending_t = pstr ? strtoll(pstr, NULL, 10) : 0;
+    if (pstr && (pending_t < 1 || pending_t > t)) {
+        st_close(&f);
+        return set_err(err, errlen, "%s: Shampoo state has pending_t %s outside 1 .. t = %lld", path, pstr,
+                       (long long)t);
+    }
     size_t np = m->num_params;
     float *mv = xmalloc(2 * np * sizeof(float), "Shampoo m and v");
     float *roots = xmalloc((s->root_floats ? s->root_floats : 1) * sizeof(float), "roots");
     float *own = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factors");
+    float *snap = pending_t ? xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "snapshot") : NULL;
     float *tmp = xmalloc(((size_t)s->scratch_floats + 1) * sizeof(float), "factor");
     int rc = 0;
     for (int i = 0; i < m->ntensors && rc == 0; i++) {
@@ -1241,6 +1308,11 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
             snprintf(name, sizeof name, "%s.factor%d", base, k);
             if (rc == 0) rc = load_tensor(&f, path, name, "F32", sq, tmp, err, errlen);
             if (rc == 0 && b->owner == s->comm->rank) memcpy(own + b->fac_off[k], tmp, sq * sizeof(float));
+            if (rc == 0 && snap) {
+                snprintf(name, sizeof name, "%s.pending_factor%d", base, k);
+                rc = load_tensor(&f, path, name, "F32", sq, tmp, err, errlen);
+                if (rc == 0 && b->owner == s->comm->rank) memcpy(snap + b->fac_off[k], tmp, sq * sizeof(float));
+            }
             off += sq;
         }
     }
@@ -1248,11 +1320,32 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
         be->upload(be, s->m, mv, 2 * np * sizeof(float));
         be->upload(be, s->roots, roots, s->root_floats * sizeof(float));
         be->upload(be, s->factors, own, s->factor_floats * sizeof(float));
-        s->t = strtoll(tstr, NULL, 10);
+        s->t = t;
+        if (s->job) {  // a refresh of the run before the load: its roots are not wanted
+            pthread_join(s->thread, NULL);
+            job_free(s->job);
+            s->job = NULL;
+        }
+        if (snap) {  // the pending refresh again, from the same factor bits: installed at pending_t + root_delay
+            RootJob *job = job_new(s, pending_t);
+            if (s->area) {
+                if (!s->snap)
+                    s->snap = be->alloc(be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float),
+                                        "Shampoo factor snapshot");
+                be->upload(be, s->snap, snap, s->factor_floats * sizeof(float));
+                be->sync(be);
+                job->dsrc = s->snap;
+            } else {
+                memcpy(job->factors, snap, s->factor_floats * sizeof(float));
+            }
+            s->refresh_t0 = now_sec();
+            launch_refresh(s, job);
+        }
     }
     free(mv);
     free(roots);
     free(own);
+    free(snap);
     free(tmp);
     st_close(&f);
     return rc;

@@ -21,7 +21,7 @@ typedef struct {
     double graft_beta2, graft_eps;  // Adam grafting
     int root_fp64;                 // root_dtype "fp64" (else "fp32")
     int one_d_adam;                // one_d "adam" (else "full")
-    int root_delay;                // 0 or 1
+    int root_delay;                // d in 0 .. frequency: roots computed at step t are used from t + d
     int root_threads;              // LAPACK threads for roots
     int apply_owners;              // apply "owners": each owner computes its blocks' steps, all-gathered every step
     int check_replicas;            // debug (spec §3.4 item 5, P16): checksum the roots after every broadcast and the
@@ -56,7 +56,7 @@ typedef struct {
     float *G;        // device (num_params): this step's clipped gradient with L2 decay
     float *roots;    // device: every block's roots, packed in block order
     size_t root_floats;
-    struct RootJob *job;  // root_delay 1: the refresh running on `thread` since the previous step, else NULL
+    struct RootJob *job;  // root_delay >= 1: the refresh running on `thread` since step job->t, else NULL
     pthread_t thread;
     double refresh_t0;
     float *factors;  // device: the owned blocks' factors
@@ -73,7 +73,7 @@ typedef struct {
     signed char *kind;          // (nblocks) this step's kind of each block, compared with the plan's
     // Device roots (the backend has inverse_root): the owners' packed buffers back to back in rank order, broadcast
     // in place; area_off[r] is owner r's byte offset (world + 1 entries). snap: the owned factors as of the refresh
-    // step, for a root_delay 1 decomposition on the side stream. All NULL on the host-roots path.
+    // step, for a root_delay >= 1 decomposition on the side streams. All NULL on the host-roots path.
     void *area;
     size_t *area_off;
     float *snap;
@@ -83,6 +83,9 @@ typedef struct {
     // statistics for status.json and benchmarks
     int64_t refreshes, failed_decomps;
     double last_refresh_s, eig_s, bcast_s, apply_s;
+    // root_delay >= 1: time the installing steps waited for their refresh's decompositions (the part that the d
+    // steps did not hide; 0 when d is large enough), in all and at the last install
+    double root_wait_s, last_root_wait_s;
     double gather_s;                // apply "owners": time in the all-gather of the steps (part of apply_s)
     size_t dirs_sent, dirs_recv;    // apply "owners": bytes of steps this rank sent and received
     size_t bcast_bytes;  // bytes broadcast by all owners so far (status headers included)
@@ -102,6 +105,9 @@ typedef struct {
     int64_t refreshes;      // refreshes whose roots have been broadcast
 } ShampooTraffic;
 void shampoo_traffic(const Shampoo *s, ShampooTraffic *out);
+
+// The refresh step whose roots are being computed behind the steps (root_delay >= 1), or 0 when none is pending.
+int64_t shampoo_pending_step(const Shampoo *s);
 
 // Replica checks (spec §3.4 item 5, §5 P16) when cfg.check_replicas or SD_SHAMPOO_CHECK=1: after every root
 // broadcast every rank checksums each owner's roots as installed, and at every refresh step the parameters after
@@ -136,8 +142,11 @@ int shampoo_inverse_root(const float *F, int n, double bias_corr, int r, double 
 void shampoo_inject_failure(Shampoo *s, int block);
 
 // Optimizer state (spec §3.5): t, per parameter "<name>.exp_avg" and "<name>.graft_v", per block
-// "<name>.block<j>.factor<k>" (gathered from the owners) and ".root<k>" (the roots the next step uses: a refresh
-// still pending under root_delay 1 is installed first), and the block flags ".fails" and ".has_roots" (I32).
+// "<name>.block<j>.factor<k>" (gathered from the owners) and ".root<k>" (the roots the next step uses: a pending
+// refresh that the next step would install is installed first), and the block flags ".fails" and ".has_roots"
+// (I32). A refresh due later (root_delay d > 1) is saved as metadata "pending_t" and its factor snapshot
+// "<name>.block<j>.pending_factor<k>"; shampoo_load restarts it, so the resumed run installs the same roots at the
+// same step.
 // Every rank must call shampoo_save (collective); rank 0 writes path atomically. Returns 0 or -1 (errno).
 int shampoo_save(Shampoo *s, const char *path);
 // Every rank loads the same file; owners take their factors, whatever the rank count that saved it. Returns 0 or

@@ -76,6 +76,13 @@ int status_write(const char *dir, const StatusInfo *s) {
         add_num(sh, "failed_decompositions", (double)s->shampoo_failed);
         add_num(sh, "last_refresh_s", s->shampoo_last_refresh_s);
         add_num(sh, "eig_s_total", s->shampoo_eig_s);
+        add_num(sh, "root_delay", s->shampoo_root_delay);
+        if (s->shampoo_pending_step)
+            add_num(sh, "pending_refresh_step", (double)s->shampoo_pending_step);
+        else
+            cJSON_AddNullToObject(sh, "pending_refresh_step");
+        add_num(sh, "root_wait_s_total", s->shampoo_root_wait_s);
+        add_num(sh, "last_root_wait_s", s->shampoo_last_root_wait_s);
         add_num(sh, "broadcast_s_total", s->shampoo_bcast_s);
         add_num(sh, "apply_s_total", s->shampoo_apply_s);
         cJSON_AddStringToObject(sh, "apply", s->shampoo_apply_owners ? "owners" : "replicated");

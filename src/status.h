@@ -32,6 +32,9 @@ typedef struct {
     double shampoo_last_refresh_s, shampoo_eig_s, shampoo_bcast_s, shampoo_apply_s, shampoo_max_mean_load;
     double shampoo_gather_s, shampoo_steps_sent, shampoo_steps_received;  // shampoo.apply "owners"
     int shampoo_apply_owners;
+    int shampoo_root_delay;
+    int64_t shampoo_pending_step;                  // the refresh whose roots are being computed, or 0
+    double shampoo_root_wait_s, shampoo_last_root_wait_s;  // root_delay >= 1: waits for the roots at install
     double shampoo_bytes_sent, shampoo_bytes_received, shampoo_bytes_per_refresh;  // root broadcast traffic
     int shampoo_checks_on;                       // shampoo.check_replicas
     int64_t shampoo_root_checks, shampoo_param_checks;  // replica checks passed

@@ -723,6 +723,10 @@ static void run_log(Run *r, int64_t k, const StepResult *sr) {
         si->shampoo_failed = sh->failed_decomps;
         si->shampoo_last_refresh_s = sh->last_refresh_s;
         si->shampoo_eig_s = sh->eig_s;
+        si->shampoo_root_delay = sh->cfg.root_delay;
+        si->shampoo_pending_step = shampoo_pending_step(sh);
+        si->shampoo_root_wait_s = sh->root_wait_s;
+        si->shampoo_last_root_wait_s = sh->last_root_wait_s;
         si->shampoo_bcast_s = sh->bcast_s;
         si->shampoo_apply_s = sh->apply_s;
         si->shampoo_apply_owners = sh->cfg.apply_owners;

@@ -1543,6 +1543,7 @@ static void group_shampoo(void) {
     test_shampoo_run("general step", 1, 0, 12, 0, 1, 0);
     test_shampoo_run("schedule", 5, 5, 30, 0, 1, 0);
     test_shampoo_run("schedule", 5, 5, 30, 1, 1, 0);
+    test_shampoo_run("schedule", 5, 5, 30, 4, 1, 0);  // the snapshot read by the side streams for 4 steps
     test_shampoo_run("schedule", 5, 5, 30, 0, 0, 0);
     test_shampoo_run("schedule, apply owners", 5, 5, 30, 0, 1, 1);  // steps in the direction buffer, then applied
     if (S[DUT].be->inverse_root) test_root_threads();

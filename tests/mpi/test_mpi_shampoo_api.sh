@@ -3,12 +3,13 @@
 # (tests/unit/test_shampoo_mpi.c: identical pseudo-gradients on every rank, as after the all-reduce; a tiny model,
 # f = S = 10, b = 24, 100 steps):
 #  - P14 rank-count invariance: np = 1, 2, 3 and 4 give bit-identical parameters after each of 100 steps (a
-#    per-step checksum trace), for root_delay 0 and 1 and one_d "full" and "adam";
+#    per-step checksum trace), for root_delay 0, 1 and 4 and one_d "full" and "adam";
 #  - P16 replica consistency: the debug checks (roots after every broadcast against the owner's, parameters at every
 #    refresh step) pass at every np, and a replica made to diverge stops the run at the next refresh step, naming
 #    the step, the owner and the rank;
 #  - P17 checkpoint/resume across rank counts: states saved at t = 37 (mid-interval) and t = 50 (a refresh step;
-#    with root_delay 1 its roots are pending) at np = 2 and resumed at np = 3, and saved at np = 3 and resumed at
+#    with root_delay 1 its roots are pending and installed by the save, with root_delay 4 the save writes their
+#    factor snapshot) at np = 2 and resumed at np = 3, and saved at np = 3 and resumed at
 #    np = 1, give the uninterrupted np = 1 trace through t = 100;
 #  - P18 traffic: 4 sum n_k^2 + 4 per block per refresh, each rank receives what it does not own, 0 bytes otherwise.
 set -u
@@ -43,7 +44,7 @@ relay() {  # log rc
 for np in 1 2 3 4; do
   mrun trace_np$np $np trace "$TMP"; relay trace_np$np $?
 done
-for v in d0_full d1_full d0_adam d1_adam d0_full_own d1_adam_own; do
+for v in d0_full d1_full d0_adam d1_adam d0_full_own d1_adam_own d4_full; do
   for np in 2 3 4; do
     a="$TMP/trace_${v}_np1.txt" b="$TMP/trace_${v}_np$np.txt"
     if [ -s "$a" ] && [ "$(wc -l <"$a")" = 100 ] && cmp -s "$a" "$b"; then

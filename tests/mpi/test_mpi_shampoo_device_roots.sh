@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Shampoo's device-roots path (the CUDA backend's: roots computed into a device broadcast area, broadcast in place,
-# status headers read back, roots installed by device copies, a factor snapshot and a side stream under root_delay 1)
+# status headers read back, roots installed by device copies, a factor snapshot and a side stream under root_delay >= 1)
 # run on the CPU backend through tests/unit/device_roots_emu.h (SD_TEST_DEVICE_ROOTS=1), where device memory is host
 # memory and each root comes from the host routine:
 #  - every case of build/tests/test_shampoo (P1-P13, P18 and the parity with the float64 reference) passes through it;
 #  - build/tests/test_shampoo_mpi traces at np = 1 and 3 (uneven ownership; without NCCL the area is staged through
 #    the host and broadcast owner by owner) equal the host-roots path's np = 1 traces bit for bit after each of
-#    100 steps, for root_delay 0 and 1 and one_d "full" and "adam", and shampoo.apply "owners" (the blocks' steps
+#    100 steps, for root_delay 0, 1 and 4 and one_d "full" and "adam", and shampoo.apply "owners" (the blocks' steps
 #    all-gathered through the host as well), with the replica checks on;
-#  - P17 through it: the states those np = 3 runs saved at t = 37 and 50 (pending roots under delay 1) resumed at
+#  - P17 through it: the states those np = 3 runs saved at t = 37 and 50 (pending roots under delay 1 and 4) resumed at
 #    np = 2 reproduce the np = 1 trace through t = 100.
 # The GPU itself (cuSOLVER roots against LAPACK, NCCL) is checked by tests/gpu/run.sh.
 set -u
@@ -41,7 +41,7 @@ for np in 1 3; do
   if [ $rc != 0 ] || ! grep -q "device-roots path (SD_TEST_DEVICE_ROOTS=1)" "$TMP/dev_np$np.log"; then
     echo "not ok - device-roots path at np = $np: exit $rc"; tail -n 8 "$TMP/dev_np$np.log"; continue
   fi
-  for v in d0_full d1_full d0_adam d1_adam d0_full_own d1_adam_own; do
+  for v in d0_full d1_full d0_adam d1_adam d0_full_own d1_adam_own d4_full; do
     a="$TMP/host/trace_${v}_np1.txt" b="$TMP/dev/trace_${v}_np$np.txt"
     if [ -s "$a" ] && [ "$(wc -l <"$a")" = 100 ] && cmp -s "$a" "$b"; then
       echo "ok - device-roots path ($v) at np = $np equals the host-roots path at np = 1 bit for bit after each of 100 steps"

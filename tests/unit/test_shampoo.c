@@ -1300,12 +1300,16 @@ static void run_steps(Shampoo *s, Model *m, int k0, int k1, uint64_t seed, doubl
 }
 
 static void test_schedule(void) {
-    for (int delay = 0; delay < 2; delay++) {
-        char title[240];
+    static const int delays[] = {0, 1, 3, 5};  // 3 and 5 = f: docs/spec-deviations.md (root_delay beyond 1)
+    for (int di = 0; di < 4; di++) {
+        int delay = delays[di], graft_last = delay > 1 ? 4 + delay : 5;  // no roots are active before 5 + delay
+        char title[400], when[80];
+        snprintf(when, sizeof when, "t = %d, %d, %d, ...%s", 5 + delay, 10 + delay, 15 + delay,
+                 delay ? " (computed at 5, 10, 15, ...)" : "");
         snprintf(title, sizeof title,
-                 "P8 schedule (f = S = 5, delay %d): roots change only at %s, bit-identical between; steps 1..5 are "
-                 "Adam steps and 6 is not; refreshes counted when installed",
-                 delay, delay ? "t = 6, 11, 16, 21 (computed at 5, 10, ...)" : "t = 5, 10, 15, 20");
+                 "P8 schedule (f = S = 5, delay %d): roots change only at %s, bit-identical between; steps 1..%d are "
+                 "Adam steps and %d is not; refreshes counted when installed",
+                 delay, when, graft_last, graft_last + 1);
         TEST_CASE(title) {
             ModelConfig mc = tiny_simplest();
             Model *ma = tiny_model(&mc, 7), *mb = tiny_model(&mc, 7);
@@ -1334,11 +1338,11 @@ static void test_schedule(void) {
                 shampoo_step(&s, lr, scale);
                 adam_step(&adam, mb, lr, scale);
                 int same_as_adam = !memcmp(ma->params, mb->params, n * sizeof(float));
-                if ((k <= 5) != same_as_adam && k <= 6) adam_bad = k;
+                if ((k <= graft_last) != same_as_adam && k <= graft_last + 1) adam_bad = k;
                 int changed = memcmp(prev, s.roots, s.root_floats * sizeof(float)) != 0;
-                int should = delay ? (k > 5 && (k - 1) % 5 == 0) : (k % 5 == 0);
+                int should = k >= 5 + delay && (k - delay) % 5 == 0;
                 if (changed != should) bad_change = k;
-                // A refresh counts once its roots are installed: at t = 5, 10, ... (delay 0), 6, 11, ... (delay 1).
+                // A refresh counts once its roots are installed: at t = 5 + delay, 10 + delay, ...
                 if (s.refreshes != (k - delay) / 5) bad_refresh = k;
                 for (int i = 0; i < s.nblocks; i++)
                     if (s.blocks[i].has_roots != (k >= 5 + delay)) has_roots_bad = k;
@@ -1412,36 +1416,43 @@ static void test_schedule(void) {
         shampoo_free(&s0), shampoo_free(&s1);
         model_free(m0), model_free(m1);
     }
-    TEST_CASE("P9 root_delay 1 = the delay-0 roots installed one step late (wd 0: identical statistics), 4 refreshes") {
-        ModelConfig mc = tiny_simplest();
-        Model *m0 = tiny_model(&mc, 8), *m1 = tiny_model(&mc, 8);
-        size_t n = m0->num_params;
-        ShampooConfig sc = base_sc();
-        sc.max_dim = 32;
-        sc.frequency = sc.start_step = 5;
-        Shampoo s0, s1;
-        shampoo_create(&s0, m0, &comm1, &sc, NULL);
-        sc.root_delay = 1;
-        shampoo_create(&s1, m1, &comm1, &sc, NULL);
-        float *r0prev = dup_f(s0.roots, s0.root_floats);
-        int bad = 0, checked = 0;
-        for (int k = 1; k <= 22; k++) {
-            fill_normal(m0->grads, n, 1.0, 62, k);
-            memcpy(m1->grads, m0->grads, n * sizeof(float));
-            double scale = 0.5 + 0.5 * uniform(62, k), lr = lr_at_step(0.01, k, 3, 40, 0);
-            shampoo_step(&s0, lr, scale);
-            shampoo_step(&s1, lr, scale);
-            // After step k, delay 1's active roots are delay 0's roots after step k - 1.
-            if (k >= 6) {
-                checked++;
-                if (memcmp(s1.roots, r0prev, s0.root_floats * sizeof(float))) bad = bad ? bad : k;
+    for (int d = 1; d <= 5; d += 2) {
+        char title[200];
+        snprintf(title, sizeof title, "P9 root_delay %d = the delay-0 roots installed %d step%s late (wd 0: identical "
+                                      "statistics), 22 steps, f = S = 5", d, d, d > 1 ? "s" : "");
+        TEST_CASE(title) {
+            ModelConfig mc = tiny_simplest();
+            Model *m0 = tiny_model(&mc, 8), *m1 = tiny_model(&mc, 8);
+            size_t n = m0->num_params;
+            ShampooConfig sc = base_sc();
+            sc.max_dim = 32;
+            sc.frequency = sc.start_step = 5;
+            Shampoo s0, s1;
+            shampoo_create(&s0, m0, &comm1, &sc, NULL);
+            sc.root_delay = d;
+            shampoo_create(&s1, m1, &comm1, &sc, NULL);
+            float *hist = malloc((size_t)23 * s0.root_floats * sizeof(float));  // delay 0's roots after each step
+            int bad = 0, checked = 0;
+            for (int k = 1; k <= 22; k++) {
+                fill_normal(m0->grads, n, 1.0, 62, k);
+                memcpy(m1->grads, m0->grads, n * sizeof(float));
+                double scale = 0.5 + 0.5 * uniform(62, k), lr = lr_at_step(0.01, k, 3, 40, 0);
+                shampoo_step(&s0, lr, scale);
+                shampoo_step(&s1, lr, scale);
+                memcpy(hist + (size_t)k * s0.root_floats, s0.roots, s0.root_floats * sizeof(float));
+                // After step k, delay d's active roots are delay 0's roots after step k - d.
+                if (k >= 5 + d) {
+                    checked++;
+                    if (memcmp(s1.roots, hist + (size_t)(k - d) * s0.root_floats, s0.root_floats * sizeof(float)))
+                        bad = bad ? bad : k;
+                }
             }
-            memcpy(r0prev, s0.roots, s0.root_floats * sizeof(float));
+            EXPECT(bad == 0 && checked == 18 - d, "delay-%d roots after step %d are not delay-0's of step %d (%d "
+                   "checked)", d, bad, bad - d, checked);
+            free(hist);
+            shampoo_free(&s0), shampoo_free(&s1);
+            model_free(m0), model_free(m1);
         }
-        EXPECT(bad == 0 && checked == 17, "delay-1 roots after step %d are not delay-0's of the step before", bad);
-        free(r0prev);
-        shampoo_free(&s0), shampoo_free(&s1);
-        model_free(m0), model_free(m1);
     }
     TEST_CASE("P8/P9 S = 0, f = 5, delay 1: steps 1..5 are graft steps (no roots are active before step 6), so step "
               "5's update is -lr Pg, not zero") {
@@ -1787,7 +1798,7 @@ static int lockstep(Shampoo *sa, Shampoo *sb, int steps, uint64_t seed, const in
 // broadcast area, status headers read back, installs by device copies, a factor snapshot and the side stream under
 // delay 1), with injected decomposition failures: parameters, roots, counters and traffic must be bit-identical.
 static void test_device_path(void) {
-    for (int delay = 0; delay < 2; delay++) {
+    for (int delay = 0; delay < 4; delay += delay ? 2 : 1) {  // 0, 1, 3
         char title[300];
         snprintf(title, sizeof title,
                  "device-roots path (as on CUDA, emulated on host memory), delay %d: 32 steps with f = S = 4 and two "
@@ -1877,7 +1888,7 @@ static void test_chunks(void) {
 // ================================================================ P13 validation
 
 static void test_validation(void) {
-    TEST_CASE("P13 shampoo_config_check: S not a multiple of f, f < 1, root_delay not in {0, 1} are rejected") {
+    TEST_CASE("P13 shampoo_config_check: S not a multiple of f, f < 1, root_delay outside 0 .. f are rejected") {
         char err[400];
         ShampooConfig c = base_sc();
         EXPECT(shampoo_config_check(&c, err, sizeof err) == 0, "default rejected: %s", err);
@@ -1896,9 +1907,13 @@ static void test_validation(void) {
                "f = 0 accepted (%s)", err);
         c.frequency = -5;
         EXPECT(shampoo_config_check(&c, err, sizeof err) != 0, "f = -5 accepted");
-        c = base_sc();
+        c = base_sc();  // root_delay 0 .. f (beyond the spec's 0 or 1: docs/spec-deviations.md)
+        c.root_delay = c.frequency + 1;
+        EXPECT(shampoo_config_check(&c, err, sizeof err) != 0 && strstr(err, "root_delay"), "delay f + 1 accepted");
+        c.root_delay = c.frequency;
+        EXPECT(shampoo_config_check(&c, err, sizeof err) == 0, "delay f rejected: %s", err);
         c.root_delay = 2;
-        EXPECT(shampoo_config_check(&c, err, sizeof err) != 0 && strstr(err, "root_delay"), "delay 2 accepted");
+        EXPECT(shampoo_config_check(&c, err, sizeof err) == 0, "delay 2 rejected: %s", err);
         c.root_delay = -1;
         EXPECT(shampoo_config_check(&c, err, sizeof err) != 0, "delay -1 accepted");
         c = base_sc();
@@ -1921,12 +1936,14 @@ static void test_validation(void) {
             {"shampoo.betas=[0.9, \"x\"]", "shampoo.betas"},
             {"shampoo.start_preconditioning_step=7", "shampoo.start_preconditioning_step"},
             {"shampoo.precondition_frequency=0", "shampoo.precondition_frequency"},
-            {"shampoo.root_delay=2", "shampoo.root_delay"},
+            {"shampoo.root_delay=26", "shampoo.root_delay"},
+            {"shampoo.root_delay=-1", "shampoo.root_delay"},
             {"shampoo.momentum=0.9", "shampoo.momentum"},
             {"shampoo.one_d=adam", NULL},
             {"shampoo.root_dtype=fp32", NULL},
             {"shampoo.betas=[0.95, 0.99]", NULL},
             {"shampoo.root_delay=1", NULL},
+            {"shampoo.root_delay=25", NULL},
         };
         for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
             const char *ov[4] = {"train.batch_size=8", "opt.lr=1e-3", "opt.name=shampoo", cases[k].ov};

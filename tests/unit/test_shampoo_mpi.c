@@ -1,11 +1,12 @@
 // test_shampoo_mpi.c: Distributed Shampoo at the optimizer API across MPI ranks (spec/shampoo.md §5):
-//  P14 rank-count invariance: the parameters after each of 100 steps (a per-step checksum trace) for root_delay 0
-//      and 1 and one_d "full" and "adam"; tests/mpi/test_mpi_shampoo_api.sh compares the traces of np = 1..4;
+//  P14 rank-count invariance: the parameters after each of 100 steps (a per-step checksum trace) for root_delay 0,
+//      1 and 4 and one_d "full" and "adam"; tests/mpi/test_mpi_shampoo_api.sh compares the traces of np = 1..4;
 //  P16 replica consistency: the debug checks (cfg.check_replicas) run after every broadcast and at every refresh
 //      step and pass; modes corrupt-roots / corrupt-params show that a divergent replica stops the run naming the
 //      step and ranks;
 //  P17 checkpoint/resume: state saved at t = 37 (mid-interval) and t = 50 (a refresh step; with root_delay 1 the
-//      roots are pending) and resumed, possibly at another rank count, gives the uninterrupted trace through 100;
+//      roots are pending and installed by the save, with root_delay 4 they are saved as their factor snapshot) and
+//      resumed, possibly at another rank count, gives the uninterrupted trace through 100;
 //  P18 traffic: the bytes broadcast per refresh equal 4 sum_blocks sum_k n_k^2 + 4 per preconditioned block, each
 //      rank receives exactly the blocks it does not own, and no bytes move on other steps.
 // Every rank computes the same pseudo-gradient (a function of the step and of the parameters, so that any
@@ -59,9 +60,12 @@ typedef struct {
 } Variant;
 // *_own: shampoo.apply "owners" (each owner computes its blocks' steps, all-gathered every step); on the CPU backend
 // its traces must equal the replicated variants' as well as each other's at every np.
-static const Variant variants[] = {{"d0_full", 0, 0, 0}, {"d1_full", 1, 0, 0}, {"d0_adam", 0, 1, 0},
-                                   {"d1_adam", 1, 1, 0}, {"d0_full_own", 0, 0, 1}, {"d1_adam_own", 1, 1, 1}};
-#define NVAR 6
+// d4_full: root_delay 4 (roots of step 10k active from 10k + 4); its state saved at t = 50 has a refresh pending
+// that is due at 54, so the save writes the factor snapshot and the resume recomputes the roots.
+static const Variant variants[] = {{"d0_full", 0, 0, 0},     {"d1_full", 1, 0, 0},        {"d0_adam", 0, 1, 0},
+                                   {"d1_adam", 1, 1, 0},     {"d0_full_own", 0, 0, 1},    {"d1_adam_own", 1, 1, 1},
+                                   {"d4_full", 4, 0, 0}};
+#define NVAR 7
 static const int64_t save_points[] = {37, 50};
 
 // f = S = 10: refreshes at 10, 20, ..., 100; b = 24 cuts the 64-wide MLP weights into uneven blocks.
@@ -166,8 +170,8 @@ static void trace(const char *dir, const Variant *v) {
         }
         int refresh = k % 10 == 0;
         nref += refresh;
-        // Broadcast steps: the refresh step itself (delay 0) or the step after it (delay 1).
-        int bstep = v->delay ? k > 10 && (k - 1) % 10 == 0 : refresh;
+        // Broadcast steps: the refresh step itself (delay 0) or d steps after it (delay d).
+        int bstep = k - v->delay >= 10 && (k - v->delay) % 10 == 0;
         size_t moved = s->bcast_bytes - before, sent = s->bcast_sent - sent0, recv = s->bcast_recv - recv0;
         if (traffic_ok && (moved != (bstep ? all : 0) || sent != (bstep ? own : 0) || recv != (bstep ? all - own : 0) ||
                            (bstep && s->bcast_last != all))) {
@@ -191,7 +195,7 @@ static void trace(const char *dir, const Variant *v) {
     report(name, steps_ok, why2);
     int64_t rc, pc;
     int en = shampoo_replica_checks(s, &rc, &pc);
-    // delay 1: the refresh of step 100 is still pending at the end (installed by the next step or a save)
+    // delay >= 1: the refresh of step 100 is still pending at the end (installed by a later step or a save)
     int64_t want_rc = v->delay ? nref - 1 : nref;
     snprintf(why, sizeof why, "enabled %d, %lld root checks (want %lld), %lld parameter checks (want %d)", en,
              (long long)rc, (long long)want_rc, (long long)pc, nref);

@@ -1,6 +1,7 @@
 // test_shampoo_state.c: Shampoo's optimizer state round trip (spec/shampoo.md §3.5, property 17 at one rank).
-// A run saved mid-interval, or at a refresh step with root_delay 1 (roots pending), and resumed into a fresh
-// optimizer continues bit for bit like the uninterrupted run. Also: a state file for another model is refused
+// A run saved mid-interval, or at a refresh step with root_delay 1 (roots pending), or with root_delay 4 and 5
+// while a refresh is pending for more than the next step (saved as its factor snapshot and recomputed on resume),
+// and resumed into a fresh optimizer continues bit for bit like the uninterrupted run. Also: a state file for another model is refused
 // with one line naming the file and the tensor.
 #include <stdio.h>
 #include <stdlib.h>
@@ -91,6 +92,46 @@ int main(void) {
     round_trip(0, 12, 30);  // mid-interval
     round_trip(1, 10, 30);  // at a refresh step: the roots are still pending on the thread
     round_trip(1, 12, 30);
+    round_trip(4, 10, 30);  // due at 14: saved as the snapshot of step 10
+    round_trip(4, 12, 30);
+    round_trip(4, 13, 30);  // due at the next step: installed by the save
+    round_trip(5, 14, 30);  // d = f: due at 15, when the next refresh starts
+    TEST_CASE("a state whose pending_t is not in 1 .. t is refused, naming the file") {
+        Backend *be = backend_cpu_create(1);
+        Comm comm = {.rank = 0, .world = 1, .local_world = 1};
+        ModelConfig mc = tiny();
+        ShampooConfig sc = shampoo_cfg(4);
+        Model *a = model_create(&mc, be, 1);
+        model_init(a, 5);
+        Shampoo sa;
+        shampoo_create(&sa, a, &comm, &sc, NULL);
+        char path[] = "/tmp/shampoo_stateXXXXXX";
+        int fd = mkstemp(path);
+        close(fd);
+        run_steps(&sa, 1, 12);
+        EXPECT(shampoo_save(&sa, path) == 0, "save failed");
+        // Rewrite "pending_t":"10" as "pending_t":"99" in the header (same length).
+        FILE *f = fopen(path, "r+b");
+        char head[8192];
+        size_t n = f ? fread(head, 1, sizeof head - 1, f) : 0;
+        head[n] = 0;
+        char *at = NULL;
+        for (size_t i = 0; i + 15 < n && !at; i++)
+            if (!memcmp(head + i, "\"pending_t\":\"10\"", 16)) at = head + i;
+        EXPECT(at != NULL, "no pending_t 10 in the header");
+        if (f && at) {
+            fseek(f, (long)(at - head) + 13, SEEK_SET);
+            fwrite("99", 1, 2, f);
+        }
+        if (f) fclose(f);
+        char err[512] = "";
+        EXPECT(shampoo_load(&sa, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_t"),
+               "message: %s", err);
+        shampoo_free(&sa);
+        model_free(a);
+        be->destroy(be);
+        unlink(path);
+    }
     TEST_CASE("a state file of another model is refused, naming the file and the tensor") {
         Backend *be = backend_cpu_create(1);
         Comm comm = {.rank = 0, .world = 1, .local_world = 1};
