@@ -28,6 +28,7 @@ typedef struct RootJob {
     float *bad;           // per owned block: the non-finite factor's index (status 2)
     int *inject;          // per block: an injected failure (tests), taken from the blocks when the job starts
     int64_t t;            // the refresh step
+    int threaded;         // runs on s->thread beside the steps (then it must not change the BLAS thread count)
     double eig_s;         // time of the decompositions (added to s->eig_s by the main thread, in finish_refresh)
 } RootJob;
 
@@ -515,10 +516,10 @@ static void *compute_roots(void *arg) {
         for (int k = 0; k < nt; k++) pthread_join(th[k], NULL);
     } else {
         // The same on every rank: the root bits depend on it. Only without a concurrent step (the setting is global).
-        if (!s->cfg.root_delay) openblas_set_num_threads(s->cfg.root_threads);
+        if (!job->threaded) openblas_set_num_threads(s->cfg.root_threads);
         RootWorker one = {&w, 0};
         root_worker(&one);
-        if (!s->cfg.root_delay) openblas_set_num_threads(1);
+        if (!job->threaded) openblas_set_num_threads(1);
     }
     free(w.blk);
     free(w.at);
@@ -569,6 +570,8 @@ static RootJob *start_refresh(Shampoo *s) {
 // root_delay >= 1: the decompositions of `job` run on s->thread while the next steps compute; the step that
 // installs them (shampoo_step, at t >= job->t + root_delay) or a save joins it.
 static void launch_refresh(Shampoo *s, RootJob *job) {
+    CHECK(s->job == NULL, "shampoo: a refresh started while the one of step %lld is pending", (long long)s->job->t);
+    job->threaded = 1;
     s->job = job;
     CHECK(pthread_create(&s->thread, NULL, compute_roots, job) == 0, "cannot start the root thread");
 }
@@ -1056,9 +1059,10 @@ void shampoo_step(Shampoo *s, double lr, double grad_scale) {
     }
     update_factors(s);
     // root_delay d >= 1: the roots of step t - d were computed on a thread during the compute of steps t - d + 1
-    // .. t, and become active now (d <= f, so this comes before the next refresh starts, even at d = f).
-    if (s->job && s->t >= s->job->t + c->root_delay) install_pending(s);
+    // .. t, and become active now (d <= f, so this comes before the next refresh starts, even at d = f). A refresh
+    // step installs a pending one in any case: after a resume with another f or d the two need not line up.
     int refresh = refresh_step(s);
+    if (s->job && (refresh || s->t >= s->job->t + c->root_delay)) install_pending(s);
     if (refresh) {
         s->refresh_t0 = now_sec();
         RootJob *job = start_refresh(s);
@@ -1268,9 +1272,9 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
     const char *pstr = st_meta(&f, "pending_t");
     int64_t t = strtoll(tstr, NULL, 10), pending_t = pstr ? strtoll(pstr, NULL, 10) : 0;
     if (pstr && (pending_t < 1 || pending_t > t)) {
-        st_close(&f);
-        return set_err(err, errlen, "%s: Shampoo state has pending_t %s outside 1 .. t = %lld", path, pstr,
-                       (long long)t);
+        set_err(err, errlen, "%s: Shampoo state has pending_t %.40s outside 1 .. t = %lld", path, pstr, (long long)t);
+        st_close(&f);  // pstr points into the file's header
+        return -1;
     }
     size_t np = m->num_params;
     float *mv = xmalloc(2 * np * sizeof(float), "Shampoo m and v");
@@ -1278,6 +1282,7 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
     float *own = xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factors");
     float *snap = pending_t ? xmalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "snapshot") : NULL;
     float *tmp = xmalloc(((size_t)s->scratch_floats + 1) * sizeof(float), "factor");
+    int32_t *flags = xmalloc((size_t)(2 * s->nblocks + 1) * sizeof(int32_t), "block flags");  // applied on success
     int rc = 0;
     for (int i = 0; i < m->ntensors && rc == 0; i++) {
         const TensorInfo *t = &m->tensors[i];
@@ -1289,16 +1294,13 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
         }
     }
     for (int i = 0; i < s->nblocks && rc == 0; i++) {
-        ShampooBlock *b = &s->blocks[i];
+        const ShampooBlock *b = &s->blocks[i];
         char base[160], name[200];
-        int32_t flag;
         block_name(s, i, base, sizeof base);
         snprintf(name, sizeof name, "%s.fails", base);
-        rc = load_tensor(&f, path, name, "I32", 1, &flag, err, errlen);
-        b->fails = flag;
+        rc = load_tensor(&f, path, name, "I32", 1, &flags[2 * i], err, errlen);
         snprintf(name, sizeof name, "%s.has_roots", base);
-        if (rc == 0) rc = load_tensor(&f, path, name, "I32", 1, &flag, err, errlen);
-        b->has_roots = flag;
+        if (rc == 0) rc = load_tensor(&f, path, name, "I32", 1, &flags[2 * i + 1], err, errlen);
         if (!block_preconditioned(s, b)) continue;
         size_t off = b->root_off[0];
         for (int k = 0; k < b->order && rc == 0; k++) {
@@ -1320,6 +1322,10 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
         be->upload(be, s->m, mv, 2 * np * sizeof(float));
         be->upload(be, s->roots, roots, s->root_floats * sizeof(float));
         be->upload(be, s->factors, own, s->factor_floats * sizeof(float));
+        for (int i = 0; i < s->nblocks; i++) {
+            s->blocks[i].fails = flags[2 * i];
+            s->blocks[i].has_roots = flags[2 * i + 1];
+        }
         s->t = t;
         if (s->job) {  // a refresh of the run before the load: its roots are not wanted
             pthread_join(s->thread, NULL);
@@ -1347,6 +1353,7 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
     free(own);
     free(snap);
     free(tmp);
+    free(flags);
     st_close(&f);
     return rc;
 }

@@ -69,8 +69,10 @@ for pair in "d0_full_own d0_full" "d1_adam_own d1_adam"; do
 done
 # A control: the traces of the variants differ, so that equal traces mean something.
 if ! cmp -s "$TMP/trace_d0_full_np1.txt" "$TMP/trace_d1_full_np1.txt" &&
+   ! cmp -s "$TMP/trace_d0_full_np1.txt" "$TMP/trace_d4_full_np1.txt" &&
+   ! cmp -s "$TMP/trace_d1_full_np1.txt" "$TMP/trace_d4_full_np1.txt" &&
    ! cmp -s "$TMP/trace_d0_full_np1.txt" "$TMP/trace_d0_adam_np1.txt"; then
-  echo "ok - P14 control: root_delay 1 and one_d adam change the trajectory"
+  echo "ok - P14 control: root_delay 1 and 4 and one_d adam change the trajectory"
 else
   echo "not ok - P14 control: variants gave identical traces"
 fi

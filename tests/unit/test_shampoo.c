@@ -1798,7 +1798,9 @@ static int lockstep(Shampoo *sa, Shampoo *sb, int steps, uint64_t seed, const in
 // broadcast area, status headers read back, installs by device copies, a factor snapshot and the side stream under
 // delay 1), with injected decomposition failures: parameters, roots, counters and traffic must be bit-identical.
 static void test_device_path(void) {
-    for (int delay = 0; delay < 4; delay += delay ? 2 : 1) {  // 0, 1, 3
+    static const int dev_delays[] = {0, 1, 3, 4};  // 4 = f
+    for (int di = 0; di < 4; di++) {
+        int delay = dev_delays[di];
         char title[300];
         snprintf(title, sizeof title,
                  "device-roots path (as on CUDA, emulated on host memory), delay %d: 32 steps with f = S = 4 and two "

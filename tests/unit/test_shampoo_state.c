@@ -1,7 +1,10 @@
 // test_shampoo_state.c: Shampoo's optimizer state round trip (spec/shampoo.md §3.5, property 17 at one rank).
-// A run saved mid-interval, or at a refresh step with root_delay 1 (roots pending), or with root_delay 4 and 5
+// A run saved mid-interval, or at a refresh step with root_delay 1 (roots pending), or with root_delay 4 and 5 (= f)
 // while a refresh is pending for more than the next step (saved as its factor snapshot and recomputed on resume),
-// and resumed into a fresh optimizer continues bit for bit like the uninterrupted run. Also: a state file for another model is refused
+// and resumed into a fresh optimizer continues bit for bit like the uninterrupted run. A pending refresh resumed
+// under another f and d is installed before the next refresh starts. A state file for another model, a bad
+// pending_t or a missing pending factor is refused with one line naming the file (and the tensor), and the optimizer
+// is left as it was. Also: a state file for another model is refused
 // with one line naming the file and the tensor.
 #include <stdio.h>
 #include <stdlib.h>
@@ -95,8 +98,46 @@ int main(void) {
     round_trip(4, 10, 30);  // due at 14: saved as the snapshot of step 10
     round_trip(4, 12, 30);
     round_trip(4, 13, 30);  // due at the next step: installed by the save
-    round_trip(5, 14, 30);  // d = f: due at 15, when the next refresh starts
-    TEST_CASE("a state whose pending_t is not in 1 .. t is refused, naming the file") {
+    round_trip(5, 11, 30);  // d = f: saved as the snapshot of step 10, due at 15 when the next refresh starts
+    round_trip(5, 14, 30);  // d = f: due at the next step, installed by the save
+    TEST_CASE("a pending refresh resumed under another f and d (10 -> 8): installed at the next refresh step, before "
+              "that refresh starts, so two are never in flight") {
+        Backend *be = backend_cpu_create(1);
+        Comm comm = {.rank = 0, .world = 1, .local_world = 1};
+        ModelConfig mc = tiny();
+        ShampooConfig sc = shampoo_cfg(10);
+        sc.frequency = sc.start_step = 10;
+        Model *a = model_create(&mc, be, 1), *b = model_create(&mc, be, 1);
+        model_init(a, 5);
+        model_init(b, 5);
+        Shampoo sa, sb;
+        shampoo_create(&sa, a, &comm, &sc, NULL);
+        sc.frequency = sc.start_step = sc.root_delay = 8;
+        shampoo_create(&sb, b, &comm, &sc, NULL);
+        char path[] = "/tmp/shampoo_stateXXXXXX";
+        int fd = mkstemp(path);
+        close(fd);
+        run_steps(&sa, 1, 15);
+        EXPECT(shampoo_pending_step(&sa) == 10 && shampoo_save(&sa, path) == 0, "save (pending %lld)",
+               (long long)shampoo_pending_step(&sa));
+        char err[512] = "";
+        EXPECT(shampoo_load(&sb, path, err, sizeof err) == 0, "%s", err);
+        EXPECT(shampoo_pending_step(&sb) == 10, "pending %lld after the load", (long long)shampoo_pending_step(&sb));
+        run_steps(&sb, 16, 16);  // a refresh step under f = 8: installs step 10's roots, then starts its own
+        EXPECT(sb.refreshes == 1 && shampoo_pending_step(&sb) == 16, "after step 16: %lld installed, pending %lld",
+               (long long)sb.refreshes, (long long)shampoo_pending_step(&sb));
+        run_steps(&sb, 17, 30);  // 16's roots at 24, 24's pending from 24 (due 32)
+        EXPECT(sb.refreshes == 2 && shampoo_pending_step(&sb) == 24, "after step 30: %lld installed, pending %lld",
+               (long long)sb.refreshes, (long long)shampoo_pending_step(&sb));
+        shampoo_free(&sa);
+        shampoo_free(&sb);
+        model_free(a);
+        model_free(b);
+        be->destroy(be);
+        unlink(path);
+    }
+    TEST_CASE("a state whose pending_t is not in 1 .. t, or that lacks a pending factor, is refused naming the file "
+              "(and the tensor), and leaves the optimizer as it was") {
         Backend *be = backend_cpu_create(1);
         Comm comm = {.rank = 0, .world = 1, .local_world = 1};
         ModelConfig mc = tiny();
@@ -112,7 +153,7 @@ int main(void) {
         EXPECT(shampoo_save(&sa, path) == 0, "save failed");
         // Rewrite "pending_t":"10" as "pending_t":"99" in the header (same length).
         FILE *f = fopen(path, "r+b");
-        char head[8192];
+        static char head[1 << 18];  // the whole JSON header (about 90 KB here)
         size_t n = f ? fread(head, 1, sizeof head - 1, f) : 0;
         head[n] = 0;
         char *at = NULL;
@@ -125,8 +166,41 @@ int main(void) {
         }
         if (f) fclose(f);
         char err[512] = "";
-        EXPECT(shampoo_load(&sa, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_t"),
+        Shampoo sb;  // a fresh optimizer: a refused load must leave it fresh
+        Model *b = model_create(&mc, be, 1);
+        model_init(b, 5);
+        shampoo_create(&sb, b, &comm, &sc, NULL);
+        EXPECT(shampoo_load(&sb, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_t"),
                "message: %s", err);
+        // The same with pending_t intact but a pending factor renamed ("pending_factor0" -> "pending_factorX").
+        f = fopen(path, "r+b");
+        n = f ? fread(head, 1, sizeof head - 1, f) : 0;
+        head[n] = 0;
+        at = NULL;
+        for (size_t i = 0; i + 15 < n; i++)
+            if (!memcmp(head + i, "\"pending_t\":\"99\"", 16)) at = head + i;
+        char *pf = NULL;  // (the header follows an 8-byte length with zero bytes: no strstr)
+        for (size_t i = 0; i + 15 < n && !pf; i++)
+            if (!memcmp(head + i, "pending_factor0", 15)) pf = head + i;
+        EXPECT(at && pf, "header fields not found");
+        if (f && at && pf) {
+            fseek(f, (long)(at - head) + 13, SEEK_SET);
+            fwrite("10", 1, 2, f);
+            fseek(f, (long)(pf - head) + 14, SEEK_SET);
+            fwrite("X", 1, 1, f);
+        }
+        if (f) fclose(f);
+        EXPECT(shampoo_load(&sb, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_factor0"),
+               "message: %s", err);
+        int flags_set = 0;
+        for (int i = 0; i < sb.nblocks; i++) flags_set += sb.blocks[i].has_roots || sb.blocks[i].fails;
+        float zero_sum = 0.0f;
+        for (size_t i = 0; i < sb.root_floats; i++) zero_sum += sb.roots[i] != 0.0f;
+        EXPECT(sb.t == 0 && flags_set == 0 && zero_sum == 0.0f && shampoo_pending_step(&sb) == 0,
+               "a refused load changed the optimizer: t %lld, %d block flags set, %g nonzero roots, pending %lld",
+               (long long)sb.t, flags_set, zero_sum, (long long)shampoo_pending_step(&sb));
+        shampoo_free(&sb);
+        model_free(b);
         shampoo_free(&sa);
         model_free(a);
         be->destroy(be);
