@@ -74,6 +74,10 @@ typedef struct {
     size_t work_bytes;
     int *dflag;  // [0] syevd info, [1] 1 = non-finite result, 2 = non-finite input
     int *hflag;  // pinned
+    // The host waits for the flags on this event, created with cudaEventBlockingSync: a root thread sleeps through
+    // its decomposition (100-300 ms per refresh, up to 4 threads per rank) instead of spinning on a core that the
+    // data loader needs, which matters when root_delay hides the roots behind the steps.
+    cudaEvent_t done;
 } RootCtx;
 
 // cuBLASLt's heuristic costs tens of microseconds per call: its answer is cached per GEMM signature.
@@ -1454,6 +1458,7 @@ static RootCtx *root_ctx(CudaImpl *im, int side, int n) {
         CUSOLVER_CHECK(cusolverDnSetDeterministicMode(c->sol, CUSOLVER_DETERMINISTIC_RESULTS));
         CUDA_CHECK(cudaMalloc(&c->dflag, 2 * sizeof(int)));
         CUDA_CHECK(cudaMallocHost(&c->hflag, 2 * sizeof(int)));
+        CUDA_CHECK(cudaEventCreateWithFlags(&c->done, cudaEventBlockingSync | cudaEventDisableTiming));
         c->ready = 1;
     }
     if (n > c->cap) {
@@ -1478,6 +1483,7 @@ static void root_ctx_free(RootCtx *c) {
     cudaFree(c->work);
     cudaFree(c->dflag);
     cudaFreeHost(c->hflag);
+    cudaEventDestroy(c->done);
     cusolverDnDestroy(c->sol);
     if (c->own_blas) {
         cublasDestroy(c->blas);
@@ -1528,6 +1534,13 @@ static int cu_inverse_root(Backend *be, const float *F, int n, double bias_corr,
     return rc;
 }
 
+// The status flags to the host once the context's stream has done its work (a sleeping wait: see RootCtx.done).
+static void root_flags(RootCtx *c) {
+    CUDA_CHECK(cudaMemcpyAsync(c->hflag, c->dflag, 2 * sizeof(int), cudaMemcpyDeviceToHost, c->st));
+    CUDA_CHECK(cudaEventRecord(c->done, c->st));
+    CUDA_CHECK(cudaEventSynchronize(c->done));
+}
+
 static int inverse_root_locked(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64,
                                float *X, int side) {
     CudaImpl *im = IM(be);
@@ -1539,8 +1552,7 @@ static int inverse_root_locked(Backend *be, const float *F, int n, double bias_c
     CUDA_CHECK(cudaMemsetAsync(c->dflag, 0, 2 * sizeof(int), st));
     k_root_prep<<<grid_for(nn, 256), 256, 0, st>>>(c->A, fp64 ? NULL : c->Af, F, nn, bias_corr, c->dflag);
     KERNEL_CHECK("root_prep");
-    CUDA_CHECK(cudaMemcpyAsync(c->hflag, c->dflag, 2 * sizeof(int), cudaMemcpyDeviceToHost, st));
-    CUDA_CHECK(cudaStreamSynchronize(st));
+    root_flags(c);
     if (c->hflag[1] == 2) return 2;  // as the host path: no decomposition of a non-finite factor
     root_work(c, n, fp64);
     int lwork = (int)(c->work_bytes / (fp64 ? sizeof(double) : sizeof(float)));
@@ -1563,8 +1575,7 @@ static int inverse_root_locked(Backend *be, const float *F, int n, double bias_c
     CUBLAS_CHECK(cublasDsyrk(c->blas, CUBLAS_FILL_MODE_LOWER, CUBLAS_OP_N, n, n, &one, c->A, n, &zero, c->X, n));
     k_root_out<<<grid_for(nn, 256), 256, 0, st>>>(X, c->X, n, c->dflag);
     KERNEL_CHECK("root_out");
-    CUDA_CHECK(cudaMemcpyAsync(c->hflag, c->dflag, 2 * sizeof(int), cudaMemcpyDeviceToHost, st));
-    CUDA_CHECK(cudaStreamSynchronize(st));
+    root_flags(c);
     return c->hflag[0] != 0 || c->hflag[1] != 0 ? 1 : 0;
 }
 
