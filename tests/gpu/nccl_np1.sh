@@ -14,17 +14,19 @@ PY=${PYTHON:-python3}
 mkdir -p "$W"
 COMMON="--set run.device=cuda --set train.steps=20 --set train.log_every=1 --set train.eval_every=0
   --set data.root=$FM --set data.eval_limit=512"
-ok=0
+fails=0
 run() {  # name extra...
     local name=$1; shift
     rm -rf "$W/$name-ref" "$W/$name-nccl"
     "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-ref" "$@" >"$W/$name-ref.log" 2>&1 || {
-        echo "not ok - nccl np=1 $name: the run without NCCL failed"; tail -3 "$W/$name-ref.log"; return; }
+        echo "not ok - nccl np=1 $name: the run without NCCL failed"; tail -3 "$W/$name-ref.log"; fails=$((fails + 1))
+        return; }
     SD_NCCL_FORCE=1 "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-nccl" "$@" \
         >"$W/$name-nccl.log" 2>&1 || {
-        echo "not ok - nccl np=1 $name: the run with SD_NCCL_FORCE=1 failed"; tail -3 "$W/$name-nccl.log"; return; }
+        echo "not ok - nccl np=1 $name: the run with SD_NCCL_FORCE=1 failed"; tail -3 "$W/$name-nccl.log"
+        fails=$((fails + 1)); return; }
     if ! grep -q "one-rank NCCL communicator" "$W/$name-nccl.log"; then
-        echo "not ok - nccl np=1 $name: NCCL was not bound (a build without NCCL?)"; return
+        echo "not ok - nccl np=1 $name: NCCL was not bound (a build without NCCL?)"; fails=$((fails + 1)); return
     fi
     if "$PY" - "$W/$name-ref/metrics.jsonl" "$W/$name-nccl/metrics.jsonl" <<'PYEOF'
 import json, sys
@@ -35,8 +37,9 @@ print("   steps %d, final loss %s / %s" % (len(a), a[-1][1] if a else "-", b[-1]
 sys.exit(0 if len(a) == 20 and a == b else 1)
 PYEOF
     then echo "ok - nccl np=1 $name: 20 steps through NCCL equal the run without it, loss for loss"
-    else echo "not ok - nccl np=1 $name: the losses differ from the run without NCCL"; fi
+    else echo "not ok - nccl np=1 $name: the losses differ from the run without NCCL"; fails=$((fails + 1)); fi
 }
 run adam_overlap
 run adam_no_overlap --set comm.overlap=false
 run shampoo --set opt.name=shampoo --set shampoo.precondition_frequency=5 --set shampoo.start_preconditioning_step=5
+[ "$fails" = 0 ]

@@ -228,8 +228,10 @@ def main():
     rows = []
     for f in sorted(glob.glob(os.path.join(w, "bench_*.log"))):
         name = os.path.basename(f)[:-4]
+        if name.startswith("bench_ops"):  # SD_GPU_PROFILE's op timings, not training steps
+            continue
         rc, secs, log = stage_info(w, name)
-        recs = json_lines(log)
+        recs = [r for r in json_lines(log) if "arch" in r]
         if not recs:
             arch, attn = name.split("_")[1:3]
             rows.append(("simplest-dist", attn, arch, None, None, None, "rc %s: %s" % (rc, (log.strip().splitlines()
@@ -282,13 +284,16 @@ def main():
                "</details>", ""]
 
     # 4b. Shampoo@25 against Adam (tests/bench/bench_step --opt), mean step over whole refresh intervals
-    sh = {}
+    sh, sh_failed = {}, {}
     for f in sorted(glob.glob(os.path.join(w, "shampoo_*.log"))):
         name = os.path.basename(f)[:-4]
-        recs = json_lines(stage_info(w, name)[2])
+        rc, secs, log = stage_info(w, name)
+        recs = [r for r in json_lines(log) if "mean_ms" in r]
         if recs:
             sh[name] = recs[-1]
-    if sh:
+        else:  # a run that failed or was skipped: its rc and last line, in the table and the summary
+            sh_failed[name] = "rc %s: %s" % (rc, (log.strip().splitlines() or ["no output"])[-1][:160])
+    if sh or sh_failed:
         md += ["## 4b. Shampoo@25 against Adam, SimplEsT-ViT-S/16, batch 256, one GPU", "",
                "`bench_step --opt adam|shampoo [--root-delay 1|24] --warmup 25 --steps 50`: steps 26-75, so two "
                "refreshes (50, 75) are inside the mean (spec/shampoo.md §4 asks for four: this is the run.sh budget's "
@@ -301,7 +306,24 @@ def main():
             md.append("| %s | %.2f | %.2f | %s |" % (name, r.get("mean_ms", float("nan")), r["ms_per_step"], ratio))
             if name != "shampoo_adam":
                 summary.append(("%s vs adam" % name, ratio, "mean %.2f ms/step (target 1.15x at np = 1)" % r.get("mean_ms", float("nan"))))
+        for name, why in sh_failed.items():
+            md.append("| %s | - | - | %s |" % (name, why.replace("|", "/")))
+            summary.append(("%s" % name, "no number", why))
         md.append("")
+        for f in sorted(glob.glob(os.path.join(w, "shampoo_*.log"))):
+            md += ["<details><summary>%s</summary>" % os.path.basename(f), "", "```", read(f).rstrip()[-4000:], "```",
+                   "", "</details>", ""]
+
+    # experimental stages (outside the pass/fail): their logs
+    for f in sorted(glob.glob(os.path.join(w, "experimental_*.log"))):
+        name = os.path.basename(f)[:-4]
+        rc, secs, log = stage_info(w, name)
+        lines = log.splitlines()
+        n_ok = sum(1 for l in lines if l.startswith("ok - "))
+        bad = [l for l in lines if l.startswith("not ok - ")]
+        summary.append((name, "experimental", "rc %s, %d ok, %d not ok, %s s" % (rc, n_ok, len(bad), secs)))
+        md += ["<details><summary>%s (experimental: rc %s, %d ok, %d not ok)</summary>" % (name, rc, n_ok, len(bad)),
+               "", "```"] + bad[:40] + lines[-30:] + ["```", "", "</details>", ""]
 
     passed = build_ok and core_ok and bool(fm_ok)
     md[1:1] = ["Overall: **%s** (build, every op and step check outside the fused attention, Fashion-MNIST "

@@ -41,7 +41,8 @@ left() { echo $((BUDGET - $(elapsed))); }
 
 # stage NAME TIMEOUT CMD...: runs CMD with a timeout; log in $W/NAME.log, exit code in NAME.rc, seconds in NAME.secs.
 # A stage never runs past the hard deadline (HARD seconds after the start), so the whole script ends within it;
-# the report is rewritten after every stage, so a run killed from outside still leaves one.
+# the report is rewritten and the stage's files are copied to $OUT/gpu-logs/ after every stage ($W does not come
+# back from a lent machine), so a run killed from outside still leaves both.
 stage() {
     local name=$1 to=$2
     shift 2
@@ -60,12 +61,20 @@ stage() {
     echo "   rc=$rc in $(cat "$W/$name.secs")s"
     tail -n 3 "$W/$name.log" | cut -c1-200 | sed 's/^/   | /'
     $PY tests/gpu/report.py "$W" "$OUTDIR/gpu-report.md" >/dev/null 2>&1
+    keep_logs "$name"
     return "$rc"
+}
+keep_logs() {  # keep_logs NAME: the stage's log (its last 2 MB), rc and seconds into $OUT/gpu-logs/
+    mkdir -p "$OUTDIR/gpu-logs"
+    tail -c 2000000 "$W/$1.log" >"$OUTDIR/gpu-logs/$1.log" 2>/dev/null
+    cp "$W/$1.rc" "$W/$1.secs" "$OUTDIR/gpu-logs/" 2>/dev/null
+    return 0
 }
 skip() {  # skip NAME REASON
     echo "== [$(elapsed)s] $1 skipped: $2"
     echo "skipped: $2" >"$W/$1.log"
     echo skip >"$W/$1.rc"
+    keep_logs "$1"
 }
 
 # ---- 0. environment
@@ -171,12 +180,6 @@ else
     for g in ops attn fused optim step shampoo; do skip "test_cuda_$g" "no build/gpu/test_cuda (the build failed)"; done
 fi
 
-# ---- 2a. experimental, outside the pass/fail: bias gradients from the BGRADB epilogue (SD_LT_BGRAD=1)
-if [ -x $BUILD/gpu/test_cuda ]; then
-    stage experimental_bgrad_ops 90 env SD_LT_BGRAD=1 $BUILD/gpu/test_cuda --group ops
-    stage experimental_bgrad_step 90 env SD_LT_BGRAD=1 $BUILD/gpu/test_cuda --group step
-fi
-
 # ---- 2b. optional: where the step's time goes (SD_GPU_PROFILE=1): every backend op timed with CUDA events
 # (bench_step with SD_CUDA_PROFILE=1; the stream is serialized while measured, so the total exceeds a real step).
 if [ "${SD_GPU_PROFILE:-0}" = 1 ] && [ -x $BUILD/bench/bench_step ]; then
@@ -218,16 +221,31 @@ else
 fi
 
 # ---- 3b. the NCCL path at np = 1 (issue 5): a one-rank NCCL communicator (SD_NCCL_FORCE=1) must change no bit
-if [ -x ./simplest-dist ] && [ -n "$FM" ]; then
+if [ "$NCCL_USE" != 1 ]; then
+    skip nccl_np1 "the build has no NCCL (no nccl.h in the toolkit or pip's nvidia-nccl-cu13)"
+elif [ -x ./simplest-dist ] && [ -n "$FM" ]; then
     stage nccl_np1 150 tests/gpu/nccl_np1.sh "$FM" "$W/nccl"
+    mkdir -p "$OUTDIR/gpu-logs/nccl" && for f in "$W"/nccl/*.log; do [ -f "$f" ] && tail -c 200000 "$f" >"$OUTDIR/gpu-logs/nccl/$(basename "$f")"; done
 fi
+
+# ---- 4b. Shampoo@25 against Adam on one GPU (cuSOLVER roots), between torch.compile and eager
+# (SD_GPU_SHAMPOO_BENCH=0 skips it). delay24: the roots of a refresh computed on the side streams behind 24 steps
+# (docs/scaling.md: how much the side streams slow the training stream they overlap, the one unmeasured input of the
+# 8xH100 model), before delay 1, which the others bracket.
+shampoo_bench() {
+    [ "${SD_GPU_SHAMPOO_BENCH:-1}" = 1 ] && [ -x $BUILD/bench/bench_step ] || return 0
+    local v a
+    for v in adam shampoo shampoo_delay24 shampoo_delay1; do
+        case $v in
+            adam) a="--opt adam" ;; shampoo) a="--opt shampoo" ;; shampoo_delay1) a="--opt shampoo --root-delay 1" ;;
+            shampoo_delay24) a="--opt shampoo --root-delay 24" ;;
+        esac
+        stage "shampoo_$v" 90 $BUILD/bench/bench_step --device cuda --arch simplest $VITS $a --steps 50 --warmup 25
+    done
+}
 
 # ---- 4. benchmarks: ours, then PyTorch
 VITS="--image 224 --patch 16 --channels 3 --dim 384 --depth 12 --heads 6 --mlp 1536 --classes 1000 --batch 256"
-if [ -x $BUILD/bench/bench_step ]; then  # experimental: only reported beside the others, never the "best"
-    stage bench_simplest_fused_bgrad 90 env SD_LT_BGRAD=1 $BUILD/bench/bench_step --device cuda --attn fused \
-        --arch simplest $VITS --steps 20 --warmup 5
-fi
 for arch in simplest simplevit; do
     for attn in unfused fused; do
         if [ -x $BUILD/bench/bench_step ]; then
@@ -246,34 +264,38 @@ elif ! $PY -c 'import torch' >/dev/null 2>&1; then
     skip torch_eager "no PyTorch for $PY"
     skip torch_compile "no PyTorch for $PY"
 else
-    # torch.compile first (the number the speed target is set against), leaving about 50 s for eager.
-    to=$((HARD - $(elapsed) - 50))
+    # torch.compile first (the number the speed target is set against), leaving about 130 s for 4b (Shampoo) and
+    # eager.
+    to=$((HARD - $(elapsed) - 130))
     [ "$to" -gt 300 ] && to=300
     if [ "$to" -ge 60 ]; then
         stage torch_compile "$to" $PY tests/gpu/torch_bench.py --mode compile --steps 20 --warmup 3
     else
         skip torch_compile "only $((HARD - $(elapsed)))s left before the ${HARD}s deadline"
     fi
+fi
+shampoo_bench
+if [ "${SD_SKIP_TORCH:-0}" != 1 ] && $PY -c 'import torch' >/dev/null 2>&1; then
     stage torch_eager 120 $PY tests/gpu/torch_bench.py --mode eager --steps 20 --warmup 5
     if [ "${SD_TORCH_SDPA:-0}" = 1 ] && [ "$(left)" -gt 120 ]; then
         stage torch_compile_sdpa 240 $PY tests/gpu/torch_bench.py --mode compile --attn sdpa --steps 20 --warmup 3
     fi
 fi
 
-# ---- 4b. Shampoo@25 against Adam on one GPU (cuSOLVER roots), if time is left (SD_GPU_SHAMPOO_BENCH=0 skips it)
-if [ "${SD_GPU_SHAMPOO_BENCH:-1}" = 1 ] && [ -x $BUILD/bench/bench_step ]; then
-    # delay24: the roots of a refresh computed on the side streams behind 24 steps (docs/scaling.md: how much the
-    # side streams slow the training stream they overlap, the one unmeasured input of the 8xH100 model)
-    for v in adam shampoo shampoo_delay1 shampoo_delay24; do
-        case $v in
-            adam) a="--opt adam" ;; shampoo) a="--opt shampoo" ;; shampoo_delay1) a="--opt shampoo --root-delay 1" ;;
-            shampoo_delay24) a="--opt shampoo --root-delay 24" ;;
-        esac
-        stage "shampoo_$v" 90 $BUILD/bench/bench_step --device cuda --arch simplest $VITS $a --steps 50 --warmup 25
-    done
+# ---- experimental, outside the pass/fail (last, so that they never take the time of the checks above): bias
+# gradients from the BGRADB epilogue (SD_LT_BGRAD=1), checked against the CPU and timed
+if [ -x $BUILD/gpu/test_cuda ]; then
+    stage experimental_bgrad_ops 90 env SD_LT_BGRAD=1 $BUILD/gpu/test_cuda --group ops
+    stage experimental_bgrad_step 90 env SD_LT_BGRAD=1 $BUILD/gpu/test_cuda --group step
+fi
+if [ -x $BUILD/bench/bench_step ]; then  # only reported beside the others, never the "best"
+    stage bench_simplest_fused_bgrad 90 env SD_LT_BGRAD=1 $BUILD/bench/bench_step --device cuda --attn fused \
+        --arch simplest $VITS --steps 20 --warmup 5
 fi
 
-# ---- 5. the report
+# ---- 5. the report (and the setup facts beside the stage logs)
+mkdir -p "$OUTDIR/gpu-logs"
+for f in "$W"/*.txt; do [ -f "$f" ] && cp "$f" "$OUTDIR/gpu-logs/" 2>/dev/null; done
 REPORT="$OUTDIR/gpu-report.md"
 if $PY tests/gpu/report.py "$W" "$REPORT"; then
     rc=$(cat "$W/report.rc" 2>/dev/null || echo 1)
