@@ -110,6 +110,7 @@ typedef struct {
     cudaEvent_t ev_copied[2], ev_consumed[2];  // per input slot: copies done; compute's last read enqueued
     int no_lt;      // SD_LT=0: every GEMM through cublasGemmEx (to compare with cuBLASLt)
     int lt_bgrad;   // SD_LT_BGRAD=1: bias gradients from the dW GEMM's BGRADB epilogue (not yet validated)
+    int ln_stream;  // SD_LN_REG=0: the LayerNorm kernels that re-read each row (to compare with the register ones)
     RootCtx rctx[1 + BE_ROOT_SIDES];  // Shampoo roots: compute stream, side streams
     pthread_mutex_t rmu[1 + BE_ROOT_SIDES];  // one caller per context at a time (two Shampoo instances may share)
     float *gcoef;     // graft_update_blocks: one coefficient per block
@@ -853,10 +854,127 @@ __global__ void k_layernorm_bwd_dx_vec(bf16 *dx, const bf16 *dy, const bf16 *x, 
     }
 }
 
+// Register-resident variants for D <= 256 CH (D % 8 == 0, aligned rows): each lane loads its CH 16-byte chunks of
+// the row once and keeps them in registers, where the _vec kernels read the row three times (forward) or x and dy
+// twice (backward); at ViT-S/16 (50,176 rows of 384) they were at about 1.5 TB/s (docs/gpu-validation.md, run 3).
+// The arithmetic and the summation order are the _vec kernels', chunk by chunk.
+template <int CH>
+__global__ void __launch_bounds__(256) k_layernorm_fwd_reg(bf16 *y, float *mean, float *rstd, const bf16 *x,
+                                                           const float *gamma, const float *beta, int R, int D,
+                                                           float eps) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= R) return;
+    const bf16 *xr = x + (size_t)row * D;
+    float f[CH][8], s = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CH; c++) {
+        int i = lane * 8 + c * 256;
+        if (i < D) {
+            bf16x8_to_f32(*(const int4 *)(xr + i), f[c]);
+#pragma unroll
+            for (int k = 0; k < 8; k++) s += f[c][k];
+        }
+    }
+    float m = warp_sum(s) / (float)D, v = 0.0f;
+#pragma unroll
+    for (int c = 0; c < CH; c++)
+        if (lane * 8 + c * 256 < D) {
+#pragma unroll
+            for (int k = 0; k < 8; k++) v += (f[c][k] - m) * (f[c][k] - m);
+        }
+    float rs = rsqrtf(warp_sum(v) / (float)D + eps);
+    bf16 *yr = y + (size_t)row * D;
+#pragma unroll
+    for (int c = 0; c < CH; c++) {
+        int i = lane * 8 + c * 256;
+        if (i < D) {
+            int4 o;
+            bf16 *po = (bf16 *)&o;
+#pragma unroll
+            for (int k = 0; k < 8; k++) po[k] = __float2bfloat16((f[c][k] - m) * rs * gamma[i + k] + beta[i + k]);
+            *(int4 *)(yr + i) = o;
+        }
+    }
+    if (lane == 0) {
+        mean[row] = m;
+        rstd[row] = rs;
+    }
+}
+
+template <int CH>
+__global__ void __launch_bounds__(256) k_layernorm_bwd_dx_reg(bf16 *dx, const bf16 *dy, const bf16 *x,
+                                                              const float *mean, const float *rstd,
+                                                              const float *gamma, int R, int D) {
+    int row = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32, lane = threadIdx.x % 32;
+    if (row >= R) return;
+    const bf16 *xr = x + (size_t)row * D, *dyr = dy + (size_t)row * D;
+    bf16 *dxr = dx + (size_t)row * D;
+    float m = mean[row], rs = rstd[row], sdn = 0.0f, sdx = 0.0f, xf[CH][8], gf[CH][8];
+#pragma unroll
+    for (int c = 0; c < CH; c++) {
+        int i = lane * 8 + c * 256;
+        if (i < D) {
+            bf16x8_to_f32(*(const int4 *)(xr + i), xf[c]);
+            bf16x8_to_f32(*(const int4 *)(dyr + i), gf[c]);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                float dn = gf[c][k] * gamma[i + k];
+                sdn += dn;
+                sdx += dn * ((xf[c][k] - m) * rs);
+            }
+        }
+    }
+    sdn = warp_sum(sdn) / (float)D;
+    sdx = warp_sum(sdx) / (float)D;
+#pragma unroll
+    for (int c = 0; c < CH; c++) {
+        int i = lane * 8 + c * 256;
+        if (i < D) {
+            float of[8];
+            bf16x8_to_f32(*(const int4 *)(dxr + i), of);
+            int4 o;
+            bf16 *po = (bf16 *)&o;
+#pragma unroll
+            for (int k = 0; k < 8; k++)
+                po[k] = __float2bfloat16(of[k] + (gf[c][k] * gamma[i + k] - sdn - ((xf[c][k] - m) * rs) * sdx) * rs);
+            *(int4 *)(dxr + i) = o;
+        }
+    }
+}
+
 static int rows16(const void *p, int D) { return D % 8 == 0 && (uintptr_t)p % 16 == 0; }
+
+// The register kernels' chunks per lane for D (1 .. 4), or 0 when they do not apply.
+static int ln_chunks(const CudaImpl *im, int D) { return im->ln_stream || D > 1024 ? 0 : (D + 255) / 256; }
+
+template <int CH>
+static void ln_fwd_reg(cudaStream_t st, bf16 *y, float *mean, float *rstd, const bf16 *x, const float *gamma,
+                       const float *beta, int R, int D, float eps) {
+    k_layernorm_fwd_reg<CH><<<(R + 7) / 8, 256, 0, st>>>(y, mean, rstd, x, gamma, beta, R, D, eps);
+    KERNEL_CHECK("layernorm_fwd_reg");
+}
+
+template <int CH>
+static void ln_bwd_dx_reg(cudaStream_t st, bf16 *dx, const bf16 *dy, const bf16 *x, const float *mean,
+                          const float *rstd, const float *gamma, int R, int D) {
+    k_layernorm_bwd_dx_reg<CH><<<(R + 7) / 8, 256, 0, st>>>(dx, dy, x, mean, rstd, gamma, R, D);
+    KERNEL_CHECK("layernorm_bwd_dx_reg");
+}
 
 static void cu_layernorm_fwd(Backend *be, void *y, float *mean, float *rstd, const void *x, const float *gamma,
                              const float *beta, int R, int D, float eps) {
+    int ch = ln_chunks(IM(be), D);
+    if (rows16(x, D) && rows16(y, D) && ch) {
+        PROF(be, "layernorm_fwd");
+        cudaStream_t st = IM(be)->st;
+        bf16 *yb = (bf16 *)y;
+        const bf16 *xb = (const bf16 *)x;
+        if (ch == 1) ln_fwd_reg<1>(st, yb, mean, rstd, xb, gamma, beta, R, D, eps);
+        else if (ch == 2) ln_fwd_reg<2>(st, yb, mean, rstd, xb, gamma, beta, R, D, eps);
+        else if (ch == 3) ln_fwd_reg<3>(st, yb, mean, rstd, xb, gamma, beta, R, D, eps);
+        else ln_fwd_reg<4>(st, yb, mean, rstd, xb, gamma, beta, R, D, eps);
+        return;
+    }
     if (rows16(x, D) && rows16(y, D)) {
         PROF(be, "layernorm_fwd");
         k_layernorm_fwd_vec<<<(R + 7) / 8, 256, 0, IM(be)->st>>>((bf16 *)y, mean, rstd, (const bf16 *)x, gamma, beta,
@@ -898,6 +1016,16 @@ static void cu_layernorm_bwd(Backend *be, void *dx, float *dgamma, float *dbeta,
     PROF(be, "layernorm_bwd");
     CudaImpl *im = IM(be);
     col_sums(im, dgamma, dbeta, (const bf16 *)dy, (const bf16 *)x, mean, rstd, R, D);
+    int ch = ln_chunks(im, D);
+    if (rows16(x, D) && rows16(dy, D) && rows16(dx, D) && ch) {
+        bf16 *dxb = (bf16 *)dx;
+        const bf16 *dyb = (const bf16 *)dy, *xb = (const bf16 *)x;
+        if (ch == 1) ln_bwd_dx_reg<1>(im->st, dxb, dyb, xb, mean, rstd, gamma, R, D);
+        else if (ch == 2) ln_bwd_dx_reg<2>(im->st, dxb, dyb, xb, mean, rstd, gamma, R, D);
+        else if (ch == 3) ln_bwd_dx_reg<3>(im->st, dxb, dyb, xb, mean, rstd, gamma, R, D);
+        else ln_bwd_dx_reg<4>(im->st, dxb, dyb, xb, mean, rstd, gamma, R, D);
+        return;
+    }
     if (rows16(x, D) && rows16(dy, D) && rows16(dx, D)) {
         k_layernorm_bwd_dx_vec<<<(R + 7) / 8, 256, 0, im->st>>>((bf16 *)dx, (const bf16 *)dy, (const bf16 *)x, mean,
                                                                 rstd, gamma, R, D);
@@ -1725,6 +1853,8 @@ Backend *backend_cuda_create(int device) {
     im->no_lt = lt && !strcmp(lt, "0");
     const char *bgr = getenv("SD_LT_BGRAD");
     im->lt_bgrad = bgr && !strcmp(bgr, "1");
+    const char *lnr = getenv("SD_LN_REG");
+    im->ln_stream = lnr && !strcmp(lnr, "0");
     const char *pe = getenv("SD_CUDA_PROFILE");
     im->profiling = pe && *pe && strcmp(pe, "0");
     const char *env = getenv("SD_ATTN");

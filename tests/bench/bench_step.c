@@ -141,8 +141,9 @@ int main(int argc, char **argv) {
     for (int i = 0; i < steps; i++) mean += ms[i] / steps;
     qsort(ms, (size_t)steps, sizeof(double), cmp_double);
     char attn_label[96];  // experimental backend switches are named in the label (tests/gpu/report.py keeps them apart)
-    snprintf(attn_label, sizeof attn_label, "%s%s", attn,
-             getenv("SD_LT_BGRAD") && !strcmp(getenv("SD_LT_BGRAD"), "1") ? "+bgrad (experimental)" : "");
+    snprintf(attn_label, sizeof attn_label, "%s%s%s", attn,
+             getenv("SD_LT_BGRAD") && !strcmp(getenv("SD_LT_BGRAD"), "1") ? "+bgrad (experimental)" : "",
+             getenv("SD_LN_REG") && !strcmp(getenv("SD_LN_REG"), "0") ? "+old layernorm (experimental)" : "");
     double med = steps % 2 ? ms[steps / 2] : 0.5 * (ms[steps / 2 - 1] + ms[steps / 2]);
     printf("{\"impl\": \"simplest-dist\", \"device\": \"%s\", \"attn\": \"%s\", \"arch\": \"%s\", \"image\": %d, "
            "\"patch\": %d, \"dim\": %d, \"depth\": %d, \"heads\": %d, \"mlp\": %d, \"classes\": %d, \"batch\": %d, "

@@ -291,6 +291,9 @@ fi
 if [ -x $BUILD/bench/bench_step ]; then  # only reported beside the others, never the "best"
     stage bench_simplest_fused_bgrad 90 env SD_LT_BGRAD=1 $BUILD/bench/bench_step --device cuda --attn fused \
         --arch simplest $VITS --steps 20 --warmup 5
+    # SimpleViT with the LayerNorm kernels before the register-resident ones (SD_LN_REG=0), to time the change
+    stage bench_simplevit_fused_oldln 90 env SD_LN_REG=0 $BUILD/bench/bench_step --device cuda --attn fused \
+        --arch simplevit $VITS --steps 20 --warmup 5
 fi
 
 # ---- 5. the report (and the setup facts beside the stage logs)

@@ -1120,6 +1120,9 @@ static void group_ops(void) {
     test_layernorm(200, 64);
     test_layernorm(394, 384);
     test_layernorm(300, 100);  // D % 8 != 0: the element-by-element kernels
+    test_layernorm(64, 768);   // the register kernels with 3 chunks per lane (384: 2, 64: 1)
+    test_layernorm(40, 1024);  // ... with 4
+    test_layernorm(20, 1040);  // D > 1024: the 16-byte kernels that re-read the row
     test_dropout(4, 50 * 64, 0.1f, 3407, 5, 8);
     test_dropout(3, 197 * 96 + 5, 0.5f, 0xFFFFFFFFFFull, 123456789012ull, 1000003);
     test_meanpool(4, 50, 64);
