@@ -1819,8 +1819,12 @@ Backend *backend_cuda_create(int device) {
     if (e != cudaSuccess || n == 0)
         die_user("config key 'run.device': \"cuda\" but no usable GPU (%s)",
                  e != cudaSuccess ? cudaGetErrorString(e) : "no devices");
+    // One visible GPU for a local rank above 0: the launcher gave each rank its own (srun --gpus-per-task=1, or
+    // CUDA_VISIBLE_DEVICES per rank). Ranks that truly share one GPU are refused by NCCL ("duplicate GPU").
+    if (device >= n && n == 1) device = 0;
     if (device >= n)
-        die_user("config key 'run.device': this rank wants GPU %d but the node has %d (one rank per GPU)", device, n);
+        die_user("config key 'run.device': this rank (local rank %d) wants GPU %d but it sees %d (one rank per GPU)",
+                 device, device, n);
     CUDA_CHECK(cudaSetDevice(device));
     cudaDeviceProp prop;
     CUDA_CHECK(cudaGetDeviceProperties(&prop, device));

@@ -265,9 +265,14 @@ static double accumulate_grads(Trainer *t, int64_t k, BatchSource src, void *ctx
             micro_step(t, k, mi, src, ctx, 0, &loss_sum);
         }
         m->grads = grads;
-        be->sync(be);
         double t0 = now_sec();
-        comm_ordered_sum_f32(t->comm, t->shard_grads, t->accum, m->grads, m->num_params);
+        if (t->comm->world == 1) {  // the same chain in backend memory (a CUDA backend's buffers are on the device)
+            be->copy(be, m->grads, t->shard_grads[0], m->num_params * sizeof(float));
+            for (int mi = 1; mi < t->accum; mi++) be->axpy(be, m->grads, t->shard_grads[mi], m->num_params, 1.0f);
+        } else {
+            be->sync(be);
+            comm_ordered_sum_f32(t->comm, t->shard_grads, t->accum, m->grads, m->num_params);
+        }
         t->reduce_wait_s += now_sec() - t0;
         return loss_sum;
     }
@@ -841,6 +846,7 @@ static void run_free(Run *r) {
 
 int train_main(const Config *cfg, Comm *comm) {
     Run r;
+    comm_set_timeout(comm, cfg->comm.timeout_s);  // from the start: a rank silent during setup fails the job too
     run_setup(&r, cfg, comm);
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
@@ -848,7 +854,6 @@ int train_main(const Config *cfg, Comm *comm) {
     int64_t T = r.t.total_steps, done = 0;
     const char *state = "done";
     int rc = 0;
-    comm_set_timeout(comm, cfg->comm.timeout_s);
     for (int64_t k = 1; k <= T; k++) {
         comm_heartbeat(comm, k, r.rank_ips, r.rank_stall);
         StepResult sr = trainer_step(&r.t, k, loader_source, &r.lctx);
@@ -917,6 +922,7 @@ static float *logits_for_input(Model *m, Comm *comm, const char *input_path, int
 
 int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char *logits_path,
               const char *input_path) {
+    comm_set_timeout(comm, cfg->comm.timeout_s);
     Backend *be = backend_for_config(cfg, comm);
     ModelConfig mc = config_model(cfg);
     int eval_batch = config_eval_batch(cfg, comm->world);
