@@ -833,11 +833,11 @@ static void run_finish(Run *r, int64_t done, const char *state) {
 
 static void run_free(Run *r) {
     free(r->config_json);
+    trainer_free(&r->t);  // first: it drains the input copies, which may still read the loader's pinned ring
     loader_destroy(r->lctx.loader);
     free(r->ranks);
     free(r->sp_sq);
     free(r->sp_cos);
-    trainer_free(&r->t);
     model_free(r->m);
     r->be->destroy(r->be);
     dataset_free(&r->train_ds);
