@@ -6,7 +6,9 @@
 #   1. Adam, 20 steps (the bucketed all-reduce, comm.overlap on);
 #   2. the same with comm.overlap off (one all-reduce of every gradient after backward);
 #   3. Shampoo with f = S = 5, 20 steps (four root broadcasts through NCCL).
-#   4. comm.deterministic (the shard gradients summed in a fixed order by backend ops on the device).
+#   4. comm.deterministic (the shard gradients summed in a fixed order by backend ops on the device);
+#   5. gradient accumulation over 2 micro-batches (the buckets start only in the last micro-step's backward);
+#   6. SAM (two forward/backward passes per step, the second one's gradients reduced).
 set -u
 FM=${1:?usage: nccl_np1.sh FMNIST_DIR WORKDIR}
 W=${2:?usage: nccl_np1.sh FMNIST_DIR WORKDIR}
@@ -45,4 +47,6 @@ run adam_no_overlap --set comm.overlap=false
 run shampoo --set opt.name=shampoo --set shampoo.precondition_frequency=5 --set shampoo.start_preconditioning_step=5
 # comm.deterministic at one rank on the GPU: the shard gradients summed in order by backend ops on the device
 run deterministic --set comm.deterministic=true --set comm.shards=4
+run grad_accum --set train.grad_accum=2
+run sam --set train.sam=true
 [ "$fails" = 0 ]
