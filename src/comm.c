@@ -40,6 +40,11 @@ typedef struct {
     cudaStream_t compute, st;       // the backend's stream; NCCL's own
     cudaEvent_t ev_ready, ev_done;  // compute -> NCCL (a bucket is final); NCCL -> compute (the sums are done)
     int pending;                    // collectives started since the last wait
+    // SD_NCCL_FORCE=1 at one rank: the sums run out of place through this buffer and are copied back on NCCL's
+    // stream. A one-rank in-place sum moves no data, so a missing order between the streams would go unseen;
+    // this way it corrupts the gradients and the GPU check (tests/gpu/nccl_np1.sh) fails.
+    float *oop;
+    size_t oop_n;
 } NcclState;
 
 static int nccl_on(const Comm *c);
@@ -469,7 +474,17 @@ static void nccl_start(Comm *c, float *buf, size_t n) {
     NcclState *nc = &c->st->nc;
     CUDA_CALL(c, cudaEventRecord(nc->ev_ready, nc->compute));
     CUDA_CALL(c, cudaStreamWaitEvent(nc->st, nc->ev_ready, 0));
-    NCCL_CHECK(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nc->comm, nc->st));
+    if (c->world == 1) {  // forced one-rank mode (see NcclState.oop); stream-ordered, so no device-wide sync
+        if (n > nc->oop_n) {
+            if (nc->oop) CUDA_CALL(c, cudaFreeAsync(nc->oop, nc->st));
+            CUDA_CALL(c, cudaMallocAsync((void **)&nc->oop, n * sizeof(float), nc->st));
+            nc->oop_n = n;
+        }
+        NCCL_CHECK(c, ncclAllReduce(buf, nc->oop, n, ncclFloat, ncclSum, nc->comm, nc->st));
+        CUDA_CALL(c, cudaMemcpyAsync(buf, nc->oop, n * sizeof(float), cudaMemcpyDeviceToDevice, nc->st));
+    } else {
+        NCCL_CHECK(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nc->comm, nc->st));
+    }
     nc->pending++;
 }
 
@@ -534,6 +549,10 @@ static void nccl_bcast_all(Comm *c, void *const *bufs, const size_t *bytes) {
 static void nccl_destroy(Comm *c) {
     NcclState *nc = &c->st->nc;
     if (!nc->on) return;
+    if (nc->oop) {
+        cudaStreamSynchronize(nc->st);
+        cudaFree(nc->oop);
+    }
     ncclCommDestroy(nc->comm);
     cudaEventDestroy(nc->ev_ready);
     cudaEventDestroy(nc->ev_done);
