@@ -44,6 +44,22 @@ static void run_steps(Shampoo *s, int64_t from, int64_t to) {
 
 static int same_bits(const float *a, const float *b, size_t n) { return memcmp(a, b, n * sizeof(float)) == 0; }
 
+// Overwrites, in the file's header, the first occurrence of `find` from its byte `at` on with `repl` (same length
+// kept: the header size does not change). Returns 1 if found. (The header follows an 8-byte length with zero
+// bytes, so no strstr.)
+static int patch_header(const char *path, const char *find, size_t at, const char *repl) {
+    static char head[1 << 18];  // the whole JSON header (about 90 KB here)
+    FILE *f = fopen(path, "r+b");
+    if (!f) return 0;
+    size_t n = fread(head, 1, sizeof head, f), len = strlen(find);
+    int found = 0;
+    for (size_t i = 0; i + len <= n && !found; i++)
+        if (!memcmp(head + i, find, len)) {
+            found = fseek(f, (long)(i + at), SEEK_SET) == 0 && fwrite(repl, 1, strlen(repl), f) == strlen(repl);
+        }
+    return (fclose(f) == 0) && found;
+}
+
 static void round_trip(int delay, int64_t save_at, int64_t end) {
     char title[128];
     snprintf(title, sizeof title, "root_delay %d: save at step %lld, resume, equal to the uninterrupted run at %lld",
@@ -151,20 +167,7 @@ int main(void) {
         close(fd);
         run_steps(&sa, 1, 12);
         EXPECT(shampoo_save(&sa, path) == 0, "save failed");
-        // Rewrite "pending_t":"10" as "pending_t":"99" in the header (same length).
-        FILE *f = fopen(path, "r+b");
-        static char head[1 << 18];  // the whole JSON header (about 90 KB here)
-        size_t n = f ? fread(head, 1, sizeof head - 1, f) : 0;
-        head[n] = 0;
-        char *at = NULL;
-        for (size_t i = 0; i + 15 < n && !at; i++)
-            if (!memcmp(head + i, "\"pending_t\":\"10\"", 16)) at = head + i;
-        EXPECT(at != NULL, "no pending_t 10 in the header");
-        if (f && at) {
-            fseek(f, (long)(at - head) + 13, SEEK_SET);
-            fwrite("99", 1, 2, f);
-        }
-        if (f) fclose(f);
+        EXPECT(patch_header(path, "\"pending_t\":\"10\"", 13, "99"), "no pending_t 10 in the header");
         char err[512] = "";
         Shampoo sb;  // a fresh optimizer: a refused load must leave it fresh
         Model *b = model_create(&mc, be, 1);
@@ -173,23 +176,9 @@ int main(void) {
         EXPECT(shampoo_load(&sb, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_t"),
                "message: %s", err);
         // The same with pending_t intact but a pending factor renamed ("pending_factor0" -> "pending_factorX").
-        f = fopen(path, "r+b");
-        n = f ? fread(head, 1, sizeof head - 1, f) : 0;
-        head[n] = 0;
-        at = NULL;
-        for (size_t i = 0; i + 15 < n; i++)
-            if (!memcmp(head + i, "\"pending_t\":\"99\"", 16)) at = head + i;
-        char *pf = NULL;  // (the header follows an 8-byte length with zero bytes: no strstr)
-        for (size_t i = 0; i + 15 < n && !pf; i++)
-            if (!memcmp(head + i, "pending_factor0", 15)) pf = head + i;
-        EXPECT(at && pf, "header fields not found");
-        if (f && at && pf) {
-            fseek(f, (long)(at - head) + 13, SEEK_SET);
-            fwrite("10", 1, 2, f);
-            fseek(f, (long)(pf - head) + 14, SEEK_SET);
-            fwrite("X", 1, 1, f);
-        }
-        if (f) fclose(f);
+        EXPECT(patch_header(path, "\"pending_t\":\"99\"", 13, "10") &&
+                   patch_header(path, "pending_factor0", 14, "X"),
+               "header fields not found");
         EXPECT(shampoo_load(&sb, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_factor0"),
                "message: %s", err);
         int flags_set = 0;
