@@ -568,11 +568,22 @@ int comm_gpu_init(Comm *c, void *stream) {
     ncclUniqueId id;
     if (c->rank == 0) NCCL_CHECK(c, ncclGetUniqueId(&id));
     if (c->world > 1) comm_bcast(c, &id, sizeof id, 0);
+    // ncclCommInitRank blocks until every peer has joined, and NCCL may connect to peers only at a first
+    // collective, inside a host call: neither can poll, so a watchdog bounds both with comm.timeout_s.
+    Watchdog *wd = watchdog_start(c->timeout_s, "NCCL setup (ncclCommInitRank and a first all-reduce)",
+                                  "comm.timeout_s");
     NCCL_CHECK(c, ncclCommInitRank(&nc->comm, c->world, id, c->rank));
     nc->compute = (cudaStream_t)stream;
     CUDA_CALL(c, cudaStreamCreateWithFlags(&nc->st, cudaStreamNonBlocking));
     CUDA_CALL(c, cudaEventCreateWithFlags(&nc->ev_ready, cudaEventDisableTiming));
     CUDA_CALL(c, cudaEventCreateWithFlags(&nc->ev_done, cudaEventDisableTiming));
+    float *one;
+    CUDA_CALL(c, cudaMalloc((void **)&one, sizeof(float)));
+    CUDA_CALL(c, cudaMemsetAsync(one, 0, sizeof(float), nc->st));
+    NCCL_CHECK(c, ncclAllReduce(one, one, 1, ncclFloat, ncclSum, nc->comm, nc->st));
+    CUDA_CALL(c, cudaStreamSynchronize(nc->st));
+    CUDA_CALL(c, cudaFree(one));
+    watchdog_stop(wd);
     nc->on = 1;
     if (c->world == 1)
         fprintf(stderr, "simplest-dist: SD_NCCL_FORCE=1: a one-rank NCCL communicator; gradient sums and Shampoo "

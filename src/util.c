@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <pthread.h>
 #include <stdarg.h>
 #include <stdlib.h>
 #include <string.h>
@@ -53,6 +54,61 @@ void die_at(const char *file, int line, const char *fmt, ...) {
     fflush(stderr);
     abort_all_ranks(1);
     abort();
+}
+
+struct Watchdog {
+    pthread_t thread;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int stopped;
+    double seconds;
+    struct timespec deadline;  // CLOCK_REALTIME, as pthread_cond_timedwait wants
+    char what[200], key[64];
+};
+
+static void *watchdog_main(void *arg) {
+    Watchdog *w = arg;
+    pthread_mutex_lock(&w->mu);
+    int rc = 0;
+    while (!w->stopped && rc != ETIMEDOUT) rc = pthread_cond_timedwait(&w->cv, &w->mu, &w->deadline);
+    int fire = !w->stopped;
+    pthread_mutex_unlock(&w->mu);
+    if (fire) {
+        fprintf(stderr, "simplest-dist: error: rank %d: %s did not finish within %g s (%s): a peer rank is "
+                        "unresponsive or dead; stopping the job\n",
+                mpi_rank(), w->what, w->seconds, w->key);
+        fflush(stderr);
+        abort_all_ranks(1);
+        _exit(1);
+    }
+    return NULL;
+}
+
+Watchdog *watchdog_start(double seconds, const char *what, const char *key) {
+    if (seconds <= 0) return NULL;
+    Watchdog *w = xcalloc(sizeof *w, "watchdog");
+    w->seconds = seconds;
+    snprintf(w->what, sizeof w->what, "%s", what);
+    snprintf(w->key, sizeof w->key, "%s", key);
+    clock_gettime(CLOCK_REALTIME, &w->deadline);
+    double end = (double)w->deadline.tv_sec + 1e-9 * (double)w->deadline.tv_nsec + seconds;
+    w->deadline.tv_sec = (time_t)end;
+    w->deadline.tv_nsec = (long)((end - (double)(time_t)end) * 1e9);
+    CHECK(pthread_mutex_init(&w->mu, NULL) == 0 && pthread_cond_init(&w->cv, NULL) == 0, "watchdog: init");
+    CHECK(pthread_create(&w->thread, NULL, watchdog_main, w) == 0, "watchdog: cannot start its thread");
+    return w;
+}
+
+void watchdog_stop(Watchdog *w) {
+    if (!w) return;
+    pthread_mutex_lock(&w->mu);
+    w->stopped = 1;
+    pthread_cond_signal(&w->cv);
+    pthread_mutex_unlock(&w->mu);
+    pthread_join(w->thread, NULL);
+    pthread_mutex_destroy(&w->mu);
+    pthread_cond_destroy(&w->cv);
+    free(w);
 }
 
 void die_user(const char *fmt, ...) {

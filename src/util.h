@@ -27,6 +27,13 @@ int set_err(char *err, size_t n, const char *fmt, ...) __attribute__((format(pri
 
 double now_sec(void);  // monotonic clock, seconds
 
+// A bound on a blocking call that cannot poll (a library's setup, such as ncclCommInitRank waiting for every
+// peer): unless watchdog_stop comes within `seconds`, a thread prints one line naming `what` and the limit's
+// config key, and takes every rank down (exit code 1). seconds <= 0: no bound (NULL is returned).
+typedef struct Watchdog Watchdog;
+Watchdog *watchdog_start(double seconds, const char *what, const char *key);
+void watchdog_stop(Watchdog *w);
+
 // Reads a whole file; NULL (and errno) on failure. *len gets its size.
 unsigned char *read_file_all(const char *path, size_t *len);
 // Writes path atomically: path.tmp, fsync, rename, fsync of the directory. 0 on success, -1 with errno.

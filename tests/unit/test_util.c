@@ -1,0 +1,64 @@
+// test_util.c: util.c's watchdog, the bound on blocking calls that cannot poll (NCCL setup waiting for every peer):
+// stopped in time it does nothing; left running it ends the process with exit code 1 and one line naming the call
+// and the config key; a limit of 0 means no bound.
+#include <signal.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "testlib.h"
+#include "util.h"
+
+static void sleep_s(double s) {
+    struct timespec ts = {(time_t)s, (long)((s - (double)(time_t)s) * 1e9)};
+    while (nanosleep(&ts, &ts) != 0) {
+    }
+}
+
+int main(void) {
+    TEST_CASE("watchdog stopped before its limit: the process goes on") {
+        Watchdog *w = watchdog_start(0.5, "a quick call", "test.timeout_s");
+        EXPECT(w != NULL, "no watchdog for a 0.5 s limit");
+        sleep_s(0.05);
+        watchdog_stop(w);
+        sleep_s(0.6);  // past the limit: a watchdog that still ran would have ended the process by now
+        EXPECT(1, "unreachable");
+    }
+    TEST_CASE("watchdog with limit 0: no bound (NULL), and stopping NULL is a no-op") {
+        Watchdog *w = watchdog_start(0.0, "an unbounded call", "test.timeout_s");
+        EXPECT(w == NULL, "a watchdog for limit 0");
+        watchdog_stop(w);
+    }
+    TEST_CASE("watchdog past its limit (0.2 s) in a call that hangs: exit code 1 within a second, one line naming the "
+              "call and the key") {
+        int fd[2];
+        EXPECT(pipe(fd) == 0, "pipe");
+        double t0 = now_sec();
+        pid_t pid = fork();
+        if (pid == 0) {
+            dup2(fd[1], 2);
+            close(fd[0]);
+            watchdog_start(0.2, "a hung call", "test.timeout_s");
+            sleep_s(5.0);  // the hang
+            _exit(0);      // not reached when the watchdog works
+        }
+        close(fd[1]);
+        char buf[1024] = "";
+        size_t n = 0;
+        ssize_t k;
+        while (n < sizeof buf - 1 && (k = read(fd[0], buf + n, sizeof buf - 1 - n)) > 0) n += (size_t)k;
+        buf[n] = 0;
+        close(fd[0]);
+        int status = 0;
+        waitpid(pid, &status, 0);
+        double took = now_sec() - t0;
+        EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 1, "child status %d (want exit 1)", status);
+        EXPECT(took >= 0.15 && took < 1.5, "ended after %.2f s (limit 0.2 s)", took);
+        EXPECT(strstr(buf, "a hung call did not finish within 0 s") == NULL && strstr(buf, "a hung call") &&
+                   strstr(buf, "test.timeout_s") && strstr(buf, "error:"),
+               "message: %s", buf);
+        printf("    %s", buf);
+    }
+    return tl_finish();
+}
