@@ -195,9 +195,12 @@ static inline CudaImpl *prof_impl(CudaImpl *im) { return im; }
 
 static void *scratch_get(CudaImpl *im, size_t bytes) {
     if (bytes > im->scratch_bytes) {
-        if (im->scratch) CUDA_CHECK(cudaFree(im->scratch));  // implicit device sync: no kernel still reads it
+        // Stream-ordered (only the compute stream uses scratch): the old buffer is released after the kernels
+        // queued before, with no device-wide sync, which would also wait for an NCCL sum in flight or a Shampoo
+        // root on a side stream.
+        if (im->scratch) CUDA_CHECK(cudaFreeAsync(im->scratch, im->st));
         size_t want = bytes + bytes / 4;
-        if (cudaMalloc(&im->scratch, want) != cudaSuccess) {
+        if (cudaMallocAsync(&im->scratch, want, im->st) != cudaSuccess) {
             size_t fr = 0, tot = 0;
             cudaGetLastError();
             cudaMemGetInfo(&fr, &tot);
