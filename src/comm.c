@@ -40,8 +40,8 @@ typedef struct {
     cudaStream_t compute, st;       // the backend's stream; NCCL's own
     cudaEvent_t ev_ready, ev_done;  // compute -> NCCL (a bucket is final); NCCL -> compute (the sums are done)
     int pending;                    // collectives started since the last wait
-    // SD_NCCL_FORCE=1 at one rank: the sums run out of place through this buffer and are copied back on NCCL's
-    // stream. A one-rank in-place sum moves no data, so a missing order between the streams would go unseen;
+    // SD_NCCL_FORCE=1 at one rank: the sums and broadcasts run out of place through this buffer and are copied
+    // back on NCCL's stream. A one-rank in-place collective moves no data, so a missing order between the streams would go unseen;
     // this way it corrupts the gradients and the GPU check (tests/gpu/nccl_np1.sh) fails.
     float *oop;
     size_t oop_n;
@@ -469,18 +469,24 @@ static int is_device(const void *p) {
     return a.type == cudaMemoryTypeDevice;
 }
 
+// The forced one-rank mode's out-of-place buffer (see NcclState.oop), grown stream-ordered on NCCL's stream.
+static float *oop_buffer(Comm *c, size_t nfloats) {
+    NcclState *nc = &c->st->nc;
+    if (nfloats > nc->oop_n) {
+        if (nc->oop) CUDA_CALL(c, cudaFreeAsync(nc->oop, nc->st));
+        CUDA_CALL(c, cudaMallocAsync((void **)&nc->oop, nfloats * sizeof(float), nc->st));
+        nc->oop_n = nfloats;
+    }
+    return nc->oop;
+}
+
 // Starts an in-place NCCL sum of a device buffer once the compute stream has finished writing it.
 static void nccl_start(Comm *c, float *buf, size_t n) {
     NcclState *nc = &c->st->nc;
     CUDA_CALL(c, cudaEventRecord(nc->ev_ready, nc->compute));
     CUDA_CALL(c, cudaStreamWaitEvent(nc->st, nc->ev_ready, 0));
-    if (c->world == 1) {  // forced one-rank mode (see NcclState.oop); stream-ordered, so no device-wide sync
-        if (n > nc->oop_n) {
-            if (nc->oop) CUDA_CALL(c, cudaFreeAsync(nc->oop, nc->st));
-            CUDA_CALL(c, cudaMallocAsync((void **)&nc->oop, n * sizeof(float), nc->st));
-            nc->oop_n = n;
-        }
-        NCCL_CHECK(c, ncclAllReduce(buf, nc->oop, n, ncclFloat, ncclSum, nc->comm, nc->st));
+    if (c->world == 1) {  // forced one-rank mode (see NcclState.oop)
+        NCCL_CHECK(c, ncclAllReduce(buf, oop_buffer(c, n), n, ncclFloat, ncclSum, nc->comm, nc->st));
         CUDA_CALL(c, cudaMemcpyAsync(buf, nc->oop, n * sizeof(float), cudaMemcpyDeviceToDevice, nc->st));
     } else {
         NCCL_CHECK(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nc->comm, nc->st));
@@ -538,10 +544,16 @@ static void nccl_bcast_all(Comm *c, void *const *bufs, const size_t *bytes) {
     NcclState *nc = &c->st->nc;
     CUDA_CALL(c, cudaEventRecord(nc->ev_ready, nc->compute));
     CUDA_CALL(c, cudaStreamWaitEvent(nc->st, nc->ev_ready, 0));
-    NCCL_CHECK(c, ncclGroupStart());
-    for (int r = 0; r < c->world; r++)
-        if (bytes[r]) NCCL_CHECK(c, ncclBroadcast(bufs[r], bufs[r], bytes[r], ncclChar, r, nc->comm, nc->st));
-    NCCL_CHECK(c, ncclGroupEnd());
+    if (c->world == 1 && bytes[0]) {  // forced one-rank mode: out of place as well (see NcclState.oop)
+        void *tmp = oop_buffer(c, (bytes[0] + 3) / 4);
+        NCCL_CHECK(c, ncclBroadcast(bufs[0], tmp, bytes[0], ncclChar, 0, nc->comm, nc->st));
+        CUDA_CALL(c, cudaMemcpyAsync(bufs[0], tmp, bytes[0], cudaMemcpyDeviceToDevice, nc->st));
+    } else if (c->world > 1) {
+        NCCL_CHECK(c, ncclGroupStart());
+        for (int r = 0; r < c->world; r++)
+            if (bytes[r]) NCCL_CHECK(c, ncclBroadcast(bufs[r], bufs[r], bytes[r], ncclChar, r, nc->comm, nc->st));
+        NCCL_CHECK(c, ncclGroupEnd());
+    }
     nc->pending++;
     nccl_wait_for(c, "the NCCL Shampoo root broadcast");
 }
