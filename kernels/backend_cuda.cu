@@ -200,7 +200,15 @@ static void *scratch_get(CudaImpl *im, size_t bytes) {
         // root on a side stream.
         if (im->scratch) CUDA_CHECK(cudaFreeAsync(im->scratch, im->st));
         size_t want = bytes + bytes / 4;
-        if (cudaMallocAsync(&im->scratch, want, im->st) != cudaSuccess) {
+        cudaError_t e = cudaMallocAsync(&im->scratch, want, im->st);
+        if (e != cudaSuccess) {  // the freed block stays in the pool until a sync: give it back, then try once more
+            cudaGetLastError();
+            CUDA_CHECK(cudaStreamSynchronize(im->st));
+            cudaMemPool_t pool;
+            if (cudaDeviceGetDefaultMemPool(&pool, im->device) == cudaSuccess) cudaMemPoolTrimTo(pool, 0);
+            e = cudaMallocAsync(&im->scratch, want, im->st);
+        }
+        if (e != cudaSuccess) {
             size_t fr = 0, tot = 0;
             cudaGetLastError();
             cudaMemGetInfo(&fr, &tot);

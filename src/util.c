@@ -60,9 +60,9 @@ struct Watchdog {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    int stopped;
+    int stopped, rank;  // rank: asked on the calling (main) thread, not on the watchdog's
     double seconds;
-    struct timespec deadline;  // CLOCK_REALTIME, as pthread_cond_timedwait wants
+    struct timespec deadline;  // CLOCK_MONOTONIC (the condition variable's clock): a wall-clock step cannot fire it
     char what[200], key[64];
 };
 
@@ -76,7 +76,7 @@ static void *watchdog_main(void *arg) {
     if (fire) {
         fprintf(stderr, "simplest-dist: error: rank %d: %s did not finish within %g s (%s): a peer rank is "
                         "unresponsive or dead; stopping the job\n",
-                mpi_rank(), w->what, w->seconds, w->key);
+                w->rank, w->what, w->seconds, w->key);
         fflush(stderr);
         abort_all_ranks(1);
         _exit(1);
@@ -90,11 +90,16 @@ Watchdog *watchdog_start(double seconds, const char *what, const char *key) {
     w->seconds = seconds;
     snprintf(w->what, sizeof w->what, "%s", what);
     snprintf(w->key, sizeof w->key, "%s", key);
-    clock_gettime(CLOCK_REALTIME, &w->deadline);
+    w->rank = mpi_rank();
+    clock_gettime(CLOCK_MONOTONIC, &w->deadline);
     double end = (double)w->deadline.tv_sec + 1e-9 * (double)w->deadline.tv_nsec + seconds;
     w->deadline.tv_sec = (time_t)end;
     w->deadline.tv_nsec = (long)((end - (double)(time_t)end) * 1e9);
-    CHECK(pthread_mutex_init(&w->mu, NULL) == 0 && pthread_cond_init(&w->cv, NULL) == 0, "watchdog: init");
+    pthread_condattr_t ca;
+    CHECK(pthread_condattr_init(&ca) == 0 && pthread_condattr_setclock(&ca, CLOCK_MONOTONIC) == 0 &&
+              pthread_mutex_init(&w->mu, NULL) == 0 && pthread_cond_init(&w->cv, &ca) == 0,
+          "watchdog: init");
+    pthread_condattr_destroy(&ca);
     CHECK(pthread_create(&w->thread, NULL, watchdog_main, w) == 0, "watchdog: cannot start its thread");
     return w;
 }
