@@ -102,6 +102,14 @@ static ShampooConfig base_sc(void) {
     return c;
 }
 
+// The schedule tests' setting: b = 32 (the tiny model's blocks and merges), f = S = 5.
+static ShampooConfig small_sc(void) {
+    ShampooConfig c = base_sc();
+    c.max_dim = 32;
+    c.frequency = c.start_step = 5;
+    return c;
+}
+
 // A tensor table with params and grads only (what shampoo_create/step use): one block of a chosen shape.
 typedef struct {
     const char *name;
@@ -1299,6 +1307,16 @@ static void run_steps(Shampoo *s, Model *m, int k0, int k1, uint64_t seed, doubl
     }
 }
 
+// Step k of two optimizers on the same gradients (seeded by `seed` and k) and the same lr and clip scale.
+static void step_pair(Shampoo *a, Shampoo *b, int k, uint64_t seed) {
+    size_t n = a->model->num_params;
+    fill_normal(a->model->grads, n, 1.0, seed, k);
+    memcpy(b->model->grads, a->model->grads, n * sizeof(float));
+    double scale = 0.5 + 0.5 * uniform(seed, k), lr = lr_at_step(0.01, k, 3, 40, 0);
+    shampoo_step(a, lr, scale);
+    shampoo_step(b, lr, scale);
+}
+
 static void test_schedule(void) {
     static const int delays[] = {0, 1, 3, 5};  // 3 and 5 = f: docs/spec-deviations.md (root_delay beyond 1)
     for (int di = 0; di < 4; di++) {
@@ -1314,9 +1332,7 @@ static void test_schedule(void) {
             ModelConfig mc = tiny_simplest();
             Model *ma = tiny_model(&mc, 7), *mb = tiny_model(&mc, 7);
             size_t n = ma->num_params;
-            ShampooConfig sc = base_sc();
-            sc.max_dim = 32;
-            sc.frequency = sc.start_step = 5;
+            ShampooConfig sc = small_sc();
             sc.root_delay = delay;
             sc.eps = 1e-3;
             Shampoo s;
@@ -1394,9 +1410,7 @@ static void test_schedule(void) {
         ModelConfig mc = tiny_simplest();
         Model *m0 = tiny_model(&mc, 8), *m1 = tiny_model(&mc, 8);
         size_t n = m0->num_params;
-        ShampooConfig sc = base_sc();
-        sc.max_dim = 32;
-        sc.frequency = sc.start_step = 5;
+        ShampooConfig sc = small_sc();
         sc.weight_decay = 0.05;
         Shampoo s0, s1;
         shampoo_create(&s0, m0, &comm1, &sc, NULL);
@@ -1404,11 +1418,7 @@ static void test_schedule(void) {
         shampoo_create(&s1, m1, &comm1, &sc, NULL);
         int first_diff = 0;
         for (int k = 1; k <= 12; k++) {
-            fill_normal(m0->grads, n, 1.0, 61, k);
-            memcpy(m1->grads, m0->grads, n * sizeof(float));
-            double scale = 0.5 + 0.5 * uniform(61, k), lr = lr_at_step(0.01, k, 3, 40, 0);
-            shampoo_step(&s0, lr, scale);
-            shampoo_step(&s1, lr, scale);
+            step_pair(&s0, &s1, k, 61);
             if (!first_diff && memcmp(m0->params, m1->params, n * sizeof(float))) first_diff = k;
         }
         printf("    first difference at step %d\n", first_diff);
@@ -1423,10 +1433,7 @@ static void test_schedule(void) {
         TEST_CASE(title) {
             ModelConfig mc = tiny_simplest();
             Model *m0 = tiny_model(&mc, 8), *m1 = tiny_model(&mc, 8);
-            size_t n = m0->num_params;
-            ShampooConfig sc = base_sc();
-            sc.max_dim = 32;
-            sc.frequency = sc.start_step = 5;
+            ShampooConfig sc = small_sc();
             Shampoo s0, s1;
             shampoo_create(&s0, m0, &comm1, &sc, NULL);
             sc.root_delay = d;
@@ -1434,11 +1441,7 @@ static void test_schedule(void) {
             float *hist = malloc((size_t)23 * s0.root_floats * sizeof(float));  // delay 0's roots after each step
             int bad = 0, checked = 0;
             for (int k = 1; k <= 22; k++) {
-                fill_normal(m0->grads, n, 1.0, 62, k);
-                memcpy(m1->grads, m0->grads, n * sizeof(float));
-                double scale = 0.5 + 0.5 * uniform(62, k), lr = lr_at_step(0.01, k, 3, 40, 0);
-                shampoo_step(&s0, lr, scale);
-                shampoo_step(&s1, lr, scale);
+                step_pair(&s0, &s1, k, 62);
                 memcpy(hist + (size_t)k * s0.root_floats, s0.roots, s0.root_floats * sizeof(float));
                 // After step k, delay d's active roots are delay 0's roots after step k - d.
                 if (k >= 5 + d) {
@@ -1641,9 +1644,7 @@ static void child_nan(void *arg) {
     FailArg *a = arg;
     ModelConfig mc = tiny_simplest();
     Model *m = tiny_model(&mc, 12);
-    ShampooConfig sc = base_sc();
-    sc.max_dim = 32;
-    sc.frequency = sc.start_step = 5;
+    ShampooConfig sc = small_sc();
     Shampoo s;
     shampoo_create(&s, m, &comm1, &sc, NULL);
     int p = model_find_tensor(m, a->name);
@@ -1666,9 +1667,7 @@ static void child_inject(void *arg) {
     InjectArg *a = arg;
     ModelConfig mc = tiny_simplest();
     Model *m = tiny_model(&mc, 13);
-    ShampooConfig sc = base_sc();
-    sc.max_dim = 32;
-    sc.frequency = sc.start_step = 5;
+    ShampooConfig sc = small_sc();
     Shampoo s;
     shampoo_create(&s, m, &comm1, &sc, NULL);
     const ShampooBlock *b = &s.blocks[a->block];
@@ -1859,9 +1858,7 @@ static void test_chunks(void) {
               "f = S = 5, graft and Shampoo steps)") {
         ModelConfig mc = tiny_simplest();
         Model *ma = tiny_model(&mc, 13), *mb = tiny_model(&mc, 13);
-        ShampooConfig sc = base_sc();
-        sc.max_dim = 32;
-        sc.frequency = sc.start_step = 5;
+        ShampooConfig sc = small_sc();
         sc.eps = 1e-4;
         Shampoo sa, sb;
         shampoo_create(&sa, ma, &comm1, &sc, NULL);
