@@ -4,8 +4,7 @@
 // and resumed into a fresh optimizer continues bit for bit like the uninterrupted run. A pending refresh resumed
 // under another f and d is installed before the next refresh starts. A state file for another model, a bad
 // pending_t or a missing pending factor is refused with one line naming the file (and the tensor), and the optimizer
-// is left as it was. Also: a state file for another model is refused
-// with one line naming the file and the tensor.
+// is left as it was.
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -60,54 +59,73 @@ static int patch_header(const char *path, const char *find, size_t at, const cha
     return (fclose(f) == 0) && found;
 }
 
+static Backend *be;  // one CPU backend for every case
+static Comm comm1 = {.rank = 0, .world = 1, .local_world = 1};
+
+// A model (initialized from seed 5, as every run here) and its optimizer.
+typedef struct {
+    Model *m;
+    Shampoo s;
+} Opt;
+
+static void opt_open(Opt *o, const ModelConfig *mc, const ShampooConfig *sc) {
+    o->m = model_create(mc, be, 1);
+    model_init(o->m, 5);
+    shampoo_create(&o->s, o->m, &comm1, sc, NULL);
+}
+
+static void opt_close(Opt *o) {
+    shampoo_free(&o->s);
+    model_free(o->m);
+}
+
+// A fresh empty file for a state: path is "/tmp/shampoo_stateXXXXXX", filled in.
+static void temp_state(char *path) {
+    int fd = mkstemp(path);
+    if (fd >= 0) close(fd);
+}
+
 static void round_trip(int delay, int64_t save_at, int64_t end) {
     char title[128];
     snprintf(title, sizeof title, "root_delay %d: save at step %lld, resume, equal to the uninterrupted run at %lld",
              delay, (long long)save_at, (long long)end);
     TEST_CASE(title) {
-        Backend *be = backend_cpu_create(1);
-        Comm comm = {.rank = 0, .world = 1, .local_world = 1};
         ModelConfig mc = tiny();
         ShampooConfig sc = shampoo_cfg(delay);
-        Model *a = model_create(&mc, be, 1), *b = model_create(&mc, be, 1);
-        model_init(a, 5);
-        model_init(b, 5);
-        Shampoo sa, sb;
-        shampoo_create(&sa, a, &comm, &sc, NULL);
-        shampoo_create(&sb, b, &comm, &sc, NULL);
+        Opt a, b;
+        opt_open(&a, &mc, &sc);
+        opt_open(&b, &mc, &sc);
         char path[] = "/tmp/shampoo_stateXXXXXX";
-        int fd = mkstemp(path);
-        close(fd);
-        run_steps(&sa, 1, save_at);
-        EXPECT(shampoo_save(&sa, path) == 0, "save failed");
-        float *w = malloc(a->num_params * sizeof(float));
-        memcpy(w, a->params, a->num_params * sizeof(float));
-        run_steps(&sa, save_at + 1, end);
-        memcpy(b->params, w, a->num_params * sizeof(float));  // the weights come from the model checkpoint
+        temp_state(path);
+        size_t np = a.m->num_params;
+        run_steps(&a.s, 1, save_at);
+        EXPECT(shampoo_save(&a.s, path) == 0, "save failed");
+        float *w = malloc(np * sizeof(float));
+        memcpy(w, a.m->params, np * sizeof(float));
+        run_steps(&a.s, save_at + 1, end);
+        memcpy(b.m->params, w, np * sizeof(float));  // the weights come from the model checkpoint
         char err[512] = "";
-        EXPECT(shampoo_load(&sb, path, err, sizeof err) == 0, "%s", err);
-        EXPECT(sb.t == save_at, "t %lld after load", (long long)sb.t);
-        run_steps(&sb, save_at + 1, end);
-        EXPECT(same_bits(a->params, b->params, a->num_params), "weights differ after resume");
-        EXPECT(same_bits(sa.roots, sb.roots, sa.root_floats), "roots differ after resume");
-        EXPECT(same_bits(sa.factors, sb.factors, sa.factor_floats), "factors differ after resume");
-        EXPECT(sa.refreshes > 0 && sb.refreshes > 0, "no refresh happened");
+        EXPECT(shampoo_load(&b.s, path, err, sizeof err) == 0, "%s", err);
+        EXPECT(b.s.t == save_at, "t %lld after load", (long long)b.s.t);
+        run_steps(&b.s, save_at + 1, end);
+        EXPECT(same_bits(a.m->params, b.m->params, np), "weights differ after resume");
+        EXPECT(same_bits(a.s.roots, b.s.roots, a.s.root_floats), "roots differ after resume");
+        EXPECT(same_bits(a.s.factors, b.s.factors, a.s.factor_floats), "factors differ after resume");
+        EXPECT(a.s.refreshes > 0 && b.s.refreshes > 0, "no refresh happened");
         // A control: resuming at the wrong step must differ, so the comparison can fail.
-        memcpy(b->params, w, a->num_params * sizeof(float));
-        EXPECT(shampoo_load(&sb, path, err, sizeof err) == 0, "%s", err);
-        run_steps(&sb, save_at + 2, end + 1);
-        EXPECT(!same_bits(a->params, b->params, a->num_params), "a shifted resume gave the same weights");
-        shampoo_free(&sa);
-        shampoo_free(&sb);
-        model_free(a);
-        model_free(b);
-        be->destroy(be);
+        memcpy(b.m->params, w, np * sizeof(float));
+        EXPECT(shampoo_load(&b.s, path, err, sizeof err) == 0, "%s", err);
+        run_steps(&b.s, save_at + 2, end + 1);
+        EXPECT(!same_bits(a.m->params, b.m->params, np), "a shifted resume gave the same weights");
+        opt_close(&a);
+        opt_close(&b);
         free(w);
         unlink(path);
     }
 }
 
 int main(void) {
+    be = backend_cpu_create(1);
     round_trip(0, 12, 30);  // mid-interval
     round_trip(1, 10, 30);  // at a refresh step: the roots are still pending on the thread
     round_trip(1, 12, 30);
@@ -118,112 +136,83 @@ int main(void) {
     round_trip(5, 14, 30);  // d = f: due at the next step, installed by the save
     TEST_CASE("a pending refresh resumed under another f and d (10 -> 8): installed at the next refresh step, before "
               "that refresh starts, so two are never in flight") {
-        Backend *be = backend_cpu_create(1);
-        Comm comm = {.rank = 0, .world = 1, .local_world = 1};
         ModelConfig mc = tiny();
         ShampooConfig sc = shampoo_cfg(10);
         sc.frequency = sc.start_step = 10;
-        Model *a = model_create(&mc, be, 1), *b = model_create(&mc, be, 1);
-        model_init(a, 5);
-        model_init(b, 5);
-        Shampoo sa, sb;
-        shampoo_create(&sa, a, &comm, &sc, NULL);
+        Opt a, b;
+        opt_open(&a, &mc, &sc);
         sc.frequency = sc.start_step = sc.root_delay = 8;
-        shampoo_create(&sb, b, &comm, &sc, NULL);
+        opt_open(&b, &mc, &sc);
         char path[] = "/tmp/shampoo_stateXXXXXX";
-        int fd = mkstemp(path);
-        close(fd);
-        run_steps(&sa, 1, 15);
-        EXPECT(shampoo_pending_step(&sa) == 10 && shampoo_save(&sa, path) == 0, "save (pending %lld)",
-               (long long)shampoo_pending_step(&sa));
+        temp_state(path);
+        run_steps(&a.s, 1, 15);
+        EXPECT(shampoo_pending_step(&a.s) == 10 && shampoo_save(&a.s, path) == 0, "save (pending %lld)",
+               (long long)shampoo_pending_step(&a.s));
         char err[512] = "";
-        EXPECT(shampoo_load(&sb, path, err, sizeof err) == 0, "%s", err);
-        EXPECT(shampoo_pending_step(&sb) == 10, "pending %lld after the load", (long long)shampoo_pending_step(&sb));
-        run_steps(&sb, 16, 16);  // a refresh step under f = 8: installs step 10's roots, then starts its own
-        EXPECT(sb.refreshes == 1 && shampoo_pending_step(&sb) == 16, "after step 16: %lld installed, pending %lld",
-               (long long)sb.refreshes, (long long)shampoo_pending_step(&sb));
-        run_steps(&sb, 17, 30);  // 16's roots at 24, 24's pending from 24 (due 32)
-        EXPECT(sb.refreshes == 2 && shampoo_pending_step(&sb) == 24, "after step 30: %lld installed, pending %lld",
-               (long long)sb.refreshes, (long long)shampoo_pending_step(&sb));
-        shampoo_free(&sa);
-        shampoo_free(&sb);
-        model_free(a);
-        model_free(b);
-        be->destroy(be);
+        EXPECT(shampoo_load(&b.s, path, err, sizeof err) == 0, "%s", err);
+        EXPECT(shampoo_pending_step(&b.s) == 10, "pending %lld after the load", (long long)shampoo_pending_step(&b.s));
+        run_steps(&b.s, 16, 16);  // a refresh step under f = 8: installs step 10's roots, then starts its own
+        EXPECT(b.s.refreshes == 1 && shampoo_pending_step(&b.s) == 16, "after step 16: %lld installed, pending %lld",
+               (long long)b.s.refreshes, (long long)shampoo_pending_step(&b.s));
+        run_steps(&b.s, 17, 30);  // 16's roots at 24, 24's pending from 24 (due 32)
+        EXPECT(b.s.refreshes == 2 && shampoo_pending_step(&b.s) == 24, "after step 30: %lld installed, pending %lld",
+               (long long)b.s.refreshes, (long long)shampoo_pending_step(&b.s));
+        opt_close(&a);
+        opt_close(&b);
         unlink(path);
     }
     TEST_CASE("a state whose pending_t is not in 1 .. t, or that lacks a pending factor, is refused naming the file "
               "(and the tensor), and leaves the optimizer as it was") {
-        Backend *be = backend_cpu_create(1);
-        Comm comm = {.rank = 0, .world = 1, .local_world = 1};
         ModelConfig mc = tiny();
         ShampooConfig sc = shampoo_cfg(4);
-        Model *a = model_create(&mc, be, 1);
-        model_init(a, 5);
-        Shampoo sa;
-        shampoo_create(&sa, a, &comm, &sc, NULL);
+        Opt a, b;  // b: a fresh optimizer, which a refused load must leave fresh
+        opt_open(&a, &mc, &sc);
+        opt_open(&b, &mc, &sc);
         char path[] = "/tmp/shampoo_stateXXXXXX";
-        int fd = mkstemp(path);
-        close(fd);
-        run_steps(&sa, 1, 12);
-        EXPECT(shampoo_save(&sa, path) == 0, "save failed");
+        temp_state(path);
+        run_steps(&a.s, 1, 12);
+        EXPECT(shampoo_save(&a.s, path) == 0, "save failed");
         EXPECT(patch_header(path, "\"pending_t\":\"10\"", 13, "99"), "no pending_t 10 in the header");
         char err[512] = "";
-        Shampoo sb;  // a fresh optimizer: a refused load must leave it fresh
-        Model *b = model_create(&mc, be, 1);
-        model_init(b, 5);
-        shampoo_create(&sb, b, &comm, &sc, NULL);
-        EXPECT(shampoo_load(&sb, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_t"),
+        EXPECT(shampoo_load(&b.s, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_t"),
                "message: %s", err);
         // The same with pending_t intact but a pending factor renamed ("pending_factor0" -> "pending_factorX").
         EXPECT(patch_header(path, "\"pending_t\":\"99\"", 13, "10") &&
                    patch_header(path, "pending_factor0", 14, "X"),
                "header fields not found");
-        EXPECT(shampoo_load(&sb, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_factor0"),
+        EXPECT(shampoo_load(&b.s, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "pending_factor0"),
                "message: %s", err);
-        int flags_set = 0;
-        for (int i = 0; i < sb.nblocks; i++) flags_set += sb.blocks[i].has_roots || sb.blocks[i].fails;
-        float zero_sum = 0.0f;
-        for (size_t i = 0; i < sb.root_floats; i++) zero_sum += sb.roots[i] != 0.0f;
-        EXPECT(sb.t == 0 && flags_set == 0 && zero_sum == 0.0f && shampoo_pending_step(&sb) == 0,
-               "a refused load changed the optimizer: t %lld, %d block flags set, %g nonzero roots, pending %lld",
-               (long long)sb.t, flags_set, zero_sum, (long long)shampoo_pending_step(&sb));
-        shampoo_free(&sb);
-        model_free(b);
-        shampoo_free(&sa);
-        model_free(a);
-        be->destroy(be);
+        int flags_set = 0, nonzero_roots = 0;
+        for (int i = 0; i < b.s.nblocks; i++) flags_set += b.s.blocks[i].has_roots || b.s.blocks[i].fails;
+        for (size_t i = 0; i < b.s.root_floats; i++) nonzero_roots += b.s.roots[i] != 0.0f;
+        EXPECT(b.s.t == 0 && flags_set == 0 && nonzero_roots == 0 && shampoo_pending_step(&b.s) == 0,
+               "a refused load changed the optimizer: t %lld, %d block flags set, %d nonzero roots, pending %lld",
+               (long long)b.s.t, flags_set, nonzero_roots, (long long)shampoo_pending_step(&b.s));
+        opt_close(&a);
+        opt_close(&b);
         unlink(path);
     }
     TEST_CASE("a state file of another model is refused, naming the file and the tensor") {
-        Backend *be = backend_cpu_create(1);
-        Comm comm = {.rank = 0, .world = 1, .local_world = 1};
         ModelConfig mc = tiny(), other = tiny();
         other.mlp_dim = 32;
         ShampooConfig sc = shampoo_cfg(0);
-        Model *a = model_create(&mc, be, 1), *b = model_create(&other, be, 1);
-        model_init(a, 5);
-        model_init(b, 5);
-        Shampoo sa, sb;
-        shampoo_create(&sa, a, &comm, &sc, NULL);
-        shampoo_create(&sb, b, &comm, &sc, NULL);
+        Opt a, b;
+        opt_open(&a, &mc, &sc);
+        opt_open(&b, &other, &sc);
         char path[] = "/tmp/shampoo_stateXXXXXX";
-        int fd = mkstemp(path);
-        close(fd);
-        run_steps(&sa, 1, 6);
-        EXPECT(shampoo_save(&sa, path) == 0, "save failed");
+        temp_state(path);
+        run_steps(&a.s, 1, 6);
+        EXPECT(shampoo_save(&a.s, path) == 0, "save failed");
         char err[512] = "";
-        EXPECT(shampoo_load(&sb, path, err, sizeof err) != 0, "loaded a mismatched state");
+        EXPECT(shampoo_load(&b.s, path, err, sizeof err) != 0, "loaded a mismatched state");
         EXPECT(strstr(err, path) && strstr(err, "layer1.lin"), "message: %s", err);
-        EXPECT(shampoo_load(&sb, "/nonexistent/state.safetensors", err, sizeof err) != 0 &&
+        EXPECT(shampoo_load(&b.s, "/nonexistent/state.safetensors", err, sizeof err) != 0 &&
                    strstr(err, "/nonexistent/state.safetensors"),
                "message: %s", err);
-        shampoo_free(&sa);
-        shampoo_free(&sb);
-        model_free(a);
-        model_free(b);
-        be->destroy(be);
+        opt_close(&a);
+        opt_close(&b);
         unlink(path);
     }
+    be->destroy(be);
     return tl_finish();
 }

@@ -22,8 +22,7 @@ int main(void) {
         EXPECT(w != NULL, "no watchdog for a 0.5 s limit");
         sleep_s(0.05);
         watchdog_stop(w);
-        sleep_s(0.6);  // past the limit: a watchdog that still ran would have ended the process by now
-        EXPECT(1, "unreachable");
+        sleep_s(0.6);  // past the limit: a watchdog that still ran would have ended this process (exit 1) by now
     }
     TEST_CASE("watchdog with limit 0: no bound (NULL), and stopping NULL is a no-op") {
         Watchdog *w = watchdog_start(0.0, "an unbounded call", "test.timeout_s");
@@ -55,9 +54,8 @@ int main(void) {
         double took = now_sec() - t0;
         EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 1, "child status %d (want exit 1)", status);
         EXPECT(took >= 0.15 && took < 1.5, "ended after %.2f s (limit 0.2 s)", took);
-        EXPECT(strstr(buf, "a hung call did not finish within 0 s") == NULL && strstr(buf, "a hung call") &&
-                   strstr(buf, "test.timeout_s") && strstr(buf, "error:"),
-               "message: %s", buf);
+        EXPECT(strstr(buf, "error: rank 0: a hung call did not finish within 0.2 s (test.timeout_s)"), "message: %s",
+               buf);
         printf("    %s", buf);
     }
     return tl_finish();
