@@ -164,6 +164,15 @@ static int block_preconditioned(const Shampoo *s, const ShampooBlock *b) {
     return !(s->cfg.one_d_adam && t->ndim == 1);  // the parameter's own rank decides (spec §2.6)
 }
 
+// Device roots: the owned factors' snapshot that a delayed refresh reads (allocated once, at creation under
+// root_delay >= 1, or when a state with a pending refresh is loaded into a run without delay).
+static float *snap_buffer(Shampoo *s) {
+    if (!s->snap)
+        s->snap = s->model->be->alloc(s->model->be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float),
+                                      "Shampoo factor snapshot");
+    return s->snap;
+}
+
 void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *cfg, const int *owner_map) {
     memset(s, 0, sizeof *s);
     s->cfg = *cfg;
@@ -261,8 +270,7 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
             for (int k = 0; k < s->blocks[s->owned[i]].order; k++)
                 nmax = s->blocks[s->owned[i]].dim[k] > nmax ? s->blocks[s->owned[i]].dim[k] : nmax;
         if (nmax && be->reserve_roots) be->reserve_roots(be, nmax, cfg->root_fp64);
-        if (cfg->root_delay)
-            s->snap = be->alloc(be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float), "Shampoo factor snapshot");
+        if (cfg->root_delay) snap_buffer(s);
     }
     // Factors start at eps I (the reference's local change), on the host then uploaded once.
     float *f = xcalloc((s->factor_floats ? s->factor_floats : 1) * sizeof(float), "factor init");
@@ -1335,10 +1343,7 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
         if (snap) {  // the pending refresh again, from the same factor bits: installed at pending_t + root_delay
             RootJob *job = job_new(s, pending_t);
             if (s->area) {
-                if (!s->snap)
-                    s->snap = be->alloc(be, (s->factor_floats ? s->factor_floats : 1) * sizeof(float),
-                                        "Shampoo factor snapshot");
-                be->upload(be, s->snap, snap, s->factor_floats * sizeof(float));
+                be->upload(be, snap_buffer(s), snap, s->factor_floats * sizeof(float));
                 be->sync(be);
                 job->dsrc = s->snap;
             } else {

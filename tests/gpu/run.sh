@@ -78,6 +78,10 @@ skip() {  # skip NAME REASON
 }
 
 # ---- 0. environment
+# Why the PyTorch stages are skipped, or "" (importing torch takes seconds: asked once).
+NO_TORCH=""
+if [ "${SD_SKIP_TORCH:-0}" = 1 ]; then NO_TORCH="SD_SKIP_TORCH=1"
+elif ! $PY -c 'import torch' >/dev/null 2>&1; then NO_TORCH="no PyTorch for $PY"; fi
 # A bare node may lack make: `make vendor-debs` carries this machine's (it needs only glibc).
 command -v make >/dev/null 2>&1 || { [ -x vendor-debs/bin/make ] && export PATH="$PATH:$ROOT/vendor-debs/bin"; }
 if ! command -v nvcc >/dev/null 2>&1; then
@@ -195,7 +199,7 @@ fi
 if [ "${SD_GPU_PROFILE:-0}" = 1 ] && [ -x $BUILD/gpu/bench_ops ]; then
     stage bench_ops 60 $BUILD/gpu/bench_ops --device cuda
     stage bench_ops_nolt 60 env SD_LT=0 $BUILD/gpu/bench_ops --device cuda
-    $PY -c 'import torch' >/dev/null 2>&1 && stage torch_ops 90 $PY tests/gpu/torch_ops.py
+    [ -z "$NO_TORCH" ] && stage torch_ops 90 $PY tests/gpu/torch_ops.py
 fi
 # SD_GPU_QUICK=1: the build, the checks and the profile only (no Fashion-MNIST, no benchmarks).
 if [ "${SD_GPU_QUICK:-0}" = 1 ]; then
@@ -257,12 +261,9 @@ for arch in simplest simplevit; do
     done
 done
 export PYTHONUNBUFFERED=1
-if [ "${SD_SKIP_TORCH:-0}" = 1 ]; then
-    skip torch_eager "SD_SKIP_TORCH=1"
-    skip torch_compile "SD_SKIP_TORCH=1"
-elif ! $PY -c 'import torch' >/dev/null 2>&1; then
-    skip torch_eager "no PyTorch for $PY"
-    skip torch_compile "no PyTorch for $PY"
+if [ -n "$NO_TORCH" ]; then
+    skip torch_eager "$NO_TORCH"
+    skip torch_compile "$NO_TORCH"
 else
     # torch.compile first (the number the speed target is set against), leaving about 130 s for 4b (Shampoo) and
     # eager.
@@ -275,7 +276,7 @@ else
     fi
 fi
 shampoo_bench
-if [ "${SD_SKIP_TORCH:-0}" != 1 ] && $PY -c 'import torch' >/dev/null 2>&1; then
+if [ -z "$NO_TORCH" ]; then
     stage torch_eager 120 $PY tests/gpu/torch_bench.py --mode eager --steps 20 --warmup 5
     if [ "${SD_TORCH_SDPA:-0}" = 1 ] && [ "$(left)" -gt 120 ]; then
         stage torch_compile_sdpa 240 $PY tests/gpu/torch_bench.py --mode compile --attn sdpa --steps 20 --warmup 3
