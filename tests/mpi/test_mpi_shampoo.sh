@@ -46,6 +46,11 @@ print(f"{len(a)} tensors identical")
 PYEOF
 }
 
+# shampoo_status FILE EXPR: whether EXPR, Python over s = the "shampoo" section of the status.json FILE, holds.
+shampoo_status() {
+  "$PY" -c "import json, sys; s = json.load(open(sys.argv[1]))['shampoo']; sys.exit(0 if ($2) else 1)" "$1"
+}
+
 check_set() {  # label ref others... (runs already done)
   local label=$1 ref=$2; shift 2
   for o in "$@"; do
@@ -71,7 +76,8 @@ ok=1
 for np in 2 3; do run owners_np$np $np --set shampoo.apply=owners || ok=0; done
 if [ $ok = 1 ]; then
   check_set "shampoo.apply owners" d0_np1 owners_np2 owners_np3
-  if "$PY" -c "import json,sys; s=json.load(open(sys.argv[1]))['shampoo']; sys.exit(0 if s['apply'] == 'owners' and s['step_bytes_received'] > 0 and s['step_bytes_sent'] > 0 else 1)" "$TMP/owners_np3/status.json"; then
+  if shampoo_status "$TMP/owners_np3/status.json" \
+       "s['apply'] == 'owners' and s['step_bytes_received'] > 0 and s['step_bytes_sent'] > 0"; then
     echo "ok - status.json shows apply owners and its step traffic at np = 3"
   else
     echo "not ok - status.json shampoo section (apply owners)"; cat "$TMP/owners_np3/status.json"
@@ -105,7 +111,8 @@ if [ $ok = 1 ]; then
     echo "not ok - root_delay 6 gave the weights of delay 0 or 1"
   fi
   # status.json at the end: 9 refreshes installed (10 .. 90, at 16 .. 96), the refresh of step 100 still pending
-  if "$PY" -c "import json,sys; s=json.load(open(sys.argv[1]))['shampoo']; print(json.dumps({k: s[k] for k in ('root_delay', 'refreshes', 'pending_refresh_step', 'root_wait_s_total', 'last_root_wait_s')})); sys.exit(0 if s['root_delay'] == 6 and s['refreshes'] == 9 and s['pending_refresh_step'] == 100 and 0 <= s['last_root_wait_s'] <= s['root_wait_s_total'] else 1)" "$TMP/d6_np2/status.json"; then
+  if shampoo_status "$TMP/d6_np2/status.json" "s['root_delay'] == 6 and s['refreshes'] == 9 and
+       s['pending_refresh_step'] == 100 and 0 <= s['last_root_wait_s'] <= s['root_wait_s_total']"; then
     echo "ok - status.json (root_delay 6, np = 2): 9 refreshes installed, the refresh of step 100 pending, the install waits recorded"
   else
     echo "not ok - status.json shampoo section (root_delay 6)"; cat "$TMP/d6_np2/status.json"
