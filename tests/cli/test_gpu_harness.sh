@@ -2,7 +2,9 @@
 # The GPU check's harness (build/gpu/test_cuda, run by tests/gpu/run.sh on a GPU) checked without a GPU:
 #  - --cpu (the CPU backend against a second CPU backend) passes the optimizer and Shampoo groups;
 #  - --cpu-faults (planted bugs in the backend under test) fails exactly where it must: a grafting norm 5e-5 off and
-#    roots from a doubled eps are both reported by the Shampoo checks, so those checks can fail on a GPU.
+#    roots from a doubled eps are both reported by the Shampoo checks, so those checks can fail on a GPU; in the
+#    ops group, dW and LayerNorm's dx overwritten instead of accumulated, LayerNorm's dx from the next row's
+#    statistics (D 768-1040), GELU's last element unwritten and a dropout mask from another seed are each reported.
 set -u
 BUILD=${BUILD:-build}
 BIN=$BUILD/gpu/test_cuda
@@ -15,6 +17,32 @@ if [ $rc = 0 ] && [ "$n" -ge 50 ] && ! grep -q '^not ok' "$TMP/cpu.log"; then
   echo "ok - gpu harness --cpu: the optim and shampoo groups pass on the CPU against itself ($n checks)"
 else
   echo "not ok - gpu harness --cpu: exit $rc, $n checks"; grep '^not ok' "$TMP/cpu.log" | head -5
+fi
+"$BIN" --cpu --group ops >"$TMP/cpu_ops.log" 2>&1; rc=$?
+n=$(grep -c '^ok - ' "$TMP/cpu_ops.log")
+if [ $rc = 0 ] && [ "$n" -ge 80 ] && ! grep -q '^not ok' "$TMP/cpu_ops.log"; then
+  echo "ok - gpu harness --cpu: the ops group passes on the CPU against itself ($n checks)"
+else
+  echo "not ok - gpu harness --cpu: ops group exit $rc, $n checks"; grep '^not ok' "$TMP/cpu_ops.log" | head -5
+fi
+"$BIN" --cpu-faults --group ops >"$TMP/faults_ops.log" 2>&1; rc=$?
+[ $rc = 1 ] && echo "ok - gpu harness --cpu-faults ops: exit 1" || echo "not ok - gpu harness --cpu-faults ops: exit $rc (want 1)"
+ops_caught() {  # pattern what
+  if grep -q "^not ok - $1" "$TMP/faults_ops.log"; then echo "ok - gpu harness --cpu-faults: $2 is caught"
+  else echo "not ok - gpu harness --cpu-faults: $2 was not caught"; fi
+}
+ops_caught "matmul_bwd R394 Din128 Dout384: dW +=" "dW overwritten (matmul_bwd)"
+ops_caught "gelu_fwd n40007" "GELU's last element unwritten"
+ops_caught "layernorm_bwd R394 D384: dx +=" "LayerNorm's dx overwritten"
+for d in "R64 D768" "R40 D1024" "R20 D1040"; do
+  ops_caught "layernorm_bwd $d: dx +=" "LayerNorm's dx from the next row's statistics at $d"
+done
+ops_caught "dropout_fwd p0.10 step 5 pos 8: mask" "a dropout mask from another seed"
+if grep -q "^ok - layernorm_bwd R64 D768: dgamma +=" "$TMP/faults_ops.log" &&
+   grep -q "^ok - layernorm_fwd R64 D768: y" "$TMP/faults_ops.log"; then
+  echo "ok - gpu harness --cpu-faults: the unfaulted LayerNorm outputs still pass (the checks are specific)"
+else
+  echo "not ok - gpu harness --cpu-faults: an unfaulted LayerNorm output failed"
 fi
 "$BIN" --cpu-faults --group shampoo >"$TMP/faults.log" 2>&1; rc=$?
 check() {  # pattern what

@@ -445,10 +445,20 @@ static void test_activations(void) {
     free(y_ref);
 }
 
+// Every row of x has its own scale and shift, and dy has a mean and a part along x, so that both of dx's
+// projection terms (mean(dy·γ) and mean(dy·γ·x̂)) and each row's own statistics matter; the pre-fill of dx is
+// small and the check is on what the backward added, dx - dx0. (With dy independent of x, identically distributed
+// rows and a unit pre-fill, dx computed from the next row's statistics passed at D 768-1040.)
 static void test_layernorm(int R, int D) {
     size_t n = (size_t)R * D;
-    float *x = rnd(n, 2.0, 0.5, 1), *gamma = rnd(D, 0.2, 1.0, 1), *beta = rnd(D, 0.2, 0.0, 1);
-    float *dy = rnd(n, 1.0, 0.0, 1), *dx0 = rnd(n, 1.0, 0.0, 1);
+    float *x = rnd(n, 1.0, 0.0, 0), *gamma = rnd(D, 0.2, 1.0, 1), *beta = rnd(D, 0.2, 0.0, 1);
+    float *dy = rnd(n, 1.0, 0.0, 0), *dx0 = rnd(n, 0.1, 0.0, 1);
+    for (int r = 0; r < R; r++)
+        for (int i = 0; i < D; i++) {
+            size_t k = (size_t)r * D + i;
+            x[k] = bfround(x[k] * (float)(0.5 + 0.4 * (r % 7)) + (float)(r % 5) - 2.0f);
+            dy[k] = bfround(dy[k] + 0.3f + 0.5f * x[k]);
+        }
     float *dg0 = rnd(D, sqrt(R), 0.0, 0), *dbt0 = rnd(D, sqrt(R), 0.0, 0);
     float *y[2], *mean[2], *rstd[2], *dx[2], *dg[2], *dbt[2];
     for (int s = 0; s < 2; s++) {
@@ -492,7 +502,9 @@ static void test_layernorm(int R, int D) {
     check(name, mean[DUT], mean[REF], R, 1e-4);
     snprintf(name, sizeof name, "layernorm_fwd R%d D%d: rstd", R, D);
     check(name, rstd[DUT], rstd[REF], R, 1e-4);
-    snprintf(name, sizeof name, "layernorm_bwd R%d D%d: dx += (pre-filled)", R, D);
+    for (int s = 0; s < 2; s++)
+        for (size_t i = 0; i < n; i++) dx[s][i] -= dx0[i];
+    snprintf(name, sizeof name, "layernorm_bwd R%d D%d: dx += (pre-filled; the part added)", R, D);
     check(name, dx[DUT], dx[REF], n, TOL_GRAD);
     snprintf(name, sizeof name, "layernorm_bwd R%d D%d: dgamma +=", R, D);
     check(name, dg[DUT], dg[REF], D, TOL_GRAD);
@@ -1074,10 +1086,26 @@ static void fault_dropout_fwd(Backend *be, void *y, const void *x, int B, size_t
                               uint64_t step, uint64_t first_pos) {
     g_orig.dropout_fwd(be, y, x, B, per, p, seed + 1, step, first_pos);
 }
+// LayerNorm's dx: overwritten below D 768; from D 768 up (the register kernels' widest cases) every row but the last
+// takes the next row's mean and rstd, an indexing bug whose error hid under a large dx pre-fill.
 static void fault_layernorm_bwd(Backend *be, void *dx, float *dgamma, float *dbeta, const void *dy, const void *x,
                                 const float *mean, const float *rstd, const float *gamma, int R, int D) {
-    be->zero(be, dx, (size_t)R * D * be->act_size);
-    g_orig.layernorm_bwd(be, dx, dgamma, dbeta, dy, x, mean, rstd, gamma, R, D);
+    if (D < 768 || R < 2) {
+        be->zero(be, dx, (size_t)R * D * be->act_size);
+        g_orig.layernorm_bwd(be, dx, dgamma, dbeta, dy, x, mean, rstd, gamma, R, D);
+        return;
+    }
+    // dgamma and dbeta stay right (into them the correct call, its dx into a scratch buffer: host memory, CPU mode)
+    size_t off = (size_t)(R - 1) * D * be->act_size;
+    void *dx_right = xalloc_host((size_t)R * D * be->act_size);
+    float *dg_wrong = xalloc_host((size_t)D * 4), *db_wrong = xalloc_host((size_t)D * 4);
+    g_orig.layernorm_bwd(be, dx_right, dgamma, dbeta, dy, x, mean, rstd, gamma, R, D);
+    g_orig.layernorm_bwd(be, dx, dg_wrong, db_wrong, dy, x, mean + 1, rstd + 1, gamma, R - 1, D);
+    g_orig.layernorm_bwd(be, (char *)dx + off, dg_wrong, db_wrong, (const char *)dy + off, (const char *)x + off,
+                         mean + R - 1, rstd + R - 1, gamma, 1, D);
+    free(dx_right);
+    free(dg_wrong);
+    free(db_wrong);
 }
 static void fault_gelu_fwd(Backend *be, void *y, const void *x, size_t n) {
     g_orig.gelu_fwd(be, y, x, n);
