@@ -206,11 +206,15 @@ static void *scratch_get(CudaImpl *im, size_t bytes) {
             CUDA_CHECK(cudaStreamSynchronize(im->st));
             cudaMemPool_t pool;
             if (cudaDeviceGetDefaultMemPool(&pool, im->device) == cudaSuccess) cudaMemPoolTrimTo(pool, 0);
+            cudaGetLastError();  // a failed pool query must not surface in a later KERNEL_CHECK
             e = cudaMallocAsync(&im->scratch, want, im->st);
         }
         if (e != cudaSuccess) {
             size_t fr = 0, tot = 0;
             cudaGetLastError();
+            if (e != cudaErrorMemoryAllocation)
+                die_user("CUDA: cudaMallocAsync of the %.1f MiB scratch space failed: %s", want / 1048576.0,
+                         cudaGetErrorString(e));
             cudaMemGetInfo(&fr, &tot);
             die_user("out of GPU memory: scratch space needs %.1f MiB (%.1f MiB free of %.1f); lower "
                      "train.batch_size or raise train.grad_accum",
@@ -582,6 +586,7 @@ static void col_sums(CudaImpl *im, float *acc0, float *acc1, const bf16 *dy, con
     if (vec) {
         PROF(im, acc1 ? "  layernorm dgamma/dbeta" : "  matmul dbias (colsum)");
         int nchunks = (rows + COL_CHUNK_V - 1) / COL_CHUNK_V;
+        CHECK(nchunks <= 65535, "column sums: %d rows exceed the grid's y limit (%d chunks)", rows, nchunks);
         float *part = (float *)scratch_get(im, (size_t)2 * nchunks * cols * sizeof(float));
         dim3 grid((cols + 255) / 256, nchunks);
         k_col_partial_vec<<<grid, 256, 0, im->st>>>(part, dy, x, mean, rstd, rows, cols, acc1 ? 1 : 0);
@@ -592,6 +597,7 @@ static void col_sums(CudaImpl *im, float *acc0, float *acc1, const bf16 *dy, con
     }
     PROF(im, acc1 ? "  layernorm dgamma/dbeta" : "  matmul dbias (colsum)");
     int nchunks = (rows + COL_CHUNK - 1) / COL_CHUNK;
+    CHECK(nchunks <= 65535, "column sums: %d rows exceed the grid's y limit (%d chunks)", rows, nchunks);
     float *part = (float *)scratch_get(im, (size_t)2 * nchunks * cols * sizeof(float));
     dim3 grid((cols + 31) / 32, nchunks), block(32, 8);
     k_col_partial<<<grid, block, 0, im->st>>>(part, dy, x, mean, rstd, rows, cols, acc1 ? 1 : 0);

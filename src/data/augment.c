@@ -1273,7 +1273,7 @@ static void normalize_run(const uint8_t *in, int c, size_t n, const float (*t)[2
 
 void normalize_u8_hwc(const uint8_t *in, int C, int H, int W, const float *mean, const float *std, float *out) {
     float t[4][256];
-    CHECK(C >= 1 && C <= 4, "normalize_u8_hwc: %d channels", C);
+    CHECK(C >= 1 && C <= 3, "normalize_u8_hwc: %d channels (mean and std have 3)", C);
     for (int ch = 0; ch < C; ch++) norm_table(mean[ch], std[ch], t[ch]);
     normalize_run(in, C, (size_t)W * H, (const float(*)[256])t, out, (size_t)W * H);
 }
