@@ -103,6 +103,7 @@ void comm_init(Comm *c, int *argc, char ***argv) {
     MPI_Comm_set_errhandler(MPI_COMM_WORLD, MPI_ERRORS_RETURN);
     MPI_CHECK(c, MPI_Comm_rank(MPI_COMM_WORLD, &c->rank));
     MPI_CHECK(c, MPI_Comm_size(MPI_COMM_WORLD, &c->world));
+    util_note_rank(c->rank, c->world);
     MPI_Comm local;
     MPI_CHECK(c, MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, c->rank, MPI_INFO_NULL, &local));
     MPI_CHECK(c, MPI_Comm_rank(local, &c->local_rank));

@@ -16,9 +16,27 @@
 #include <mpi.h>
 #endif
 
-// Takes the whole job down when several ranks run, so that no rank waits forever on a dead one.
+// This process's rank and the main thread, noted by comm_init (util_note_rank). MPI runs at MPI_THREAD_FUNNELED:
+// only the main thread may call it, and a fatal error on another thread (a loader worker, a Shampoo root thread,
+// the watchdog) may come while the main thread is inside an MPI call.
+static int g_noted, g_rank, g_world = 1;
+static pthread_t g_main;
+
+void util_note_rank(int rank, int world) {
+    g_main = pthread_self();
+    g_rank = rank;
+    g_world = world;
+    g_noted = 1;
+}
+
+static int on_main_thread(void) { return !g_noted || pthread_equal(pthread_self(), g_main); }
+
+// Takes the whole job down when several ranks run, so that no rank waits forever on a dead one. On another thread
+// than the main one it calls no MPI: the caller's exit ends the job (mpirun stops every rank when one exits
+// non-zero; without that, the peers' comm.timeout_s names this rank).
 static void abort_all_ranks(int code) {
 #ifdef USE_MPI
+    if (!on_main_thread()) return;
     int init = 0, fin = 0, size = 1;
     MPI_Initialized(&init);
     MPI_Finalized(&fin);
@@ -33,6 +51,7 @@ static void abort_all_ranks(int code) {
 
 // This process's MPI rank, or 0 outside MPI.
 static int mpi_rank(void) {
+    if (g_noted) return g_rank;
 #ifdef USE_MPI
     int init = 0, fin = 0, rank = 0;
     MPI_Initialized(&init);
@@ -119,7 +138,13 @@ void watchdog_stop(Watchdog *w) {
 void die_user(const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
-    if (mpi_rank() == 0) {  // user errors are (nearly always) the same on every rank: say it once
+    // User errors on the main thread are (nearly always) the same on every rank: rank 0 says it once. One on
+    // another thread is this rank's own (its data shard, say): it says so itself.
+    if (!on_main_thread() && g_world > 1) {
+        fprintf(stderr, "simplest-dist: error (rank %d): ", g_rank);
+        vfprintf(stderr, fmt, ap);
+        fputc('\n', stderr);
+    } else if (mpi_rank() == 0) {
         fprintf(stderr, "simplest-dist: error: ");
         vfprintf(stderr, fmt, ap);
         fputc('\n', stderr);

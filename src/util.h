@@ -13,8 +13,11 @@ void die_at(const char *file, int line, const char *fmt, ...) __attribute__((nor
 #define CHECK(cond, ...) do { if (!(cond)) die_at(__FILE__, __LINE__, __VA_ARGS__); } while (0)
 
 // One clear line on stderr and exit code 2 (a user error: config, data, checkpoint). Under MPI with several
-// ranks, both DIE and die_user take every rank down with MPI_Abort.
+// ranks, both DIE and die_user take every rank down with MPI_Abort (from the main thread; see util_note_rank).
 void die_user(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+// comm_init's note of this process's rank and of the main thread (the only one that may call MPI): a DIE or
+// die_user on another thread then names the rank and exits without calling MPI.
+void util_note_rank(int rank, int world);
 
 void *xmalloc_at(size_t n, const char *what, const char *file, int line);
 void *xcalloc_at(size_t n, const char *what, const char *file, int line);

@@ -1,12 +1,16 @@
 // test_util.c: util.c's watchdog, the bound on blocking calls that cannot poll (NCCL setup waiting for every peer):
 // stopped in time it does nothing; left running it ends the process with exit code 1 and one line naming the call
 // and the config key; a limit of 0 means no bound.
+// With --mpi-thread-die die|user|watchdog under mpirun -np 2 (tests/mpi/test_mpi_thread_die.sh): rank 1 fails on a
+// thread other than the main one (DIE, die_user, the watchdog firing) while its main thread waits inside MPI.
+#include <pthread.h>
 #include <signal.h>
 #include <string.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
+#include "comm.h"
 #include "testlib.h"
 #include "util.h"
 
@@ -16,7 +20,34 @@ static void sleep_s(double s) {
     }
 }
 
-int main(void) {
+static void *die_on_thread(void *arg) {
+    sleep_s(0.3);
+    if (!strcmp((const char *)arg, "user")) die_user("planted user error on a helper thread");
+    DIE("planted failure on a helper thread");
+}
+
+// Rank 1's main thread waits in a barrier that rank 0 never joins (comm.timeout_s 0: no bound), so only the
+// failing thread can end the job; rank 0 sleeps outside MPI. Returns 3 if the job outlived it.
+static int mpi_thread_die(int argc, char **argv, const char *kind) {
+    Comm c;
+    comm_init(&c, &argc, &argv);
+    comm_set_timeout(&c, 0);
+    if (c.world != 2) die_user("--mpi-thread-die runs at np 2");
+    if (c.rank == 0) {
+        sleep_s(60);
+        return 3;
+    }
+    pthread_t th;
+    if (!strcmp(kind, "watchdog"))
+        watchdog_start(0.3, "a planted hang", "test.timeout_s");
+    else if (pthread_create(&th, NULL, die_on_thread, (void *)kind) != 0)
+        DIE("pthread_create");
+    comm_barrier(&c);
+    return 3;
+}
+
+int main(int argc, char **argv) {
+    if (argc == 3 && !strcmp(argv[1], "--mpi-thread-die")) return mpi_thread_die(argc, argv, argv[2]);
     TEST_CASE("watchdog stopped before its limit: the process goes on") {
         Watchdog *w = watchdog_start(0.5, "a quick call", "test.timeout_s");
         EXPECT(w != NULL, "no watchdog for a 0.5 s limit");
