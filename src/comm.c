@@ -40,11 +40,19 @@ typedef struct {
     cudaStream_t compute, st;       // the backend's stream; NCCL's own
     cudaEvent_t ev_ready, ev_done;  // compute -> NCCL (a bucket is final); NCCL -> compute (the sums are done)
     int pending;                    // collectives started since the last wait
-    // SD_NCCL_FORCE=1 at one rank: the sums and broadcasts run out of place through this buffer and are copied
-    // back on NCCL's stream. A one-rank in-place collective moves no data, so a missing order between the streams would go unseen;
-    // this way it corrupts the gradients and the GPU check (tests/gpu/nccl_np1.sh) fails.
+    // SD_NCCL_FORCE=1 at one rank: a one-rank in-place collective moves no data, so a missing order between the
+    // streams would go unseen. Instead each sum or broadcast writes its own slice of this buffer (oop_used floats
+    // in use), and the compute stream copies the slices back after its wait on ev_done (`back`), so what the
+    // optimizer reads is what NCCL read. Each start also holds the compute stream for 2 ms (a host function), so the
+    // kernels of the next buckets are still queued when NCCL is handed them: without the compute -> NCCL order,
+    // NCCL would read unfinished gradients and the GPU check (tests/gpu/nccl_np1.sh) fails.
     float *oop;
-    size_t oop_n;
+    size_t oop_n, oop_used;
+    struct OopBack {
+        void *dst;
+        size_t off, bytes;  // off: floats into oop
+    } *back;
+    int nback, cap_back;
 } NcclState;
 
 static int nccl_on(const Comm *c);
@@ -470,15 +478,37 @@ static int is_device(const void *p) {
     return a.type == cudaMemoryTypeDevice;
 }
 
-// The forced one-rank mode's out-of-place buffer (see NcclState.oop), grown stream-ordered on NCCL's stream.
-static float *oop_buffer(Comm *c, size_t nfloats) {
+// The forced one-rank mode (see NcclState.oop): a slice of `bytes` for one collective's output, to be copied back
+// into dst on the compute stream at the next wait. The buffer grows stream-ordered on NCCL's stream, keeping the
+// slices in use.
+static void *oop_slice(Comm *c, void *dst, size_t bytes) {
     NcclState *nc = &c->st->nc;
-    if (nfloats > nc->oop_n) {
-        if (nc->oop) CUDA_CALL(c, cudaFreeAsync(nc->oop, nc->st));
-        CUDA_CALL(c, cudaMallocAsync((void **)&nc->oop, nfloats * sizeof(float), nc->st));
-        nc->oop_n = nfloats;
+    size_t nf = (bytes + 3) / 4, off = nc->oop_used;
+    if (off + nf > nc->oop_n) {
+        size_t want = off + nf > 2 * nc->oop_n ? off + nf : 2 * nc->oop_n;
+        float *grown;
+        CUDA_CALL(c, cudaMallocAsync((void **)&grown, want * sizeof(float), nc->st));
+        if (nc->oop) {
+            if (off) CUDA_CALL(c, cudaMemcpyAsync(grown, nc->oop, off * sizeof(float), cudaMemcpyDeviceToDevice, nc->st));
+            CUDA_CALL(c, cudaFreeAsync(nc->oop, nc->st));
+        }
+        nc->oop = grown;
+        nc->oop_n = want;
     }
-    return nc->oop;
+    if (nc->nback == nc->cap_back) {
+        nc->cap_back = nc->cap_back ? 2 * nc->cap_back : 32;
+        nc->back = realloc(nc->back, (size_t)nc->cap_back * sizeof *nc->back);
+        CHECK(nc->back, "out of memory for the NCCL copy-back list");
+    }
+    nc->back[nc->nback++] = (struct OopBack){dst, off, bytes};
+    nc->oop_used = off + nf;
+    return nc->oop + off;
+}
+
+static void hold_2ms(void *arg) {
+    (void)arg;
+    struct timespec ts = {0, 2000000};
+    nanosleep(&ts, NULL);
 }
 
 // Starts an in-place NCCL sum of a device buffer once the compute stream has finished writing it.
@@ -487,8 +517,8 @@ static void nccl_start(Comm *c, float *buf, size_t n) {
     CUDA_CALL(c, cudaEventRecord(nc->ev_ready, nc->compute));
     CUDA_CALL(c, cudaStreamWaitEvent(nc->st, nc->ev_ready, 0));
     if (c->world == 1) {  // forced one-rank mode (see NcclState.oop)
-        NCCL_CHECK(c, ncclAllReduce(buf, oop_buffer(c, n), n, ncclFloat, ncclSum, nc->comm, nc->st));
-        CUDA_CALL(c, cudaMemcpyAsync(buf, nc->oop, n * sizeof(float), cudaMemcpyDeviceToDevice, nc->st));
+        NCCL_CHECK(c, ncclAllReduce(buf, oop_slice(c, buf, n * sizeof(float)), n, ncclFloat, ncclSum, nc->comm, nc->st));
+        CUDA_CALL(c, cudaLaunchHostFunc(nc->compute, hold_2ms, NULL));
     } else {
         NCCL_CHECK(c, ncclAllReduce(buf, buf, n, ncclFloat, ncclSum, nc->comm, nc->st));
     }
@@ -511,16 +541,20 @@ static void nccl_wait_for(Comm *c, const char *what) {
         if (async != ncclSuccess) DIE("rank %d: NCCL reports %s during %s", c->rank, ncclGetErrorString(async), what);
         if (c->rank == 0 && c->world > 1) drain_heartbeats(c);
         double waited = now_sec() - t0;
-        if (c->timeout_s > 0 && waited > c->timeout_s) {
-            ncclCommAbort(nc->comm);
-            report_timeout(c, what, waited);
-        }
+        // No ncclCommAbort first: it can stall on the very state that timed out, and report_timeout's exit ends
+        // this process's NCCL work anyway.
+        if (c->timeout_s > 0 && waited > c->timeout_s) report_timeout(c, what, waited);
         if (waited > 0.02) {
             struct timespec ts = {0, 50000};
             nanosleep(&ts, NULL);
         }
     }
     CUDA_CALL(c, cudaStreamWaitEvent(nc->compute, nc->ev_done, 0));
+    for (int i = 0; i < nc->nback; i++)  // forced one-rank mode: the results reach their buffers on the compute stream
+        CUDA_CALL(c, cudaMemcpyAsync(nc->back[i].dst, nc->oop + nc->back[i].off, nc->back[i].bytes,
+                                     cudaMemcpyDeviceToDevice, nc->compute));
+    nc->nback = 0;
+    nc->oop_used = 0;  // reused by NCCL's stream only after its next wait on the compute stream (ev_ready)
     nc->pending = 0;
 }
 
@@ -546,9 +580,7 @@ static void nccl_bcast_all(Comm *c, void *const *bufs, const size_t *bytes) {
     CUDA_CALL(c, cudaEventRecord(nc->ev_ready, nc->compute));
     CUDA_CALL(c, cudaStreamWaitEvent(nc->st, nc->ev_ready, 0));
     if (c->world == 1 && bytes[0]) {  // forced one-rank mode: out of place as well (see NcclState.oop)
-        void *tmp = oop_buffer(c, (bytes[0] + 3) / 4);
-        NCCL_CHECK(c, ncclBroadcast(bufs[0], tmp, bytes[0], ncclChar, 0, nc->comm, nc->st));
-        CUDA_CALL(c, cudaMemcpyAsync(bufs[0], tmp, bytes[0], cudaMemcpyDeviceToDevice, nc->st));
+        NCCL_CHECK(c, ncclBroadcast(bufs[0], oop_slice(c, bufs[0], bytes[0]), bytes[0], ncclChar, 0, nc->comm, nc->st));
     } else if (c->world > 1) {
         NCCL_CHECK(c, ncclGroupStart());
         for (int r = 0; r < c->world; r++)
@@ -563,9 +595,10 @@ static void nccl_destroy(Comm *c) {
     NcclState *nc = &c->st->nc;
     if (!nc->on) return;
     if (nc->oop) {
-        cudaStreamSynchronize(nc->st);
+        cudaDeviceSynchronize();  // the last copy-backs ran on the compute stream (the backend may be gone)
         cudaFree(nc->oop);
     }
+    free(nc->back);
     ncclCommDestroy(nc->comm);
     cudaEventDestroy(nc->ev_ready);
     cudaEventDestroy(nc->ev_done);
@@ -585,6 +618,10 @@ int comm_gpu_init(Comm *c, void *stream) {
     // collective, inside a host call: neither can poll, so a watchdog bounds both with comm.timeout_s.
     Watchdog *wd = watchdog_start(c->timeout_s, "NCCL setup (ncclCommInitRank and a first all-reduce)",
                                   "comm.timeout_s");
+    // NCCL >= 2.22 connects each algorithm's peers (and allocates NVLS buffers) at its first use, inside a host call
+    // of a training step with no bound; connected at init instead, that waiting falls under the watchdog. A user's
+    // own setting wins.
+    setenv("NCCL_RUNTIME_CONNECT", "0", 0);
     NCCL_CHECK(c, ncclCommInitRank(&nc->comm, c->world, id, c->rank));
     nc->compute = (cudaStream_t)stream;
     CUDA_CALL(c, cudaStreamCreateWithFlags(&nc->st, cudaStreamNonBlocking));
@@ -594,13 +631,15 @@ int comm_gpu_init(Comm *c, void *stream) {
     CUDA_CALL(c, cudaMalloc((void **)&one, sizeof(float)));
     CUDA_CALL(c, cudaMemsetAsync(one, 0, sizeof(float), nc->st));
     NCCL_CHECK(c, ncclAllReduce(one, one, 1, ncclFloat, ncclSum, nc->comm, nc->st));
-    CUDA_CALL(c, cudaStreamSynchronize(nc->st));
+    nc->pending = 1;  // polled like any sum: an asynchronous NCCL error is reported now, not after the timeout
+    nccl_wait_for(c, "the first NCCL all-reduce");
     CUDA_CALL(c, cudaFree(one));
     watchdog_stop(wd);
     nc->on = 1;
     if (c->world == 1)
         fprintf(stderr, "simplest-dist: SD_NCCL_FORCE=1: a one-rank NCCL communicator; gradient sums and Shampoo "
-                        "root broadcasts go through NCCL as on several GPUs\n");
+                        "root broadcasts go through NCCL's stream and events as on several GPUs (out of place, "
+                        "copied back on the compute stream)\n");
     return 1;
 }
 

@@ -23,18 +23,29 @@ static volatile sig_atomic_t g_stop_signal = 0;
 
 static void on_signal(int sig) { g_stop_signal = sig; }
 
-Backend *backend_for_config(const Config *cfg, Comm *comm) {
+Backend *backend_for_config(const Config *cfg, Comm *comm, int training) {
     const char *dev = cfg->run.device;
 #ifdef USE_CUDA
-    if (!strcmp(dev, "cuda") || (!strcmp(dev, "auto") && backend_cuda_available())) {
+    int gpu = !strcmp(dev, "cuda");
+    if (!strcmp(dev, "auto")) {
+        gpu = backend_cuda_available();
+        if (comm->world > 1) {  // one choice for all: a CPU rank and a GPU rank would meet in different collectives
+            double n = gpu;
+            comm_allreduce_sum_f64(comm, &n, 1);
+            if (n > 0 && n < comm->world)
+                die_user("config key 'run.device': \"auto\" finds a usable GPU on %.0f of %d ranks; set \"cuda\" "
+                         "or \"cpu\"", n, comm->world);
+        }
+    }
+    if (gpu) {
         // Several GPU ranks sum their gradients over NCCL; the fixed-order sum of comm.deterministic exists only
         // for host buffers (MPI) so far.
-        if (comm->world > 1 && cfg->comm.deterministic)
+        if (training && comm->world > 1 && cfg->comm.deterministic)
             die_user("config key 'comm.deterministic': not available with run.device \"cuda\" and %d ranks yet "
                      "(the fixed-order sum runs on host buffers); set it false or use \"cpu\"", comm->world);
         Backend *be = backend_cuda_create(comm->local_rank);
         backend_cuda_set_attention(be, strcmp(cfg->run.attention, "unfused") != 0);
-        if (comm->world > 1 || comm_nccl_forced()) {
+        if (training && (comm->world > 1 || comm_nccl_forced())) {  // eval sums host buffers only (MPI)
             if (!comm_gpu_init(comm, be->native_stream(be)))
                 die_user("config key 'run.device': \"cuda\" with %d ranks%s needs NCCL, and this build has none "
                          "(a CUDA toolkit with nccl.h, or USE_NCCL=1 with pip's nvidia-nccl paths; several ranks also "
@@ -630,7 +641,7 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     if (cfg->train.mixup_alpha > 0 && micro % group != 0)
         die_user("config key 'mixup.group': %d does not divide the per-rank micro-batch %d", group, micro);
     r->eval_batch = config_eval_batch(cfg, comm->world);
-    r->be = backend_for_config(cfg, comm);
+    r->be = backend_for_config(cfg, comm, 1);
     if (cfg->comm.deterministic) r->be->set_deterministic(r->be, 1);
     ModelConfig mc = config_model(cfg);
     r->m = model_create(&mc, r->be, micro > r->eval_batch ? micro : r->eval_batch);
@@ -923,7 +934,7 @@ static float *logits_for_input(Model *m, Comm *comm, const char *input_path, int
 int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char *logits_path,
               const char *input_path) {
     comm_set_timeout(comm, cfg->comm.timeout_s);
-    Backend *be = backend_for_config(cfg, comm);
+    Backend *be = backend_for_config(cfg, comm, 0);
     ModelConfig mc = config_model(cfg);
     int eval_batch = config_eval_batch(cfg, comm->world);
     Model *m = model_create(&mc, be, eval_batch);

@@ -85,6 +85,7 @@ int train_main(const Config *cfg, Comm *comm);
 int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char *logits_path,
               const char *input_path);
 
-// Creates the backend named by run.device ("auto" falls back to the CPU with a log line). CPU threads default to
-// this rank's share of the node's cores.
-Backend *backend_for_config(const Config *cfg, Comm *comm);
+// Creates the backend named by run.device ("auto" falls back to the CPU with a log line; every rank must make the
+// same choice). CPU threads default to this rank's share of the node's cores. training: bind NCCL for the gradient
+// sums when GPU ranks need it (eval sums host buffers only).
+Backend *backend_for_config(const Config *cfg, Comm *comm, int training);
