@@ -68,6 +68,7 @@ typedef struct {
     cublasHandle_t blas;
     int own_blas;  // context 1 owns its BLAS handle; context 0 borrows the backend's
     int cap;       // the buffers hold n x n for n <= cap
+    int cap_f;     // ... and the fp32 ones (Af, wf), allocated only for fp32 roots
     double *A, *X, *w, *sc;
     float *Af, *wf;
     void *work;
@@ -1581,9 +1582,12 @@ static void root_bufs_free(RootCtx *c) {
     cudaFree(c->sc);
     cudaFree(c->Af);
     cudaFree(c->wf);
+    c->A = c->X = c->w = c->sc = NULL;
+    c->Af = c->wf = NULL;
+    c->cap = c->cap_f = 0;
 }
 
-static RootCtx *root_ctx(CudaImpl *im, int side, int n) {
+static RootCtx *root_ctx(CudaImpl *im, int side, int n, int fp64) {
     CHECK(side >= 0 && side <= BE_ROOT_SIDES, "inverse_root: side context %d", side);
     RootCtx *c = &im->rctx[side];
     if (!c->ready) {
@@ -1606,17 +1610,22 @@ static RootCtx *root_ctx(CudaImpl *im, int side, int n) {
         CUDA_CHECK(cudaEventCreateWithFlags(&c->done, cudaEventBlockingSync | cudaEventDisableTiming));
         c->ready = 1;
     }
-    if (n > c->cap) {
+    if (n > c->cap || (!fp64 && n > c->cap_f)) {
+        int keep_f = c->cap_f > 0;  // fp32 buffers once allocated stay (a run uses one root_dtype)
         CUDA_CHECK(cudaStreamSynchronize(c->st));
         root_bufs_free(c);
-        size_t nn = (size_t)n * n;
+        int cap = n > c->cap ? n : c->cap;
+        size_t nn = (size_t)cap * cap;
         CUDA_CHECK(cudaMalloc(&c->A, nn * sizeof(double)));
         CUDA_CHECK(cudaMalloc(&c->X, nn * sizeof(double)));
-        CUDA_CHECK(cudaMalloc(&c->w, (size_t)n * sizeof(double)));
-        CUDA_CHECK(cudaMalloc(&c->sc, (size_t)n * sizeof(double)));
-        CUDA_CHECK(cudaMalloc(&c->Af, nn * sizeof(float)));
-        CUDA_CHECK(cudaMalloc(&c->wf, (size_t)n * sizeof(float)));
-        c->cap = n;
+        CUDA_CHECK(cudaMalloc(&c->w, (size_t)cap * sizeof(double)));
+        CUDA_CHECK(cudaMalloc(&c->sc, (size_t)cap * sizeof(double)));
+        if (!fp64 || keep_f) {
+            CUDA_CHECK(cudaMalloc(&c->Af, nn * sizeof(float)));
+            CUDA_CHECK(cudaMalloc(&c->wf, (size_t)cap * sizeof(float)));
+            c->cap_f = cap;
+        }
+        c->cap = cap;
     }
     return c;
 }
@@ -1660,11 +1669,12 @@ static void root_work(RootCtx *c, int n, int fp64) {
     }
 }
 
-static void cu_reserve_roots(Backend *be, int n, int fp64) {
+static void cu_reserve_roots(Backend *be, int n, int fp64, int sides) {
     CudaImpl *im = IM(be);
-    for (int k = 0; k <= BE_ROOT_SIDES; k++) {
+    CHECK(sides >= 1 && sides <= BE_ROOT_SIDES, "reserve_roots: %d side contexts", sides);
+    for (int k = 1; k <= sides; k++) {  // the root threads' contexts (context 0 is for direct callers: tests)
         pthread_mutex_lock(&im->rmu[k]);
-        root_work(root_ctx(im, k, n), n, fp64);
+        root_work(root_ctx(im, k, n, fp64), n, fp64);
         pthread_mutex_unlock(&im->rmu[k]);
     }
 }
@@ -1691,7 +1701,7 @@ static int inverse_root_locked(Backend *be, const float *F, int n, double bias_c
     CudaImpl *im = IM(be);
     // The current device is per host thread: a root thread (side >= 1) starts on device 0, not on this rank's GPU.
     if (side) CUDA_CHECK(cudaSetDevice(im->device));
-    RootCtx *c = root_ctx(im, side, n);
+    RootCtx *c = root_ctx(im, side, n, fp64);
     size_t nn = (size_t)n * n;
     cudaStream_t st = c->st;
     CUDA_CHECK(cudaMemsetAsync(c->dflag, 0, 2 * sizeof(int), st));
@@ -1721,6 +1731,9 @@ static int inverse_root_locked(Backend *be, const float *F, int n, double bias_c
     k_root_out<<<grid_for(nn, 256), 256, 0, st>>>(X, c->X, n, c->dflag);
     KERNEL_CHECK("root_out");
     root_flags(c);
+    // info > 0: syevd did not converge (a failed decomposition: counted, the previous roots kept); info < 0: an
+    // invalid argument, a bug here
+    CHECK(c->hflag[0] >= 0, "cusolverDn%ssyevd (n %d): argument %d is invalid", fp64 ? "D" : "S", n, -c->hflag[0]);
     return c->hflag[0] != 0 || c->hflag[1] != 0 ? 1 : 0;
 }
 

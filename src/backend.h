@@ -160,9 +160,10 @@ struct Backend {
     // NULL on the CPU backend: the owner computes roots on the host with LAPACK (src/shampoo.c).
     int (*inverse_root)(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64, float *X,
                         int side);
-    // Sizes every inverse_root context for factors up to n x n in advance, so that no root thread grows (and frees,
-    // which synchronizes the device) its buffers during training. NULL on the CPU backend.
-    void (*reserve_roots)(Backend *be, int n, int fp64);
+    // Sizes the inverse_root contexts 1 .. sides (those of the root threads) for factors up to n x n in advance, so
+    // that no root thread grows (and frees, which synchronizes the device) its buffers during training; fp32
+    // buffers only for fp32 roots. NULL on the CPU backend.
+    void (*reserve_roots)(Backend *be, int n, int fp64, int sides);
 
     // ---- diagnostics ----
     // Over x (B, N, D): mean of x^2, and the mean cosine between distinct tokens of the same image.

@@ -125,6 +125,8 @@ static void block_tensor(BlockList *l, const TensorInfo *t, int param, int b) {
         }
 }
 
+static int root_sides(void);
+
 // Longest-processing-time assignment: blocks by (cost desc, index asc) to the least-loaded rank (ties: lowest).
 static void assign_owners(ShampooBlock *blocks, int n, int world, double *max_mean) {
     int *idx = xmalloc((size_t)n * sizeof(int), "block order");
@@ -269,7 +271,7 @@ void shampoo_create(Shampoo *s, Model *model, Comm *comm, const ShampooConfig *c
         for (int i = 0; i < s->nowned; i++)
             for (int k = 0; k < s->blocks[s->owned[i]].order; k++)
                 nmax = s->blocks[s->owned[i]].dim[k] > nmax ? s->blocks[s->owned[i]].dim[k] : nmax;
-        if (nmax && be->reserve_roots) be->reserve_roots(be, nmax, cfg->root_fp64);
+        if (nmax && be->reserve_roots) be->reserve_roots(be, nmax, cfg->root_fp64, root_sides());
         if (cfg->root_delay) snap_buffer(s);
     }
     // Factors start at eps I (the reference's local change), on the host then uploaded once.

@@ -12,7 +12,9 @@
 #   4. comm.deterministic (NCCL is bound but unused here: at one rank the shard gradients are summed in a fixed
 #      order by backend ops on the device; this checks that path, which once crashed, on a GPU);
 #   5. gradient accumulation over 2 micro-batches (the buckets start only in the last micro-step's backward);
-#   6. SAM (two forward/backward passes per step, the second one's gradients reduced).
+#   6. SAM (two forward/backward passes per step, the second one's gradients reduced);
+#   7. Shampoo with root_delay 4 (the roots computed on side streams from a factor snapshot, broadcast 4 steps on);
+#   8. Shampoo with apply "owners" (the owner's steps all-gathered through the same grouped broadcast).
 set -u
 FM=${1:?usage: nccl_np1.sh FMNIST_DIR WORKDIR}
 W=${2:?usage: nccl_np1.sh FMNIST_DIR WORKDIR}
@@ -58,4 +60,8 @@ run shampoo --set opt.name=shampoo --set shampoo.precondition_frequency=5 --set 
 run deterministic --set comm.deterministic=true --set comm.shards=4
 run grad_accum --set train.grad_accum=2
 run sam --set train.sam=true
+run shampoo_delay4 --set opt.name=shampoo --set shampoo.precondition_frequency=5 \
+    --set shampoo.start_preconditioning_step=5 --set shampoo.root_delay=4
+run shampoo_owners --set opt.name=shampoo --set shampoo.precondition_frequency=5 \
+    --set shampoo.start_preconditioning_step=5 --set shampoo.apply=owners
 [ "$fails" = 0 ]

@@ -209,7 +209,7 @@ def main():
         lines = log.splitlines()
         n_ok = sum(1 for l in lines if l.startswith("ok - "))
         bad = [l for l in lines if l.startswith("not ok - ")]
-        res = "skipped" if rc == "skip" else ("ok" if rc == "0" and n_ok == 6 and not bad else "FAIL")
+        res = "skipped" if rc == "skip" else ("ok" if rc == "0" and n_ok == 8 and not bad else "FAIL")
         summary.append(("nccl np=1 (SD_NCCL_FORCE=1)", res, "%d ok, %d not ok, %s s" % (n_ok, len(bad), secs)))
         md += ["## 3b. The NCCL path at np = 1 (tests/gpu/nccl_np1.sh)", "", "```"] + lines[-20:] + ["```", ""]
 

@@ -1130,6 +1130,29 @@ static void plant_faults(Backend *be) {
     be->gelu_fwd = fault_gelu_fwd;
 }
 
+// In --cpu modes the backend under test keeps the CUDA backend's rule for its one registered param buffer (it
+// holds the bf16 shadow): params_changed on another buffer is a bug, which the CPU backend alone would not notice.
+static void (*g_cpu_set_params)(Backend *, float *, size_t);
+static void (*g_cpu_params_changed)(Backend *, float *, size_t);
+static const float *g_reg_params;
+static size_t g_reg_n;
+static void rule_set_params(Backend *be, float *params, size_t n) {
+    g_reg_params = params;
+    g_reg_n = n;
+    g_cpu_set_params(be, params, n);
+}
+static void rule_params_changed(Backend *be, float *params, size_t n) {
+    CHECK(params == g_reg_params && n == g_reg_n, "params_changed on a buffer that was not registered (the CUDA "
+                                                  "backend's rule, kept by the backend under test in --cpu mode)");
+    g_cpu_params_changed(be, params, n);
+}
+static void keep_cuda_param_rule(Backend *be) {
+    g_cpu_set_params = be->set_params;
+    g_cpu_params_changed = be->params_changed;
+    be->set_params = rule_set_params;
+    be->params_changed = rule_params_changed;
+}
+
 // ---------------------------------------------------------------- main
 
 static void group_ops(void) {
@@ -1257,20 +1280,31 @@ static void test_root(int n, int k, int order, int fp64) {
     size_t nn = (size_t)n * n;
     float *F = shampoo_factor(n, k, eps, 17 + (uint64_t)n), *Xr = hbuf(nn), *Xd = hbuf(nn), *Xs = hbuf(nn);
     int rc_ref = shampoo_inverse_root(F, n, bc, r, eps, fp64, Xr);
-    int rc = dut_root(F, n, bc, r, eps, fp64, Xd, 0, NULL), rc_side = dut_root(F, n, bc, r, eps, fp64, Xs, 1, NULL);
+    // side contexts 1 and 2: those of the root threads (context 0, on the compute stream, serves direct callers)
+    int rc = dut_root(F, n, bc, r, eps, fp64, Xd, 1, NULL), rc_side = dut_root(F, n, bc, r, eps, fp64, Xs, 2, NULL);
     char name[200];
     snprintf(name, sizeof name, "inverse_root n%d (%d samples) -1/%d %s: status", n, k, r, fp64 ? "fp64" : "fp32");
-    report(rc == 0 && rc_side == 0 && rc_ref == 0, name, "device %d, side stream %d, LAPACK %d", rc, rc_side, rc_ref);
+    report(rc == 0 && rc_side == 0 && rc_ref == 0, name, "side stream 1: %d, side stream 2: %d, LAPACK %d", rc, rc_side, rc_ref);
     // fp64: the eigendecompositions agree to ~1e-12; what is left is the fp32 rounding of X. fp32: both solvers err
     // by ~1e-7 lambda_max in the eigenvectors, which the power -1/r amplifies (spec §2.4); 1e-3 is the spec's fp32
     // residual bound (P3).
-    snprintf(name, sizeof name, "inverse_root n%d (%d samples) -1/%d %s: X against LAPACK", n, k, r,
-             fp64 ? "fp64" : "fp32");
-    check(name, Xd, Xr, nn, fp64 ? 1e-6 : 1e-3);
-    snprintf(name, sizeof name, "inverse_root n%d %s: X exactly symmetric; side stream bit-identical", n,
+    if (!fp64 && k < n) {  // recorded, not asserted (as P11's fp32 cosine): rank-deficient, κ(A + εI) ≈ 1e7 is
+                           // beyond P3's 1e6, and two correct LAPACK fp32 solvers (ssyev, ssyevr) already differ
+                           // from ssyevd by 7e-3 and 2e-2 here (spec §2.4: why fp64 is the default)
+        snprintf(name, sizeof name, "inverse_root n%d (%d samples) -1/%d fp32: X finite (rank-deficient: against "
+                 "LAPACK recorded, not asserted)", n, k, r);
+        Diff d = diff(Xd, Xr, nn);
+        report(d.nonfinite == 0, name, "%zu non-finite; rel=%.2e, max_abs=%.2e against LAPACK's ssyevd", d.nonfinite,
+               d.rel, d.max_abs);
+    } else {
+        snprintf(name, sizeof name, "inverse_root n%d (%d samples) -1/%d %s: X against LAPACK", n, k, r,
+                 fp64 ? "fp64" : "fp32");
+        check(name, Xd, Xr, nn, fp64 ? 1e-6 : 1e-3);
+    }
+    snprintf(name, sizeof name, "inverse_root n%d %s: X exactly symmetric; side streams 1 and 2 bit-identical", n,
              fp64 ? "fp64" : "fp32");
     int same = !memcmp(Xd, Xs, nn * 4);
-    report(exactly_symmetric(Xd, n) && same, name, "symmetric %d, side stream identical %d", exactly_symmetric(Xd, n),
+    report(exactly_symmetric(Xd, n) && same, name, "symmetric %d, side streams identical %d", exactly_symmetric(Xd, n),
            same);
     free(F);
     free(Xr);
@@ -1518,6 +1552,8 @@ static void test_shampoo_run(const char *label, int f, int S0, int steps, int de
         for (size_t i = 0; i < np; i++) g[i] = (float)(0.1 * rng_normal(&r));
         double lr = 0.01 * (k < 4 ? k / 4.0 : 1.0);
         for (int i = 0; i < 3; i++) {
+            // m[1] and m[2] share the device backend, which holds one registered param buffer (its bf16 shadow)
+            bes[i]->set_params(bes[i], m[i]->params, np);
             bes[i]->upload(bes[i], m[i]->grads, g, np * 4);
             shampoo_step(&sh[i], lr, 0.9);
         }
@@ -1542,8 +1578,13 @@ static void test_shampoo_run(const char *label, int f, int S0, int steps, int de
     char name[240];
     snprintf(name, sizeof name, "shampoo %s (f %d, S %d, delay %d, %s roots, %d steps): cumulative update of every "
              "tensor after every step against the CPU", label, f, S0, delay, fp64 ? "fp64" : "fp32", steps);
-    report(worst <= 1e-5, name, "worst rel %.3g at step %d (%s), %lld refreshes, tol 1e-5", worst, worst_step, worst_t,
-           (long long)sh[1].refreshes);
+    // fp64 roots: spec P19's 1e-5. A CPU emulation with another GEMM summation order gave 2.8-3.7e-6 (the
+    // rank-1 + eps 1-D factors amplify ulp-level differences), so a failure just above 1e-5 points at rounding
+    // before a race. fp32 roots: 1e-3, P3's fp32 bound; the 1-D factors are rank-deficient, where another correct
+    // fp32 eigensolver alone moved the trajectory by 1.9-3.6e-5 in that emulation (spec §2.4).
+    double tol = fp64 ? 1e-5 : 1e-3;
+    report(worst <= tol, name, "worst rel %.3g at step %d (%s), %lld refreshes, tol %.0e", worst, worst_step, worst_t,
+           (long long)sh[1].refreshes, tol);
     snprintf(name, sizeof name, "shampoo %s: a second %s run from the same start is bit-identical", label,
              S[DUT].be->name);
     int same = !memcmp(w[1], w[2], np * 4);
@@ -1556,6 +1597,55 @@ static void test_shampoo_run(const char *label, int f, int S0, int steps, int de
     for (int s = 0; s < 2; s++) S[s].be->set_params(S[s].be, S[s].params, S[s].cap);  // the op tests' buffer again
     free(g);
     free(w0);
+}
+
+// Shampoo batches the blocks of one shape that this rank owns (the factor updates) or holds (the steps), so how many
+// share a gemm_batched call depends on the ownership map, hence on the rank count. cuBLAS promises the same bits
+// only for the same call: block b's product must not depend on how many blocks share its call, or factor bits and
+// "owners" steps would differ between rank counts on a GPU (docs/spec-deviations.md claims rank-count invariance).
+// Each block's product from calls of 1, 3 and 8 blocks, bit for bit, in Shampoo's shapes.
+static void test_batch_count_bits(int tA, int tB, int M, int N, int K, float beta, const char *what) {
+    const int counts[3] = {1, 3, 8}, nbmax = 8;
+    int ar = tA ? K : M, ac = tA ? M : K, br = tB ? N : K, bc = tB ? K : N;
+    size_t nA = (size_t)ar * ac, nB = (size_t)br * bc, nC = (size_t)M * N;
+    float *A = rnd(nA * nbmax, 0.5, 0.0, 0), *Bm = rnd(nB * nbmax, 0.5, 0.0, 0), *C0 = rnd(nC * nbmax, 1.0, 0.0, 0);
+    float *out[3];
+    Backend *be = S[DUT].be;
+    float *dA = f32_new(DUT, A, nA * nbmax), *dB = f32_new(DUT, Bm, nB * nbmax);
+    for (int c = 0; c < 3; c++) {
+        int nb = counts[c];
+        float *dC = f32_new(DUT, C0, nC * nbmax);
+        const float **pa = xmalloc((size_t)3 * nbmax * sizeof(float *), "ptrs");
+        void *dptr = be->alloc(be, (size_t)3 * nbmax * sizeof(float *), "test ptrs");
+        for (int b0 = 0; b0 < nbmax; b0 += nb) {  // blocks 0..7 in calls of nb (the last call may be shorter)
+            int n = nbmax - b0 < nb ? nbmax - b0 : nb;
+            for (int b = 0; b < n; b++) {
+                pa[b] = dA + (size_t)(b0 + b) * nA;
+                pa[n + b] = dB + (size_t)(b0 + b) * nB;
+                pa[2 * n + b] = dC + (size_t)(b0 + b) * nC;
+            }
+            be->upload(be, dptr, pa, (size_t)3 * n * sizeof(float *));
+            const float *const *dp = (const float *const *)dptr;
+            be->gemm_batched(be, tA, tB, M, N, K, 1.0f, dp, ac, dp + n, bc, beta, (float *const *)(dp + 2 * n), N, n);
+            be->sync(be);  // the pointer array is rewritten for the next call
+        }
+        f32_get(DUT, out[c] = hbuf(nC * nbmax), dC, nC * nbmax);
+        free(pa);
+        dfree(DUT, dptr);
+        dfree(DUT, dC);
+    }
+    int same = !memcmp(out[0], out[1], nC * nbmax * 4) && !memcmp(out[0], out[2], nC * nbmax * 4);
+    char name[240];
+    snprintf(name, sizeof name, "gemm_batched %c%c M%d N%d K%d beta %g (%s): each block's product bit-identical in "
+             "calls of 1, 3 and 8 blocks", tA ? 'T' : 'N', tB ? 'T' : 'N', M, N, K, beta, what);
+    Diff d = diff(out[2], out[0], nC * nbmax);
+    report(same, name, "%s (calls of 8 against 1: rel %.2e)", same ? "identical" : "differ", d.rel);
+    for (int c = 0; c < 3; c++) free(out[c]);
+    dfree(DUT, dA);
+    dfree(DUT, dB);
+    free(A);
+    free(Bm);
+    free(C0);
 }
 
 static void group_shampoo(void) {
@@ -1571,6 +1661,14 @@ static void group_shampoo(void) {
     test_blocks(5, 96, 64, 0);
     test_blocks(3, 1, 1152, 1);  // 1-D blocks as (1, n)
     test_blocks(1, 384, 576, 1);
+    test_batch_count_bits(0, 1, 96, 96, 64, 0.999f, "factor update G Gt");
+    test_batch_count_bits(1, 0, 64, 64, 96, 0.999f, "factor update Gt G");
+    test_batch_count_bits(0, 1, 384, 384, 384, 0.999f, "factor update G Gt, 384");
+    test_batch_count_bits(0, 1, 96, 96, 1, 0.999f, "1-D factor update g gt");
+    test_batch_count_bits(0, 0, 96, 64, 96, 0.0f, "step X_L G");
+    test_batch_count_bits(0, 0, 96, 64, 64, 0.0f, "step (X_L G) X_R");
+    test_batch_count_bits(0, 0, 384, 384, 384, 0.0f, "step X_L G, 384");
+    test_batch_count_bits(0, 0, 96, 1, 96, 0.0f, "1-D step X g");
     test_shampoo_run("general step", 1, 0, 12, 0, 1, 0);
     test_shampoo_run("schedule", 5, 5, 30, 0, 1, 0);
     test_shampoo_run("schedule", 5, 5, 30, 1, 1, 0);
@@ -1617,6 +1715,7 @@ int main(int argc, char **argv) {
     if (g_cpu_mode) {
         printf("# --cpu: the CPU backend against a second CPU backend (a self-check of this harness, no GPU)\n");
         S[DUT].be = backend_cpu_create(1);
+        keep_cuda_param_rule(S[DUT].be);
         if (faults) {
             printf("# --cpu-faults: six planted bugs in the backend under test; checks must fail\n");
             plant_faults(S[DUT].be);
