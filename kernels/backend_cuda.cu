@@ -111,6 +111,7 @@ typedef struct {
     cudaEvent_t ev_copied[2], ev_consumed[2];  // per input slot: copies done; compute's last read enqueued
     int no_lt;      // SD_LT=0: every GEMM through cublasGemmEx (to compare with cuBLASLt)
     int lt_bgrad;   // SD_LT_BGRAD=1: bias gradients from the dW GEMM's BGRADB epilogue (not yet validated)
+    long bgrad_used, bgrad_none, bgrad_failed;  // ... how many bias gradients it computed, and why not the others
     int ln_stream;  // SD_LN_REG=0: the LayerNorm kernels that re-read each row (to compare with the register ones)
     RootCtx rctx[1 + BE_ROOT_SIDES];  // Shampoo roots: compute stream, side streams
     pthread_mutex_t rmu[1 + BE_ROOT_SIDES];  // one caller per context at a time (two Shampoo instances may share)
@@ -435,6 +436,11 @@ static int lt_try_ep(CudaImpl *im, int transA, int transB, int m, int n, int k, 
     cublasLtMatrixLayoutDestroy(ld);
     cublasLtMatmulDescDestroy(op);
     if (ms == CUBLAS_STATUS_SUCCESS) return 1;
+    if (hit->found && bgrad) {  // the experimental epilogue: offered, then failed; the plain path from now on
+        hit->found = 0;
+        im->bgrad_failed++;
+        return 0;
+    }
     if (hit->found) CUBLAS_CHECK(ms);  // an algorithm was offered and then failed
     return 0;
 }
@@ -633,9 +639,11 @@ static void cu_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, cons
         float *bg = (float *)scratch_get(im, (size_t)Dout * sizeof(float));
         if (lt_try_ep(im, 0, 1, Din, Dout, R, 1.0f, inp, CUDA_R_16BF, Din, dout, CUDA_R_16BF, Dout, 1.0f, dW,
                       CUDA_R_32F, Din, NULL, bg)) {
+            im->bgrad_used++;
             launch_axpy(im, dbias, bg, (size_t)Dout);
             return;
         }
+        im->bgrad_none++;  // (including the ones that failed at run time, counted apart as well)
     }
     lt_matmul(im, 0, 1, Din, Dout, R, 1.0f, inp, CUDA_R_16BF, Din, dout, CUDA_R_16BF, Dout, 1.0f, dW, CUDA_R_32F,
               Din);
@@ -1219,6 +1227,7 @@ static void cu_attention_bwd(Backend *be, void *dqkv, const void *dout, const vo
 }
 
 void backend_cuda_set_attention(Backend *be, int fused) { IM(be)->fused_attn = fused && HAVE_FLASH; }
+int backend_cuda_get_attention(Backend *be) { return IM(be)->fused_attn; }
 
 // ---------------------------------------------------------------- dropout, pooling, loss
 
@@ -1612,9 +1621,9 @@ static RootCtx *root_ctx(CudaImpl *im, int side, int n, int fp64) {
     }
     if (n > c->cap || (!fp64 && n > c->cap_f)) {
         int keep_f = c->cap_f > 0;  // fp32 buffers once allocated stay (a run uses one root_dtype)
+        int cap = n > c->cap ? n : c->cap;  // never below what reserve_roots sized
         CUDA_CHECK(cudaStreamSynchronize(c->st));
         root_bufs_free(c);
-        int cap = n > c->cap ? n : c->cap;
         size_t nn = (size_t)cap * cap;
         CUDA_CHECK(cudaMalloc(&c->A, nn * sizeof(double)));
         CUDA_CHECK(cudaMalloc(&c->X, nn * sizeof(double)));
@@ -1651,8 +1660,9 @@ static void root_ctx_free(RootCtx *c) {
 static int inverse_root_locked(Backend *be, const float *F, int n, double bias_corr, int r, double eps, int fp64,
                                float *X, int side);
 
-// The syevd work buffer of context c for n, grown if needed.
-static void root_work(RootCtx *c, int n, int fp64) {
+// The syevd work buffer of context c for n, grown if needed; returns syevd's lwork for n (the size it asks for,
+// whatever the buffer holds, so that a decomposition never depends on the context's history).
+static int root_work(RootCtx *c, int n, int fp64) {
     int lwork = 0;
     if (fp64)
         CUSOLVER_CHECK(cusolverDnDsyevd_bufferSize(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->A, n,
@@ -1667,6 +1677,7 @@ static void root_work(RootCtx *c, int n, int fp64) {
         CUDA_CHECK(cudaMalloc(&c->work, wbytes));
         c->work_bytes = wbytes;
     }
+    return lwork;
 }
 
 static void cu_reserve_roots(Backend *be, int n, int fp64, int sides) {
@@ -1709,8 +1720,7 @@ static int inverse_root_locked(Backend *be, const float *F, int n, double bias_c
     KERNEL_CHECK("root_prep");
     root_flags(c);
     if (c->hflag[1] == 2) return 2;  // as the host path: no decomposition of a non-finite factor
-    root_work(c, n, fp64);
-    int lwork = (int)(c->work_bytes / (fp64 ? sizeof(double) : sizeof(float)));
+    int lwork = root_work(c, n, fp64);
     if (fp64) {
         CUSOLVER_CHECK(cusolverDnDsyevd(c->sol, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_UPPER, n, c->A, n, c->w,
                                         (double *)c->work, lwork, c->dflag));
@@ -1796,6 +1806,10 @@ static void *cu_native_stream(Backend *be) { return (void *)IM(be)->st; }
 static void cu_destroy(Backend *be) {
     CudaImpl *im = IM(be);
     cudaStreamSynchronize(im->st);
+    if (im->lt_bgrad)  // so that a check or a timing with SD_LT_BGRAD=1 says whether the epilogue ran at all
+        fprintf(stderr, "simplest-dist: SD_LT_BGRAD=1: the BGRADB epilogue computed %ld of %ld bias gradients (%ld "
+                        "fell back to the column sums, %ld of them after the algorithm failed at run time)\n",
+                im->bgrad_used, im->bgrad_used + im->bgrad_none, im->bgrad_none, im->bgrad_failed);
     if (im->profiling) prof_flush(im);
     if (im->profiling && im->nprof) {
         double total = 0;

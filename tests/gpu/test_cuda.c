@@ -722,6 +722,9 @@ static void test_attention(int fused, int B, int N, int H, int dh, int with_bias
 
 static void group_attention(int fused) {
     g_fused = fused;
+#ifdef USE_CUDA
+    int was_fused = g_cpu_mode ? 0 : backend_cuda_get_attention(S[DUT].be);  // restored after: later groups' default
+#endif
     const int Ns[2] = {50, 197}, dhs[2] = {32, 64};
     for (int i = 0; i < 2; i++)
         for (int j = 0; j < 2; j++)
@@ -730,7 +733,7 @@ static void group_attention(int fused) {
     test_attention(fused, 2, 16, 4, 32, 1, 1);   // Fashion-MNIST at patch 7
     g_fused = 0;
 #ifdef USE_CUDA
-    if (!g_cpu_mode) backend_cuda_set_attention(S[DUT].be, 0);
+    if (!g_cpu_mode) backend_cuda_set_attention(S[DUT].be, was_fused);
 #endif
 }
 
@@ -1130,27 +1133,49 @@ static void plant_faults(Backend *be) {
     be->gelu_fwd = fault_gelu_fwd;
 }
 
-// In --cpu modes the backend under test keeps the CUDA backend's rule for its one registered param buffer (it
-// holds the bf16 shadow): params_changed on another buffer is a bug, which the CPU backend alone would not notice.
-static void (*g_cpu_set_params)(Backend *, float *, size_t);
-static void (*g_cpu_params_changed)(Backend *, float *, size_t);
+// In --cpu modes the backend under test keeps the CUDA backend's rules for its one registered param buffer, of
+// which it holds a bf16 shadow, rules the CPU backend alone would not notice being broken: params_changed on
+// another buffer is a bug; a matmul weight or bias must lie in the registered buffer; and a matmul between
+// set_params and the first params_changed would read a shadow not yet written.
+static Backend g_cpu_orig;  // the CPU backend's own functions
 static const float *g_reg_params;
 static size_t g_reg_n;
+static int g_reg_fresh;  // params_changed since set_params
 static void rule_set_params(Backend *be, float *params, size_t n) {
     g_reg_params = params;
     g_reg_n = n;
-    g_cpu_set_params(be, params, n);
+    g_reg_fresh = 0;
+    g_cpu_orig.set_params(be, params, n);
 }
 static void rule_params_changed(Backend *be, float *params, size_t n) {
     CHECK(params == g_reg_params && n == g_reg_n, "params_changed on a buffer that was not registered (the CUDA "
                                                   "backend's rule, kept by the backend under test in --cpu mode)");
-    g_cpu_params_changed(be, params, n);
+    g_reg_fresh = 1;
+    g_cpu_orig.params_changed(be, params, n);
+}
+static void rule_shadow(const float *w, const char *op) {
+    CHECK(w >= g_reg_params && w < g_reg_params + g_reg_n, "%s: a weight outside the registered params (the CUDA "
+                                                           "backend's rule, kept in --cpu mode)", op);
+    CHECK(g_reg_fresh, "%s between set_params and params_changed: the CUDA backend's bf16 shadow is not written yet",
+          op);
+}
+static void rule_matmul_fwd(Backend *be, void *out, const void *inp, const float *W, const float *bias, int R, int Din,
+                            int Dout) {
+    rule_shadow(W, "matmul_fwd");
+    if (bias) rule_shadow(bias, "matmul_fwd (bias)");
+    g_cpu_orig.matmul_fwd(be, out, inp, W, bias, R, Din, Dout);
+}
+static void rule_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, const void *dout, const void *inp,
+                            const float *W, int R, int Din, int Dout) {
+    if (dinp) rule_shadow(W, "matmul_bwd");  // the input gradient reads the shadow; dW alone does not
+    g_cpu_orig.matmul_bwd(be, dinp, dW, dbias, dout, inp, W, R, Din, Dout);
 }
 static void keep_cuda_param_rule(Backend *be) {
-    g_cpu_set_params = be->set_params;
-    g_cpu_params_changed = be->params_changed;
+    g_cpu_orig = *be;
     be->set_params = rule_set_params;
     be->params_changed = rule_params_changed;
+    be->matmul_fwd = rule_matmul_fwd;
+    be->matmul_bwd = rule_matmul_bwd;
 }
 
 // ---------------------------------------------------------------- main
@@ -1601,9 +1626,10 @@ static void test_shampoo_run(const char *label, int f, int S0, int steps, int de
 
 // Shampoo batches the blocks of one shape that this rank owns (the factor updates) or holds (the steps), so how many
 // share a gemm_batched call depends on the ownership map, hence on the rank count. cuBLAS promises the same bits
-// only for the same call: block b's product must not depend on how many blocks share its call, or factor bits and
-// "owners" steps would differ between rank counts on a GPU (docs/spec-deviations.md claims rank-count invariance).
-// Each block's product from calls of 1, 3 and 8 blocks, bit for bit, in Shampoo's shapes.
+// only for the same call, and may pick its kernel (split-K) by batch count. The spec asks a GPU run for P = 1 and
+// P = 8 within 1e-5 (P14), not for bits, and the replicas of one run stay bit-identical either way, so this is
+// recorded, not asserted: whether each block's product is the same from calls of 1, 3 and 8 blocks, in Shampoo's
+// shapes (docs/spec-deviations.md).
 static void test_batch_count_bits(int tA, int tB, int M, int N, int K, float beta, const char *what) {
     const int counts[3] = {1, 3, 8}, nbmax = 8;
     int ar = tA ? K : M, ac = tA ? M : K, br = tB ? N : K, bc = tB ? K : N;
@@ -1635,11 +1661,10 @@ static void test_batch_count_bits(int tA, int tB, int M, int N, int K, float bet
         dfree(DUT, dC);
     }
     int same = !memcmp(out[0], out[1], nC * nbmax * 4) && !memcmp(out[0], out[2], nC * nbmax * 4);
-    char name[240];
-    snprintf(name, sizeof name, "gemm_batched %c%c M%d N%d K%d beta %g (%s): each block's product bit-identical in "
-             "calls of 1, 3 and 8 blocks", tA ? 'T' : 'N', tB ? 'T' : 'N', M, N, K, beta, what);
     Diff d = diff(out[2], out[0], nC * nbmax);
-    report(same, name, "%s (calls of 8 against 1: rel %.2e)", same ? "identical" : "differ", d.rel);
+    printf("# recorded: gemm_batched %c%c M%d N%d K%d beta %g (%s): each block's product in calls of 1, 3 and 8 "
+           "blocks %s (8 against 1: rel %.2e)\n", tA ? 'T' : 'N', tB ? 'T' : 'N', M, N, K, beta, what,
+           same ? "bit-identical" : "DIFFERS", d.rel);
     for (int c = 0; c < 3; c++) free(out[c]);
     dfree(DUT, dA);
     dfree(DUT, dB);
@@ -1649,6 +1674,8 @@ static void test_batch_count_bits(int tA, int tB, int M, int N, int K, float bet
 }
 
 static void group_shampoo(void) {
+    double t0 = now_sec();
+#define SECTION_DONE(what) printf("# shampoo group: %s done at %.1f s\n", what, now_sec() - t0), fflush(stdout)
     for (int fp64 = 1; fp64 >= 0; fp64--) {
         test_root(1, 3, 1, fp64);
         test_root(64, 200, 2, fp64);
@@ -1657,6 +1684,7 @@ static void group_shampoo(void) {
         test_root(577, 700, 2, fp64);  // odd size
     }
     test_root_nonfinite();
+    SECTION_DONE("roots against LAPACK");
     test_blocks(5, 96, 64, 1);
     test_blocks(5, 96, 64, 0);
     test_blocks(3, 1, 1152, 1);  // 1-D blocks as (1, n)
@@ -1669,14 +1697,20 @@ static void group_shampoo(void) {
     test_batch_count_bits(0, 0, 96, 64, 64, 0.0f, "step (X_L G) X_R");
     test_batch_count_bits(0, 0, 384, 384, 384, 0.0f, "step X_L G, 384");
     test_batch_count_bits(0, 0, 96, 1, 96, 0.0f, "1-D step X g");
+    SECTION_DONE("batched block ops");
     test_shampoo_run("general step", 1, 0, 12, 0, 1, 0);
+    SECTION_DONE("trajectory: general step");
     test_shampoo_run("schedule", 5, 5, 30, 0, 1, 0);
     test_shampoo_run("schedule", 5, 5, 30, 1, 1, 0);
     test_shampoo_run("schedule", 5, 5, 30, 4, 1, 0);  // the snapshot read by the side streams for 4 steps
     test_shampoo_run("schedule", 5, 5, 30, 0, 0, 0);
     test_shampoo_run("schedule, apply owners", 5, 5, 30, 0, 1, 1);  // steps in the direction buffer, then applied
+    SECTION_DONE("trajectories: schedule (delay 0, 1, 4; fp32; owners)");
     if (S[DUT].be->inverse_root) test_root_threads();
+    SECTION_DONE("root threads");
     if (!g_cpu_mode) time_roots();
+    SECTION_DONE("root timings");
+#undef SECTION_DONE
 }
 
 int main(int argc, char **argv) {
