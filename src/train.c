@@ -149,6 +149,7 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
     // model-sized (max_batch): eval batches go through whichever slot m->input points to
     t->d_input[1] = t->be->alloc(t->be, (size_t)model->max_batch * img * sizeof(float), "second input batch");
     t->d_targets[1] = t->be->alloc(t->be, (size_t)model->max_batch * mc->num_classes * sizeof(float), "second targets");
+    t->be->sync(t->be);  // the buffers' zeroing (compute stream) before the first upload into them (copy stream)
 }
 
 void trainer_free(Trainer *t) {

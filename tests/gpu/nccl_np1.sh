@@ -21,18 +21,19 @@ W=${2:?usage: nccl_np1.sh FMNIST_DIR WORKDIR}
 BIN=${SIMPLEST_BIN:-./simplest-dist}
 PY=${PYTHON:-python3}
 mkdir -p "$W"
+# comm.timeout_s 20 and a 60 s bound per run: one hung case must not take the stage's time from the others
 COMMON="--set run.device=cuda --set train.steps=20 --set train.log_every=1 --set train.eval_every=0
-  --set data.root=$FM --set data.eval_limit=512"
+  --set data.root=$FM --set data.eval_limit=512 --set comm.timeout_s=20"
 fails=0
 run() {  # name extra...
     local name=$1; shift
     local what="20 steps through NCCL equal the run without it, loss for loss"
     [ "$name" = deterministic ] && what="20 steps with NCCL bound (unused: the device's fixed-order shard sum) equal the run without it"
     rm -rf "$W/$name-ref" "$W/$name-nccl"
-    env -u SD_NCCL_FORCE "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-ref" "$@" >"$W/$name-ref.log" 2>&1 || {
+    env -u SD_NCCL_FORCE timeout -k 5 60 "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-ref" "$@" >"$W/$name-ref.log" 2>&1 || {
         echo "not ok - nccl np=1 $name: the run without NCCL failed"; tail -3 "$W/$name-ref.log"; fails=$((fails + 1))
         return; }
-    SD_NCCL_FORCE=1 "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-nccl" "$@" \
+    SD_NCCL_FORCE=1 timeout -k 5 60 "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-nccl" "$@" \
         >"$W/$name-nccl.log" 2>&1 || {
         echo "not ok - nccl np=1 $name: the run with SD_NCCL_FORCE=1 failed"; tail -3 "$W/$name-nccl.log"
         fails=$((fails + 1)); return; }

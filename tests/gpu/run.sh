@@ -9,13 +9,17 @@
 #      CPU backend, with per-tensor bf16 tolerances, and Shampoo (cuSOLVER roots against LAPACK, trajectories
 #      against the CPU: spec/shampoo.md P19) (one process per group: a crash loses one group only);
 #   3. 300 Fashion-MNIST steps on the GPU, loss and accuracy against a CPU run of the same config
-#      (tests/gpu/fixtures/fmnist_cpu_300.jsonl); 3b. the NCCL path at np = 1 (tests/gpu/nccl_np1.sh: gradient sums
-#      and Shampoo root broadcasts through a one-rank NCCL communicator change no bit);
-#   4. benchmark: bench_step --device cuda for SimplEsT-ViT-S/16 and SimpleViT-S/16 at 224 px, batch 256, both
-#      attention implementations; PyTorch (tests/gpu/torch_bench.py, the reference models) eager and torch.compile;
-#      images/s and MFU (tests/gpu/flops.py);
-#   4b. Shampoo@25 against Adam (bench_step --opt, cuSOLVER roots) when time is left;
+#      (tests/gpu/fixtures/fmnist_cpu_300.jsonl);
+#   4. benchmark: bench_step --device cuda for SimplEsT-ViT-S/16 and SimpleViT-S/16 at 224 px, batch 256, fused
+#      attention; PyTorch (tests/gpu/torch_bench.py, the reference models) with torch.compile; images/s and MFU
+#      (tests/gpu/flops.py);
+#   4b. Shampoo@25 against Adam (bench_step --opt, cuSOLVER roots);
+#   3b. the NCCL path at np = 1 (tests/gpu/nccl_np1.sh: gradient sums and Shampoo root broadcasts through a one-rank
+#      NCCL communicator change no bit);
+#   then, as time allows, our unfused attention, PyTorch eager, and the experimental stages;
 #   5. one report, $OUT/gpu-report.md (tests/out/ when OUT is unset), and a summary table printed last.
+# The stages run in the order of what a short machine must not lose: a stage that would start past the deadline is
+# skipped and reported.
 # Every stage runs under `timeout`; a failing stage is reported and the script goes on. Exit code 0 when the build,
 # the op/step checks outside the fused attention and the Fashion-MNIST tracking passed, else 1.
 #
@@ -136,12 +140,33 @@ LIBDIRS=""
     CUDA_DIR=${NVCC_BIN%/bin/nvcc}
     mkdir -p "$DEPS/cudalibs"
     pipdirs=$($PY -c 'import site, glob; print(" ".join(sorted({p for s in site.getsitepackages() for p in glob.glob(s + "/nvidia/*/lib") + glob.glob(s + "/nvidia/cu*/lib")})))' 2>/dev/null)
+    NCCL_LIB=0
+    # NCCL's header: the toolkit's, else pip's nvidia-nccl-cu13, whose library is then preferred (the same version);
+    # without both a header and a library the build has no NCCL, and the np = 1 NCCL stage says so.
+    NCCL_USE=0; NCCL_PIPLIB=""
+    if [ -e "$CUDA_DIR/include/nccl.h" ]; then
+        NCCL_USE=1; echo "nccl.h: $CUDA_DIR/include"
+    else
+        for d in $pipdirs; do
+            if [ -e "$d/../include/nccl.h" ]; then
+                NCCL_USE=1; NCCL_PIPLIB=$d
+                EXTRA_CFLAGS="$EXTRA_CFLAGS -I$(cd "$d/../include" && pwd)"; echo "nccl.h: $d/../include"; break
+            fi
+        done
+    fi
+    [ "$NCCL_USE" = 1 ] || echo "nccl.h: NOT FOUND (building without NCCL)"
     for l in cudart cublas cublasLt cusolver nccl; do
-        [ -e "$CUDA_DIR/lib64/lib$l.so" ] && continue
-        f=$(ls "$CUDA_DIR"/targets/x86_64-linux/lib/lib$l.so* /usr/lib/x86_64-linux-gnu/lib$l.so* 2>/dev/null | head -1)
+        f=""
+        [ $l = nccl ] && [ -n "$NCCL_PIPLIB" ] && f=$(ls "$NCCL_PIPLIB"/libnccl.so* 2>/dev/null | head -1)
+        if [ -z "$f" ] && [ -e "$CUDA_DIR/lib64/lib$l.so" ]; then
+            [ $l = nccl ] && NCCL_LIB=1
+            continue
+        fi
+        [ -z "$f" ] && f=$(ls "$CUDA_DIR"/targets/x86_64-linux/lib/lib$l.so* /usr/lib/x86_64-linux-gnu/lib$l.so* 2>/dev/null | head -1)
         [ -z "$f" ] && for d in $pipdirs; do f=$(ls "$d"/lib$l.so* 2>/dev/null | head -1); [ -n "$f" ] && break; done
         if [ -n "$f" ]; then
             ln -sfn "$f" "$DEPS/cudalibs/lib$l.so"
+            [ $l = nccl ] && NCCL_LIB=1
             EXTRA_LDFLAGS="$EXTRA_LDFLAGS -Wl,-rpath,$(dirname "$f")"
             echo "lib$l: $f (linked through $DEPS/cudalibs)"
         else
@@ -149,19 +174,9 @@ LIBDIRS=""
         fi
     done
     EXTRA_LDFLAGS="$EXTRA_LDFLAGS -L$DEPS/cudalibs"
-    # NCCL's header: the toolkit's, else pip's nvidia-nccl-cu13 (the library is linked above); without one the
-    # build has no NCCL and the np = 1 NCCL stage reports that.
-    NCCL_USE=0
-    if [ -e "$CUDA_DIR/include/nccl.h" ]; then
-        NCCL_USE=1; echo "nccl.h: $CUDA_DIR/include"
-    else
-        for d in $pipdirs; do
-            if [ -e "$d/../include/nccl.h" ]; then
-                NCCL_USE=1; EXTRA_CFLAGS="$EXTRA_CFLAGS -I$(cd "$d/../include" && pwd)"; echo "nccl.h: $d/../include"; break
-            fi
-        done
+    if [ "$NCCL_USE" = 1 ] && [ "$NCCL_LIB" != 1 ]; then
+        NCCL_USE=0; echo "NCCL: a header but no library: building without NCCL (the link would fail)"
     fi
-    [ "$NCCL_USE" = 1 ] || echo "nccl.h: NOT FOUND (building without NCCL)"
     echo "NCCL_USE=$NCCL_USE" >"$W/nccl_use.txt"
     echo "EXTRA_CFLAGS=$EXTRA_CFLAGS"
     echo "EXTRA_LDFLAGS=$EXTRA_LDFLAGS"
@@ -172,7 +187,9 @@ cat "$W/build-setup.txt" | sed 's/^/   /' | cut -c1-220
 CAP=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -1 | tr -d ' .')
 NVFLAGS="-O3 -std=c++17 -gencode arch=compute_${CAP:-90},code=sm_${CAP:-90}"
 NCCL_USE=$(sed -n 's/^NCCL_USE=//p' "$W/nccl_use.txt" 2>/dev/null); NCCL_USE=${NCCL_USE:-0}
-stage build 300 make USE_MPI=0 USE_NCCL=$NCCL_USE BUILD=$BUILD -j16 NVCCFLAGS="$NVFLAGS" EXTRA_CFLAGS="$EXTRA_CFLAGS" EXTRA_LDFLAGS="$EXTRA_LDFLAGS" gpu-bins
+# A failed build must not leave an earlier call's binaries (a warm machine) to be run and reported as this commit's.
+rm -f ./simplest-dist $BUILD/gpu/test_cuda $BUILD/bench/bench_step $BUILD/gpu/bench_ops
+stage build 300 make USE_CUDA=1 USE_MPI=0 USE_NCCL=$NCCL_USE BUILD=$BUILD -j16 NVCCFLAGS="$NVFLAGS" EXTRA_CFLAGS="$EXTRA_CFLAGS" EXTRA_LDFLAGS="$EXTRA_LDFLAGS" gpu-bins
 { ldd ./simplest-dist; echo "--- test_cuda"; ldd $BUILD/gpu/test_cuda | grep -E 'not found|cjson|openblas|lapack|blas|gfortran|quadmath|libz|cuda|cublas|nccl|cusolver'; } >"$W/ldd.txt" 2>&1
 
 # ---- 2. every op and a whole step against the CPU backend
@@ -227,14 +244,6 @@ else
         --set train.log_every=10 --set train.eval_every=150 --set data.root="$FM" --set run.dir="$W/fm-gpu"
 fi
 
-# ---- 3b. the NCCL path at np = 1 (issue 5): a one-rank NCCL communicator (SD_NCCL_FORCE=1) must change no bit
-if [ "$NCCL_USE" != 1 ]; then
-    skip nccl_np1 "the build has no NCCL (no nccl.h in the toolkit or pip's nvidia-nccl-cu13)"
-elif [ -x ./simplest-dist ] && [ -n "$FM" ]; then
-    stage nccl_np1 150 tests/gpu/nccl_np1.sh "$FM" "$W/nccl"
-    mkdir -p "$OUTDIR/gpu-logs/nccl" && for f in "$W"/nccl/*.log; do [ -f "$f" ] && tail -c 200000 "$f" >"$OUTDIR/gpu-logs/nccl/$(basename "$f")"; done
-fi
-
 # ---- 4b. Shampoo@25 against Adam on one GPU (cuSOLVER roots), between torch.compile and eager
 # (SD_GPU_SHAMPOO_BENCH=0 skips it). delay24: the roots of a refresh computed on the side streams behind 24 steps
 # (docs/scaling.md: how much the side streams slow the training stream they overlap, the one unmeasured input of the
@@ -247,29 +256,31 @@ shampoo_bench() {
             adam) a="--opt adam" ;; shampoo) a="--opt shampoo" ;; shampoo_delay1) a="--opt shampoo --root-delay 1" ;;
             shampoo_delay24) a="--opt shampoo --root-delay 24" ;;
         esac
-        stage "shampoo_$v" 90 $BUILD/bench/bench_step --device cuda --arch simplest $VITS $a --steps 50 --warmup 25
+        stage "shampoo_$v" 90 $BUILD/bench/bench_step --device cuda --arch simplest $VITS $a --steps 50 --warmup 50
     done
 }
 
-# ---- 4. benchmarks: ours, then PyTorch
+# ---- 4. benchmarks: ours (the fused attention, the default; the unfused fallback after eager), then PyTorch
 VITS="--image 224 --patch 16 --channels 3 --dim 384 --depth 12 --heads 6 --mlp 1536 --classes 1000 --batch 256"
-for arch in simplest simplevit; do
-    for attn in unfused fused; do
+ours_bench() {  # attn
+    local arch
+    for arch in simplest simplevit; do
         if [ -x $BUILD/bench/bench_step ]; then
-            stage "bench_${arch}_${attn}" 90 $BUILD/bench/bench_step --device cuda --attn $attn --arch $arch $VITS \
+            stage "bench_${arch}_$1" 90 $BUILD/bench/bench_step --device cuda --attn $1 --arch $arch $VITS \
                 --steps 20 --warmup 5
         else
-            skip "bench_${arch}_${attn}" "no bench_step (the build failed)"
+            skip "bench_${arch}_$1" "no bench_step (the build failed)"
         fi
     done
-done
+}
+ours_bench fused
 export PYTHONUNBUFFERED=1
 if [ -n "$NO_TORCH" ]; then
     skip torch_eager "$NO_TORCH"
     skip torch_compile "$NO_TORCH"
 else
     # torch.compile first (the number the speed target is set against), leaving about 130 s for 4b (Shampoo) and
-    # eager.
+    # the NCCL stage.
     to=$((HARD - $(elapsed) - 130))
     [ "$to" -gt 300 ] && to=300
     if [ "$to" -ge 60 ]; then
@@ -279,6 +290,16 @@ else
     fi
 fi
 shampoo_bench
+# ---- 3b. the NCCL path at np = 1 (issue 5): a one-rank NCCL communicator (SD_NCCL_FORCE=1) must change no bit
+# (after torch.compile and 4b: the stages run in the order of what a short machine must not lose)
+if [ "$NCCL_USE" != 1 ]; then
+    skip nccl_np1 "the build has no NCCL (no nccl.h in the toolkit or pip's nvidia-nccl-cu13)"
+elif [ -x ./simplest-dist ] && [ -n "$FM" ]; then
+    stage nccl_np1 150 tests/gpu/nccl_np1.sh "$FM" "$W/nccl"
+    mkdir -p "$OUTDIR/gpu-logs/nccl" && for f in "$W"/nccl/*.log; do [ -f "$f" ] && tail -c 200000 "$f" >"$OUTDIR/gpu-logs/nccl/$(basename "$f")"; done
+fi
+
+ours_bench unfused
 if [ -z "$NO_TORCH" ]; then
     stage torch_eager 120 $PY tests/gpu/torch_bench.py --mode eager --steps 20 --warmup 5
     if [ "${SD_TORCH_SDPA:-0}" = 1 ] && [ "$(left)" -gt 120 ]; then
