@@ -106,6 +106,7 @@ typedef struct {
     double *red;    // device reduction partials
     double *h_red;  // pinned host copy
     int fused_attn;
+    int attn_sized;  // the attention (1 fused, 0 unfused) the last attn_saved_elems sized for; -1 before any
     int sms;
     cudaStream_t copy_st;                  // input uploads (upload_async)
     cudaEvent_t ev_copied[2], ev_consumed[2];  // per input slot: copies done; compute's last read enqueued
@@ -252,8 +253,12 @@ static void *cu_alloc(Backend *be, size_t bytes, const char *what) {
     return p;
 }
 
+// The compute stream's queued work may still read p: wait for it explicitly (cudaFree "may" synchronize the
+// device, the runtime's documentation says, not that it must).
 static void cu_free(Backend *be, void *p) {
-    if (p) CUDA_CHECK(cudaFree(p));
+    if (!p) return;
+    CUDA_CHECK(cudaStreamSynchronize(IM(be)->st));
+    CUDA_CHECK(cudaFree(p));
 }
 
 static void *cu_alloc_host(Backend *be, size_t bytes, const char *what) {
@@ -1075,9 +1080,18 @@ static size_t fused_saved_floats(int B, int N, int H, int dh) {
     return fused_o_offset(B, N, H) + ((size_t)B * N * H * dh + 1) / 2;
 }
 
+// Sized for the attention kernels in use (the unfused layout is 3x the fused one at ViT-S/16: about 1 GB of a
+// batch of 256); the buffers then serve only those kernels, which attention_fwd/bwd check.
 static size_t cu_attn_saved_elems(Backend *be, int B, int N, int H, int dh) {
-    size_t u = unfused_saved_floats(B, N, H), f = fused_saved_floats(B, N, H, dh);
-    return u > f ? u : f;  // the implementation can be switched between runs (tests compare both)
+    CudaImpl *im = IM(be);
+    im->attn_sized = im->fused_attn;
+    return im->fused_attn ? fused_saved_floats(B, N, H, dh) : unfused_saved_floats(B, N, H);
+}
+
+static void attn_sized_check(CudaImpl *im) {
+    CHECK(im->attn_sized < 0 || im->attn_sized == im->fused_attn,
+          "attention: the %s kernels run on buffers sized for the %s ones (choose the attention before sizing)",
+          im->fused_attn ? "fused" : "unfused", im->attn_sized ? "fused" : "unfused");
 }
 
 // One warp per row (b, i) of one head: P = softmax(S + bias) (S already scaled), written as bf16 into the saved
@@ -1196,6 +1210,7 @@ static void cu_attention_fwd(Backend *be, void *out, float *saved, const void *q
                              const float *rowscale, int B, int N, int H, int dh) {
     PROF(be, "attention_fwd");
     CudaImpl *im = IM(be);
+    attn_sized_check(im);
 #if HAVE_FLASH
     if (im->fused_attn && flash2_supported(N, dh)) {
         float *lse = saved;
@@ -1211,6 +1226,7 @@ static void cu_attention_bwd(Backend *be, void *dqkv, const void *dout, const vo
                              const float *bias, const float *rowscale, int B, int N, int H, int dh) {
     PROF(be, "attention_bwd");
     CudaImpl *im = IM(be);
+    attn_sized_check(im);
 #if HAVE_FLASH
     if (im->fused_attn && flash2_supported(N, dh)) {
         const float *lse = saved;
@@ -1896,6 +1912,7 @@ Backend *backend_cuda_create(int device) {
     CUDA_CHECK(cudaMalloc(&im->red, (RED_BLOCKS + 8) * sizeof(double)));
     CUDA_CHECK(cudaMallocHost(&im->h_red, 8 * sizeof(double)));
     for (int k = 0; k <= BE_ROOT_SIDES; k++) pthread_mutex_init(&im->rmu[k], NULL);
+    im->attn_sized = -1;
     im->fused_attn = HAVE_FLASH;  // fused by default (tests/gpu checks both; run.attention / SD_ATTN choose)
     const char *lt = getenv("SD_LT");
     im->no_lt = lt && !strcmp(lt, "0");

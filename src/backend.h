@@ -187,7 +187,8 @@ void backend_cpu_fix_blas_core(char **argv);
 Backend *backend_cuda_create(int device);
 int backend_cuda_available(void);
 // Attention implementation: 0 = cuBLAS batched GEMMs + softmax kernels (P kept in bf16), 1 = fused flash-style
-// kernels. The default is the one tests/gpu validated; SD_ATTN=flash|unfused overrides it at create time.
+// kernels. The default is the one tests/gpu validated; SD_ATTN=flash|unfused overrides it at create time, and the
+// daemon's run.attention then applies only when SD_ATTN is unset.
 void backend_cuda_set_attention(Backend *be, int fused);
 int backend_cuda_get_attention(Backend *be);  // 1 if the fused attention runs
 #endif

@@ -74,7 +74,8 @@ static const KeySpec KEYS[] = {
     {"data.randaugment_magnitude", KT_INT, FIELD(data.randaugment_magnitude), "10", 0, 30, NULL,
      "RandAugment magnitude bin (of 31)"},
     {"data.threads", KT_INT, FIELD(data.workers), "0", 0, 1024, NULL,
-     "decoder threads per rank; 0 = the rank's CPU affinity count - 2, at least 1"},
+     "decoder threads per rank; 0 = the rank's CPU affinity count - 2, at least 1; ranks sharing a node whose "
+     "affinity sets together exceed its CPUs take the node's CPUs / ranks - 2 each"},
     {"data.prefetch", KT_INT, FIELD(data.prefetch), "3", 1, 64, NULL,
      "micro-batches the decoder threads may prepare ahead of the trainer (ring buffers, pinned on CUDA)"},
     {"data.u8_batches", KT_BOOL, FIELD(data.u8_batches), "true", NOLIM, NULL,

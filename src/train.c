@@ -44,7 +44,8 @@ Backend *backend_for_config(const Config *cfg, Comm *comm, int training) {
             die_user("config key 'comm.deterministic': not available with run.device \"cuda\" and %d ranks yet "
                      "(the fixed-order sum runs on host buffers); set it false or use \"cpu\"", comm->world);
         Backend *be = backend_cuda_create(comm->local_rank);
-        backend_cuda_set_attention(be, strcmp(cfg->run.attention, "unfused") != 0);
+        if (!getenv("SD_ATTN"))  // the environment's choice (backend_cuda_create) overrides run.attention
+            backend_cuda_set_attention(be, strcmp(cfg->run.attention, "unfused") != 0);
         if (training && (comm->world > 1 || comm_nccl_forced())) {  // eval sums host buffers only (MPI)
             if (!comm_gpu_init(comm, be->native_stream(be)))
                 die_user("config key 'run.device': \"cuda\" with %d ranks%s needs NCCL, and this build has none "
@@ -140,10 +141,11 @@ void trainer_init(Trainer *t, const Config *cfg, Comm *comm, Model *model, int64
     if (cfg->train.sam) t->sam_e = t->be->alloc(t->be, pbytes, "SAM perturbation");
     const ModelConfig *mc = &model->cfg;
     size_t img = (size_t)mc->channels * mc->image_size * mc->image_size;
-    for (int s = 0; s < 2; s++) {
-        t->h_images[s] = t->be->alloc_host(t->be, (size_t)t->micro * img * sizeof(float), "host image batch");
+    // The host image buffers are allocated at their first use (load_slot), unless trainer_no_host_images said the
+    // source never writes them (the loader's own batches, with no Mixup): pinned, they cost 2 x 600 KB per image
+    // slot at 224 px, 1.2 GB at 1024 images per rank.
+    for (int s = 0; s < 2; s++)
         t->h_targets[s] = t->be->alloc_host(t->be, (size_t)t->micro * mc->num_classes * sizeof(float), "host targets");
-    }
     t->d_input[0] = model->input;
     t->d_targets[0] = model->targets;
     // model-sized (max_batch): eval batches go through whichever slot m->input points to
@@ -213,7 +215,10 @@ static void load_slot(Trainer *t, int s, int64_t k, int mi, BatchSource src, voi
     // In steady state both copies finished long ago, so this costs no overlap.
     be->input_host_free(be, s);
     be->input_host_free(be, s ^ 1);
+    if (!t->h_images[s] && !t->no_host_images)
+        t->h_images[s] = be->alloc_host(be, (size_t)t->micro * img * sizeof(float), "host image batch");
     const void *images = src(ctx, t, k, mi, t->h_images[s], t->h_targets[s]);
+    CHECK(images, "the batch source returned no images");
     if (t->u8_input)
         be->upload_async(be, t->d_u8[s], images, (size_t)t->micro * img, s);
     else
@@ -245,7 +250,6 @@ static void micro_step(Trainer *t, int64_t k, int mi, BatchSource src, void *ctx
     m->input = t->d_input[s];
     m->targets = t->d_targets[s];
     model_forward(m, t->micro, 1, t->seed, (uint64_t)k, slice_pos(t, mi));
-    be->input_consumed(be, s);  // the forward's read of the images is enqueued: the slot may be refilled after it
     t->next_slot = s ^ 1;
     int64_t nk = mi + 1 < t->accum ? k : k + 1;
     int nmi = mi + 1 < t->accum ? mi + 1 : 0;
@@ -257,6 +261,9 @@ static void micro_step(Trainer *t, int64_t k, int mi, BatchSource src, void *ctx
         t->pf_slot = s ^ 1;
     }
     model_loss(m, t->micro, (float)t->cfg->train.label_smoothing, 1.0f / (float)t->global_batch, 1);
+    // The forward's read of the images and the loss's read of the targets are enqueued: the slot may be refilled
+    // after them (not only after the forward: the loss reads the targets of the same slot).
+    be->input_consumed(be, s);
     model_backward_hooked(m, t->micro, t->seed, (uint64_t)k, slice_pos(t, mi), hooked ? start_bucket : NULL, t);
     float *losses = xmalloc((size_t)t->micro * sizeof(float), "losses");  // (micro)
     be->download(be, losses, m->losses, (size_t)t->micro * sizeof(float));
@@ -364,7 +371,7 @@ EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, int
     if (logits_out) memset(logits_out, 0, (size_t)ds->n * C * sizeof(float));
     // This rank's shard in order, decoded by the loader threads (no randomness, no drop, no duplicate).
     LoaderConfig lc = {.ds = ds, .train = 0, .micro = eval_batch, .begin = begin, .end = end,
-                       .workers = ds->opt.workers, .prefetch = ds->opt.prefetch};
+                       .workers = ds->opt.workers, .prefetch = ds->opt.prefetch, .local_world = comm->local_world};
     Loader *ld = end > begin ? loader_create(&lc) : NULL;
     for (int64_t i0 = begin, q = 0; i0 < end; i0 += eval_batch, q++) {
         const float *images;
@@ -652,6 +659,7 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     LoaderConfig lc = {.ds = &r->train_ds, .train = 1, .seed = r->t.seed, .global_batch = r->t.global_batch,
                        .world = comm->world, .rank = comm->rank, .accum = r->t.accum, .micro = r->t.micro,
                        .steps_per_epoch = spe, .workers = cfg->data.workers, .prefetch = cfg->data.prefetch,
+                       .local_world = comm->local_world, .keep = cfg->train.sam ? r->t.accum : 1,
                        .alloc = host_alloc, .free = host_free, .alloc_ctx = r->be,
                        .u8 = cfg->data.u8_batches && cfg->train.mixup_alpha <= 0.0};
     r->lctx = (LoaderCtx){.ds = &r->train_ds,
@@ -661,6 +669,7 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
                           .mixup_alpha = cfg->train.mixup_alpha,
                           .u8 = lc.u8};
     if (lc.u8) trainer_set_u8_input(&r->t, r->train_ds.mean, r->train_ds.std);
+    r->t.no_host_images = cfg->train.mixup_alpha <= 0.0;  // loader_source writes images only for Mixup
     r->config_json = config_to_json(cfg);
     if (comm->rank == 0) {
         prepare_run_dir(cfg->run.dir);

@@ -34,6 +34,7 @@ typedef struct {
     // uint8 input (trainer_set_u8_input): the source returns (micro, H, W, C) uint8 batches; they are uploaded to
     // d_u8[s] (4x fewer bytes) and normalized into d_input[s] on the device.
     int u8_input;
+    int no_host_images;  // the batch source never writes h_images (it returns its own buffers): none allocated
     uint8_t *d_u8[2];
     float u8_mean[3], u8_std[3];
     int pf_valid, pf_slot, pf_mi, next_slot;
@@ -47,7 +48,8 @@ typedef struct {
 // the images to upload: `images` itself, or a buffer of the source's own (allocated with the backend's alloc_host,
 // so the copy can be asynchronous) that stays unchanged until the source has been called twice more, which spares
 // a copy of the batch on the host.
-// With u8 input the returned buffer is (micro, H, W, C) uint8 instead.
+// With u8 input the returned buffer is (micro, H, W, C) uint8 instead. `images` is NULL when the trainer was told
+// (no_host_images) that the source always returns its own buffer.
 typedef const void *(*BatchSource)(void *ctx, const Trainer *t, int64_t k, int micro, float *images, float *targets);
 
 typedef struct {

@@ -105,6 +105,10 @@ typedef struct {
     // eval plan: indices [begin, end) in batches of `micro` (the last one short)
     int64_t begin, end;
     int workers, prefetch;
+    int local_world;  // ranks on this node (0 or 1: this process alone): workers 0 then takes this rank's share
+    // micro-batches before the one requested that stay in the ring (0 or 1: the one the caller may still copy out;
+    // accum when a step's micro-batches are requested again, as SAM's second pass does: no re-decode then)
+    int keep;
     LoaderAllocFn alloc;  // NULL: malloc
     LoaderFreeFn free;
     void *alloc_ctx;
@@ -130,6 +134,7 @@ int64_t loader_eval_batches(const Loader *l);
 double loader_wait_s(const Loader *l);            // time loader_get spent waiting for the threads
 const PipeFailures *loader_failures(const Loader *l);
 int loader_threads(const Loader *l);
+int64_t loader_rebuilds(const Loader *l);  // jumps outside the ring (a resume, a step repeated beyond `keep`)
 
 // Loader state for exact resume (spec §5.5): where the training plan stands. Prefetched batches are not part of it.
 typedef struct {

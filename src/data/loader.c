@@ -145,6 +145,8 @@ struct Loader {
     size_t img_elems, img_bytes;  // per image; bytes: 4 per element, 1 with cfg.u8
     PipeFailures fails;
     double wait_s;
+    int keep;          // batches before the requested one kept (LoaderConfig.keep, at least 1)
+    int64_t rebuilds;
 };
 
 static void *loader_malloc(void *ctx, size_t bytes, const char *what) { return xmalloc(bytes, what); }
@@ -155,6 +157,17 @@ static int affinity_cpus(void) {
     if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
     long n = sysconf(_SC_NPROCESSORS_ONLN);
     return n > 0 ? (int)n : 1;
+}
+
+// data.threads 0: the cores this rank may run on, less 2 (its main thread, the copies), at least 1. Ranks on one
+// node share its cores: when their affinity sets together hold more CPUs than the node has (unbound ranks, or
+// mpirun's binding to a socket beyond 2 ranks), each takes the node's CPUs / ranks, not its whole affinity set.
+static int default_workers(int local_world) {
+    int a = affinity_cpus();
+    long o = sysconf(_SC_NPROCESSORS_ONLN);
+    int share = a;
+    if (local_world > 1 && o > 0 && (long)a * local_world > o && o / local_world < a) share = (int)(o / local_world);
+    return share - 2 > 0 ? share - 2 : 1;
 }
 
 // Fills slot metadata for plan position q (called with no thread working on the slot).
@@ -260,7 +273,10 @@ Loader *loader_create(const LoaderConfig *cfg) {
     l->img_elems = (size_t)ds->channels * ds->height * ds->width;
     l->img_bytes = l->img_elems * (c->u8 ? 1 : sizeof(float));
     int prefetch = c->prefetch > 0 ? c->prefetch : 3;
-    l->nslots = prefetch + 2;  // the two batches the caller holds (one may still be uploading), `prefetch` ahead
+    l->keep = c->keep > 1 ? c->keep : 1;
+    // the batch requested, `keep` before it (the caller may still be copying one out; or revisit a step's
+    // micro-batches), and `prefetch` ahead
+    l->nslots = prefetch + 1 + l->keep;
     l->slots = xcalloc((size_t)l->nslots * sizeof(Slot), "loader slots");
     for (int i = 0; i < l->nslots; i++) {
         Slot *s = &l->slots[i];
@@ -269,8 +285,7 @@ Loader *loader_create(const LoaderConfig *cfg) {
         s->labels = xmalloc((size_t)c->micro * sizeof(int32_t), "slot labels");
         s->images = c->alloc(c->alloc_ctx, (size_t)c->micro * l->img_bytes, "loader batch buffer");
     }
-    int threads = c->workers > 0 ? c->workers : affinity_cpus() - 2;
-    l->nthreads = threads > 0 ? threads : 1;
+    l->nthreads = c->workers > 0 ? c->workers : default_workers(c->local_world);
     l->chunk = ds->paths ? 1 : (c->micro / (4 * l->nthreads) > 32 ? 32 : c->micro / (4 * l->nthreads));
     if (l->chunk < 1) l->chunk = 1;
     pipe_failures_init(&l->fails, ds->n);
@@ -333,13 +348,15 @@ static int get_slot(Loader *l, int64_t q, const void **images, const int32_t **l
         for (int i = 0; i < l->nslots; i++) slot_quiesce(l, &l->slots[i]);
         l->base = q;
         for (int64_t p = q; p < q + l->nslots; p++) slot_assign(l, p);
-    } else if (q - 1 > l->base) {
-        // Release the batches before q - 1 (the caller may still be copying q - 1 out); their slots run ahead.
-        for (int64_t p = l->base; p < q - 1; p++) {
+        l->rebuilds++;
+    } else if (q - l->keep > l->base) {
+        // Release the batches before q - keep (the caller may still be copying q - 1 out, or come back to the
+        // step's first micro-batch); their slots run ahead.
+        for (int64_t p = l->base; p < q - l->keep; p++) {
             slot_quiesce(l, &l->slots[p % l->nslots]);
             slot_assign(l, p + l->nslots);
         }
-        l->base = q - 1;
+        l->base = q - l->keep;
     }
     pthread_cond_broadcast(&l->work_cv);
     Slot *s = &l->slots[q % l->nslots];
@@ -360,6 +377,7 @@ int64_t loader_eval_batches(const Loader *l) { return l->c.train ? -1 : l->plan_
 double loader_wait_s(const Loader *l) { return l->wait_s; }
 const PipeFailures *loader_failures(const Loader *l) { return &l->fails; }
 int loader_threads(const Loader *l) { return l->nthreads; }
+int64_t loader_rebuilds(const Loader *l) { return l->rebuilds; }
 
 LoaderState loader_state_at(const Loader *l, int64_t k) {
     const LoaderConfig *c = &l->c;

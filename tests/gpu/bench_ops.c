@@ -113,7 +113,6 @@ int main(int argc, char **argv) {
     TIME("matmul_bwd patch (no dinp)", f, (double)as * R * (P + D), be->matmul_bwd(be, NULL, gWp, gbp, y, patches, Wp, R, P, D));
     // attention, with and without the E-SPA bias and row scale
     float *bias = dev_rand((size_t)N * N, 4, 0.1f, 9), *rs = dev_rand(N, 4, 0.3f, 10);
-    float *saved = be->alloc(be, be->attn_saved_elems(be, B, N, H, dh) * sizeof(float), "saved");
     double fa = 4.0 * B * H * (double)N * N * dh;  // two GEMMs of 2 N^2 dh per head
     double ba = (double)as * R * 4 * D;             // qkv in, out: the least a fused kernel moves
     for (int fused = 0; fused <= 1; fused++) {
@@ -122,6 +121,8 @@ int main(int argc, char **argv) {
 #else
         if (fused) break;
 #endif
+        // sized for the attention just chosen (the CUDA backend checks it)
+        float *saved = be->alloc(be, be->attn_saved_elems(be, B, N, H, dh) * sizeof(float), "saved");
         char nm[96];
         snprintf(nm, sizeof nm, "attention_fwd %s +bias +rowscale", fused ? "fused" : "unfused");
         TIME(nm, fa, ba, be->attention_fwd(be, x, saved, qkv, bias, rs, B, N, H, dh));
@@ -131,6 +132,7 @@ int main(int argc, char **argv) {
         TIME(nm, fa, ba, be->attention_fwd(be, x, saved, qkv, NULL, NULL, B, N, H, dh));
         snprintf(nm, sizeof nm, "attention_bwd %s plain", fused ? "fused" : "unfused");
         TIME(nm, 2.5 * fa, 2 * ba, be->attention_bwd(be, g, x, qkv, saved, NULL, NULL, B, N, H, dh));
+        be->free(be, saved);
     }
     // memory-bound ops (bytes: read + write once)
     TIME("trelu_fwd R x 1536", 0, (double)as * R * M * 2, be->trelu_fwd(be, big, big, R * M, 1.1f, 0.2f));

@@ -368,6 +368,34 @@ static void test_sharding(void) {
         loader_destroy(l2);
         loader_destroy(l3);
     }
+    TEST_CASE("SAM with accum 2 (each step's micro-batches requested twice, with the next one prefetched between): "
+              "keep 2 serves the second pass from the ring (no rebuild), keep 1 re-decodes; the same batches") {
+        int64_t rebuilds[2] = {0, 0};
+        for (int keep = 1; keep <= 2; keep++) {
+            LoaderConfig c = train_cfg(&d, B, 1, 0, 2, 2);
+            c.keep = keep;
+            Loader *l = loader_create(&c);
+            const float *im;
+            const int32_t *lb;
+            for (int k = 1; k <= steps; k++)
+                for (int pass = 0; pass < 2; pass++) {
+                    for (int mi = 0; mi < 2; mi++) {
+                        int n = loader_get(l, (int64_t)(k - 1) * 2 + mi, &im, &lb);
+                        EXPECT(n == B / 2 && !memcmp(lb, &ref_lab[k - 1][mi * (B / 2)], (size_t)n * sizeof(int32_t)) &&
+                                   !memcmp(im, ref_img + ((size_t)(k - 1) * B + mi * (B / 2)) * img,
+                                           (size_t)n * img * sizeof(float)),
+                               "keep %d step %d pass %d micro %d: another batch", keep, k, pass, mi);
+                    }
+                    if (k < steps) loader_get(l, (int64_t)k * 2, &im, &lb);  // the trainer's prefetch
+                }
+            rebuilds[keep - 1] = loader_rebuilds(l);
+            loader_destroy(l);
+        }
+        EXPECT(rebuilds[1] == 0, "keep 2: %lld rebuilds", (long long)rebuilds[1]);
+        EXPECT(rebuilds[0] >= steps - 1, "keep 1: %lld rebuilds (expected one per step)", (long long)rebuilds[0]);
+        printf("    SAM, accum 2, %d steps: %lld ring rebuilds with keep 1, %lld with keep 2\n", steps,
+               (long long)rebuilds[0], (long long)rebuilds[1]);
+    }
     free(ref_img);
     dataset_free(&d);
 }
