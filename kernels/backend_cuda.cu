@@ -216,8 +216,8 @@ static void *scratch_get(CudaImpl *im, size_t bytes) {
             size_t fr = 0, tot = 0;
             cudaGetLastError();
             if (e != cudaErrorMemoryAllocation)
-                die_user("CUDA: cudaMallocAsync of the %.1f MiB scratch space failed: %s", want / 1048576.0,
-                         cudaGetErrorString(e));
+                DIE("CUDA: cudaMallocAsync of the %.1f MiB scratch space failed: %s", want / 1048576.0,
+                    cudaGetErrorString(e));
             cudaMemGetInfo(&fr, &tot);
             die_user("out of GPU memory: scratch space needs %.1f MiB (%.1f MiB free of %.1f); lower "
                      "train.batch_size or raise train.grad_accum",
@@ -1080,18 +1080,30 @@ static size_t fused_saved_floats(int B, int N, int H, int dh) {
     return fused_o_offset(B, N, H) + ((size_t)B * N * H * dh + 1) / 2;
 }
 
-// Sized for the attention kernels in use (the unfused layout is 3x the fused one at ViT-S/16: about 1 GB of a
-// batch of 256); the buffers then serve only those kernels, which attention_fwd/bwd check.
-static size_t cu_attn_saved_elems(Backend *be, int B, int N, int H, int dh) {
-    CudaImpl *im = IM(be);
-    im->attn_sized = im->fused_attn;
-    return im->fused_attn ? fused_saved_floats(B, N, H, dh) : unfused_saved_floats(B, N, H);
+// 1 if attention at (N, dh) runs the fused kernels: fused chosen, and supported at this N and head dim (else the
+// unfused kernels run, whatever the choice).
+static int attn_fused_at(const CudaImpl *im, int N, int dh) {
+#if HAVE_FLASH
+    return im->fused_attn && flash2_supported(N, dh);
+#else
+    (void)im, (void)N, (void)dh;
+    return 0;
+#endif
 }
 
-static void attn_sized_check(CudaImpl *im) {
-    CHECK(im->attn_sized < 0 || im->attn_sized == im->fused_attn,
-          "attention: the %s kernels run on buffers sized for the %s ones (choose the attention before sizing)",
-          im->fused_attn ? "fused" : "unfused", im->attn_sized ? "fused" : "unfused");
+// Sized for the attention kernels that will run (the unfused layout is 3x the fused one at ViT-S/16: about 1 GB
+// of a batch of 256); the buffers then serve only those kernels, which attention_fwd/bwd check.
+static size_t cu_attn_saved_elems(Backend *be, int B, int N, int H, int dh) {
+    CudaImpl *im = IM(be);
+    im->attn_sized = attn_fused_at(im, N, dh);
+    return im->attn_sized ? fused_saved_floats(B, N, H, dh) : unfused_saved_floats(B, N, H);
+}
+
+static void attn_sized_check(const CudaImpl *im, int N, int dh) {
+    int fused = attn_fused_at(im, N, dh);
+    CHECK(im->attn_sized < 0 || im->attn_sized == fused,
+          "attention: the %s kernels (N %d, dh %d) run on buffers sized for the %s ones (choose the attention "
+          "before sizing)", fused ? "fused" : "unfused", N, dh, im->attn_sized ? "fused" : "unfused");
 }
 
 // One warp per row (b, i) of one head: P = softmax(S + bias) (S already scaled), written as bf16 into the saved
@@ -1210,9 +1222,9 @@ static void cu_attention_fwd(Backend *be, void *out, float *saved, const void *q
                              const float *rowscale, int B, int N, int H, int dh) {
     PROF(be, "attention_fwd");
     CudaImpl *im = IM(be);
-    attn_sized_check(im);
+    attn_sized_check(im, N, dh);
 #if HAVE_FLASH
-    if (im->fused_attn && flash2_supported(N, dh)) {
+    if (attn_fused_at(im, N, dh)) {
         float *lse = saved;
         bf16 *o = (bf16 *)(saved + fused_o_offset(B, N, H));
         flash2_fwd((bf16 *)out, lse, o, (const bf16 *)qkv, bias, rowscale, B, N, H, dh, im->st);
@@ -1226,9 +1238,9 @@ static void cu_attention_bwd(Backend *be, void *dqkv, const void *dout, const vo
                              const float *bias, const float *rowscale, int B, int N, int H, int dh) {
     PROF(be, "attention_bwd");
     CudaImpl *im = IM(be);
-    attn_sized_check(im);
+    attn_sized_check(im, N, dh);
 #if HAVE_FLASH
-    if (im->fused_attn && flash2_supported(N, dh)) {
+    if (attn_fused_at(im, N, dh)) {
         const float *lse = saved;
         const bf16 *o = (const bf16 *)(saved + fused_o_offset(B, N, H));
         size_t ws = flash2_bwd_workspace(B, N, H, dh);

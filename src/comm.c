@@ -619,8 +619,9 @@ int comm_gpu_init(Comm *c, void *stream) {
     Watchdog *wd = watchdog_start(c->timeout_s, "NCCL setup (ncclCommInitRank and a first all-reduce)",
                                   "comm.timeout_s");
     // NCCL >= 2.22 connects each algorithm's peers (and allocates NVLS buffers) at its first use, inside a host call
-    // of a training step with no bound; connected at init instead, that waiting falls under the watchdog. A user's
-    // own setting wins.
+    // of a training step with no bound; connected at init instead, that waiting falls under the watchdog. The
+    // price: buffers of algorithms the run may never pick are allocated too (NVLS's on NVSwitch nodes; the gradient
+    // sums would mostly pick it anyway). A user's own setting wins (NCCL_RUNTIME_CONNECT=1 restores lazy connects).
     setenv("NCCL_RUNTIME_CONNECT", "0", 0);
     NCCL_CHECK(c, ncclCommInitRank(&nc->comm, c->world, id, c->rank));
     nc->compute = (cudaStream_t)stream;

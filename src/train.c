@@ -44,7 +44,8 @@ Backend *backend_for_config(const Config *cfg, Comm *comm, int training) {
             die_user("config key 'comm.deterministic': not available with run.device \"cuda\" and %d ranks yet "
                      "(the fixed-order sum runs on host buffers); set it false or use \"cpu\"", comm->world);
         Backend *be = backend_cuda_create(comm->local_rank);
-        if (!getenv("SD_ATTN"))  // the environment's choice (backend_cuda_create) overrides run.attention
+        const char *env_attn = getenv("SD_ATTN");  // its values (backend_cuda_create) override run.attention
+        if (!env_attn || (strcmp(env_attn, "flash") && strcmp(env_attn, "unfused")))
             backend_cuda_set_attention(be, strcmp(cfg->run.attention, "unfused") != 0);
         if (training && (comm->world > 1 || comm_nccl_forced())) {  // eval sums host buffers only (MPI)
             if (!comm_gpu_init(comm, be->native_stream(be)))

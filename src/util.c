@@ -151,6 +151,12 @@ void die_user(const char *fmt, ...) {
     }
     va_end(ap);
     fflush(stderr);
+    // Off the main thread, no exit handlers either: they would tear down CUDA and MPI under the main thread's feet
+    // (it may be inside either); the process's end is what stops the job (see abort_all_ranks).
+    if (!on_main_thread()) {
+        fflush(stdout);
+        _exit(EXIT_USER);
+    }
     abort_all_ranks(EXIT_USER);
     exit(EXIT_USER);
 }

@@ -22,6 +22,7 @@ BIN=${SIMPLEST_BIN:-./simplest-dist}
 PY=${PYTHON:-python3}
 mkdir -p "$W"
 # comm.timeout_s 20 and a 60 s bound per run: one hung case must not take the stage's time from the others
+# (--foreground keeps each run in the stage's process group, so the stage's own timeout still ends it)
 COMMON="--set run.device=cuda --set train.steps=20 --set train.log_every=1 --set train.eval_every=0
   --set data.root=$FM --set data.eval_limit=512 --set comm.timeout_s=20"
 fails=0
@@ -30,10 +31,10 @@ run() {  # name extra...
     local what="20 steps through NCCL equal the run without it, loss for loss"
     [ "$name" = deterministic ] && what="20 steps with NCCL bound (unused: the device's fixed-order shard sum) equal the run without it"
     rm -rf "$W/$name-ref" "$W/$name-nccl"
-    env -u SD_NCCL_FORCE timeout -k 5 60 "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-ref" "$@" >"$W/$name-ref.log" 2>&1 || {
+    env -u SD_NCCL_FORCE timeout --foreground -k 5 60 "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-ref" "$@" >"$W/$name-ref.log" 2>&1 || {
         echo "not ok - nccl np=1 $name: the run without NCCL failed"; tail -3 "$W/$name-ref.log"; fails=$((fails + 1))
         return; }
-    SD_NCCL_FORCE=1 timeout -k 5 60 "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-nccl" "$@" \
+    SD_NCCL_FORCE=1 timeout --foreground -k 5 60 "$BIN" configs/fashion-mnist.json $COMMON --set run.dir="$W/$name-nccl" "$@" \
         >"$W/$name-nccl.log" 2>&1 || {
         echo "not ok - nccl np=1 $name: the run with SD_NCCL_FORCE=1 failed"; tail -3 "$W/$name-nccl.log"
         fails=$((fails + 1)); return; }

@@ -59,6 +59,9 @@ def json_lines(text):
 def bench_invalid(r):
     """Why a bench_step record is not a training step's timing, or None: timed steps that diverged (a non-finite
     gradient norm applies nothing), or Shampoo without a refresh (no root computed)."""
+    for k in ("ms_per_step", "img_per_s", "mean_ms"):
+        if k in r and not isinstance(r[k], (int, float)):
+            return "no finite %s" % k
     if r.get("diverged_steps"):
         return "%d timed steps diverged (nothing applied): not a training step" % r["diverged_steps"]
     if r.get("opt") == "shampoo" and r.get("refreshes") == 0:
@@ -229,7 +232,8 @@ def main():
         lines = log.splitlines()
         n_ok = sum(1 for l in lines if l.startswith("ok - "))
         bad = [l for l in lines if l.startswith("not ok - ")]
-        res = "skipped" if rc == "skip" else ("ok" if rc == "0" and n_ok == 8 and not bad else "FAIL")
+        res = ("skipped" if rc == "skip" else "ok" if rc == "0" and n_ok == 8 and not bad else
+               "TIMEOUT" if rc in ("124", "137") and not bad else "FAIL")
         summary.append(("nccl np=1 (SD_NCCL_FORCE=1)", res, "%d ok, %d not ok, %s s" % (n_ok, len(bad), secs)))
         md += ["## 3b. The NCCL path at np = 1 (tests/gpu/nccl_np1.sh)", "", "```"] + lines[-20:] + ["```", ""]
 
@@ -264,7 +268,7 @@ def main():
             why = bench_invalid(r)
             if why:  # shown, but no speed number taken from it
                 rows.append(("simplest-dist", "%s %s" % (r.get("device", "?"), r.get("attn", "?")), r["arch"], None,
-                             None, None, "INVALID: %s (median %.1f ms)" % (why, r["ms_per_step"])))
+                             None, None, "INVALID: %s (median %s ms)" % (why, r.get("ms_per_step"))))
                 continue
             rows.append(("simplest-dist", "%s %s" % (r.get("device", "?"), r.get("attn", "?")), r["arch"], r["ms_per_step"], r["img_per_s"],
                          flops.mfu(r["img_per_s"], fl), note))
@@ -317,7 +321,7 @@ def main():
         rc, secs, log = stage_info(w, name)
         recs = [r for r in json_lines(log) if "mean_ms" in r]
         if recs and bench_invalid(recs[-1]):
-            sh_failed[name] = "INVALID: %s (rc %s, mean %.2f ms)" % (bench_invalid(recs[-1]), rc, recs[-1]["mean_ms"])
+            sh_failed[name] = "INVALID: %s (rc %s, mean %s ms)" % (bench_invalid(recs[-1]), rc, recs[-1].get("mean_ms"))
         elif recs:
             sh[name] = recs[-1]
         else:  # a run that failed or was skipped: its rc and last line, in the table and the summary

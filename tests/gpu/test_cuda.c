@@ -731,6 +731,7 @@ static void group_attention(int fused) {
             for (int v = 0; v < 4; v++) test_attention(fused, 2, Ns[i], 3, dhs[j], v & 1, v >> 1);
     test_attention(fused, 3, 256, 2, 64, 1, 1);  // the upper bound on N
     test_attention(fused, 2, 16, 4, 32, 1, 1);   // Fashion-MNIST at patch 7
+    test_attention(fused, 2, 64, 4, 16, 1, 1);   // dh 16: the fused choice runs the unfused kernels (and buffers)
     g_fused = 0;
 #ifdef USE_CUDA
     if (!g_cpu_mode) backend_cuda_set_attention(S[DUT].be, was_fused);
