@@ -1136,40 +1136,46 @@ static void plant_faults(Backend *be) {
 
 // In --cpu modes the backend under test keeps the CUDA backend's rules for its one registered param buffer, of
 // which it holds a bf16 shadow, rules the CPU backend alone would not notice being broken: params_changed on
-// another buffer is a bug; a matmul weight or bias must lie in the registered buffer; and a matmul between
-// set_params and the first params_changed would read a shadow not yet written.
+// another buffer is a bug; a matmul weight or bias must lie in the registered buffer; a matmul between set_params
+// and the first params_changed would read a shadow not yet written; and the matmuls read the weights as of the last
+// params_changed (here a fp32 copy taken then), so an update without params_changed leaves them stale, as on a GPU.
 static Backend g_cpu_orig;  // the CPU backend's own functions
 static const float *g_reg_params;
+static float *g_shadow;  // the registered params at the last params_changed
 static size_t g_reg_n;
 static int g_reg_fresh;  // params_changed since set_params
 static void rule_set_params(Backend *be, float *params, size_t n) {
     g_reg_params = params;
     g_reg_n = n;
     g_reg_fresh = 0;
+    free(g_shadow);
+    g_shadow = xmalloc((n ? n : 1) * sizeof(float), "emulated weight shadow");
     g_cpu_orig.set_params(be, params, n);
 }
 static void rule_params_changed(Backend *be, float *params, size_t n) {
     CHECK(params == g_reg_params && n == g_reg_n, "params_changed on a buffer that was not registered (the CUDA "
                                                   "backend's rule, kept by the backend under test in --cpu mode)");
     g_reg_fresh = 1;
+    memcpy(g_shadow, params, n * sizeof(float));
     g_cpu_orig.params_changed(be, params, n);
 }
-static void rule_shadow(const float *w, const char *op) {
+// The shadow's copy of w (which must lie in the registered params, refreshed since set_params).
+static const float *rule_shadow(const float *w, const char *op) {
     CHECK(w >= g_reg_params && w < g_reg_params + g_reg_n, "%s: a weight outside the registered params (the CUDA "
                                                            "backend's rule, kept in --cpu mode)", op);
     CHECK(g_reg_fresh, "%s between set_params and params_changed: the CUDA backend's bf16 shadow is not written yet",
           op);
+    return g_shadow + (w - g_reg_params);
 }
 static void rule_matmul_fwd(Backend *be, void *out, const void *inp, const float *W, const float *bias, int R, int Din,
                             int Dout) {
-    rule_shadow(W, "matmul_fwd");
-    if (bias) rule_shadow(bias, "matmul_fwd (bias)");
-    g_cpu_orig.matmul_fwd(be, out, inp, W, bias, R, Din, Dout);
+    const float *Ws = rule_shadow(W, "matmul_fwd"), *bs = bias ? rule_shadow(bias, "matmul_fwd (bias)") : NULL;
+    g_cpu_orig.matmul_fwd(be, out, inp, Ws, bs, R, Din, Dout);
 }
 static void rule_matmul_bwd(Backend *be, void *dinp, float *dW, float *dbias, const void *dout, const void *inp,
                             const float *W, int R, int Din, int Dout) {
-    if (dinp) rule_shadow(W, "matmul_bwd");  // the input gradient reads the shadow; dW alone does not
-    g_cpu_orig.matmul_bwd(be, dinp, dW, dbias, dout, inp, W, R, Din, Dout);
+    // the input gradient reads the shadow; dW alone does not
+    g_cpu_orig.matmul_bwd(be, dinp, dW, dbias, dout, inp, dinp ? rule_shadow(W, "matmul_bwd") : W, R, Din, Dout);
 }
 static void keep_cuda_param_rule(Backend *be) {
     g_cpu_orig = *be;
