@@ -23,12 +23,16 @@
 //   images_from_u8 (uint8 batches -> normalized fp32) . 0      (the same IEEE operations as the CPU)
 //   per-sample losses of the fused cross-entropy ...... 1e-4   (fp32 math on the same bf16 logits)
 //   LayerNorm mean / rstd (fp32) ...................... 1e-4
-//   fp32 optimizer ops (adam, scale, axpy, ema, moments, adam_dir, sumsq) ... 1e-6; Adam's update w1 - w0: 1e-4
+//   fp32 optimizer ops (adam, scale, axpy, ema, moments, adam_dir) ... 1e-6; Adam's update w1 - w0: 1e-4
+//   sumsq (fp64 accumulation of exact fp64 squares: only the summation order differs) ... 1e-12
 //   fp32 gemm (Shampoo) ............................... 1e-5   (fails if cuBLAS runs it in TF32)
 //   copy2d ............................................ 0      (a copy)
 //   Shampoo inverse root against LAPACK ............... 1e-6 fp64 / 1e-3 fp32; status codes equal; X exactly
-//                                                        symmetric; the side stream's X bit-identical
-//   gather_blocks ..................................... 0 (a copy); gemm_batched 1e-5 (as gemm)
+//                                                        symmetric; the side stream's X bit-identical (factors
+//                                                        whose strict upper triangle is not the lower's mirror:
+//                                                        only the lower may be read; some with lambda_min < 0)
+//   gather_blocks ..................................... 0 (a copy); gemm_batched 1e-5 (as gemm; also the factor
+//                                                        updates' NT / TN with alpha 1 - beta2, beta beta2)
 //   graft_update_blocks (the update W1 - W0) .......... 1e-6
 //   Shampoo trajectory, cumulative update per tensor .. 1e-5 (spec P19); a second GPU run bit-identical
 //   dropout mask ...................................... bit-identical: the same elements are zero
@@ -40,6 +44,7 @@
 //
 // Exit code: 0 all passed; 1 a check outside the fused attention failed; 2 only fused-attention checks failed
 // (reported as such: the backend can run the unfused attention instead).
+#include <lapacke.h>
 #include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -855,12 +860,13 @@ static void test_optim(void) {
         }
     }
     // sumsq, scale, axpy, ema_update, moments, adam_dir
-    double ss[2];
+    double ss[2], ss_short[2];
     float *o_scale[2], *o_axpy[2], *o_ema[2], *o_m[2], *o_v[2], *o_dir[2];
     for (int s = 0; s < 2; s++) {
         Backend *be = S[s].be;
         float *dg = f32_new(s, g, n), *dw = f32_new(s, w, n), *dm = f32_new(s, m, n), *dv = f32_new(s, v, n);
         ss[s] = be->sumsq(be, dg, n);
+        ss_short[s] = be->sumsq(be, dg, 1027);  // 1027 = 4 * 256 + 3: a tail for every vector width
         float *x = f32_new(s, g, n);
         be->scale(be, x, n, 0.37f);
         f32_get(s, o_scale[s] = hbuf(n), x, n);
@@ -883,7 +889,10 @@ static void test_optim(void) {
         dfree(s, x);
         dfree(s, out);
     }
-    check_scalar("sumsq n100003 (fp64 result)", ss[DUT], ss[REF], TOL_F32);
+    // fp64 accumulation (backend.h) of squares that are exact in fp64: a correct GPU differs in the order of the
+    // additions only (~1e-16); partials kept in fp32 are ~1e-9 off
+    check_scalar("sumsq n100003 (fp64 result)", ss[DUT], ss[REF], 1e-12);
+    check_scalar("sumsq n1027 (a tail of 3 after float4 / float8 loads)", ss_short[DUT], ss_short[REF], 1e-12);
     check("scale", o_scale[DUT], o_scale[REF], n, TOL_F32);
     check("axpy", o_axpy[DUT], o_axpy[REF], n, TOL_F32);
     check("ema_update decay 0.99", o_ema[DUT], o_ema[REF], n, TOL_F32);
@@ -1388,16 +1397,30 @@ static int dut_root(const float *F, int n, double bc, int r, double eps, int fp6
     return rc;
 }
 
-static void test_root(int n, int k, int order, int fp64) {
+// neg: the factor's diagonal lowered so that the bias-corrected factor's smallest eigenvalue is about -eps / 2,
+// where the shift rule (shift = min(lambda_min, 0)) decides the root. Every factor's strict upper triangle is its
+// lower one's mirror times 1.5: the backend reads the lower triangle only (backend.h), as LAPACK ('L') does here.
+static void test_root_c(int n, int k, int order, int fp64, int neg) {
     double eps = 1e-6, bc = 1.0 - pow(0.999, 40.0);
     int r = 2 * order;
     size_t nn = (size_t)n * n;
     float *F = shampoo_factor(n, k, eps, 17 + (uint64_t)n), *Xr = hbuf(nn), *Xd = hbuf(nn), *Xs = hbuf(nn);
+    if (neg) {
+        double *A = xmalloc(nn * sizeof(double), "eigenvalue matrix"), *w = xmalloc((size_t)n * sizeof(double), "ev");
+        for (size_t i = 0; i < nn; i++) A[i] = (double)F[i] / bc;
+        CHECK(LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'N', 'L', n, A, n, w) == 0, "dsyevd");
+        for (int i = 0; i < n; i++) F[(size_t)i * n + i] -= (float)(bc * (w[0] + 0.5 * eps));
+        free(A);
+        free(w);
+    }
+    for (int i = 0; i < n; i++)
+        for (int j = i + 1; j < n; j++) F[(size_t)i * n + j] *= 1.5f;
     int rc_ref = shampoo_inverse_root(F, n, bc, r, eps, fp64, Xr);
     // side contexts 1 and 2: those of the root threads (context 0, on the compute stream, serves direct callers)
     int rc = dut_root(F, n, bc, r, eps, fp64, Xd, 1, NULL), rc_side = dut_root(F, n, bc, r, eps, fp64, Xs, 2, NULL);
     char name[200];
-    snprintf(name, sizeof name, "inverse_root n%d (%d samples) -1/%d %s: status", n, k, r, fp64 ? "fp64" : "fp32");
+    const char *tag = neg ? ", lambda_min < 0" : "";
+    snprintf(name, sizeof name, "inverse_root n%d (%d samples%s) -1/%d %s: status", n, k, tag, r, fp64 ? "fp64" : "fp32");
     report(rc == 0 && rc_side == 0 && rc_ref == 0, name, "side stream 1: %d, side stream 2: %d, LAPACK %d", rc, rc_side, rc_ref);
     // fp64: the eigendecompositions agree to ~1e-12; what is left is the fp32 rounding of X. fp32: both solvers err
     // by ~1e-7 lambda_max in the eigenvectors, which the power -1/r amplifies (spec §2.4); 1e-3 is the spec's fp32
@@ -1411,7 +1434,7 @@ static void test_root(int n, int k, int order, int fp64) {
         report(d.nonfinite == 0, name, "%zu non-finite; rel=%.2e, max_abs=%.2e against LAPACK's ssyevd", d.nonfinite,
                d.rel, d.max_abs);
     } else {
-        snprintf(name, sizeof name, "inverse_root n%d (%d samples) -1/%d %s: X against LAPACK", n, k, r,
+        snprintf(name, sizeof name, "inverse_root n%d (%d samples%s) -1/%d %s: X against LAPACK", n, k, tag, r,
                  fp64 ? "fp64" : "fp32");
         check(name, Xd, Xr, nn, fp64 ? 1e-6 : 1e-3);
     }
@@ -1425,6 +1448,7 @@ static void test_root(int n, int k, int order, int fp64) {
     free(Xd);
     free(Xs);
 }
+static void test_root(int n, int k, int order, int fp64) { test_root_c(n, k, order, fp64, 0); }
 
 static void test_root_nonfinite(void) {
     int n = 40;
@@ -1435,6 +1459,10 @@ static void test_root_nonfinite(void) {
     F[7 * n + 3] = INFINITY;
     rc = dut_root(F, n, 1.0, 4, 1e-6, 1, X, 0, NULL);
     report(rc == 2, "inverse_root of a factor with an Inf: status 2", "status %d", rc);
+    F[7 * n + 3] = F[3 * n + 7];
+    F[3 * n + 7] = NAN;  // in the triangle the decomposition does not read: F is still not finite
+    rc = dut_root(F, n, 1.0, 4, 1e-6, 1, X, 0, NULL);
+    report(rc == 2, "inverse_root of a factor with a NaN in its upper triangle: status 2", "status %d", rc);
     free(F);
     free(X);
 }
@@ -1542,7 +1570,12 @@ static void test_blocks(int nb, int rows, int cols, int with_ps) {
     nw += 5;
     float *W = rnd(nw, 0.05, 0.0, 0), *Pg = rnd(area * nb, 1.0, 0.0, 0), *Ps = rnd(area * nb, 3.0, 0.0, 0);
     float *X = rnd((size_t)rows * rows * nb, 0.3, 0.0, 0);
-    float *o[2], *gat[2], *mm[2];
+    float *o[2], *gat[2], *mm[2], *fu[2][2];
+    // the factor updates' outputs: rows x rows (G G^T) and cols x cols (G^T G), each with 3 columns of padding,
+    // pre-filled at about the size of what the update adds (1e-3 x 0.05^2 sqrt(K)), so that both terms count
+    int ldl = rows + 3, ldr = cols + 3;
+    size_t nl = (size_t)rows * ldl * nb, nr = (size_t)cols * ldr * nb;
+    float *L0 = rnd(nl, 2.5e-6 * sqrt(cols), 0.0, 0), *R0 = rnd(nr, 2.5e-6 * sqrt(rows), 0.0, 0);
     for (int s = 0; s < 2; s++) {
         Backend *be = S[s].be;
         float *dW = f32_new(s, W, nw), *dPg = f32_new(s, Pg, area * nb), *dPs = f32_new(s, Ps, area * nb);
@@ -1567,6 +1600,23 @@ static void test_blocks(int nb, int rows, int cols, int with_ps) {
         be->gemm_batched(be, 0, 0, rows, cols, rows, 1.0f, dp, rows, dp + nb, cols, 0.0f, (float *const *)(dp + 2 * nb),
                          cols, nb);
         f32_get(s, mm[s] = hbuf(area * nb), dC, area * nb);
+        // F_b = (1 - beta2) G_b G_b^T + beta2 F_b (NT) and (1 - beta2) G_b^T G_b + beta2 F_b (TN), as Shampoo's
+        // statistics (the same G as A and B), into padded outputs
+        float *dL = f32_new(s, L0, nl), *dR = f32_new(s, R0, nr);
+        for (int b = 0; b < nb; b++) {
+            pa[b] = dG + b * area;
+            pa[nb + b] = dL + (size_t)b * rows * ldl;
+            pa[2 * nb + b] = dR + (size_t)b * cols * ldr;
+        }
+        be->upload(be, dptr, pa, (size_t)3 * nb * sizeof(float *));
+        be->gemm_batched(be, 0, 1, rows, rows, cols, 0.001f, dp, cols, dp, cols, 0.999f, (float *const *)(dp + nb),
+                         ldl, nb);
+        be->gemm_batched(be, 1, 0, cols, cols, rows, 0.001f, dp, cols, dp, cols, 0.999f,
+                         (float *const *)(dp + 2 * nb), ldr, nb);
+        f32_get(s, fu[s][0] = hbuf(nl), dL, nl);
+        f32_get(s, fu[s][1] = hbuf(nr), dR, nr);
+        dfree(s, dL);
+        dfree(s, dR);
         be->graft_update_blocks(be, dW, doffs, dlds, dPg, with_ps ? dPs : NULL, nb, rows, cols, 3e-3);
         f32_get(s, o[s] = hbuf(nw), dW, nw);
         free(pa);
@@ -1591,6 +1641,18 @@ static void test_blocks(int nb, int rows, int cols, int with_ps) {
     snprintf(name, sizeof name, "gemm_batched %d x (%dx%d) @ (%dx%d) fp32 through pointer arrays", nb, rows, rows, rows,
              cols);
     check(name, mm[DUT], mm[REF], area * nb, TOL_GEMM);
+    snprintf(name, sizeof name, "gemm_batched %d x NT (%dx%d) G G^T, alpha 1e-3, beta 0.999, ldc %d (padding "
+             "untouched)", nb, rows, cols, ldl);
+    check(name, fu[DUT][0], fu[REF][0], nl, TOL_GEMM);
+    snprintf(name, sizeof name, "gemm_batched %d x TN (%dx%d) G^T G, alpha 1e-3, beta 0.999, ldc %d (padding "
+             "untouched)", nb, rows, cols, ldr);
+    check(name, fu[DUT][1], fu[REF][1], nr, TOL_GEMM);
+    for (int s = 0; s < 2; s++) {
+        free(fu[s][0]);
+        free(fu[s][1]);
+    }
+    free(L0);
+    free(R0);
     snprintf(name, sizeof name, "graft_update_blocks %d x (%dx%d) %s: the update (padding untouched)", nb, rows, cols,
              with_ps ? "grafted Shampoo step" : "graft step");
     check(name, d1, d0, nw, 1e-6);
@@ -1772,6 +1834,8 @@ static void group_shampoo(void) {
         test_root(384, 500, 2, fp64);
         test_root(577, 700, 2, fp64);  // odd size
     }
+    test_root_c(64, 200, 2, 1, 1);  // lambda_min < 0: the shift rule (fp64 only: an fp32 solve cannot place
+    test_root_c(96, 40, 1, 1, 1);   // eigenvalues to eps / 2 of 0 at |A| ~ 1)
     test_root_nonfinite();
     SECTION_DONE("roots against LAPACK");
     test_blocks(5, 96, 64, 1);
