@@ -135,21 +135,42 @@ void watchdog_stop(Watchdog *w) {
     free(w);
 }
 
+// Writes src into dst (capacity n) as one line: control characters (a newline in a JSON string value, a file name,
+// an override) become C escapes (\n, \r, \t, \xNN), so a reason quoting the user's bytes stays one line.
+static void one_line(char *dst, size_t n, const char *src) {
+    if (n == 0) return;
+    size_t k = 0;
+    for (const unsigned char *p = (const unsigned char *)src; *p && k + 1 < n; p++) {
+        char esc[5];
+        int len = 1;
+        if (*p == '\n' || *p == '\r' || *p == '\t') {
+            esc[0] = '\\', esc[1] = *p == '\n' ? 'n' : *p == '\r' ? 'r' : 't', len = 2;
+        } else if (*p < 0x20 || *p == 0x7f) {
+            snprintf(esc, sizeof esc, "\\x%02x", *p);
+            len = 4;
+        } else {
+            esc[0] = (char)*p;
+        }
+        if (k + (size_t)len >= n) break;  // no half escape at the end
+        memcpy(dst + k, esc, (size_t)len);
+        k += (size_t)len;
+    }
+    dst[k] = 0;
+}
+
 void die_user(const char *fmt, ...) {
+    char raw[2048], line[2048];
     va_list ap;
     va_start(ap, fmt);
+    vsnprintf(raw, sizeof raw, fmt, ap);
+    va_end(ap);
+    one_line(line, sizeof line, raw);
     // User errors on the main thread are (nearly always) the same on every rank: rank 0 says it once. One on
     // another thread is this rank's own (its data shard, say): it says so itself.
-    if (!on_main_thread() && g_world > 1) {
-        fprintf(stderr, "simplest-dist: error (rank %d): ", g_rank);
-        vfprintf(stderr, fmt, ap);
-        fputc('\n', stderr);
-    } else if (mpi_rank() == 0) {
-        fprintf(stderr, "simplest-dist: error: ");
-        vfprintf(stderr, fmt, ap);
-        fputc('\n', stderr);
-    }
-    va_end(ap);
+    if (!on_main_thread() && g_world > 1)
+        fprintf(stderr, "simplest-dist: error (rank %d): %s\n", g_rank, line);
+    else if (mpi_rank() == 0)
+        fprintf(stderr, "simplest-dist: error: %s\n", line);
     fflush(stderr);
     // Off the main thread, no exit handlers either: they would tear down CUDA and MPI under the main thread's feet
     // (it may be inside either); the process's end is what stops the job (see abort_all_ranks).
@@ -181,10 +202,12 @@ char *xstrdup(const char *s) {
 }
 
 int set_err(char *err, size_t n, const char *fmt, ...) {
+    char raw[2048];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(err, n, fmt, ap);
+    vsnprintf(raw, sizeof raw, fmt, ap);
     va_end(ap);
+    one_line(err, n, raw);
     return -1;
 }
 

@@ -12,8 +12,9 @@ void die_at(const char *file, int line, const char *fmt, ...) __attribute__((nor
 #define DIE(...) die_at(__FILE__, __LINE__, __VA_ARGS__)
 #define CHECK(cond, ...) do { if (!(cond)) die_at(__FILE__, __LINE__, __VA_ARGS__); } while (0)
 
-// One clear line on stderr and exit code 2 (a user error: config, data, checkpoint). Under MPI with several
-// ranks, both DIE and die_user take every rank down with MPI_Abort (from the main thread; see util_note_rank).
+// One clear line on stderr (control characters escaped) and exit code 2 (a user error: config, data, checkpoint).
+// Under MPI with several ranks, both DIE and die_user take every rank down with MPI_Abort (from the main thread; see
+// util_note_rank).
 void die_user(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 // comm_init's note of this process's rank and of the main thread (the only one that may call MPI): a DIE or
 // die_user on another thread then names the rank and exits without calling MPI.
@@ -25,7 +26,8 @@ void *xcalloc_at(size_t n, const char *what, const char *file, int line);
 #define xcalloc(n, what) xcalloc_at((n), (what), __FILE__, __LINE__)
 char *xstrdup(const char *s);
 
-// Formats a one-line reason into err and returns -1 (the convention of every *_err / validating reader).
+// Formats a one-line reason into err and returns -1 (the convention of every *_err / validating reader). Control
+// characters in it (from quoted user bytes) are escaped, as in die_user: the reason is always one line.
 int set_err(char *err, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
 double now_sec(void);  // monotonic clock, seconds

@@ -89,5 +89,17 @@ int main(int argc, char **argv) {
                buf);
         printf("    %s", buf);
     }
+    TEST_CASE("set_err is one line whatever it quotes: control characters escaped, no half escape when cut") {
+        char err[64];
+        EXPECT(set_err(err, sizeof err, "key 'x': \"%s\" is bad", "s\nimple\r\tv\x01\x7f") == -1, "returns -1");
+        EXPECT(!strcmp(err, "key 'x': \"s\\nimple\\r\\tv\\x01\\x7f\" is bad"), "got '%s'", err);
+        char small[12];
+        set_err(small, sizeof small, "abcdefgh\n\n\n");  // "abcdefgh\n" fits (10 + NUL), the next escape does not
+        EXPECT(!strcmp(small, "abcdefgh\\n"), "got '%s'", small);
+        set_err(small, sizeof small, "abcdefghi\x02");  // 9 + 4 bytes do not fit in 11: the escape is dropped whole
+        EXPECT(!strcmp(small, "abcdefghi"), "got '%s'", small);
+        set_err(small, sizeof small, "%s", "caf\xc3\xa9 ok");  // UTF-8 passes through
+        EXPECT(!strcmp(small, "caf\xc3\xa9 ok"), "got '%s'", small);
+    }
     return tl_finish();
 }
