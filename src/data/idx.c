@@ -26,6 +26,27 @@ static int gz_read_exact(gzFile f, void *buf, size_t n) {
     return 0;
 }
 
+// Reads exactly n bytes into a new buffer that grows with the data that arrives (64 MiB at first, then doubling),
+// so that a corrupt header claiming gigabytes costs no more memory than the file holds. NULL if the data ends early.
+static uint8_t *gz_read_alloc(gzFile f, size_t n, const char *what) {
+    size_t cap = n < ((size_t)64 << 20) ? n : ((size_t)64 << 20), got = 0;
+    uint8_t *buf = xmalloc(cap ? cap : 1, what);
+    while (got < n) {
+        if (got == cap) {
+            cap = cap > n / 2 ? n : 2 * cap;
+            uint8_t *b = realloc(buf, cap);
+            if (!b) DIE("out of memory growing %s to %zu bytes", what, cap);
+            buf = b;
+        }
+        if (gz_read_exact(f, buf + got, cap - got) != 0) {
+            free(buf);
+            return NULL;
+        }
+        got = cap;
+    }
+    return buf;
+}
+
 // Opens an IDX file, checks its magic and reads the dims. Returns the open file or NULL with err set.
 static gzFile open_idx(const char *path, uint32_t magic, int ndims, uint32_t *dims, char *err, size_t n) {
     gzFile f = gzopen(path, "rb");
@@ -88,15 +109,15 @@ int dataset_load_idx(Dataset *ds, const char *images_path, const char *labels_pa
     ds->width = (int)idims[2];
     ds->channels = 1;
     size_t npix = (size_t)ds->n * ds->height * ds->width;
-    ds->pixels = xmalloc(npix, "IDX pixels");
-    uint8_t *lab = xmalloc((size_t)ds->n, "IDX labels");
-    if (gz_read_exact(fi, ds->pixels, npix) != 0 || has_trailing(fi)) {
+    uint8_t *lab = NULL;
+    ds->pixels = gz_read_alloc(fi, npix, "IDX pixels");
+    if (!ds->pixels || has_trailing(fi)) {
         set_err(err, n, "dataset file '%s': truncated, corrupt, or not the length its header gives (%u images of %ux%u)", images_path,
              idims[0], idims[1], idims[2]);
-        free(lab);
         goto out;
     }
-    if (gz_read_exact(fl, lab, (size_t)ds->n) != 0 || has_trailing(fl)) {
+    lab = gz_read_alloc(fl, (size_t)ds->n, "IDX labels");
+    if (!lab || has_trailing(fl)) {
         set_err(err, n, "dataset file '%s': truncated, corrupt, or not the length its header gives (%u labels)", labels_path, ldims[0]);
         free(lab);
         goto out;

@@ -8,6 +8,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 #include <zlib.h>
 #ifdef _OPENMP
@@ -194,6 +196,31 @@ static void test_idx(void) {
         EXPECT_LOAD_ERR(ip, lp, ip, NULL);
         truncate_file(ip, 0);  // empty file
         EXPECT_LOAD_ERR(ip, lp, ip, NULL);
+    }
+    TEST_CASE("idx: a 100-byte file whose header claims 2^20 images of 256x256 (64 GiB) is a truncation naming it, "
+              "read without allocating the claim (address space limited to 2 GiB)") {
+        uint32_t big[3] = {1u << 20, 256, 256}, nl[1] = {1u << 20};
+        unsigned char payload[100] = {0};
+        path_in(ip, sizeof ip, "huge-img");
+        path_in(lp, sizeof lp, "huge-lab");
+        for (int gz = 0; gz < 2; gz++) {
+            write_idx(ip, gz, 0x00000803, big, 3, payload, sizeof payload);
+            write_idx(lp, 0, 0x00000801, nl, 1, payload, 10);
+            fflush(NULL);
+            pid_t pid = fork();
+            if (pid == 0) {
+                struct rlimit rl = {(rlim_t)2 << 30, (rlim_t)2 << 30};
+                setrlimit(RLIMIT_AS, &rl);  // an allocation of the claim fails here: DIE, exit 1
+                Dataset d;
+                char e[2048] = "";
+                int rc = dataset_load_idx(&d, ip, lp, e, sizeof e);
+                _exit(rc == -1 && one_line(e) && strstr(e, ip) && strstr(e, "truncated") ? 0 : 3);
+            }
+            int status = 0;
+            waitpid(pid, &status, 0);
+            EXPECT(WIFEXITED(status) && WEXITSTATUS(status) == 0, "%s: child status %d (a DIE, status 6 or exit 1: the claim was "
+                   "allocated; exit 3: the wrong error)", gz ? "gzip" : "plain", status);
+        }
     }
     TEST_CASE("idx: truncated gzip stream names the file") {
         write_pair(&fx, "truncgz-img.gz", 1, "truncgz-lab.gz", 1, ip, lp, sizeof ip);
