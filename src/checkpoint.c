@@ -88,6 +88,10 @@ int weights_load(Model *m, const char *path, char *err, size_t n) {
             set_err(err, n, "%s: unexpected tensor '%s' for this model config", path, st->name);
             goto out;
         }
+        if (seen[i]) {  // "x" and "_orig_mod.x" in one file
+            set_err(err, n, "%s: tensor '%s' is given twice", path, name);
+            goto out;
+        }
         const TensorInfo *t = &m->tensors[i];
         int same = strcmp(st->dtype, "F32") == 0 && st->ndim == t->ndim;
         for (int d = 0; same && d < t->ndim; d++) same = st->shape[d] == t->shape[d];
@@ -101,7 +105,14 @@ int weights_load(Model *m, const char *path, char *err, size_t n) {
             set_err(err, n, "%s: tensor '%s' is %s [%s], the model needs F32 [%s]", path, name, st->dtype, got, want);
             goto out;
         }
-        memcpy((t->trainable ? params : buffers) + t->offset, st_data(&f, st), t->numel * sizeof(float));
+        float *dst = (t->trainable ? params : buffers) + t->offset;
+        memcpy(dst, st_data(&f, st), t->numel * sizeof(float));
+        for (size_t j = 0; j < t->numel; j++)
+            if (!isfinite(dst[j])) {  // a diverged run's weights: nothing can be trained or evaluated from them
+                set_err(err, n, "%s: tensor '%s' holds %g at element %zu (weights must be finite)", path, name,
+                        (double)dst[j], j);
+                goto out;
+            }
         seen[i] = 1;
     }
     for (int i = 0; i < m->ntensors; i++)

@@ -10,7 +10,8 @@
 // config_json is the full effective config. Returns 0, or -1 with errno.
 int weights_save(const Model *m, const char *path, const float *host_params, const char *config_json, int64_t step,
                  int ema);
-// Loads a weights file into the model: rejects missing, extra or mis-shaped tensors, a layer-0 B whose form does
-// not match the configured mode, and (seed_compat) a SimpleViT to_out that is not the identity. Strips the
+// Loads a weights file into the model: rejects missing, extra, repeated or mis-shaped tensors, a non-finite value,
+// a layer-0 B whose form does not match the configured mode, and (seed_compat) a SimpleViT to_out that is not the
+// identity. Strips the
 // "_orig_mod." prefix of compiled reference checkpoints. Returns 0, or -1 with a one-line reason in err.
 int weights_load(Model *m, const char *path, char *err, size_t errlen);

@@ -43,7 +43,8 @@ static int parse_entry(const cJSON *item, size_t data_len, StTensor *t, const ch
     t->numel = 1;
     for (int i = 0; i < t->ndim; i++) {
         const cJSON *d = cJSON_GetArrayItem(sh, i);
-        if (!cJSON_IsNumber(d) || d->valuedouble < 0 || d->valuedouble > 1e12)
+        if (!cJSON_IsNumber(d) || d->valuedouble < 0 || d->valuedouble > 1e12 ||
+            d->valuedouble != (double)(int64_t)d->valuedouble)
             return set_err(err, n, "%s: tensor '%s' has a bad shape", path, t->name);
         t->shape[i] = (int64_t)d->valuedouble;
         if (t->shape[i] > 0 && t->numel > (SIZE_MAX / 8) / (size_t)t->shape[i])
@@ -52,7 +53,8 @@ static int parse_entry(const cJSON *item, size_t data_len, StTensor *t, const ch
     }
     const cJSON *b = cJSON_GetArrayItem(off, 0), *e = cJSON_GetArrayItem(off, 1);
     if (!cJSON_IsNumber(b) || !cJSON_IsNumber(e) || b->valuedouble < 0 || e->valuedouble < b->valuedouble ||
-        e->valuedouble > (double)data_len)
+        e->valuedouble > (double)data_len || b->valuedouble != (double)(int64_t)b->valuedouble ||
+        e->valuedouble != (double)(int64_t)e->valuedouble)
         return set_err(err, n, "%s: tensor '%s' has data offsets outside the file (truncated?)", path, t->name);
     t->begin = (size_t)b->valuedouble;
     t->end = (size_t)e->valuedouble;
@@ -61,6 +63,8 @@ static int parse_entry(const cJSON *item, size_t data_len, StTensor *t, const ch
                     t->numel, t->dtype);
     return 0;
 }
+
+static int cmp_name(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
 
 int st_open(const char *path, StFile *f, char *err, size_t n) {
     memset(f, 0, sizeof *f);
@@ -86,11 +90,31 @@ int st_open(const char *path, StFile *f, char *err, size_t n) {
         return set_err(err, n, "%s: safetensors header is not a JSON object", path);
     }
     int count = cJSON_GetArraySize(root);
+    // A name given twice (cJSON keeps both): which one a reader would take is undefined, so the file is refused.
+    const char **names = xmalloc((size_t)(count ? count : 1) * sizeof(char *), "safetensors names");
+    int k = 0;
+    const cJSON *item_n;
+    cJSON_ArrayForEach(item_n, root) names[k++] = item_n->string;
+    qsort(names, (size_t)count, sizeof(char *), cmp_name);
+    for (int i = 1; i < count; i++)
+        if (!strcmp(names[i - 1], names[i])) {
+            set_err(err, n, "%s: safetensors header names '%s' twice", path, names[i]);
+            free(names);
+            cJSON_Delete(root);
+            st_close(f);
+            return -1;
+        }
+    free(names);
     f->tensors = xcalloc((size_t)(count ? count : 1) * sizeof(StTensor), "safetensors index");
     size_t data_len = f->len - f->data_start;
     const cJSON *item;
     cJSON_ArrayForEach(item, root) {
         if (!strcmp(item->string, "__metadata__")) {
+            if (!cJSON_IsObject(item)) {
+                cJSON_Delete(root);
+                st_close(f);
+                return set_err(err, n, "%s: safetensors __metadata__ is not a JSON object", path);
+            }
             f->metadata = cJSON_Duplicate(item, 1);
             continue;
         }

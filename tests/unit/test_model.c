@@ -958,6 +958,42 @@ static void test_weights_file(void) {
         rewrite(goodv, bad, &e4);
         expect_reject(mv, bad, "non-identity to_out (compat)", "to_out");
         free(not_eye);
+        // A diverged run's weights: one NaN, one Inf.
+        size_t hw = (size_t)dc.num_classes * dc.dim;
+        float *nonfinite = malloc(hw * sizeof(float));
+        for (int k = 0; k < 2; k++) {
+            for (size_t i = 0; i < hw; i++) nonfinite[i] = 0.01f * (float)i;
+            nonfinite[hw / 2] = k ? INFINITY : NAN;
+            Edit e5 = {.modify = "linear_head.weight", .modify_data = nonfinite};
+            rewrite(good, bad, &e5);
+            expect_reject(md, bad, k ? "an Inf weight" : "a NaN weight", "linear_head.weight");
+        }
+        free(nonfinite);
+        // The same tensor twice, bare and with the compiled prefix; and twice by the same name (the header's JSON
+        // holds both, so which one counts would be undefined).
+        {
+            StFile a;
+            char err[1024];
+            EXPECT(st_open(good, &a, err, sizeof err) == 0, "%s", err);
+            const void *bias = st_data(&a, st_find(&a, "linear_head.bias"));
+            StEntry ents[2] = {{"linear_head.bias", "F32", 1, {dc.num_classes}, bias},
+                               {"_orig_mod.linear_head.bias", "F32", 1, {dc.num_classes}, bias}};
+            EXPECT(st_write(bad, ents, 2, NULL, NULL, 0) == 0, "write");
+            expect_reject(md, bad, "a tensor bare and prefixed", "given twice");
+            st_close(&a);
+        }
+        const char dup[] = "{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
+                           "\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
+        const char frac[] = "{\"w\":{\"dtype\":\"F32\",\"shape\":[1.5],\"data_offsets\":[0,4]}}  ";
+        const char *raw[2] = {dup, frac};
+        for (int k = 0; k < 2; k++) {
+            size_t hl = strlen(raw[k]);
+            unsigned char buf[256] = {0};
+            for (int b = 0; b < 8; b++) buf[b] = (unsigned char)(hl >> (8 * b));
+            memcpy(buf + 8, raw[k], hl);
+            write_bytes(bad, buf, 8 + hl + 4);
+            expect_reject(md, bad, k ? "a fractional shape" : "a name twice in the header", k ? "shape" : "twice");
+        }
         // Truncated, empty, random.
         FILE *f = fopen(good, "rb");
         fseek(f, 0, SEEK_END);
