@@ -1257,15 +1257,51 @@ int shampoo_save(Shampoo *s, const char *path) {
 }
 
 // Copies tensor `name` of the file into dst (n floats or int32s) after checking its dtype and size.
+// What a loaded tensor's values must be: a state that passes can be stepped from without NaN (spec §3.5).
+enum { VAL_ANY = 0, VAL_FINITE, VAL_NONNEG, VAL_FAILS, VAL_BOOL };
+
 static int load_tensor(const StFile *f, const char *path, const char *name, const char *dtype, size_t n, void *dst,
-                       char *err, size_t errlen) {
+                       int rule, char *err, size_t errlen) {
     const StTensor *t = st_find(f, name);
     if (!t) return set_err(err, errlen, "%s: Shampoo state lacks tensor '%s'", path, name);
     if (strcmp(t->dtype, dtype) != 0 || t->numel != n)
         return set_err(err, errlen, "%s: Shampoo state tensor '%s' is %s with %zu elements, expected %s with %zu",
                        path, name, t->dtype, t->numel, dtype, n);
     memcpy(dst, st_data(f, t), n * 4);
+    const float *v = dst;
+    const int32_t *k = dst;
+    for (size_t i = 0; i < n; i++) {
+        int bad = rule == VAL_FINITE   ? !isfinite(v[i])
+                  : rule == VAL_NONNEG ? !(isfinite(v[i]) && v[i] >= 0.0f)
+                  : rule == VAL_FAILS  ? k[i] < 0 || k[i] > 3  // a fourth consecutive failure stops the run
+                  : rule == VAL_BOOL   ? k[i] != 0 && k[i] != 1
+                                       : 0;
+        if (bad) {
+            char val[40];
+            if (rule >= VAL_FAILS)
+                snprintf(val, sizeof val, "%d", k[i]);
+            else
+                snprintf(val, sizeof val, "%g", (double)v[i]);
+            return set_err(err, errlen, "%s: Shampoo state tensor '%s' holds %s at element %zu (must be %s)", path,
+                           name, val, i,
+                           rule == VAL_FINITE   ? "finite"
+                           : rule == VAL_NONNEG ? "finite and >= 0"
+                           : rule == VAL_FAILS  ? "0 .. 3"
+                                                : "0 or 1");
+        }
+    }
     return 0;
+}
+
+// A step count from the metadata: decimal digits only, 0 .. 2^53. -1 if it is anything else.
+static int64_t parse_step(const char *s) {
+    if (!s || !*s || strlen(s) > 16) return -1;
+    int64_t v = 0;
+    for (const char *p = s; *p; p++) {
+        if (*p < '0' || *p > '9') return -1;
+        v = v * 10 + (*p - '0');
+    }
+    return v <= ((int64_t)1 << 53) ? v : -1;
 }
 
 int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
@@ -1280,7 +1316,12 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
     }
     // A refresh still pending when the state was saved (root_delay d > 1): its factor snapshot and step.
     const char *pstr = st_meta(&f, "pending_t");
-    int64_t t = strtoll(tstr, NULL, 10), pending_t = pstr ? strtoll(pstr, NULL, 10) : 0;
+    int64_t t = parse_step(tstr), pending_t = pstr ? parse_step(pstr) : 0;
+    if (t < 0) {
+        set_err(err, errlen, "%s: Shampoo state has step t '%.40s', not a count of steps", path, tstr);
+        st_close(&f);  // tstr points into the file's header
+        return -1;
+    }
     if (pstr && (pending_t < 1 || pending_t > t)) {
         set_err(err, errlen, "%s: Shampoo state has pending_t %.40s outside 1 .. t = %lld", path, pstr, (long long)t);
         st_close(&f);  // pstr points into the file's header
@@ -1300,7 +1341,8 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
         char name[200];
         for (int w = 0; w < 2 && rc == 0; w++) {
             snprintf(name, sizeof name, "%s.%s", t->name, w ? "graft_v" : "exp_avg");
-            rc = load_tensor(&f, path, name, "F32", t->numel, mv + (size_t)w * np + t->offset, err, errlen);
+            rc = load_tensor(&f, path, name, "F32", t->numel, mv + (size_t)w * np + t->offset,
+                             w ? VAL_NONNEG : VAL_FINITE, err, errlen);
         }
     }
     for (int i = 0; i < s->nblocks && rc == 0; i++) {
@@ -1308,21 +1350,21 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
         char base[160], name[200];
         block_name(s, i, base, sizeof base);
         snprintf(name, sizeof name, "%s.fails", base);
-        rc = load_tensor(&f, path, name, "I32", 1, &flags[2 * i], err, errlen);
+        rc = load_tensor(&f, path, name, "I32", 1, &flags[2 * i], VAL_FAILS, err, errlen);
         snprintf(name, sizeof name, "%s.has_roots", base);
-        if (rc == 0) rc = load_tensor(&f, path, name, "I32", 1, &flags[2 * i + 1], err, errlen);
+        if (rc == 0) rc = load_tensor(&f, path, name, "I32", 1, &flags[2 * i + 1], VAL_BOOL, err, errlen);
         if (!block_preconditioned(s, b)) continue;
         size_t off = b->root_off[0];
         for (int k = 0; k < b->order && rc == 0; k++) {
             size_t sq = (size_t)b->dim[k] * b->dim[k];
             snprintf(name, sizeof name, "%s.root%d", base, k);
-            rc = load_tensor(&f, path, name, "F32", sq, roots + off, err, errlen);
+            rc = load_tensor(&f, path, name, "F32", sq, roots + off, VAL_FINITE, err, errlen);
             snprintf(name, sizeof name, "%s.factor%d", base, k);
-            if (rc == 0) rc = load_tensor(&f, path, name, "F32", sq, tmp, err, errlen);
+            if (rc == 0) rc = load_tensor(&f, path, name, "F32", sq, tmp, VAL_FINITE, err, errlen);
             if (rc == 0 && b->owner == s->comm->rank) memcpy(own + b->fac_off[k], tmp, sq * sizeof(float));
             if (rc == 0 && snap) {
                 snprintf(name, sizeof name, "%s.pending_factor%d", base, k);
-                rc = load_tensor(&f, path, name, "F32", sq, tmp, err, errlen);
+                rc = load_tensor(&f, path, name, "F32", sq, tmp, VAL_FINITE, err, errlen);
                 if (rc == 0 && b->owner == s->comm->rank) memcpy(snap + b->fac_off[k], tmp, sq * sizeof(float));
             }
             off += sq;

@@ -5,12 +5,14 @@
 // under another f and d is installed before the next refresh starts. A state file for another model, a bad
 // pending_t or a missing pending factor is refused with one line naming the file (and the tensor), and the optimizer
 // is left as it was.
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
 
 #include "rng.h"
+#include "safetensors.h"
 #include "shampoo.h"
 #include "testlib.h"
 
@@ -57,6 +59,28 @@ static int patch_header(const char *path, const char *find, size_t at, const cha
             found = fseek(f, (long)(i + at), SEEK_SET) == 0 && fwrite(repl, 1, strlen(repl), f) == strlen(repl);
         }
     return (fclose(f) == 0) && found;
+}
+
+// Overwrites element i (4 bytes) of tensor `name` in a saved state file. Returns 1 if done.
+static int poke(const char *path, const char *name, size_t i, const void *bytes4) {
+    StFile f;
+    char err[512];
+    if (st_open(path, &f, err, sizeof err) != 0) return 0;
+    const StTensor *t = st_find(&f, name);
+    long at = t && i < t->numel ? (long)(f.data_start + t->begin + 4 * i) : -1;
+    st_close(&f);
+    FILE *fh = at >= 0 ? fopen(path, "r+b") : NULL;
+    if (!fh) return 0;
+    int ok = fseek(fh, at, SEEK_SET) == 0 && fwrite(bytes4, 4, 1, fh) == 1;
+    return (fclose(fh) == 0) && ok;
+}
+
+// Whether a fresh optimizer is still fresh (what a refused load must leave).
+static int still_fresh(const Shampoo *s) {
+    int changed = s->t != 0 || shampoo_pending_step(s) != 0;
+    for (int i = 0; i < s->nblocks; i++) changed |= s->blocks[i].has_roots || s->blocks[i].fails;
+    for (size_t i = 0; i < s->root_floats; i++) changed |= s->roots[i] != 0.0f;
+    return !changed;
 }
 
 static Backend *be;  // one CPU backend for every case
@@ -188,6 +212,52 @@ int main(void) {
         EXPECT(b.s.t == 0 && flags_set == 0 && nonzero_roots == 0 && shampoo_pending_step(&b.s) == 0,
                "a refused load changed the optimizer: t %lld, %d block flags set, %d nonzero roots, pending %lld",
                (long long)b.s.t, flags_set, nonzero_roots, (long long)shampoo_pending_step(&b.s));
+        opt_close(&a);
+        opt_close(&b);
+        unlink(path);
+    }
+    TEST_CASE("a state holding what no run could have saved (NaN or Inf moments, roots, factors or pending factors; "
+              "a negative second moment; fails outside 0..3; has_roots not 0/1; a step t that is not a count) is "
+              "refused naming the file and the tensor, and leaves the optimizer as it was") {
+        ModelConfig mc = tiny();
+        ShampooConfig sc = shampoo_cfg(4);
+        Opt a, b;
+        opt_open(&a, &mc, &sc);
+        opt_open(&b, &mc, &sc);
+        char path[] = "/tmp/shampoo_stateXXXXXX";
+        temp_state(path);
+        run_steps(&a.s, 1, 12);  // roots of step 5 installed, the refresh of step 10 pending (due at 14)
+        char blk[160], name[200];
+        snprintf(blk, sizeof blk, "%s.block0", a.m->tensors[a.s.blocks[0].param].name);
+        const float nan = NAN, inf = INFINITY, neg = -1.0f;
+        const int32_t fails_bad = 4, bool_bad = 2;
+        struct { const char *suffix; const void *value; size_t i; } bad[] = {
+            {"exp_avg", &nan, 3}, {"graft_v", &neg, 0}, {"graft_v", &inf, 1}, {"root0", &inf, 2},
+            {"factor1", &nan, 0}, {"pending_factor0", &nan, 5}, {"fails", &fails_bad, 0}, {"has_roots", &bool_bad, 0}};
+        for (size_t c = 0; c < sizeof bad / sizeof bad[0]; c++) {
+            EXPECT(shampoo_save(&a.s, path) == 0, "save failed");
+            int per_param = !strcmp(bad[c].suffix, "exp_avg") || !strcmp(bad[c].suffix, "graft_v");
+            snprintf(name, sizeof name, "%s.%s", per_param ? a.m->tensors[a.s.blocks[0].param].name : blk,
+                     bad[c].suffix);
+            EXPECT(poke(path, name, bad[c].i, bad[c].value), "no tensor %s in the state", name);
+            char err[512] = "";
+            EXPECT(shampoo_load(&b.s, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, name) &&
+                       !strchr(err, '\n'),
+                   "%s: message: %s", name, err);
+            EXPECT(still_fresh(&b.s), "%s: a refused load changed the optimizer", name);
+        }
+        const char *bad_t[] = {"-2", "1x", " 9"};  // the saved t is "12": same length, so the header keeps its size
+        for (int c = 0; c < 3; c++) {
+            EXPECT(shampoo_save(&a.s, path) == 0, "save failed");
+            EXPECT(patch_header(path, "\"t\":\"12\"", 5, bad_t[c]), "no t 12 in the header");
+            char err[512] = "";
+            EXPECT(shampoo_load(&b.s, path, err, sizeof err) != 0 && strstr(err, path) && strstr(err, "step t"),
+                   "t '%s': message: %s", bad_t[c], err);
+            EXPECT(still_fresh(&b.s), "t '%s': a refused load changed the optimizer", bad_t[c]);
+        }
+        EXPECT(shampoo_save(&a.s, path) == 0, "save failed");  // and the intact state still loads
+        char err[512] = "";
+        EXPECT(shampoo_load(&b.s, path, err, sizeof err) == 0 && b.s.t == 12, "the intact state: %s", err);
         opt_close(&a);
         opt_close(&b);
         unlink(path);
