@@ -62,6 +62,7 @@ struct JpegDecoder {
     int eof;                 // JWRN_JPEG_EOF seen in the current image
     int too_many_scans;      // the progress monitor stopped the current image
     int open;                // a header was read and the image is not finished
+    int created;             // cinfo is a created decompress object
     int cmyk;                // the current image is decoded as JCS_CMYK
     uint8_t *row;            // a band of output rows as libjpeg writes them (RGB or CMYK, cropped width)
     size_t row_cap;
@@ -114,6 +115,21 @@ static void on_progress(j_common_ptr cinfo) {
 
 // ---------------------------------------------------------------- decoder
 
+// A new decompress object for the next image. libjpeg keeps the quantization and Huffman tables an image defined
+// in its decompress object, for abbreviated streams (Motion-JPEG): a later file that lacks a table, or uses a slot
+// it did not define, decodes with the previous file's table where a fresh decoder (Pillow's, one per image) would
+// use the standard Huffman table or stop. Fuzzing found such a file decoding to other pixels after another image.
+// A fresh object per image (a few allocations, microseconds against milliseconds of decoding) makes an image's
+// pixels depend on its own bytes alone, whichever thread decodes it after whichever file.
+static void fresh_object(JpegDecoder *d) {
+    if (d->created) jpeg_destroy_decompress(&d->cinfo);
+    d->created = 0;
+    if (setjmp(d->err.jb)) DIE("jpeg_create_decompress failed");  // only out of memory
+    jpeg_create_decompress(&d->cinfo);  // keeps cinfo.err and cinfo.client_data
+    d->cinfo.progress = &d->progress;
+    d->created = 1;
+}
+
 JpegDecoder *jpeg_decoder_create(int64_t max_pixels, size_t max_memory) {
     JpegDecoder *d = xcalloc(sizeof *d, "jpeg decoder");
     d->max_pixels = max_pixels;
@@ -123,10 +139,8 @@ JpegDecoder *jpeg_decoder_create(int64_t max_pixels, size_t max_memory) {
     d->err.pub.emit_message = on_emit_message;
     d->err.pub.output_message = on_output_message;
     d->cinfo.client_data = d;
-    if (setjmp(d->err.jb)) DIE("jpeg_create_decompress failed");  // only out of memory
-    jpeg_create_decompress(&d->cinfo);
     d->progress.progress_monitor = on_progress;
-    d->cinfo.progress = &d->progress;
+    fresh_object(d);
     return d;
 }
 
@@ -176,6 +190,7 @@ ImgStatus jpeg_open(JpegDecoder *d, const uint8_t *buf, size_t len, int *w, int 
     jpeg_close(d);
     ImgStatus s = img_sniff(buf, len);
     if (s != IMG_OK) return s;
+    fresh_object(d);  // no table of an earlier image may reach this one
     d->image_warnings = 0;
     d->eof = 0;
     d->too_many_scans = 0;

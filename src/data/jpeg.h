@@ -1,7 +1,8 @@
 // jpeg.h: crop-aware JPEG decoding with the libjpeg API of libjpeg-turbo 2.1.5 (spec/data.md §3): DCT scaling to
 // 1/2, 1/4 or 1/8 only, jpeg_crop_scanline with a one-iMCU margin, jpeg_skip_scanlines, jpeg_abort_decompress after
 // the last needed row; greyscale and CMYK/YCCK converted to RGB; errors longjmp to a per-image handler and come back
-// as a status, never an exit or a crash. One JpegDecoder per thread, reused for every image.
+// as a status, never an exit or a crash. One JpegDecoder per thread, reused for every image; each image gets a fresh
+// libjpeg decompress object inside it, so no quantization or Huffman table of an earlier file reaches a later one.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>

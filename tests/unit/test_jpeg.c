@@ -168,6 +168,22 @@ static void cmyk_to_rgb_pillow(const uint8_t *cmyk, uint8_t *rgb, size_t n) {
 // the crops where the two differ in status, size, box, scale or any pixel (test_view_equals_copy checks the count).
 static long view_checked, view_bad;
 
+// b without its segments of one marker (0xC4 DHT, 0xDB DQT) before the first scan: a Motion-JPEG-style stream.
+static Buf strip_marker(const Buf *b, uint8_t marker) {
+    Buf o = {malloc(b->n), 0};
+    memcpy(o.p, b->p, 2);  // SOI
+    o.n = 2;
+    size_t i = 2;
+    while (i + 4 <= b->n && b->p[i] == 0xFF && b->p[i + 1] != 0xDA) {
+        size_t seg = 2 + ((size_t)b->p[i + 2] << 8 | b->p[i + 3]);
+        if (b->p[i + 1] != marker) memcpy(o.p + o.n, b->p + i, seg), o.n += seg;
+        i += seg;
+    }
+    memcpy(o.p + o.n, b->p + i, b->n - i);  // the scans and EOI
+    o.n += b->n - i;
+    return o;
+}
+
 static ImgStatus decode_crop(JpegDecoder *d, const Buf *b, int x, int y, int cw, int ch, int denom, Image *out,
                              double box[4], int *got_denom) {
     int w, h;
@@ -663,6 +679,35 @@ static void test_corpus(void) {
         EXPECT(s == IMG_TRUNCATED, "bottom crop of a file cut at 90%%: %s", img_status_name(s));
         free(cut.p);
         (void)w, (void)h;
+    }
+    TEST_CASE("an image's pixels depend on its bytes alone: a file without Huffman tables (standard ones, as "
+              "Motion-JPEG) decodes as tjDecompress2 does, fresh or after a progressive file's optimized tables; a "
+              "file without quantization tables is corrupt, after files that had them") {
+        Buf nodht = strip_marker(&base, 0xC4), nodqt = strip_marker(&base, 0xDB);
+        EXPECT(nodht.n < base.n && nodqt.n < base.n, "markers not found (%zu, %zu of %zu bytes)", nodht.n, nodqt.n,
+               base.n);
+        int rw2, rh2, got;
+        double box[4];
+        uint8_t *ref = tj_decode(&nodht, 1, TJPF_RGB, &rw2, &rh2);  // a fresh TurboJPEG handle: standard tables
+        for (int after = 0; after < 2; after++) {
+            JpegDecoder *d = jpeg_decoder_create((int64_t)1 << 26, 0);
+            if (after) {  // the progressive file first: its optimized Huffman tables, its quantization tables
+                ImgStatus p = decode_crop(d, &prog, 0, 0, W, H, 1, &img, box, &got);
+                EXPECT(p == IMG_OK, "progressive file: %s", img_status_name(p));
+            }
+            ImgStatus s = decode_crop(d, &nodht, 0, 0, W, H, 1, &img, box, &got);
+            EXPECT(s == IMG_OK && cmp_region(&img, ref, rw2, 0, 0) == 0, "%s: no-DHT file %s, pixels %s",
+                   after ? "after another file" : "fresh", img_status_name(s),
+                   s == IMG_OK && cmp_region(&img, ref, rw2, 0, 0) ? "differ" : "equal");
+            if (after) decode_crop(d, &prog, 0, 0, W, H, 1, &img, box, &got);
+            s = decode_crop(d, &nodqt, 0, 0, W, H, 1, &img, box, &got);
+            EXPECT(s == IMG_CORRUPT, "no-DQT file after the %s file gave %s", after ? "progressive" : "no-DHT",
+                   img_status_name(s));
+            jpeg_decoder_free(d);
+        }
+        free(ref);
+        free(nodht.p);
+        free(nodqt.p);
     }
     TEST_CASE("1000 corpus files in a loop on one decoder: same statuses, good files exact") {
         long bad = 0;
