@@ -396,7 +396,9 @@ int64_t loader_state_resume(const Loader *l, const LoaderState *s, char *err, si
     if (s->fingerprint != c->ds->fingerprint)
         return set_err(err, n, "loader state: the dataset changed (fingerprint %016llx, now %016llx)",
                        (unsigned long long)s->fingerprint, (unsigned long long)c->ds->fingerprint);
-    if (s->step_in_epoch < 0 || s->step_in_epoch >= c->steps_per_epoch || s->epoch < 0)
+    // (an epoch past 2^40 would overflow the step count below; no run gets there)
+    if (s->step_in_epoch < 0 || s->step_in_epoch >= c->steps_per_epoch || s->epoch < 0 ||
+        s->epoch > ((int64_t)1 << 40))
         return set_err(err, n, "loader state: step %lld of epoch %lld is outside the %lld steps per epoch",
                        (long long)s->step_in_epoch, (long long)s->epoch, (long long)c->steps_per_epoch);
     return s->epoch * c->steps_per_epoch + s->step_in_epoch + 1;

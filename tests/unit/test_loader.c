@@ -363,6 +363,11 @@ static void test_sharding(void) {
         LoaderConfig c3 = train_cfg(&d, 10, 1, 0, 1, 1);
         Loader *l3 = loader_create(&c3);
         EXPECT(loader_state_resume(l3, &r, err, sizeof err) < 0 && strstr(err, "batch"), "another B: %s", err);
+        LoaderState far = r;  // a corrupt epoch whose step count would overflow int64
+        far.epoch = (int64_t)1 << 62;
+        EXPECT(loader_state_resume(l2, &far, err, sizeof err) < 0 && strstr(err, "outside"), "epoch 2^62: %s", err);
+        far.epoch = -1;
+        EXPECT(loader_state_resume(l2, &far, err, sizeof err) < 0 && strstr(err, "outside"), "epoch -1: %s", err);
         r.fingerprint ^= 1;
         EXPECT(loader_state_resume(l2, &r, err, sizeof err) < 0 && strstr(err, "dataset"), "another dataset");
         loader_destroy(l2);
