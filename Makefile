@@ -102,6 +102,44 @@ $(BUILD)/bench/%: tests/bench/%.c $(BUILD)/libsimplest.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
 
+# ---- fuzzing (tests/fuzz, docs/fuzzing.md)
+# The readers of user files (config, weights, Shampoo state, datasets, images) must refuse bad bytes with one line
+# or skip the image, never crash. `make fuzz-bins` builds each target with gcc + ASan/UBSan and a standalone main
+# (in build-asan/, USE_MPI=0, no CUDA); `make test` runs every file of tests/fuzz/corpus/<target>/ through them.
+# `make fuzz` is the coverage-guided search: clang + libFuzzer + ASan/UBSan in build-fuzz/, FUZZ_S seconds a target
+# (FUZZ_TARGETS to pick), growing build-fuzz/corpus/<target>/ and writing any failing input to build-fuzz/.
+FUZZ_NAMES := $(patsubst tests/fuzz/%.c,%,$(wildcard tests/fuzz/fuzz_*.c))
+FUZZ_TARGETS ?= $(FUZZ_NAMES)
+FUZZ_S ?= 60
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer
+.PHONY: fuzz fuzz-bins fuzz-bins-here fuzz-libfuzzer-here fuzz-seeds
+fuzz-bins:
+	@$(MAKE) --no-print-directory BUILD=build-asan USE_MPI=0 USE_CUDA=0 OPT=-O1 \
+	  EXTRA_CFLAGS="$(SAN_FLAGS)" EXTRA_LDFLAGS="$(SAN_FLAGS)" fuzz-bins-here
+fuzz-bins-here: $(patsubst %,$(BUILD)/fuzz/%,$(FUZZ_NAMES))
+$(BUILD)/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz.h $(BUILD)/libsimplest.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -DSD_FUZZ_STANDALONE -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
+# The seeds each target writes (valid files of every kind it reads), and the shipped configs for fuzz_config.
+fuzz-seeds: fuzz-bins
+	@for t in $(FUZZ_NAMES); do mkdir -p tests/fuzz/corpus/$$t && build-asan/fuzz/$$t --write-seeds tests/fuzz/corpus/$$t || exit 1; done
+	@for c in configs/*.json; do cp $$c tests/fuzz/corpus/fuzz_config/config_$$(basename $$c .json); done
+	@$${PYTHON:-/usr/bin/python3} tests/fuzz/make_jpeg_seeds.py tests/fuzz/corpus/fuzz_image
+fuzz:
+	@$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang USE_MPI=0 USE_CUDA=0 OPT=-O1 \
+	  EXTRA_CFLAGS="-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -Wno-pass-failed" \
+	  EXTRA_LDFLAGS="-fsanitize=address,undefined" fuzz-libfuzzer-here
+	@for t in $(FUZZ_TARGETS); do mkdir -p build-fuzz/corpus/$$t; \
+	  echo "fuzz: $$t for $(FUZZ_S) s"; \
+	  build-fuzz/lf/$$t -max_total_time=$(FUZZ_S) -rss_limit_mb=4096 -malloc_limit_mb=2048 -timeout=30 \
+	    -artifact_prefix=build-fuzz/$$t- -print_final_stats=1 -close_fd_mask=3 \
+	    build-fuzz/corpus/$$t tests/fuzz/corpus/$$t 2>&1 | grep -E '^(INFO: seed|#[0-9]+ *DONE|stat::number_of_executed_units|stat::peak_rss|==[0-9]+==|SUMMARY|artifact_prefix|Test unit written)' ; \
+	done
+fuzz-libfuzzer-here: $(patsubst %,$(BUILD)/lf/%,$(FUZZ_NAMES))
+$(BUILD)/lf/%: tests/fuzz/%.c tests/fuzz/fuzz.h $(BUILD)/libsimplest.a
+	@mkdir -p $(dir $@)
+	$(CC) $(CFLAGS) -fsanitize=fuzzer -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
+
 DEB_PKGS := libopenmpi-dev openmpi-bin libturbojpeg0-dev libjpeg62-turbo-dev libcjson-dev libopenblas-dev liblapacke-dev zlib1g-dev dataset-fashion-mnist
 deps:
 	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
@@ -114,7 +152,7 @@ run: deps
 	$(MAKE) simplest-dist
 	./simplest-dist $(CONFIG)
 
-test: simplest-dist $(TEST_BINS) $(BUILD)/gpu/test_cuda
+test: simplest-dist $(TEST_BINS) $(BUILD)/gpu/test_cuda fuzz-bins
 	@BUILD=$(BUILD) tests/run.sh
 
 bench: simplest-dist $(BENCH_BINS)

@@ -1,0 +1,191 @@
+// fuzz_checkpoint.c: the weights reader (checkpoint.c weights_load, both architectures) and the Shampoo state reader
+// (shampoo.c shampoo_load) on arbitrary bytes. The first byte picks the reader; the rest is the file.
+//   0: weights_load into a tiny SimplEsT-ViT, 1: into a tiny SimpleViT (seed_compat, so to_out is checked),
+//   2: shampoo_load into the optimizer of a tiny SimplEsT-ViT after 5 steps.
+// Accepted weights are finite. A refused Shampoo state leaves the optimizer exactly as it was (its saved state has
+// the same bytes). An accepted one is a state the optimizer can step from: one step runs without a fatal error and,
+// when every value in the file is below 1e15, gives finite weights; then the original is reloaded.
+// `--write-seeds DIR` (standalone build) writes valid files of each kind.
+#include <math.h>
+
+#include "backend.h"
+#include "checkpoint.h"
+#include "comm.h"
+#include "fuzz.h"
+#include "model.h"
+#include "rng.h"
+#include "safetensors.h"
+#include "shampoo.h"
+
+static Backend *be;
+static Model *m_st, *m_vit, *m_opt;
+static Shampoo opt;
+static Comm comm1 = {.rank = 0, .world = 1, .local_world = 1};
+static uint8_t *ref_state;  // the optimizer's saved state after setup
+static float *ref_params;   // and the model's weights then (not part of the state: reset by hand)
+static size_t ref_len;
+
+static ModelConfig tiny(Arch arch) {
+    ModelConfig c = {.arch = arch, .image_size = 8, .patch_size = 2, .channels = 3, .num_classes = 3, .dim = 8,
+                     .depth = 3, .heads = 2, .mlp_dim = 16, .eta = 0.5, .gamma_L = 0.005, .qkv_bias = 1,
+                     .mlp_bias = 1, .seed_compat = arch == ARCH_SIMPLEVIT};
+    return c;
+}
+
+static void fake_grads(Model *m, int64_t k) {
+    Rng r = rng_stream(99, 7, (uint64_t)k, 0);
+    for (size_t i = 0; i < m->num_params; i++) m->grads[i] = (float)rng_normal(&r);
+}
+
+static uint8_t *slurp(const char *path, size_t *len) {
+    FILE *f = fopen(path, "rb");
+    if (!f) abort();
+    fseek(f, 0, SEEK_END);
+    long n = ftell(f);
+    fseek(f, 0, SEEK_SET);
+    uint8_t *b = malloc((size_t)n + 1);
+    if (fread(b, 1, (size_t)n, f) != (size_t)n) abort();
+    fclose(f);
+    *len = (size_t)n;
+    return b;
+}
+
+static void setup(void) {
+    if (be) return;
+    be = backend_cpu_create(1);
+    ModelConfig a = tiny(ARCH_SIMPLEST), b = tiny(ARCH_SIMPLEVIT);
+    m_st = model_create(&a, be, 1);
+    m_vit = model_create(&b, be, 1);
+    m_opt = model_create(&a, be, 1);
+    model_init(m_st, 1);
+    model_init(m_vit, 2);
+    model_init(m_opt, 3);
+    // f = 4 from step 2 with root_delay 3, blocks of at most 12 (the MLP's 16 splits): after 9 steps the roots of
+    // step 4 are installed and those of step 8 are pending (due at 11), so the state holds every kind of tensor.
+    ShampooConfig sc = {.lr0 = 1e-2, .weight_decay = 0.01, .decoupled = 0, .beta1 = 0.9, .beta2 = 0.999,
+                        .eps = 1e-6, .frequency = 4, .start_step = 2, .max_dim = 12, .graft_beta2 = 0.999,
+                        .graft_eps = 1e-8, .root_fp64 = 1, .one_d_adam = 0, .root_delay = 3, .root_threads = 1};
+    shampoo_create(&opt, m_opt, &comm1, &sc, NULL);
+    for (int k = 1; k <= 9; k++) {
+        fake_grads(m_opt, k);
+        shampoo_step(&opt, 1e-2, 1.0);
+    }
+    char path[300];
+    if (shampoo_save(&opt, fuzz_path(path, sizeof path, "ref.state")) != 0) abort();
+    ref_state = slurp(path, &ref_len);
+    ref_params = malloc(m_opt->num_params * sizeof(float));
+    memcpy(ref_params, m_opt->params, m_opt->num_params * sizeof(float));
+}
+
+// An accepted file must be one the model can run from: finite weights (the CPU backend's params are host memory).
+static void check_finite(const Model *m, const char *what) {
+    for (size_t i = 0; i < m->num_params; i++)
+        if (!isfinite(m->params[i])) {
+            fprintf(stderr, "%s: parameter %zu is %g\n", what, i, (double)m->params[i]);
+            abort();
+        }
+}
+
+// The largest |x| over a file's F32 tensors. A finite state with values near FLT_MAX (moments of 1e37, say) may
+// overflow in the step; no run saves one, but only NaN and Inf are refused, so the finite-step property is asked of
+// states whose values stay below 1e15.
+static double largest_value(const char *path) {
+    StFile f;
+    char err[512];
+    double big = 0;
+    if (st_open(path, &f, err, sizeof err) != 0) abort();  // shampoo_load just read it
+    for (int i = 0; i < f.ntensors; i++) {
+        if (strcmp(f.tensors[i].dtype, "F32") != 0) continue;
+        const float *v = st_data(&f, &f.tensors[i]);
+        for (size_t k = 0; k < f.tensors[i].numel; k++) {
+            float x;
+            memcpy(&x, v + k, 4);  // the data need not be 4-byte aligned in the file
+            big = fabs(x) > big ? fabs(x) : big;
+        }
+    }
+    st_close(&f);
+    return big;
+}
+
+static int same_as_ref(void) {
+    char path[300];
+    if (shampoo_save(&opt, fuzz_path(path, sizeof path, "now.state")) != 0) abort();
+    size_t n;
+    uint8_t *b = slurp(path, &n);
+    int same = n == ref_len && memcmp(b, ref_state, n) == 0;
+    free(b);
+    return same;
+}
+
+int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
+    if (size < 1) return 0;
+    setup();
+    char path[300], err[1024] = "";
+    fuzz_write(fuzz_path(path, sizeof path, "in.bin"), data + 1, size - 1);
+    int mode = data[0] % 3;
+    if (mode < 2) {
+        Model *m = mode ? m_vit : m_st;
+        if (weights_load(m, path, err, sizeof err) != 0) {
+            if (!err[0] || strchr(err, '\n')) {
+                fprintf(stderr, "a refusal must be one line: '%s'\n", err);
+                abort();
+            }
+        } else {
+            check_finite(m, "accepted weights");
+        }
+        return 0;
+    }
+    if (shampoo_load(&opt, path, err, sizeof err) != 0) {
+        if (!err[0] || strchr(err, '\n')) {
+            fprintf(stderr, "a refusal must be one line: '%s'\n", err);
+            abort();
+        }
+        if (!same_as_ref()) {
+            fprintf(stderr, "a refused Shampoo state changed the optimizer (%s)\n", err);
+            abort();
+        }
+        return 0;
+    }
+    // The step starts from the weights of setup: each input is judged on its own, not after earlier steps.
+    be->upload(be, m_opt->params, ref_params, m_opt->num_params * sizeof(float));
+    be->params_changed(be, m_opt->params, m_opt->num_params);
+    fake_grads(m_opt, 10);
+    shampoo_step(&opt, 1e-2, 1.0);
+    if (largest_value(path) <= 1e15) check_finite(m_opt, "a step from an accepted Shampoo state");
+    char ref[300];
+    fuzz_write(fuzz_path(ref, sizeof ref, "ref.state"), ref_state, ref_len);
+    if (shampoo_load(&opt, ref, err, sizeof err) != 0 || !same_as_ref()) {
+        fprintf(stderr, "the optimizer's own state did not reload: %s\n", err);
+        abort();
+    }
+    return 0;
+}
+
+#ifdef SD_FUZZ_STANDALONE
+// Seeds: the file each reader accepts, with its mode byte.
+int fuzz_write_seeds(const char *dir) {
+    setup();
+    char path[600], tmp[300];
+    const char *cfg = "{\"model\": {\"arch\": \"tiny\"}}";
+    struct { const char *name; int mode; } seeds[] = {{"weights_simplest", 0}, {"weights_simplevit", 1},
+                                                     {"shampoo_state", 2}};
+    for (int i = 0; i < 3; i++) {
+        fuzz_path(tmp, sizeof tmp, "seed.bin");
+        if (seeds[i].mode == 2) {
+            if (shampoo_save(&opt, tmp) != 0) return -1;
+        } else if (weights_save(seeds[i].mode ? m_vit : m_st, tmp, NULL, cfg, 7, 0) != 0) {
+            return -1;
+        }
+        size_t n;
+        uint8_t *b = slurp(tmp, &n);
+        uint8_t *s = malloc(n + 1);
+        s[0] = (uint8_t)seeds[i].mode;
+        memcpy(s + 1, b, n);
+        snprintf(path, sizeof path, "%s/%s", dir, seeds[i].name);
+        fuzz_write(path, s, n + 1);
+        free(b);
+        free(s);
+    }
+    return 0;
+}
+#endif
