@@ -115,7 +115,7 @@ SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-o
 .PHONY: fuzz fuzz-bins fuzz-bins-here fuzz-libfuzzer-here fuzz-seeds
 fuzz-bins:
 	@$(MAKE) --no-print-directory BUILD=build-asan USE_MPI=0 USE_CUDA=0 OPT=-O1 \
-	  EXTRA_CFLAGS="$(SAN_FLAGS)" EXTRA_LDFLAGS="$(SAN_FLAGS)" fuzz-bins-here
+	  EXTRA_CFLAGS="$(EXTRA_CFLAGS) $(SAN_FLAGS)" EXTRA_LDFLAGS="$(EXTRA_LDFLAGS) $(SAN_FLAGS)" fuzz-bins-here
 fuzz-bins-here: $(patsubst %,$(BUILD)/fuzz/%,$(FUZZ_NAMES))
 $(BUILD)/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz.h $(BUILD)/libsimplest.a
 	@mkdir -p $(dir $@)
@@ -127,14 +127,17 @@ fuzz-seeds: fuzz-bins
 	@$${PYTHON:-/usr/bin/python3} tests/fuzz/make_jpeg_seeds.py tests/fuzz/corpus/fuzz_image
 fuzz:
 	@$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang USE_MPI=0 USE_CUDA=0 OPT=-O1 \
-	  EXTRA_CFLAGS="-fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -Wno-pass-failed" \
-	  EXTRA_LDFLAGS="-fsanitize=address,undefined" fuzz-libfuzzer-here
-	@for t in $(FUZZ_TARGETS); do mkdir -p build-fuzz/corpus/$$t; \
+	  EXTRA_CFLAGS="$(EXTRA_CFLAGS) -fsanitize=fuzzer-no-link,address,undefined -fno-omit-frame-pointer -Wno-pass-failed" \
+	  EXTRA_LDFLAGS="$(EXTRA_LDFLAGS) -fsanitize=address,undefined" fuzz-libfuzzer-here
+	@bad=0; for t in $(FUZZ_TARGETS); do mkdir -p build-fuzz/corpus/$$t; \
 	  echo "fuzz: $$t for $(FUZZ_S) s"; \
 	  build-fuzz/lf/$$t -max_total_time=$(FUZZ_S) -rss_limit_mb=4096 -malloc_limit_mb=2048 -timeout=30 \
 	    -artifact_prefix=build-fuzz/$$t- -print_final_stats=1 -close_fd_mask=3 \
-	    build-fuzz/corpus/$$t tests/fuzz/corpus/$$t 2>&1 | grep -E '^(INFO: seed|#[0-9]+ *DONE|stat::number_of_executed_units|stat::peak_rss|==[0-9]+==|SUMMARY|artifact_prefix|Test unit written)' ; \
-	done
+	    build-fuzz/corpus/$$t tests/fuzz/corpus/$$t > build-fuzz/$$t.log 2>&1; rc=$$?; \
+	  grep -E '^(#[0-9]+[[:space:]]+DONE|==[0-9]+==|SUMMARY|Test unit written)' build-fuzz/$$t.log; \
+	  arts=$$(ls build-fuzz | grep -E "^$$t-(crash|leak|oom|timeout)-"); \
+	  if [ $$rc -ne 0 ] || [ -n "$$arts" ]; then echo "fuzz: $$t FAILED (exit $$rc; build-fuzz/$$t.log) $$arts"; bad=1; fi; \
+	done; exit $$bad
 fuzz-libfuzzer-here: $(patsubst %,$(BUILD)/lf/%,$(FUZZ_NAMES))
 $(BUILD)/lf/%: tests/fuzz/%.c tests/fuzz/fuzz.h $(BUILD)/libsimplest.a
 	@mkdir -p $(dir $@)

@@ -66,6 +66,22 @@ static int parse_entry(const cJSON *item, size_t data_len, StTensor *t, const ch
 
 static int cmp_name(const void *a, const void *b) { return strcmp(*(const char *const *)a, *(const char *const *)b); }
 
+// A key that an object names twice (sorted, so O(k log k)), or NULL; NULL for a non-object. The pointer lives in obj.
+static const char *duplicate_key(const cJSON *obj) {
+    if (!cJSON_IsObject(obj)) return NULL;
+    int count = cJSON_GetArraySize(obj);
+    if (count < 2) return NULL;
+    const char **names = xmalloc((size_t)count * sizeof(char *), "safetensors keys");
+    int k = 0;
+    for (const cJSON *it = obj->child; it; it = it->next) names[k++] = it->string;
+    qsort(names, (size_t)k, sizeof(char *), cmp_name);
+    const char *dup = NULL;
+    for (int i = 1; i < k && !dup; i++)
+        if (!strcmp(names[i - 1], names[i])) dup = names[i];
+    free(names);
+    return dup;
+}
+
 int st_open(const char *path, StFile *f, char *err, size_t n) {
     memset(f, 0, sizeof *f);
     f->file = read_file_all(path, &f->len);
@@ -90,21 +106,16 @@ int st_open(const char *path, StFile *f, char *err, size_t n) {
         return set_err(err, n, "%s: safetensors header is not a JSON object", path);
     }
     int count = cJSON_GetArraySize(root);
-    // A name given twice (cJSON keeps both): which one a reader would take is undefined, so the file is refused.
-    const char **names = xmalloc((size_t)(count ? count : 1) * sizeof(char *), "safetensors names");
-    int k = 0;
-    const cJSON *item_n;
-    cJSON_ArrayForEach(item_n, root) names[k++] = item_n->string;
-    qsort(names, (size_t)count, sizeof(char *), cmp_name);
-    for (int i = 1; i < count; i++)
-        if (!strcmp(names[i - 1], names[i])) {
-            set_err(err, n, "%s: safetensors header names '%s' twice", path, names[i]);
-            free(names);
-            cJSON_Delete(root);
-            st_close(f);
-            return -1;
-        }
-    free(names);
+    // A key given twice (cJSON keeps both), at the top level, in __metadata__ or in an entry: which one a reader
+    // would take is undefined (serde-based readers take the last, cJSON's lookups the first), so the file is refused.
+    const char *dup = duplicate_key(root);
+    for (const cJSON *it = root->child; !dup && it; it = it->next) dup = duplicate_key(it);
+    if (dup) {
+        set_err(err, n, "%s: safetensors header names '%s' twice in one object", path, dup);
+        cJSON_Delete(root);
+        st_close(f);
+        return -1;
+    }
     f->tensors = xcalloc((size_t)(count ? count : 1) * sizeof(StTensor), "safetensors index");
     size_t data_len = f->len - f->data_start;
     const cJSON *item;

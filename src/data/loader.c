@@ -112,6 +112,7 @@ double mixup_apply(float *images, float *targets, int count, size_t img_elems, i
 
 #include <pthread.h>
 #include <sched.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <unistd.h>
 
@@ -396,11 +397,13 @@ int64_t loader_state_resume(const Loader *l, const LoaderState *s, char *err, si
     if (s->fingerprint != c->ds->fingerprint)
         return set_err(err, n, "loader state: the dataset changed (fingerprint %016llx, now %016llx)",
                        (unsigned long long)s->fingerprint, (unsigned long long)c->ds->fingerprint);
-    // (an epoch past 2^40 would overflow the step count below; no run gets there)
-    if (s->step_in_epoch < 0 || s->step_in_epoch >= c->steps_per_epoch || s->epoch < 0 ||
-        s->epoch > ((int64_t)1 << 40))
+    if (s->step_in_epoch < 0 || s->step_in_epoch >= c->steps_per_epoch || s->epoch < 0)
         return set_err(err, n, "loader state: step %lld of epoch %lld is outside the %lld steps per epoch",
                        (long long)s->step_in_epoch, (long long)s->epoch, (long long)c->steps_per_epoch);
+    // the step count below must fit in int64 (a corrupt epoch would overflow it: undefined behaviour)
+    if (s->epoch > (INT64_MAX - c->steps_per_epoch) / c->steps_per_epoch)
+        return set_err(err, n, "loader state: epoch %lld is outside any run (%lld steps per epoch)",
+                       (long long)s->epoch, (long long)c->steps_per_epoch);
     return s->epoch * c->steps_per_epoch + s->step_in_epoch + 1;
 }
 

@@ -11,6 +11,7 @@ if ! ls "$BIN"/fuzz_* >/dev/null 2>&1; then
 fi
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0:exitcode=86}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
+export OPENBLAS_NUM_THREADS=1  # no BLAS worker threads still alive at exit, where ASan sometimes reported a signal
 log=$(mktemp)
 for dir in tests/fuzz/corpus/*/; do
   t=$(basename "$dir")

@@ -4,8 +4,9 @@
 //
 // Built two ways (Makefile):
 //   make fuzz         clang + libFuzzer + ASan/UBSan: coverage-guided fuzzing for FUZZ_S seconds per target
-//   make fuzz-regress gcc + ASan/UBSan with the standalone main below: every file of tests/fuzz/corpus/<target>/ (the
-//                     seeds and every input that once failed) through the target; part of `make test`
+//   make fuzz-bins    gcc + ASan/UBSan with the standalone main below, in build-asan/fuzz/; `make test` runs every
+//                     file of tests/fuzz/corpus/<target>/ (seeds, merged fuzzer inputs and every input that once
+//                     failed) through its target (tests/cli/test_fuzz_corpus.sh)
 #pragma once
 #include <dirent.h>
 #include <stdint.h>

@@ -4,7 +4,7 @@
 //   2: shampoo_load into the optimizer of a tiny SimplEsT-ViT after 5 steps.
 // Accepted weights are finite. A refused Shampoo state leaves the optimizer exactly as it was (its saved state has
 // the same bytes). An accepted one is a state the optimizer can step from: one step runs without a fatal error and,
-// when every value in the file is below 1e15, gives finite weights; then the original is reloaded.
+// when every value in the file is below 1e9, gives finite weights; then the original is reloaded.
 // `--write-seeds DIR` (standalone build) writes valid files of each kind.
 #include <math.h>
 
@@ -86,9 +86,11 @@ static void check_finite(const Model *m, const char *what) {
         }
 }
 
-// The largest |x| over a file's F32 tensors. A finite state with values near FLT_MAX (moments of 1e37, say) may
-// overflow in the step; no run saves one, but only NaN and Inf are refused, so the finite-step property is asked of
-// states whose values stay below 1e15.
+// The largest |x| over a file's F32 tensors. Only NaN and Inf are refused, since any finite bound would be
+// arbitrary, and a finite state can still overflow in the step: the update X_L m X_R of values up to B over blocks of
+// n = 12 reaches B^3 n^2, past FLT_MAX (3.4e38) from B = 1.3e12 (a review's state of 1e14 gave NaN weights). Runs
+// do not save such values (a root is at most eps^(-1/2) = 1e6 at the default eps 1e-12), so the finite-step
+// property is asked of states below 1e9.
 static double largest_value(const char *path) {
     StFile f;
     char err[512];
@@ -151,7 +153,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     be->params_changed(be, m_opt->params, m_opt->num_params);
     fake_grads(m_opt, 10);
     shampoo_step(&opt, 1e-2, 1.0);
-    if (largest_value(path) <= 1e15) check_finite(m_opt, "a step from an accepted Shampoo state");
+    if (largest_value(path) <= 1e9) check_finite(m_opt, "a step from an accepted Shampoo state");
     char ref[300];
     fuzz_write(fuzz_path(ref, sizeof ref, "ref.state"), ref_state, ref_len);
     if (shampoo_load(&opt, ref, err, sizeof err) != 0 || !same_as_ref()) {

@@ -72,10 +72,11 @@ static void check_crop(const uint8_t *data, size_t size) {
                     W, H, box[0], box[1], box[2], box[3], crop.w, crop.h);
             abort();
         }
-        // The whole image at the crop's scale: min sizes that the next smaller scale cannot cover.
+        // The whole image at the crop's scale: the smallest scale whose output covers W/sd x H/sd (floor) is sd
+        // itself, as long as W and H are at least sd (a ceiling would make W not a multiple of sd pick a larger one).
         int64_t warn1 = jpeg_warning_count(dec);
         if (warn1 == warn0 && jpeg_open(dec, data, size, &W, &H) == IMG_OK) {
-            int fw = (W + sd - 1) / sd, fh = (H + sd - 1) / sd;
+            int fw = W / sd > 0 ? W / sd : 1, fh = H / sd > 0 ? H / sd : 1;
             s = jpeg_read_crop(dec, 0, 0, W, H, fw, fh, 1, &full, fbox, &fsd);
             if (s == IMG_OK && fsd == sd && jpeg_warning_count(dec) == warn1) {
                 int x0 = x / sd, y0 = y / sd;  // out covers [floor(x/s), ceil((x+cw)/s)) in this implementation

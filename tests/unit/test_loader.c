@@ -364,8 +364,15 @@ static void test_sharding(void) {
         Loader *l3 = loader_create(&c3);
         EXPECT(loader_state_resume(l3, &r, err, sizeof err) < 0 && strstr(err, "batch"), "another B: %s", err);
         LoaderState far = r;  // a corrupt epoch whose step count would overflow int64
-        far.epoch = (int64_t)1 << 62;
-        EXPECT(loader_state_resume(l2, &far, err, sizeof err) < 0 && strstr(err, "outside"), "epoch 2^62: %s", err);
+        int64_t spe = c2.steps_per_epoch, last = (INT64_MAX - spe) / spe;  // the largest epoch whose steps fit
+        far.epoch = last + 1;
+        EXPECT(loader_state_resume(l2, &far, err, sizeof err) < 0 && strstr(err, "outside"), "epoch %lld: %s",
+               (long long)far.epoch, err);
+        far.epoch = last;
+        far.step_in_epoch = spe - 1;
+        EXPECT(loader_state_resume(l2, &far, err, sizeof err) == last * spe + spe, "epoch %lld: %s",
+               (long long)far.epoch, err);
+        far.step_in_epoch = r.step_in_epoch;
         far.epoch = -1;
         EXPECT(loader_state_resume(l2, &far, err, sizeof err) < 0 && strstr(err, "outside"), "epoch -1: %s", err);
         r.fingerprint ^= 1;

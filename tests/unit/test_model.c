@@ -985,14 +985,19 @@ static void test_weights_file(void) {
         const char dup[] = "{\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
                            "\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
         const char frac[] = "{\"w\":{\"dtype\":\"F32\",\"shape\":[1.5],\"data_offsets\":[0,4]}}  ";
-        const char *raw[2] = {dup, frac};
-        for (int k = 0; k < 2; k++) {
+        const char dupmeta[] = "{\"__metadata__\":{\"t\":\"5\",\"t\":\"999\"},"
+                               "\"w\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
+        const char dupfield[] = "{\"w\":{\"dtype\":\"F32\",\"dtype\":\"I32\",\"shape\":[1],\"data_offsets\":[0,4]}}";
+        const char *raw[4] = {dup, frac, dupmeta, dupfield};
+        const char *what[4] = {"a name twice in the header", "a fractional shape", "a metadata key twice",
+                               "an entry's dtype twice"};
+        for (int k = 0; k < 4; k++) {
             size_t hl = strlen(raw[k]);
             unsigned char buf[256] = {0};
             for (int b = 0; b < 8; b++) buf[b] = (unsigned char)(hl >> (8 * b));
             memcpy(buf + 8, raw[k], hl);
             write_bytes(bad, buf, 8 + hl + 4);
-            expect_reject(md, bad, k ? "a fractional shape" : "a name twice in the header", k ? "shape" : "twice");
+            expect_reject(md, bad, what[k], k == 1 ? "shape" : "twice");
         }
         // Truncated, empty, random.
         FILE *f = fopen(good, "rb");
