@@ -5,7 +5,8 @@
 //   - TinyImageNet: a whole decode resized to 64 x 64;
 //   - jpeg_read_crop on a crop rectangle drawn from the input, whose pixels must equal the same rectangle of a
 //     whole decode at the scale the crop chose (jpeg.h's promise), for files that decode without a warning.
-// An image either comes out, every byte written and the same on a second call, or is skipped with a reason.
+// An image either comes out, every byte written, the same on a second call and on a worker that has decoded no other
+// file, or is skipped with a reason (the same one each time).
 #include "data/jpeg.h"
 #include "data/pipeline.h"
 #include "fuzz.h"
@@ -105,6 +106,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     fuzz_write(img_path, data, size);
     for (int i = 0; i < NDS; i++) {
         int S = ds[i].height;
+        // A worker that has seen no other file: the image must not depend on what pw[i] decoded before.
+        PipeWorker *fresh = pipe_worker_create(&ds[i]);
         for (int mode = 0; mode < 3; mode++) {  // train fp32, train uint8, eval fp32
             int train = mode < 2, u8 = mode == 1;
             if (i == 2 && mode == 1) continue;
@@ -123,7 +126,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
                 fprintf(stderr, "dataset %d mode %d: the output depends on the buffer's old contents\n", i, mode);
                 abort();
             }
+            pipe_worker_set_u8(fresh, u8);
+            memset(out2, 0x3C, bytes);
+            ImgStatus st3 = pipe_image(fresh, &ds[i], train, 7, 1, 0, 0, out2);
+            if (st3 != st || (st == IMG_OK && memcmp(out, out2, bytes) != 0)) {
+                fprintf(stderr, "dataset %d mode %d: status %d, %d on a fresh worker; the output depends on the files "
+                        "the worker decoded before\n", i, mode, (int)st, (int)st3);
+                abort();
+            }
         }
+        pipe_worker_free(fresh);
     }
     check_crop(data, size);
     return 0;
