@@ -1258,7 +1258,17 @@ int shampoo_save(Shampoo *s, const char *path) {
 
 // Copies tensor `name` of the file into dst (n floats or int32s) after checking its dtype and size.
 // What a loaded tensor's values must be: a state that passes can be stepped from without NaN (spec §3.5).
-enum { VAL_ANY = 0, VAL_FINITE, VAL_NONNEG, VAL_FAILS, VAL_BOOL };
+enum { VAL_FINITE, VAL_NONNEG, VAL_FAILS, VAL_BOOL };
+static const char *const val_rule[] = {"finite", "finite and >= 0", "0 .. 3", "0 or 1"};
+
+static int value_ok(int rule, float v, int32_t k) {
+    switch (rule) {
+    case VAL_FINITE: return isfinite(v);
+    case VAL_NONNEG: return isfinite(v) && v >= 0.0f;
+    case VAL_FAILS: return k >= 0 && k <= 3;  // a fourth consecutive failure stops the run
+    default: return k == 0 || k == 1;
+    }
+}
 
 static int load_tensor(const StFile *f, const char *path, const char *name, const char *dtype, size_t n, void *dst,
                        int rule, char *err, size_t errlen) {
@@ -1271,24 +1281,14 @@ static int load_tensor(const StFile *f, const char *path, const char *name, cons
     const float *v = dst;
     const int32_t *k = dst;
     for (size_t i = 0; i < n; i++) {
-        int bad = rule == VAL_FINITE   ? !isfinite(v[i])
-                  : rule == VAL_NONNEG ? !(isfinite(v[i]) && v[i] >= 0.0f)
-                  : rule == VAL_FAILS  ? k[i] < 0 || k[i] > 3  // a fourth consecutive failure stops the run
-                  : rule == VAL_BOOL   ? k[i] != 0 && k[i] != 1
-                                       : 0;
-        if (bad) {
-            char val[40];
-            if (rule >= VAL_FAILS)
-                snprintf(val, sizeof val, "%d", k[i]);
-            else
-                snprintf(val, sizeof val, "%g", (double)v[i]);
-            return set_err(err, errlen, "%s: Shampoo state tensor '%s' holds %s at element %zu (must be %s)", path,
-                           name, val, i,
-                           rule == VAL_FINITE   ? "finite"
-                           : rule == VAL_NONNEG ? "finite and >= 0"
-                           : rule == VAL_FAILS  ? "0 .. 3"
-                                                : "0 or 1");
-        }
+        if (value_ok(rule, v[i], k[i])) continue;
+        char val[40];
+        if (rule >= VAL_FAILS)
+            snprintf(val, sizeof val, "%d", k[i]);
+        else
+            snprintf(val, sizeof val, "%g", (double)v[i]);
+        return set_err(err, errlen, "%s: Shampoo state tensor '%s' holds %s at element %zu (must be %s)", path, name,
+                       val, i, val_rule[rule]);
     }
     return 0;
 }

@@ -109,14 +109,13 @@ int dataset_load_idx(Dataset *ds, const char *images_path, const char *labels_pa
     ds->width = (int)idims[2];
     ds->channels = 1;
     size_t npix = (size_t)ds->n * ds->height * ds->width;
-    uint8_t *lab = NULL;
     ds->pixels = gz_read_alloc(fi, npix, "IDX pixels");
     if (!ds->pixels || has_trailing(fi)) {
         set_err(err, n, "dataset file '%s': truncated, corrupt, or not the length its header gives (%u images of %ux%u)", images_path,
              idims[0], idims[1], idims[2]);
         goto out;
     }
-    lab = gz_read_alloc(fl, (size_t)ds->n, "IDX labels");
+    uint8_t *lab = gz_read_alloc(fl, (size_t)ds->n, "IDX labels");
     if (!lab || has_trailing(fl)) {
         set_err(err, n, "dataset file '%s': truncated, corrupt, or not the length its header gives (%u labels)", labels_path, ldims[0]);
         free(lab);

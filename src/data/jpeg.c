@@ -62,7 +62,6 @@ struct JpegDecoder {
     int eof;                 // JWRN_JPEG_EOF seen in the current image
     int too_many_scans;      // the progress monitor stopped the current image
     int open;                // a header was read and the image is not finished
-    int created;             // cinfo is a created decompress object
     int cmyk;                // the current image is decoded as JCS_CMYK
     uint8_t *row;            // a band of output rows as libjpeg writes them (RGB or CMYK, cropped width)
     size_t row_cap;
@@ -122,12 +121,10 @@ static void on_progress(j_common_ptr cinfo) {
 // A fresh object per image (a few allocations, microseconds against milliseconds of decoding) makes an image's
 // pixels depend on its own bytes alone, whichever thread decodes it after whichever file.
 static void fresh_object(JpegDecoder *d) {
-    if (d->created) jpeg_destroy_decompress(&d->cinfo);
-    d->created = 0;
+    jpeg_destroy_decompress(&d->cinfo);  // a no-op on the zeroed struct of jpeg_decoder_create (no memory manager)
     if (setjmp(d->err.jb)) DIE("jpeg_create_decompress failed");  // only out of memory
     jpeg_create_decompress(&d->cinfo);  // keeps cinfo.err and cinfo.client_data
     d->cinfo.progress = &d->progress;
-    d->created = 1;
 }
 
 JpegDecoder *jpeg_decoder_create(int64_t max_pixels, size_t max_memory) {

@@ -16,6 +16,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "util.h"
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size);
 
 // A private folder for this process's files (removed at exit), made on first use.
@@ -59,24 +61,14 @@ static const char *fuzz_path(char *out, size_t n, const char *name) {
 static int fuzz_name_cmp(const void *a, const void *b) { return strcmp(*(char *const *)a, *(char *const *)b); }
 
 static int fuzz_run_file(const char *path) {
-    FILE *f = fopen(path, "rb");
-    if (!f) {
+    size_t n = 0;
+    uint8_t *buf = read_file_all(path, &n);
+    if (!buf) {
         perror(path);
         return -1;
     }
-    fseek(f, 0, SEEK_END);
-    long n = ftell(f);
-    fseek(f, 0, SEEK_SET);
-    uint8_t *buf = malloc(n > 0 ? (size_t)n : 1);
-    if (!buf || (n > 0 && fread(buf, 1, (size_t)n, f) != (size_t)n)) {
-        perror(path);
-        fclose(f);
-        free(buf);
-        return -1;
-    }
-    fclose(f);
     fprintf(stderr, "input %s\n", path);
-    LLVMFuzzerTestOneInput(buf, (size_t)n);
+    LLVMFuzzerTestOneInput(buf, n);
     free(buf);
     return 0;
 }

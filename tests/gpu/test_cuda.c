@@ -142,6 +142,18 @@ static int check(const char *name, const float *got, const float *want, size_t n
     return ok;
 }
 
+// check() with its name formatted printf-style.
+static int checkf(const float *got, const float *want, size_t n, double tol, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+static int checkf(const float *got, const float *want, size_t n, double tol, const char *fmt, ...) {
+    char name[512];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(name, sizeof name, fmt, ap);
+    va_end(ap);
+    return check(name, got, want, n, tol);
+}
+
 static int check_scalar(const char *name, double got, double want, double tol) {
     double rel = fabs(got - want) / (fabs(want) > 0 ? fabs(want) : 1.0);
     int ok = isfinite(got) && rel <= tol;
@@ -271,9 +283,7 @@ static void test_patch_unfold(int B, int C, int H, int p) {
         dfree(s, dimg);
         dfree(s, dp);
     }
-    char name[128];
-    snprintf(name, sizeof name, "patch_unfold B%d C%d %dpx p%d", B, C, H, p);
-    check(name, out[DUT], out[REF], nout, 4e-3);
+    checkf(out[DUT], out[REF], nout, 4e-3, "patch_unfold B%d C%d %dpx p%d", B, C, H, p);
     free(img);
     free(out[0]);
     free(out[1]);
@@ -327,25 +337,18 @@ static void test_matmul_c(int R, int Din, int Dout, int cancel) {
         dfree(s, gW);
         dfree(s, gb);
     }
-    char name[160];
     const char *shape = "";
     char sh[64];
     snprintf(sh, sizeof sh, "R%d Din%d Dout%d%s", R, Din, Dout, cancel ? " (cancelling halves)" : "");
     shape = sh;
-    snprintf(name, sizeof name, "matmul_fwd %s no bias: out", shape);
-    check(name, out[DUT][0], out[REF][0], (size_t)R * Dout, TOL_FWD);
-    snprintf(name, sizeof name, "matmul_fwd %s bias: out", shape);
-    check(name, out[DUT][1], out[REF][1], (size_t)R * Dout, TOL_FWD);
-    snprintf(name, sizeof name, "matmul_bwd %s: dinp", shape);
-    check(name, dinp[DUT], dinp[REF], (size_t)R * Din, TOL_GRAD);
-    snprintf(name, sizeof name, "matmul_bwd %s: dW += (pre-filled)", shape);
-    check(name, dW[DUT], dW[REF], nW, TOL_GRAD);
+    checkf(out[DUT][0], out[REF][0], (size_t)R * Dout, TOL_FWD, "matmul_fwd %s no bias: out", shape);
+    checkf(out[DUT][1], out[REF][1], (size_t)R * Dout, TOL_FWD, "matmul_fwd %s bias: out", shape);
+    checkf(dinp[DUT], dinp[REF], (size_t)R * Din, TOL_GRAD, "matmul_bwd %s: dinp", shape);
+    checkf(dW[DUT], dW[REF], nW, TOL_GRAD, "matmul_bwd %s: dW += (pre-filled)", shape);
     for (int s = 0; s < 2; s++)
         for (int o = 0; o < Dout; o++) db[s][o] -= db0[o];
-    snprintf(name, sizeof name, "matmul_bwd %s: dbias += (pre-filled; the part added)", shape);
-    check(name, db[DUT], db[REF], Dout, TOL_GRAD);
-    snprintf(name, sizeof name, "matmul_bwd %s, dinp and dbias NULL: dW +=", shape);
-    check(name, dW_nb[DUT], dW_nb[REF], nW, TOL_GRAD);
+    checkf(db[DUT], db[REF], Dout, TOL_GRAD, "matmul_bwd %s: dbias += (pre-filled; the part added)", shape);
+    checkf(dW_nb[DUT], dW_nb[REF], nW, TOL_GRAD, "matmul_bwd %s, dinp and dbias NULL: dW +=", shape);
     for (int s = 0; s < 2; s++) {
         free(out[s][0]);
         free(out[s][1]);
@@ -385,9 +388,7 @@ static void test_images_from_u8(int B, int C, int H, int W) {
         dfree(s, d);
         dfree(s, f);
     }
-    char name[128];
-    snprintf(name, sizeof name, "images_from_u8 B%d C%d %dx%d (bit-identical to the CPU)", B, C, H, W);
-    check(name, o[DUT], o[REF], n, 0.0);
+    checkf(o[DUT], o[REF], n, 0.0, "images_from_u8 B%d C%d %dx%d (bit-identical to the CPU)", B, C, H, W);
     free(o[0]);
     free(o[1]);
     free(px);
@@ -549,17 +550,11 @@ static void test_layernorm(int R, int D) {
         dfree(s, gg);
         dfree(s, gb);
     }
-    char name[128];
-    snprintf(name, sizeof name, "layernorm_fwd R%d D%d: y", R, D);
-    check(name, y[DUT], y[REF], n, TOL_FWD);
-    snprintf(name, sizeof name, "layernorm_fwd R%d D%d: mean", R, D);
-    check(name, mean[DUT], mean[REF], R, 1e-4);
-    snprintf(name, sizeof name, "layernorm_fwd R%d D%d: rstd", R, D);
-    check(name, rstd[DUT], rstd[REF], R, 1e-4);
-    snprintf(name, sizeof name, "layernorm_fwd R%d D%d, x / 256 (variance near eps): y", R, D);
-    check(name, ys[DUT], ys[REF], n, TOL_FWD);
-    snprintf(name, sizeof name, "layernorm_fwd R%d D%d, x / 256 (variance near eps): rstd", R, D);
-    check(name, rstds[DUT], rstds[REF], R, 1e-4);
+    checkf(y[DUT], y[REF], n, TOL_FWD, "layernorm_fwd R%d D%d: y", R, D);
+    checkf(mean[DUT], mean[REF], R, 1e-4, "layernorm_fwd R%d D%d: mean", R, D);
+    checkf(rstd[DUT], rstd[REF], R, 1e-4, "layernorm_fwd R%d D%d: rstd", R, D);
+    checkf(ys[DUT], ys[REF], n, TOL_FWD, "layernorm_fwd R%d D%d, x / 256 (variance near eps): y", R, D);
+    checkf(rstds[DUT], rstds[REF], R, 1e-4, "layernorm_fwd R%d D%d, x / 256 (variance near eps): rstd", R, D);
     for (int s = 0; s < 2; s++) {
         free(ys[s]);
         free(rstds[s]);
@@ -567,12 +562,9 @@ static void test_layernorm(int R, int D) {
     free(xs);
     for (int s = 0; s < 2; s++)
         for (size_t i = 0; i < n; i++) dx[s][i] -= dx0[i];
-    snprintf(name, sizeof name, "layernorm_bwd R%d D%d: dx += (pre-filled; the part added)", R, D);
-    check(name, dx[DUT], dx[REF], n, TOL_GRAD);
-    snprintf(name, sizeof name, "layernorm_bwd R%d D%d: dgamma +=", R, D);
-    check(name, dg[DUT], dg[REF], D, TOL_GRAD);
-    snprintf(name, sizeof name, "layernorm_bwd R%d D%d: dbeta +=", R, D);
-    check(name, dbt[DUT], dbt[REF], D, TOL_GRAD);
+    checkf(dx[DUT], dx[REF], n, TOL_GRAD, "layernorm_bwd R%d D%d: dx += (pre-filled; the part added)", R, D);
+    checkf(dg[DUT], dg[REF], D, TOL_GRAD, "layernorm_bwd R%d D%d: dgamma +=", R, D);
+    checkf(dbt[DUT], dbt[REF], D, TOL_GRAD, "layernorm_bwd R%d D%d: dbeta +=", R, D);
     for (int s = 0; s < 2; s++) {
         free(y[s]);
         free(mean[s]);
@@ -622,13 +614,11 @@ static void test_dropout(int B, size_t per, float p, uint64_t seed, uint64_t ste
     snprintf(name, sizeof name, "dropout_fwd p%.2f step %llu pos %llu: mask", p, (unsigned long long)step,
              (unsigned long long)first_pos);
     check_mask(name, yf[DUT], yf[REF], n);
-    snprintf(name, sizeof name, "dropout_fwd p%.2f step %llu pos %llu: values", p, (unsigned long long)step,
-             (unsigned long long)first_pos);
-    check(name, yf[DUT], yf[REF], n, TOL_FWD);
+    checkf(yf[DUT], yf[REF], n, TOL_FWD, "dropout_fwd p%.2f step %llu pos %llu: values", p, (unsigned long long)step,
+           (unsigned long long)first_pos);
     snprintf(name, sizeof name, "dropout_bwd p%.2f: mask", p);
     check_mask(name, yb[DUT], yb[REF], n);
-    snprintf(name, sizeof name, "dropout_bwd p%.2f: values", p);
-    check(name, yb[DUT], yb[REF], n, TOL_GRAD);
+    checkf(yb[DUT], yb[REF], n, TOL_GRAD, "dropout_bwd p%.2f: values", p);
     for (int s = 0; s < 2; s++) {
         free(yf[s]);
         free(yb[s]);
@@ -653,11 +643,8 @@ static void test_meanpool(int B, int N, int D) {
         dfree(s, dpo);
         dfree(s, ddp);
     }
-    char name[128];
-    snprintf(name, sizeof name, "meanpool_fwd B%d N%d D%d", B, N, D);
-    check(name, pf[DUT], pf[REF], (size_t)B * D, TOL_FWD);
-    snprintf(name, sizeof name, "meanpool_bwd B%d N%d D%d", B, N, D);
-    check(name, pb[DUT], pb[REF], n, TOL_GRAD);
+    checkf(pf[DUT], pf[REF], (size_t)B * D, TOL_FWD, "meanpool_fwd B%d N%d D%d", B, N, D);
+    checkf(pb[DUT], pb[REF], n, TOL_GRAD, "meanpool_bwd B%d N%d D%d", B, N, D);
     for (int s = 0; s < 2; s++) {
         free(pf[s]);
         free(pb[s]);
@@ -702,13 +689,9 @@ static void test_xent(int B, int C) {
         dfree(s, dt);
         dfree(s, dlo);
     }
-    char name[128];
-    snprintf(name, sizeof name, "xent_fwd_bwd B%d C%d soft targets, smoothing 0.1: losses", B, C);
-    check(name, loss[DUT], loss[REF], B, 1e-4);
-    snprintf(name, sizeof name, "xent_fwd_bwd B%d C%d soft targets, smoothing 0.1: dlogits", B, C);
-    check(name, dl[DUT], dl[REF], n, TOL_GRAD);
-    snprintf(name, sizeof name, "xent_fwd_bwd B%d C%d, dlogits NULL: losses", B, C);
-    check(name, loss_nd[DUT], loss_nd[REF], B, 1e-4);
+    checkf(loss[DUT], loss[REF], B, 1e-4, "xent_fwd_bwd B%d C%d soft targets, smoothing 0.1: losses", B, C);
+    checkf(dl[DUT], dl[REF], n, TOL_GRAD, "xent_fwd_bwd B%d C%d soft targets, smoothing 0.1: dlogits", B, C);
+    checkf(loss_nd[DUT], loss_nd[REF], B, 1e-4, "xent_fwd_bwd B%d C%d, dlogits NULL: losses", B, C);
     for (int s = 0; s < 2; s++) {
         free(loss[s]);
         free(dl[s]);
@@ -730,9 +713,7 @@ static void check_qkv(const char *prefix, const float *got, const float *want, i
             memcpy(g + r * D, got + r * 3 * D + (size_t)p * D, (size_t)D * 4);
             memcpy(w + r * D, want + r * 3 * D + (size_t)p * D, (size_t)D * 4);
         }
-        char name[300];
-        snprintf(name, sizeof name, "%s: %s", prefix, part[p]);
-        check(name, g, w, n, tol);
+        checkf(g, w, n, tol, "%s: %s", prefix, part[p]);
     }
     free(g);
     free(w);
@@ -834,20 +815,15 @@ static void test_optim(void) {
             dfree(s, dv);
         }
         const char *mode = dec ? "decoupled" : "l2";
-        char name[128];
-        snprintf(name, sizeof name, "adam_step %s (wd 0.05, t 3, grad_scale 0.7): w", mode);
-        check(name, wo[DUT], wo[REF], n, TOL_F32);
+        checkf(wo[DUT], wo[REF], n, TOL_F32, "adam_step %s (wd 0.05, t 3, grad_scale 0.7): w", mode);
         float *d0 = hbuf(n), *d1 = hbuf(n);
         for (size_t i = 0; i < n; i++) {
             d0[i] = (float)((double)wo[REF][i] - w[i]);
             d1[i] = (float)((double)wo[DUT][i] - w[i]);
         }
-        snprintf(name, sizeof name, "adam_step %s: the update w1 - w0", mode);
-        check(name, d1, d0, n, 1e-4);
-        snprintf(name, sizeof name, "adam_step %s: m", mode);
-        check(name, mo[DUT], mo[REF], n, TOL_F32);
-        snprintf(name, sizeof name, "adam_step %s: v", mode);
-        check(name, vo[DUT], vo[REF], n, TOL_F32);
+        checkf(d1, d0, n, 1e-4, "adam_step %s: the update w1 - w0", mode);
+        checkf(mo[DUT], mo[REF], n, TOL_F32, "adam_step %s: m", mode);
+        checkf(vo[DUT], vo[REF], n, TOL_F32, "adam_step %s: v", mode);
         free(d0);
         free(d1);
         for (int s = 0; s < 2; s++) {
@@ -925,10 +901,8 @@ static void test_gemm(int M, int N, int K, int tA, int tB) {
         dfree(s, dB);
         dfree(s, dC);
     }
-    char name[128];
-    snprintf(name, sizeof name, "gemm %c%c M%d N%d K%d (fp32, padded ld, beta 0.5)", tA ? 'T' : 'N', tB ? 'T' : 'N',
-             M, N, K);
-    check(name, Co[DUT], Co[REF], nC, TOL_GEMM);
+    checkf(Co[DUT], Co[REF], nC, TOL_GEMM, "gemm %c%c M%d N%d K%d (fp32, padded ld, beta 0.5)", tA ? 'T' : 'N',
+           tB ? 'T' : 'N', M, N, K);
     free(Co[0]);
     free(Co[1]);
     free(A);
@@ -1034,10 +1008,8 @@ static void test_step(const char *label, ModelConfig mc, int B) {
     }
     snprintf(name, sizeof name, "step %s: mean loss", label);
     check_scalar(name, lg / B, lr / B, 1e-2);
-    snprintf(name, sizeof name, "step %s: per-sample losses", label);
-    check(name, o[DUT].losses, o[REF].losses, B, 3e-2);
-    snprintf(name, sizeof name, "step %s: logits", label);
-    check(name, o[DUT].logits, o[REF].logits, (size_t)B * C, 3e-2);
+    checkf(o[DUT].losses, o[REF].losses, B, 3e-2, "step %s: per-sample losses", label);
+    checkf(o[DUT].logits, o[REF].logits, (size_t)B * C, 3e-2, "step %s: logits", label);
     snprintf(name, sizeof name, "step %s: global grad norm", label);
     check_scalar(name, o[DUT].gnorm, o[REF].gnorm, 3e-2);
     {
@@ -1108,9 +1080,9 @@ static void test_step(const char *label, ModelConfig mc, int B) {
         model_forward(ref, B, 0, 0, 0, 0);
         act_get(REF, o[REF].logits2, ref->logits, (size_t)B * C);
     }
-    snprintf(name, sizeof name, "step %s: logits after the step, both backends at the GPU's updated weights (bf16 "
-             "weight shadow refreshed)", label);
-    check(name, o[DUT].logits2, o[REF].logits2, (size_t)B * C, 3e-2);
+    checkf(o[DUT].logits2, o[REF].logits2, (size_t)B * C, 3e-2,
+           "step %s: logits after the step, both backends at the GPU's updated weights (bf16 weight shadow refreshed)",
+           label);
     for (int s = 0; s < 2; s++) {
         free(o[s].logits);
         free(o[s].losses);
@@ -1431,9 +1403,8 @@ static void test_root_c(int n, int k, int order, int fp64, int neg) {
         report(d.nonfinite == 0, name, "%zu non-finite; rel=%.2e, max_abs=%.2e against LAPACK's ssyevd", d.nonfinite,
                d.rel, d.max_abs);
     } else {
-        snprintf(name, sizeof name, "inverse_root n%d (%d samples%s) -1/%d %s: X against LAPACK", n, k, tag, r,
-                 fp64 ? "fp64" : "fp32");
-        check(name, Xd, Xr, nn, fp64 ? 1e-6 : 1e-3);
+        checkf(Xd, Xr, nn, fp64 ? 1e-6 : 1e-3, "inverse_root n%d (%d samples%s) -1/%d %s: X against LAPACK", n, k,
+               tag, r, fp64 ? "fp64" : "fp32");
     }
     snprintf(name, sizeof name, "inverse_root n%d %s: X exactly symmetric; side streams 1 and 2 bit-identical", n,
              fp64 ? "fp64" : "fp32");
@@ -1632,27 +1603,23 @@ static void test_blocks(int nb, int rows, int cols, int with_ps) {
         d0[i] = (float)((double)o[REF][i] - W[i]);
         d1[i] = (float)((double)o[DUT][i] - W[i]);
     }
-    char name[200];
-    snprintf(name, sizeof name, "gather_blocks %d x (%dx%d), strides cols + 0/7/14", nb, rows, cols);
-    check(name, gat[DUT], gat[REF], area * nb, 0.0);
-    snprintf(name, sizeof name, "gemm_batched %d x (%dx%d) @ (%dx%d) fp32 through pointer arrays", nb, rows, rows, rows,
-             cols);
-    check(name, mm[DUT], mm[REF], area * nb, TOL_GEMM);
-    snprintf(name, sizeof name, "gemm_batched %d x NT (%dx%d) G G^T, alpha 1e-3, beta 0.999, ldc %d (padding "
-             "untouched)", nb, rows, cols, ldl);
-    check(name, fu[DUT][0], fu[REF][0], nl, TOL_GEMM);
-    snprintf(name, sizeof name, "gemm_batched %d x TN (%dx%d) G^T G, alpha 1e-3, beta 0.999, ldc %d (padding "
-             "untouched)", nb, rows, cols, ldr);
-    check(name, fu[DUT][1], fu[REF][1], nr, TOL_GEMM);
+    checkf(gat[DUT], gat[REF], area * nb, 0.0, "gather_blocks %d x (%dx%d), strides cols + 0/7/14", nb, rows, cols);
+    checkf(mm[DUT], mm[REF], area * nb, TOL_GEMM, "gemm_batched %d x (%dx%d) @ (%dx%d) fp32 through pointer arrays", nb,
+           rows, rows, rows, cols);
+    checkf(fu[DUT][0], fu[REF][0], nl, TOL_GEMM,
+           "gemm_batched %d x NT (%dx%d) G G^T, alpha 1e-3, beta 0.999, ldc %d (padding untouched)", nb, rows, cols,
+           ldl);
+    checkf(fu[DUT][1], fu[REF][1], nr, TOL_GEMM,
+           "gemm_batched %d x TN (%dx%d) G^T G, alpha 1e-3, beta 0.999, ldc %d (padding untouched)", nb, rows, cols,
+           ldr);
     for (int s = 0; s < 2; s++) {
         free(fu[s][0]);
         free(fu[s][1]);
     }
     free(L0);
     free(R0);
-    snprintf(name, sizeof name, "graft_update_blocks %d x (%dx%d) %s: the update (padding untouched)", nb, rows, cols,
-             with_ps ? "grafted Shampoo step" : "graft step");
-    check(name, d1, d0, nw, 1e-6);
+    checkf(d1, d0, nw, 1e-6, "graft_update_blocks %d x (%dx%d) %s: the update (padding untouched)", nb, rows, cols,
+           with_ps ? "grafted Shampoo step" : "graft step");
     free(d0);
     free(d1);
     for (int s = 0; s < 2; s++) {
