@@ -1,11 +1,17 @@
 // checkpoint.c: see checkpoint.h.
 #include "checkpoint.h"
 
+#include <cJSON.h>
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "safetensors.h"
 #include "util.h"
@@ -73,12 +79,10 @@ static const char *strip_prefix(const char *name) {
     return strncmp(name, pre, strlen(pre)) == 0 ? name + strlen(pre) : name;
 }
 
-int weights_load(Model *m, const char *path, char *err, size_t n) {
+int weights_read(const Model *m, const char *path, float *params, float *buffers, char *err, size_t n) {
     StFile f;
     if (st_open(path, &f, err, n) != 0) return -1;
     int rc = -1;
-    float *params = xmalloc(m->num_params * sizeof(float), "weights to load");
-    float *buffers = xmalloc((m->num_buffers ? m->num_buffers : 1) * sizeof(float), "buffers to load");
     int *seen = xcalloc((size_t)m->ntensors * sizeof(int), "seen tensors");
     for (int k = 0; k < f.ntensors; k++) {
         const StTensor *st = &f.tensors[k];
@@ -128,14 +132,329 @@ int weights_load(Model *m, const char *path, char *err, size_t n) {
             if (check_identity(buffers + t->offset, m->cfg.dim, t->name, path, err, n) != 0) goto out;
         }
     }
-    m->be->upload(m->be, m->params, params, m->num_params * sizeof(float));
-    m->be->upload(m->be, m->buffers, buffers, m->num_buffers * sizeof(float));
-    m->be->params_changed(m->be, m->params, m->num_params);
     rc = 0;
 out:
-    free(params);
-    free(buffers);
     free(seen);
     st_close(&f);
     return rc;
+}
+
+int weights_load(Model *m, const char *path, char *err, size_t n) {
+    float *params = xmalloc((m->num_params ? m->num_params : 1) * sizeof(float), "weights to load");
+    float *buffers = xmalloc((m->num_buffers ? m->num_buffers : 1) * sizeof(float), "buffers to load");
+    int rc = weights_read(m, path, params, buffers, err, n);
+    if (rc == 0) {
+        m->be->upload(m->be, m->params, params, m->num_params * sizeof(float));
+        m->be->upload(m->be, m->buffers, buffers, m->num_buffers * sizeof(float));
+        m->be->params_changed(m->be, m->params, m->num_params);
+    }
+    free(params);
+    free(buffers);
+    return rc;
+}
+
+// ---------------------------------------------------------------- Adam state
+
+static const char *const ADAM_SLOT[2] = {"exp_avg", "exp_avg_sq"};
+
+int adam_state_save(const Adam *a, const Model *m, const char *path) {
+    Backend *be = m->be;
+    size_t np = m->num_params;
+    float *mv = xmalloc((np ? 2 * np : 1) * sizeof(float), "Adam state to save");  // (2, num_params): m then v
+    be->download(be, mv, a->m, 2 * np * sizeof(float));
+    StEntry *e = xcalloc((size_t)(2 * m->ntensors + 1) * sizeof(StEntry), "Adam state entries");
+    char (*names)[200] = xcalloc((size_t)(2 * m->ntensors + 1) * 200, "Adam state names");
+    int n = 0;
+    for (int i = 0; i < m->ntensors; i++) {
+        const TensorInfo *t = &m->tensors[i];
+        if (!t->trainable) continue;
+        for (int w = 0; w < 2; w++) {
+            snprintf(names[n], 200, "%s.%s", t->name, ADAM_SLOT[w]);
+            e[n] = (StEntry){names[n], "F32", t->ndim, {0}, mv + (size_t)w * np + t->offset};
+            for (int d = 0; d < t->ndim; d++) e[n].shape[d] = t->shape[d];
+            n++;
+        }
+    }
+    char tbuf[32];
+    snprintf(tbuf, sizeof tbuf, "%lld", (long long)a->t);
+    const char *keys[] = {"format", "t"}, *vals[] = {"simplest-dist-adam-state-1", tbuf};
+    int rc = st_write(path, e, n, keys, vals, 2);
+    int saved = errno;
+    free(names);
+    free(e);
+    free(mv);
+    errno = saved;
+    return rc;
+}
+
+int adam_state_read(const Model *m, const char *path, float *m_out, float *v_out, int64_t *t_out, char *err,
+                    size_t n) {
+    StFile f;
+    if (st_open(path, &f, err, n) != 0) return -1;
+    int rc = -1;
+    const char *fmt = st_meta(&f, "format");
+    int64_t t = parse_count(st_meta(&f, "t"));
+    if (!fmt || strcmp(fmt, "simplest-dist-adam-state-1") != 0) {
+        set_err(err, n, "%s: not an Adam state file", path);
+        goto out;
+    }
+    if (t < 0) {
+        set_err(err, n, "%s: Adam state has no step count t", path);
+        goto out;
+    }
+    int want = 0;
+    for (int i = 0; i < m->ntensors; i++) {
+        const TensorInfo *ti = &m->tensors[i];
+        if (!ti->trainable) continue;
+        for (int w = 0; w < 2; w++, want++) {
+            char name[200];
+            snprintf(name, sizeof name, "%s.%s", ti->name, ADAM_SLOT[w]);
+            const StTensor *st = st_find(&f, name);
+            int same = st && !strcmp(st->dtype, "F32") && st->ndim == ti->ndim;
+            for (int d = 0; same && d < ti->ndim; d++) same = st->shape[d] == ti->shape[d];
+            if (!same) {
+                set_err(err, n, "%s: Adam state tensor '%s' is %s", path, name,
+                        st ? "not F32 of the parameter's shape" : "missing");
+                goto out;
+            }
+            float *dst = (w ? v_out : m_out) + ti->offset;
+            memcpy(dst, st_data(&f, st), ti->numel * sizeof(float));
+            for (size_t j = 0; j < ti->numel; j++)
+                if (!isfinite(dst[j]) || (w && dst[j] < 0.0f)) {
+                    set_err(err, n, "%s: Adam state tensor '%s' holds %g at element %zu (must be finite%s)", path,
+                            name, (double)dst[j], j, w ? " and >= 0" : "");
+                    goto out;
+                }
+        }
+    }
+    if (f.ntensors != want) {  // st_open refuses duplicate names, so extra ones are unknown ones
+        set_err(err, n, "%s: Adam state has %d tensors, this model needs %d (another model?)", path, f.ntensors, want);
+        goto out;
+    }
+    *t_out = t;
+    rc = 0;
+out:
+    st_close(&f);
+    return rc;
+}
+
+// ---------------------------------------------------------------- trainer state
+
+int train_state_write(const char *path, const TrainState *s) {
+    cJSON *o = cJSON_CreateObject();
+    char num[40];
+    cJSON_AddStringToObject(o, "format", "simplest-dist-trainer-1");
+    snprintf(num, sizeof num, "%lld", (long long)s->step);
+    cJSON_AddRawToObject(o, "step", num);
+    if (s->best_top1 >= 0) {
+        snprintf(num, sizeof num, "%.17g", s->best_top1);
+        cJSON_AddRawToObject(o, "best_top1", num);
+        snprintf(num, sizeof num, "%lld", (long long)s->best_step);
+        cJSON_AddRawToObject(o, "best_step", num);
+    }
+    if (s->has_eval) {
+        cJSON *e = cJSON_AddObjectToObject(o, "eval");
+        snprintf(num, sizeof num, "%lld", (long long)s->eval_step);
+        cJSON_AddRawToObject(e, "step", num);
+        const char *names[3] = {"top1", "top5", "loss"};
+        const double vals[3] = {s->eval_top1, s->eval_top5, s->eval_loss};
+        for (int i = 0; i < 3; i++) {
+            snprintf(num, sizeof num, "%.17g", isfinite(vals[i]) ? vals[i] : -1.0);  // JSON has no NaN
+            cJSON_AddRawToObject(e, names[i], num);
+        }
+    }
+    cJSON_AddNumberToObject(o, "world", s->world);
+    cJSON *cfg = cJSON_Parse(s->config_json ? s->config_json : "{}");
+    cJSON_AddItemToObject(o, "config", cfg ? cfg : cJSON_CreateObject());
+    char *text = cJSON_Print(o);
+    cJSON_Delete(o);
+    int rc = write_file_atomic(path, text, strlen(text));
+    int saved = errno;
+    free(text);
+    errno = saved;
+    return rc;
+}
+
+// A whole number in [lo, hi] from a JSON number (exact: no fraction, within 2^53).
+static int json_count(const cJSON *v, double lo, double hi, int64_t *out) {
+    if (!cJSON_IsNumber(v) || !isfinite(v->valuedouble) || v->valuedouble != floor(v->valuedouble) ||
+        v->valuedouble < lo || v->valuedouble > hi)
+        return -1;
+    *out = (int64_t)v->valuedouble;
+    return 0;
+}
+
+static int read_eval(const cJSON *e, TrainState *s) {
+    const cJSON *v[3] = {cJSON_GetObjectItemCaseSensitive(e, "top1"), cJSON_GetObjectItemCaseSensitive(e, "top5"),
+                         cJSON_GetObjectItemCaseSensitive(e, "loss")};
+    if (!cJSON_IsObject(e) || json_count(cJSON_GetObjectItemCaseSensitive(e, "step"), 1, (double)s->step,
+                                         &s->eval_step) != 0)
+        return -1;
+    for (int i = 0; i < 3; i++)
+        if (!cJSON_IsNumber(v[i]) || !isfinite(v[i]->valuedouble)) return -1;
+    s->eval_top1 = v[0]->valuedouble;
+    s->eval_top5 = v[1]->valuedouble;
+    s->eval_loss = v[2]->valuedouble;
+    s->has_eval = 1;
+    return 0;
+}
+
+int train_state_read(const char *path, TrainState *s, char *err, size_t n) {
+    memset(s, 0, sizeof *s);
+    s->best_top1 = -1.0;
+    size_t len;
+    char *text = (char *)read_file_all(path, &len);
+    if (!text) return set_err(err, n, "%s: cannot read: %s", path, strerror(errno));
+    cJSON *o = strlen(text) == len ? cJSON_Parse(text) : NULL;
+    free(text);
+    int rc = -1;
+    const cJSON *fmt = cJSON_GetObjectItemCaseSensitive(o, "format");
+    const cJSON *cfg = cJSON_GetObjectItemCaseSensitive(o, "config");
+    const cJSON *best = cJSON_GetObjectItemCaseSensitive(o, "best_top1");
+    const cJSON *eval = cJSON_GetObjectItemCaseSensitive(o, "eval");
+    int64_t world = 0;
+    if (!cJSON_IsObject(o) || !cJSON_IsString(fmt) || strcmp(fmt->valuestring, "simplest-dist-trainer-1") != 0) {
+        set_err(err, n, "%s: not a trainer state file", path);
+    } else if (json_count(cJSON_GetObjectItemCaseSensitive(o, "step"), 0, 9007199254740992.0, &s->step) != 0) {
+        set_err(err, n, "%s: 'step' must be a whole number of steps", path);
+    } else if (json_count(cJSON_GetObjectItemCaseSensitive(o, "world"), 1, 1 << 24, &world) != 0) {
+        set_err(err, n, "%s: 'world' must be a rank count", path);
+    } else if (!cJSON_IsObject(cfg)) {
+        set_err(err, n, "%s: 'config' must be the run's config object", path);
+    } else if (best && (!cJSON_IsNumber(best) || !(best->valuedouble >= 0.0 && best->valuedouble <= 1.0) ||
+                        json_count(cJSON_GetObjectItemCaseSensitive(o, "best_step"), 1, (double)s->step,
+                                   &s->best_step) != 0)) {
+        set_err(err, n, "%s: 'best_top1' must be in 0 .. 1 with a 'best_step' in 1 .. step", path);
+    } else if (eval && read_eval(eval, s) != 0) {
+        set_err(err, n, "%s: 'eval' must hold a 'step' in 1 .. step and numbers 'top1', 'top5', 'loss'", path);
+    } else {
+        s->world = (int)world;
+        if (best) s->best_top1 = best->valuedouble;
+        s->config_json = cJSON_PrintUnformatted(cfg);
+        rc = 0;
+    }
+    cJSON_Delete(o);
+    return rc;
+}
+
+// ---------------------------------------------------------------- checkpoint directories
+
+void ckpt_dir(char *buf, size_t n, const char *run_dir, int64_t step) {
+    snprintf(buf, n, "%s/checkpoints/step_%08lld", run_dir, (long long)step);
+}
+
+// Deletes a directory of plain files (a checkpoint's); a missing one is fine.
+static int remove_flat_dir(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return errno == ENOENT ? 0 : -1;
+    struct dirent *e;
+    char path[1400];
+    while ((e = readdir(d))) {
+        if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+    return rmdir(dir);
+}
+
+static int fsync_path(const char *path) {
+    int fd = open(path, O_RDONLY);
+    if (fd < 0) return -1;
+    int rc = fsync(fd);
+    close(fd);
+    return rc;
+}
+
+int ckpt_begin(const char *run_dir, int64_t step, char *tmp, size_t n) {
+    char root[1200];
+    snprintf(root, sizeof root, "%s/checkpoints", run_dir);
+    if (mkdir_p(root) != 0) return -1;
+    char dir[1200];
+    ckpt_dir(dir, sizeof dir, run_dir, step);
+    snprintf(tmp, n, "%s.tmp", dir);
+    if (remove_flat_dir(tmp) != 0) return -1;  // left by a run killed while writing this step
+    return mkdir(tmp, 0755);
+}
+
+void ckpt_abandon(const char *run_dir, int64_t step) {
+    char dir[1200], tmp[1300];
+    ckpt_dir(dir, sizeof dir, run_dir, step);
+    snprintf(tmp, sizeof tmp, "%s.tmp", dir);
+    remove_flat_dir(tmp);
+}
+
+// Parses "step_<digits>" exactly; -1 for any other name.
+static int64_t step_of_name(const char *name) {
+    if (strncmp(name, "step_", 5) != 0) return -1;
+    return parse_count(name + 5);
+}
+
+static int cmp_desc(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x < y) - (x > y);
+}
+
+int ckpt_list(const char *run_dir, int64_t **steps) {
+    *steps = NULL;
+    char root[1200];
+    snprintf(root, sizeof root, "%s/checkpoints", run_dir);
+    DIR *d = opendir(root);
+    if (!d) return 0;
+    int count = 0, cap = 0;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int64_t st = step_of_name(e->d_name);
+        char done[1600];
+        snprintf(done, sizeof done, "%s/%s/DONE", root, e->d_name);
+        if (st < 0 || !path_exists(done)) continue;
+        if (count == cap) {
+            cap = cap ? 2 * cap : 16;
+            int64_t *grown = realloc(*steps, (size_t)cap * sizeof(int64_t));
+            if (!grown) DIE("out of memory listing checkpoints");
+            *steps = grown;
+        }
+        (*steps)[count++] = st;
+    }
+    closedir(d);
+    if (count) qsort(*steps, (size_t)count, sizeof(int64_t), cmp_desc);
+    return count;
+}
+
+int ckpt_commit(const char *run_dir, int64_t step, int keep) {
+    char root[1200], dir[1200], tmp[1300], path[1400];
+    snprintf(root, sizeof root, "%s/checkpoints", run_dir);
+    ckpt_dir(dir, sizeof dir, run_dir, step);
+    snprintf(tmp, sizeof tmp, "%s.tmp", dir);
+    snprintf(path, sizeof path, "%s/DONE", tmp);
+    char text[64];
+    int len = snprintf(text, sizeof text, "step %lld\n", (long long)step);
+    // every file is already fsynced (write_file_atomic); DONE and the directory entries follow them
+    if (write_file_atomic(path, text, (size_t)len) != 0 || fsync_path(tmp) != 0) return -1;
+    if (remove_flat_dir(dir) != 0) return -1;  // the same step written again (a resume from an older one)
+    if (rename(tmp, dir) != 0) return -1;
+    fsync_path(root);
+    const char *base = strrchr(dir, '/') + 1;
+    len = snprintf(text, sizeof text, "%s\n", base);
+    snprintf(path, sizeof path, "%s/latest", root);
+    if (write_file_atomic(path, text, (size_t)len) != 0) return -1;
+    int64_t *steps;
+    int count = ckpt_list(run_dir, &steps);
+    for (int i = keep; i < count; i++) {  // newest first: everything after the first `keep`
+        char old[1200];
+        ckpt_dir(old, sizeof old, run_dir, steps[i]);
+        snprintf(path, sizeof path, "%s/DONE", old);
+        unlink(path);  // first: a crash part way leaves an incomplete directory, never a damaged complete one
+        remove_flat_dir(old);
+    }
+    free(steps);
+    return 0;
+}
+
+int ckpt_set_aside(const char *run_dir, int64_t step) {
+    char dir[1200], aside[1300];
+    ckpt_dir(dir, sizeof dir, run_dir, step);
+    snprintf(aside, sizeof aside, "%s.unreadable", dir);
+    for (int i = 2; path_exists(aside); i++) snprintf(aside, sizeof aside, "%s.unreadable.%d", dir, i);
+    return rename(dir, aside);
 }

@@ -1,10 +1,13 @@
 // checkpoint.h: the weights file (spec/model.md §11): safetensors whose names, shapes, order and layouts equal the
-// reference PyTorch state_dict, with metadata. Written atomically; read back bitwise.
+// reference PyTorch state_dict, with metadata. Written atomically; read back bitwise. And the training checkpoint
+// that a run resumes from (docs/checkpoints.md): <run.dir>/checkpoints/step_<N>/ holding model.safetensors, the
+// optimizer state, the EMA weights, loader.json and trainer.json, made complete by a DONE file and a rename.
 #pragma once
 #include <stddef.h>
 #include <stdint.h>
 
 #include "model.h"
+#include "optim.h"
 
 // Writes the model's tensors (params from host_params if non-NULL, e.g. EMA weights, else the model's) to path.
 // config_json is the full effective config. Returns 0, or -1 with errno.
@@ -15,3 +18,45 @@ int weights_save(const Model *m, const char *path, const float *host_params, con
 // identity. Strips the
 // "_orig_mod." prefix of compiled reference checkpoints. Returns 0, or -1 with a one-line reason in err.
 int weights_load(Model *m, const char *path, char *err, size_t errlen);
+// weights_load's reading and checks into host buffers (params: num_params floats, buffers: num_buffers), leaving
+// the model untouched.
+int weights_read(const Model *m, const char *path, float *params, float *buffers, char *err, size_t errlen);
+
+// Adam's state (spec/shampoo.md §3.5's names): "<param>.exp_avg", "<param>.exp_avg_sq" and metadata t. adam_state_read
+// checks every tensor (present once, shaped as the parameter, finite, exp_avg_sq >= 0) into host m and v
+// (num_params floats each) and the step count. On failure *t_out is unchanged and m_out, v_out hold scratch: the
+// trainer reads into buffers of its own and installs them only when every file of a checkpoint has been read.
+int adam_state_save(const Adam *a, const Model *m, const char *path);
+int adam_state_read(const Model *m, const char *path, float *m_out, float *v_out, int64_t *t_out, char *err,
+                    size_t errlen);
+
+// The trainer's part of a checkpoint: the step, the best eval so far, the world size that wrote it and the run's
+// effective config (text, malloc'd).
+typedef struct {
+    int64_t step;
+    double best_top1;  // < 0: no eval yet
+    int64_t best_step;
+    int has_eval;  // the last evaluation (status.json's "eval" continues from it)
+    int64_t eval_step;
+    double eval_top1, eval_top5, eval_loss;
+    int world;
+    char *config_json;
+} TrainState;
+int train_state_write(const char *path, const TrainState *s);
+// Reads and checks a trainer.json; 0, or -1 with a reason naming the file. Free config_json after.
+int train_state_read(const char *path, TrainState *s, char *err, size_t errlen);
+
+// Checkpoint directories under <run_dir>/checkpoints/. A checkpoint is written into step_<N>.tmp/ (every file fsynced),
+// completed by DONE, renamed to step_<N>/, and named in the file `latest`; older complete ones beyond `keep` are
+// then deleted. Only a step_<N>/ holding DONE counts: a crash at any moment leaves the previous checkpoints whole.
+void ckpt_dir(char *buf, size_t n, const char *run_dir, int64_t step);
+// Creates an empty step_<N>.tmp/ (removing a leftover one) and puts its path in tmp. 0, or -1 with errno.
+int ckpt_begin(const char *run_dir, int64_t step, char *tmp, size_t n);
+int ckpt_commit(const char *run_dir, int64_t step, int keep);
+// Removes the step_<N>.tmp/ of a checkpoint that failed part way.
+void ckpt_abandon(const char *run_dir, int64_t step);
+// The steps of the complete checkpoints, newest first (malloc'd; *steps NULL when there are none). Returns the count.
+int ckpt_list(const char *run_dir, int64_t **steps);
+// Moves a complete checkpoint that cannot be loaded aside to step_<N>.unreadable/ (kept for inspection, never
+// loaded or deleted again). 0, or -1 with errno.
+int ckpt_set_aside(const char *run_dir, int64_t step);

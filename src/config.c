@@ -186,7 +186,7 @@ static const KeySpec KEYS[] = {
      "GPU)"},
 
     {"run.dir", KT_STR, FIELD(run.dir), "\"\"", NOLIM, NULL,
-     "run directory (config.json, status.json, metrics.jsonl, weights); \"\" = runs/<config file name>. A non-empty directory from an earlier run is moved aside to <dir>.1, .2, ... first"},
+     "run directory (config.json, status.json, metrics.jsonl, weights, checkpoints/); \"\" = runs/<config file name>. An earlier run there is resumed from its newest checkpoint (run.resume), or else moved aside to <dir>.1, .2, ... first"},
     {"run.device", KT_STR, FIELD(run.device), "\"cpu\"", NOLIM, "cpu|cuda|auto",
      "backend: cpu, cuda, or auto (cuda when a GPU is present, else cpu)"},
     {"run.attention", KT_STR, FIELD(run.attention), "\"fused\"", NOLIM, "fused|unfused",
@@ -195,6 +195,18 @@ static const KeySpec KEYS[] = {
     {"run.threads", KT_INT, FIELD(run.threads), "0", 0, 4096, NULL, "CPU threads per rank; 0 = the cores this rank may use, divided by the ranks on its node"},
     {"run.status_every_s", KT_DOUBLE, FIELD(run.status_every_s), "5", 0.1, 86400, NULL,
      "status.json refresh interval in seconds (it is also written at every log line)"},
+    {"run.resume", KT_STR, FIELD(run.resume), "\"auto\"", NOLIM, "auto|never|require",
+     "auto: a run directory holding a complete checkpoint (<dir>/checkpoints/step_N/) continues from the newest "
+     "one that loads, bit for bit, provided every key that changes the training agrees with the saved config "
+     "(docs/checkpoints.md); never: an earlier run is moved aside and training starts over; require: as auto, "
+     "but a directory without a checkpoint is an error"},
+    {"run.checkpoint_every", KT_INT, FIELD(run.checkpoint_every), "0", 0, 1e9, NULL,
+     "also write a checkpoint every N optimizer steps (0: at evaluations, at the end, on a stop signal and by "
+     "run.checkpoint_every_s only)"},
+    {"run.checkpoint_every_s", KT_DOUBLE, FIELD(run.checkpoint_every_s), "1800", 0, 1e9, NULL,
+     "also write a checkpoint when this many seconds have passed since the last one (rank 0's clock; 0 = off)"},
+    {"run.keep_checkpoints", KT_INT, FIELD(run.keep_checkpoints), "2", 1, 1e6, NULL,
+     "complete checkpoints kept: older ones are deleted once a newer one is complete"},
 };
 #define NKEYS (int)(sizeof KEYS / sizeof KEYS[0])
 
@@ -597,6 +609,55 @@ char *config_to_json(const Config *cfg) {
     return s;
 }
 
+// Keys that a resumed run may change: where, how fast and how verbosely it runs, never what it computes. The data
+// root may move (the loader state's fingerprint checks the data itself); the world size may change too.
+static const char *const RESUME_FREE[] = {"run.",          "data.root",          "data.threads",
+                                          "data.prefetch", "data.u8_batches",    "data.eval_batch_size",
+                                          "data.eval_limit", "train.log_every",  "train.eval_every",
+                                          "comm.timeout_s", "comm.overlap",      "model.recompute",
+                                          "shampoo.check_replicas"};
+
+static int resume_free(const char *path) {
+    for (size_t i = 0; i < sizeof RESUME_FREE / sizeof RESUME_FREE[0]; i++) {
+        size_t n = strlen(RESUME_FREE[i]);
+        if (RESUME_FREE[i][n - 1] == '.' ? !strncmp(path, RESUME_FREE[i], n) : !strcmp(path, RESUME_FREE[i]))
+            return 1;
+    }
+    return 0;
+}
+
+int config_resume_check(const Config *cfg, const char *saved_json, const char *what, char *err, size_t n) {
+    cJSON *saved = cJSON_Parse(saved_json);
+    if (!saved || !cJSON_IsObject(saved)) {
+        cJSON_Delete(saved);
+        return set_err(err, n, "%s: the saved config is not a JSON object", what);
+    }
+    char *cur_text = config_to_json(cfg);
+    cJSON *cur = cJSON_Parse(cur_text);
+    free(cur_text);
+    int rc = 0;
+    for (int i = 0; i < NKEYS && rc == 0; i++) {
+        const KeySpec *k = &KEYS[i];
+        if (resume_free(k->path)) continue;
+        const cJSON *a = get_path(saved, k->path), *b = get_path(cur, k->path);
+        cJSON *def = NULL;
+        if (!a && k->def) a = def = cJSON_Parse(k->def);  // written before the key existed: its default
+        if (!a || !cJSON_Compare(a, b, 1)) {
+            char *sa = a ? cJSON_PrintUnformatted(a) : NULL, *sb = cJSON_PrintUnformatted(b);
+            rc = set_err(err, n,
+                         "config key '%s': %s was trained with %s, this config says %s (a resumed run must agree on "
+                         "every key that changes training; set run.resume \"never\" to start a new run instead)",
+                         k->path, what, sa ? sa : "no value", sb ? sb : "?");
+            free(sa);
+            free(sb);
+        }
+        cJSON_Delete(def);
+    }
+    cJSON_Delete(saved);
+    cJSON_Delete(cur);
+    return rc;
+}
+
 char *config_doc_markdown(void) {
     static const char *types[] = {"int", "int", "number", "bool", "string", "[number, number]"};
     StrBuf b = {0};
@@ -609,7 +670,9 @@ char *config_doc_markdown(void) {
                   "JSON, else taken as a string). The effective config, with every key resolved, is written to "
                   "`<run.dir>/config.json`, with a top-level `derived` object that names the training and eval "
                   "transforms the data pipeline applies (written for readers; ignored when the file is read back, "
-                  "e.g. by `simplest-dist eval`).\n");
+                  "e.g. by `simplest-dist eval`). A run that resumes from a checkpoint must agree with the saved "
+                  "config on every key except those marked *may change when a run resumes* "
+                  "(docs/checkpoints.md).\n");
     const char *section = "";
     size_t seclen = 0;
     for (int i = 0; i < NKEYS; i++) {
@@ -629,8 +692,8 @@ char *config_doc_markdown(void) {
             snprintf(allowed, sizeof allowed, "%g .. %g", k->min, k->max);
         for (char *p = allowed; *p; p++)
             if (*p == '|') *p = ',';
-        sb_printf(&b, "| `%s` | %s | %s | %s | %s |\n", k->path, types[k->type], k->def ? k->def : "*required*",
-                  allowed, k->doc);
+        sb_printf(&b, "| `%s` | %s | %s | %s | %s%s |\n", k->path, types[k->type], k->def ? k->def : "*required*",
+                  allowed, k->doc, resume_free(k->path) ? " *(may change when a run resumes)*" : "");
     }
     return b.s;
 }

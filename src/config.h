@@ -88,6 +88,10 @@ typedef struct {
         char attention[8];  // "fused" | "unfused" (CUDA)
         int threads;      // CPU threads per rank; 0 = all available
         double status_every_s;
+        char resume[8];             // "auto" | "never" | "require"
+        int checkpoint_every;       // optimizer steps between checkpoints; 0 = only at evals, the end, signals
+        double checkpoint_every_s;  // seconds between checkpoints; 0 = off
+        int keep_checkpoints;       // complete checkpoints kept (the newest)
     } run;
 } Config;
 
@@ -106,5 +110,8 @@ char *config_doc_markdown(void);
 int config_micro_batch(const Config *cfg, int world);
 // Images per eval batch on each rank: data.eval_batch_size, or the training micro-batch at this world size.
 int config_eval_batch(const Config *cfg, int world);
+// Whether cfg may resume a run trained with saved_json (config_to_json text): every key that changes training must
+// be equal. 0, or -1 with a line naming the first key that differs and `what` (e.g. the checkpoint) in err.
+int config_resume_check(const Config *cfg, const char *saved_json, const char *what, char *err, size_t errlen);
 // The model part as a ModelConfig.
 ModelConfig config_model(const Config *cfg);

@@ -1293,17 +1293,6 @@ static int load_tensor(const StFile *f, const char *path, const char *name, cons
     return 0;
 }
 
-// A step count from the metadata: decimal digits only, 0 .. 2^53. -1 if it is anything else.
-static int64_t parse_step(const char *s) {
-    if (!s || !*s || strlen(s) > 16) return -1;
-    int64_t v = 0;
-    for (const char *p = s; *p; p++) {
-        if (*p < '0' || *p > '9') return -1;
-        v = v * 10 + (*p - '0');
-    }
-    return v <= ((int64_t)1 << 53) ? v : -1;
-}
-
 int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
     Model *m = s->model;
     Backend *be = m->be;
@@ -1316,7 +1305,7 @@ int shampoo_load(Shampoo *s, const char *path, char *err, size_t errlen) {
     }
     // A refresh still pending when the state was saved (root_delay d > 1): its factor snapshot and step.
     const char *pstr = st_meta(&f, "pending_t");
-    int64_t t = parse_step(tstr), pending_t = pstr ? parse_step(pstr) : 0;
+    int64_t t = parse_count(tstr), pending_t = pstr ? parse_count(pstr) : 0;
     if (t < 0) {
         set_err(err, errlen, "%s: Shampoo state has step t '%.40s', not a count of steps", path, tstr);
         st_close(&f);  // tstr points into the file's header

@@ -67,6 +67,10 @@ int status_write(const char *dir, const StatusInfo *s) {
         cJSON_AddStringToObject(o, "last_checkpoint", s->last_checkpoint);
     else
         cJSON_AddNullToObject(o, "last_checkpoint");
+    if (s->resumed_from > 0)
+        add_num(o, "resumed_from", (double)s->resumed_from);
+    else
+        cJSON_AddNullToObject(o, "resumed_from");
     if (s->has_shampoo) {
         cJSON *sh = cJSON_AddObjectToObject(o, "shampoo");
         add_num(sh, "blocks", s->shampoo_blocks);

@@ -12,6 +12,8 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <cJSON.h>
+
 #include "checkpoint.h"
 #include "data/pipeline.h"
 #include "safetensors.h"
@@ -498,11 +500,11 @@ static int dir_nonempty(const char *dir, int *is_run) {
     if (!d) return 0;
     struct dirent *e;
     int any = 0;
-    const char *run_files[] = {"config.json", "status.json", "metrics.jsonl", "model.safetensors"};
+    const char *run_files[] = {"config.json", "status.json", "metrics.jsonl", "model.safetensors", "checkpoints"};
     while ((e = readdir(d))) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         any = 1;
-        for (int i = 0; i < 4; i++) *is_run |= !strcmp(e->d_name, run_files[i]);
+        for (int i = 0; i < 5; i++) *is_run |= !strcmp(e->d_name, run_files[i]);
     }
     closedir(d);
     return any;
@@ -569,9 +571,10 @@ typedef struct {
     RankStatus *ranks;      // (world)
     double *sp_sq, *sp_cos;  // (depth) signal-propagation diagnostics
     char last_ckpt[1200];
-    double t_start, t_log, t_status;
+    double t_start, t_log, t_status, t_ckpt;
     double interval_loss;
     int64_t interval_count, interval_steps, saved_step;
+    int64_t start_step;  // the checkpoint step this run resumed from (0: a fresh run)
     double rank_ips;  // this rank's images/s over the last log interval (sent in heartbeats)
     double rank_stall, stall_mark;  // seconds this rank waited on the loader in the last interval; running mark
 } Run;
@@ -584,30 +587,87 @@ static void run_status(Run *r) {
                 strerror(errno));
 }
 
-// Rank 0 writes the weights; a failed periodic save is reported and retried at the next one, not fatal.
-static int run_save(Run *r, int64_t step) {
-    if (r->comm->rank != 0) return 0;
+// Fault injection for the resume tests (docs/checkpoints.md): the step named by an environment variable, or -1.
+static int64_t fault_step(const char *name) {
+    const char *v = getenv(name);
+    return v ? parse_count(v) : -1;
+}
+
+// Host copy of a device buffer of floats (a checkpoint's EMA weights).
+static float *download_floats(Backend *be, const float *dev, size_t n, const char *what) {
+    float *h = xmalloc((n ? n : 1) * sizeof(float), what);
+    be->download(be, h, dev, n * sizeof(float));
+    return h;
+}
+
+// The checkpoint's files other than the optimizer's (rank 0): raw weights, EMA weights, Adam, loader and trainer.
+static int write_ckpt_files(Run *r, int64_t step, const char *tmp) {
     const Trainer *t = &r->t;
-    char path[1200];
-    snprintf(path, sizeof path, "%s/model.safetensors", r->cfg->run.dir);
-    float *host = NULL;
+    char path[1400];
+    snprintf(path, sizeof path, "%s/model.safetensors", tmp);
+    if (weights_save(r->m, path, NULL, r->config_json, step, 0) != 0) return -1;
     if (t->ema) {
-        host = xmalloc(r->m->num_params * sizeof(float), "EMA weights");  // (num_params)
-        r->be->download(r->be, host, t->ema, r->m->num_params * sizeof(float));
+        float *host = download_floats(r->be, t->ema, r->m->num_params, "EMA weights");
+        snprintf(path, sizeof path, "%s/ema.safetensors", tmp);
+        int rc = weights_save(r->m, path, host, r->config_json, step, 1);
+        free(host);
+        if (rc != 0) return -1;
     }
-    int rc = weights_save(r->m, path, host, r->config_json, step, t->ema != NULL);
-    free(host);
-    if (rc != 0) {
-        fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
-        return -1;
-    }
-    snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", path);
-    r->si.last_checkpoint = r->last_ckpt;
+    snprintf(path, sizeof path, "%s/optimizer.safetensors", tmp);
+    if (!t->shampoo && adam_state_save(&t->adam, r->m, path) != 0) return -1;
     // where the data order stands: the next step's (epoch, step in epoch), for an exact resume (spec/data.md §5.5)
     LoaderState ls = loader_state_at(r->lctx.loader, step + 1);
-    snprintf(path, sizeof path, "%s/loader.json", r->cfg->run.dir);
-    if (loader_state_write(path, &ls) != 0)
-        fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
+    snprintf(path, sizeof path, "%s/loader.json", tmp);
+    if (loader_state_write(path, &ls) != 0) return -1;
+    const StatusInfo *si = &r->si;
+    TrainState ts = {.step = step, .best_top1 = si->has_eval ? si->best_top1 : -1.0, .best_step = si->best_step,
+                     .has_eval = si->has_eval, .eval_step = si->eval_step, .eval_top1 = si->eval_top1,
+                     .eval_top5 = si->eval_top5, .eval_loss = si->eval_loss, .world = r->comm->world,
+                     .config_json = r->config_json};
+    snprintf(path, sizeof path, "%s/trainer.json", tmp);
+    return train_state_write(path, &ts);
+}
+
+// Every rank: a checkpoint of step `step` (docs/checkpoints.md), written by rank 0, and the exported weights
+// <run.dir>/model.safetensors (EMA weights when EMA is on). A failed write is reported and tried again at the next
+// checkpoint; it is never fatal, and the previous checkpoints stay whole.
+static int run_checkpoint(Run *r, int64_t step) {
+    const char *dir = r->cfg->run.dir;
+    int rank0 = r->comm->rank == 0;
+    double t0 = now_sec();
+    char tmp[1300] = "", path[1400];
+    double ok = 1.0;
+    if (rank0 && ckpt_begin(dir, step, tmp, sizeof tmp) != 0) {
+        fprintf(stderr, "simplest-dist: warning: cannot create checkpoint %s: %s\n", tmp, strerror(errno));
+        ok = 0.0;
+    }
+    comm_bcast(r->comm, &ok, sizeof ok, 0);  // the optimizer state below is a collective: all or none
+    if (ok > 0.0 && r->t.shampoo) {
+        snprintf(path, sizeof path, "%s/optimizer.safetensors", tmp);
+        if (shampoo_save(r->t.shampoo, path) != 0 && rank0) ok = 0.0;
+    }
+    int files_ok = rank0 && ok > 0.0 && write_ckpt_files(r, step, tmp) == 0;
+    if (files_ok && fault_step("SD_FAULT_KILL_IN_CHECKPOINT") == step)
+        raise(SIGKILL);  // tests: a crash with every file written but the checkpoint not yet complete
+    if (rank0 && ok > 0.0 && (!files_ok || ckpt_commit(dir, step, r->cfg->run.keep_checkpoints) != 0)) {
+        fprintf(stderr, "simplest-dist: warning: checkpoint of step %lld not written: %s (tried again at the next)\n",
+                (long long)step, strerror(errno));
+        ckpt_abandon(dir, step);
+        ok = 0.0;
+    }
+    if (rank0) {
+        const Trainer *t = &r->t;
+        float *host = t->ema ? download_floats(r->be, t->ema, r->m->num_params, "EMA weights") : NULL;
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        if (weights_save(r->m, path, host, r->config_json, step, t->ema != NULL) != 0)
+            fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
+        free(host);
+    }
+    r->t_ckpt = now_sec();
+    r->t_log += r->t_ckpt - t0;  // checkpoint time does not count against training speed
+    if (ok <= 0.0) return -1;
+    ckpt_dir(r->last_ckpt, sizeof r->last_ckpt, dir, step);
+    r->si.last_checkpoint = r->last_ckpt;
     r->saved_step = step;
     return 0;
 }
@@ -627,6 +687,224 @@ static void broadcast_weights(Model *m, Comm *comm) {
     be->params_changed(be, m->params, m->num_params);
     free(p);
     free(b);
+}
+
+// ---------------------------------------------------------------- resume
+
+// A resumed run's metrics.jsonl: the records of steps up to the checkpoint (those after it are from steps that
+// will run again), then this run's, appended.
+static FILE *metrics_reopen(const char *path, int64_t step) {
+    size_t len = 0;
+    char *text = (char *)read_file_all(path, &len);
+    StrBuf keep = {0};
+    for (char *line = text, *next; line && line < text + len; line = next) {
+        char *nl = memchr(line, '\n', (size_t)(text + len - line));
+        next = nl ? nl + 1 : text + len;
+        if (!nl) break;  // a last line without its newline was cut off by the crash
+        *nl = 0;
+        cJSON *o = cJSON_Parse(line);
+        const cJSON *k = cJSON_GetObjectItemCaseSensitive(o, "step");
+        if (cJSON_IsNumber(k) && k->valuedouble <= (double)step) sb_printf(&keep, "%s\n", line);
+        cJSON_Delete(o);
+    }
+    free(text);
+    int rc = write_file_atomic(path, keep.s ? keep.s : "", keep.len);
+    sb_free(&keep);
+    return rc == 0 ? fopen(path, "a") : NULL;
+}
+
+// What rank 0 reads of a checkpoint before anything changes: every file checked, into host memory.
+typedef struct {
+    TrainState ts;
+    float *params, *buffers;  // (num_params), (num_buffers)
+    float *ema;               // (num_params), or NULL without EMA
+    float *mv;                // (2, num_params) Adam's m then v, or NULL with Shampoo
+    int64_t adam_t;
+} CkptHost;
+
+static void ckpt_host_free(CkptHost *h) {
+    free(h->ts.config_json);
+    free(h->params);
+    free(h->buffers);
+    free(h->ema);
+    free(h->mv);
+    memset(h, 0, sizeof *h);
+}
+
+// Rank 0: reads checkpoint `step` into h. -1 (err set) if a file is unreadable, so that an older checkpoint may be
+// tried; a config or dataset that differs from the checkpoint's stops the run (the user's choice, not damage).
+static int ckpt_host_read(Run *r, int64_t step, CkptHost *h, char *err, size_t n) {
+    const Model *m = r->m;
+    char dir[1200], path[1400];
+    ckpt_dir(dir, sizeof dir, r->cfg->run.dir, step);
+    memset(h, 0, sizeof *h);
+    snprintf(path, sizeof path, "%s/trainer.json", dir);
+    if (train_state_read(path, &h->ts, err, n) != 0) return -1;
+    if (h->ts.step != step) return set_err(err, n, "%s: step %lld in a checkpoint of step %lld", path,
+                                           (long long)h->ts.step, (long long)step);
+    if (config_resume_check(r->cfg, h->ts.config_json, dir, err, n) != 0) die_user("%s", err);
+    LoaderState ls;
+    snprintf(path, sizeof path, "%s/loader.json", dir);
+    if (loader_state_read(path, &ls, err, n) != 0) return -1;
+    if (ls.fingerprint != r->train_ds.fingerprint)
+        die_user("data.root: the training set differs from the one %s was trained on (fingerprint %016llx, now "
+                 "%016llx); set run.resume \"never\" to start a new run instead",
+                 dir, (unsigned long long)ls.fingerprint, (unsigned long long)r->train_ds.fingerprint);
+    int64_t next = loader_state_resume(r->lctx.loader, &ls, err, n);
+    if (next < 0) return -1;
+    if (next != step + 1)
+        return set_err(err, n, "%s: the data plan stands at step %lld, not at step %lld", path, (long long)next,
+                       (long long)step + 1);
+    size_t np = m->num_params ? m->num_params : 1;
+    h->params = xmalloc(np * sizeof(float), "checkpoint weights");
+    h->buffers = xmalloc((m->num_buffers ? m->num_buffers : 1) * sizeof(float), "checkpoint buffers");
+    snprintf(path, sizeof path, "%s/model.safetensors", dir);
+    if (weights_read(m, path, h->params, h->buffers, err, n) != 0) return -1;
+    if (r->t.ema) {
+        float *scratch = xmalloc((m->num_buffers ? m->num_buffers : 1) * sizeof(float), "checkpoint buffers");
+        h->ema = xmalloc(np * sizeof(float), "checkpoint EMA weights");
+        snprintf(path, sizeof path, "%s/ema.safetensors", dir);
+        int rc = weights_read(m, path, h->ema, scratch, err, n);
+        free(scratch);
+        if (rc != 0) return -1;
+    }
+    if (!r->t.shampoo) {
+        h->mv = xmalloc(2 * np * sizeof(float), "checkpoint Adam state");
+        snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
+        if (adam_state_read(m, path, h->mv, h->mv + m->num_params, &h->adam_t, err, n) != 0) return -1;
+    }
+    return 0;
+}
+
+// Every rank: rank 0's checked copy of the weights, EMA and Adam state goes to every rank's backend.
+static void ckpt_install(Run *r, CkptHost *h) {
+    Model *m = r->m;
+    Backend *be = r->be;
+    Trainer *t = &r->t;
+    size_t np = m->num_params, pb = np * sizeof(float);
+    if (r->comm->rank == 0) {
+        be->upload(be, m->params, h->params, pb);
+        be->upload(be, m->buffers, h->buffers, m->num_buffers * sizeof(float));
+        be->params_changed(be, m->params, np);
+    }
+    broadcast_weights(m, r->comm);
+    if (t->ema) {
+        if (!h->ema) h->ema = xmalloc((np ? np : 1) * sizeof(float), "checkpoint EMA weights");
+        comm_bcast(r->comm, h->ema, pb, 0);
+        be->upload(be, t->ema, h->ema, pb);
+    }
+    if (!t->shampoo) {
+        if (!h->mv) h->mv = xmalloc((np ? 2 * np : 1) * sizeof(float), "checkpoint Adam state");
+        comm_bcast(r->comm, h->mv, 2 * pb, 0);
+        comm_bcast(r->comm, &h->adam_t, sizeof h->adam_t, 0);
+        be->upload(be, t->adam.m, h->mv, 2 * pb);
+        t->adam.t = h->adam_t;
+    }
+}
+
+// run.resume: continues from the newest checkpoint of run.dir that loads; checkpoints newer than it that do not
+// load are set aside (step_N.unreadable). Returns the step resumed from, or 0 for a fresh run.
+static int64_t run_resume(Run *r) {
+    const Config *cfg = r->cfg;
+    Comm *comm = r->comm;
+    int rank0 = comm->rank == 0;
+    if (!strcmp(cfg->run.resume, "never")) return 0;
+    int64_t *steps = NULL, count = 0;
+    if (rank0) count = ckpt_list(cfg->run.dir, &steps);
+    comm_bcast(comm, &count, sizeof count, 0);
+    if (count == 0) {
+        if (!strcmp(cfg->run.resume, "require"))
+            die_user("config key 'run.resume': \"require\", but '%s' holds no complete checkpoint", cfg->run.dir);
+        return 0;
+    }
+    if (!rank0) steps = xmalloc((size_t)count * sizeof(int64_t), "checkpoint steps");
+    comm_bcast(comm, steps, (size_t)count * sizeof(int64_t), 0);
+    char newest_err[1600] = "";
+    for (int64_t i = 0; i < count; i++) {
+        char dir[1200], err[1600] = "";
+        ckpt_dir(dir, sizeof dir, cfg->run.dir, steps[i]);
+        CkptHost h = {0};
+        double ok = rank0 ? ckpt_host_read(r, steps[i], &h, err, sizeof err) == 0 : 1.0;
+        comm_bcast(comm, &ok, sizeof ok, 0);
+        if (ok > 0.0 && r->t.shampoo) {  // every rank reads it: owners take their factors (spec/shampoo.md §3.5)
+            char path[1400];
+            snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
+            double mine = shampoo_load(r->t.shampoo, path, err, sizeof err) == 0;
+            if (mine == 0.0 && !rank0) fprintf(stderr, "simplest-dist: rank %d: %s\n", comm->rank, err);
+            comm_allreduce_sum_f64(comm, &mine, 1);
+            if (mine < comm->world && !err[0]) snprintf(err, sizeof err, "%s: another rank could not load it", path);
+            ok = mine == comm->world;
+        }
+        if (ok > 0.0) {
+            ckpt_install(r, &h);
+            if (rank0) {
+                for (int64_t j = 0; j < i; j++)
+                    if (ckpt_set_aside(cfg->run.dir, steps[j]) != 0)
+                        fprintf(stderr, "simplest-dist: warning: cannot set checkpoint step %lld aside: %s\n",
+                                (long long)steps[j], strerror(errno));
+                printf("resuming from %s: step %lld of %lld (written by %d rank%s, now %d)\n", dir,
+                       (long long)steps[i], (long long)r->t.total_steps, h.ts.world, h.ts.world == 1 ? "" : "s",
+                       comm->world);
+            }
+            StatusInfo *si = &r->si;  // rank 0 writes it; only rank 0 read trainer.json
+            if (h.ts.best_top1 >= 0) {
+                si->best_top1 = h.ts.best_top1;
+                si->best_step = h.ts.best_step;
+            }
+            si->has_eval = h.ts.has_eval;
+            si->eval_step = h.ts.eval_step;
+            si->eval_top1 = h.ts.eval_top1;
+            si->eval_top5 = h.ts.eval_top5;
+            si->eval_loss = h.ts.eval_loss;
+            si->resumed_from = steps[i];
+            si->step = steps[i];
+            snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", dir);
+            si->last_checkpoint = r->last_ckpt;
+            r->saved_step = steps[i];
+            ckpt_host_free(&h);
+            int64_t step = steps[i];
+            free(steps);
+            return step;
+        }
+        if (rank0) fprintf(stderr, "simplest-dist: warning: checkpoint %s cannot be loaded: %s\n", dir, err);
+        if (!newest_err[0]) snprintf(newest_err, sizeof newest_err, "%s", err);
+        ckpt_host_free(&h);
+    }
+    die_user("run directory '%s': none of its %lld checkpoints can be loaded (the newest: %s); set run.resume "
+             "\"never\" to start a new run (this one is moved aside)",
+             cfg->run.dir, (long long)count, newest_err);
+}
+
+// Rank 0's run directory: a fresh run moves an earlier one aside; a resumed one keeps it, with metrics.jsonl cut
+// back to the checkpoint's step. Then the banner and the memory line.
+static void run_open_dir(Run *r, int micro, int64_t T, int64_t spe) {
+    const Config *cfg = r->cfg;
+    Comm *comm = r->comm;
+    if (comm->rank != 0) return;
+    if (!r->start_step) prepare_run_dir(cfg->run.dir);
+    char path[1200];
+    snprintf(path, sizeof path, "%s/config.json", cfg->run.dir);
+    if (write_file_atomic(path, r->config_json, strlen(r->config_json)) != 0)
+        die_user("run directory '%s': cannot write config.json: %s", cfg->run.dir, strerror(errno));
+    snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.dir);
+    r->metrics = r->start_step ? metrics_reopen(path, r->start_step) : fopen(path, "w");
+    if (!r->metrics)
+        die_user("run directory '%s': cannot write metrics.jsonl: %s", cfg->run.dir, strerror(errno));
+    printf("simplest-dist: %s%s, %zu params, %d ranks x %d images x %d accum = batch %d, %lld steps "
+           "(%lld per epoch), %s backend, run dir %s\n",
+           cfg->model.arch, cfg->model.seed_compat ? " (seed_compat)" : "", r->m->num_params, comm->world,
+           micro, cfg->train.batch_size / (micro * comm->world), cfg->train.batch_size, (long long)T, (long long)spe, r->be->name,
+           cfg->run.dir);
+    // Memory: activations scale with the per-rank batch; everything else (params, grads, optimizer state,
+    // scratch) does not. The largest batch assumes the free memory all goes to activations.
+    size_t fr = 0, tot = 0;
+    r->be->mem_info(r->be, &fr, &tot);
+    double per_img = (double)r->m->act_bytes / r->m->max_batch;
+    printf("memory: %.2f MiB of activations per image (%.0f MiB for %d), %.0f MiB free of %.0f on the %s: "
+           "largest per-rank batch that fits about %.0f\n",
+           per_img / 1048576.0, r->m->act_bytes / 1048576.0, r->m->max_batch, fr / 1048576.0, tot / 1048576.0,
+           r->be->name, floor((fr + (double)r->m->act_bytes) / per_img));
+    fflush(stdout);
 }
 
 static void run_setup(Run *r, const Config *cfg, Comm *comm) {
@@ -672,32 +950,6 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     if (lc.u8) trainer_set_u8_input(&r->t, r->train_ds.mean, r->train_ds.std);
     r->t.no_host_images = cfg->train.mixup_alpha <= 0.0;  // loader_source writes images only for Mixup
     r->config_json = config_to_json(cfg);
-    if (comm->rank == 0) {
-        prepare_run_dir(cfg->run.dir);
-        char path[1200];
-        snprintf(path, sizeof path, "%s/config.json", cfg->run.dir);
-        if (write_file_atomic(path, r->config_json, strlen(r->config_json)) != 0)
-            die_user("run directory '%s': cannot write config.json: %s", cfg->run.dir, strerror(errno));
-        snprintf(path, sizeof path, "%s/metrics.jsonl", cfg->run.dir);
-        r->metrics = fopen(path, "w");
-        if (!r->metrics)
-            die_user("run directory '%s': cannot write metrics.jsonl: %s", cfg->run.dir, strerror(errno));
-        printf("simplest-dist: %s%s, %zu params, %d ranks x %d images x %d accum = batch %d, %lld steps "
-               "(%lld per epoch), %s backend, run dir %s\n",
-               cfg->model.arch, cfg->model.seed_compat ? " (seed_compat)" : "", r->m->num_params, comm->world,
-               micro, cfg->train.batch_size / (micro * comm->world), cfg->train.batch_size, (long long)T, (long long)spe, r->be->name,
-               cfg->run.dir);
-        // Memory: activations scale with the per-rank batch; everything else (params, grads, optimizer state,
-        // scratch) does not. The largest batch assumes the free memory all goes to activations.
-        size_t fr = 0, tot = 0;
-        r->be->mem_info(r->be, &fr, &tot);
-        double per_img = (double)r->m->act_bytes / r->m->max_batch;
-        printf("memory: %.2f MiB of activations per image (%.0f MiB for %d), %.0f MiB free of %.0f on the %s: "
-               "largest per-rank batch that fits about %.0f\n",
-               per_img / 1048576.0, r->m->act_bytes / 1048576.0, r->m->max_batch, fr / 1048576.0, tot / 1048576.0,
-               r->be->name, floor((fr + (double)r->m->act_bytes) / per_img));
-        fflush(stdout);
-    }
     r->ranks = xcalloc((size_t)comm->world * sizeof(RankStatus), "rank status");  // (world)
     r->sp_sq = xcalloc((size_t)mc.depth * sizeof(double), "signalprop");           // (depth)
     r->sp_cos = xcalloc((size_t)mc.depth * sizeof(double), "signalprop");          // (depth)
@@ -714,7 +966,9 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     r->si.data_skip_names = skip_names;
     r->si.data_skipped = pf->counts;
     r->saved_step = -1;
-    r->t_start = r->t_log = r->t_status = now_sec();
+    r->start_step = run_resume(r);
+    run_open_dir(r, micro, T, spe);
+    r->t_start = r->t_log = r->t_status = r->t_ckpt = now_sec();
 }
 
 // The progress line, metrics.jsonl record, rank heartbeats and signal-propagation diagnostics of one interval.
@@ -736,7 +990,7 @@ static void run_log(Run *r, int64_t k, const StepResult *sr) {
     si->grad_norm = sr->grad_norm;
     si->images_per_sec = ips;
     si->elapsed_s = now - r->t_start;
-    si->eta_s = (now - r->t_start) / k * (r->t.total_steps - k);
+    si->eta_s = (now - r->t_start) / (double)(k - r->start_step) * (r->t.total_steps - k);
     si->sp_mean_sq = r->sp_sq;
     si->sp_mean_cos = r->sp_cos;
     si->sp_step = k;
@@ -830,13 +1084,13 @@ static void run_eval(Run *r, int64_t k) {
         double vals[] = {(double)k, ev.top1, ev.top5, ev.loss, ev.top1_bm, ev.loss_bm, now_sec() - r->t_start};
         metrics_append(r->metrics, keys, vals, 7);
     }
-    run_save(r, k);  // spec §12.1: weights at every evaluation
     r->t_log += now_sec() - t0;  // eval time does not count against training speed
+    run_checkpoint(r, k);         // spec §12.1: a checkpoint at every evaluation
 }
 
 static void run_finish(Run *r, int64_t done, const char *state) {
     StatusInfo *si = &r->si;
-    if (r->saved_step != done && strcmp(state, "failed") != 0) run_save(r, done);
+    if (r->saved_step != done && strcmp(state, "failed") != 0) run_checkpoint(r, done);
     si->state = state;
     si->step = done;
     si->elapsed_s = now_sec() - r->t_start;
@@ -844,9 +1098,9 @@ static void run_finish(Run *r, int64_t done, const char *state) {
     run_status(r);
     if (r->comm->rank == 0) {
         if (strcmp(state, "failed") != 0)
-            printf("%s after %lld steps in %.1f s; weights in %s\n",
+            printf("%s after %lld steps in %.1f s; weights in %s/model.safetensors, checkpoint %s\n",
                    strcmp(state, "stopped") == 0 ? "stopped by a signal" : "done", (long long)done, si->elapsed_s,
-                   r->last_ckpt);
+                   r->cfg->run.dir, r->last_ckpt[0] ? r->last_ckpt : "none");
         if (r->metrics && fclose(r->metrics) != 0)
             fprintf(stderr, "simplest-dist: warning: closing metrics.jsonl: %s\n", strerror(errno));
         r->metrics = NULL;
@@ -869,14 +1123,16 @@ static void run_free(Run *r) {
 int train_main(const Config *cfg, Comm *comm) {
     Run r;
     comm_set_timeout(comm, cfg->comm.timeout_s);  // from the start: a rank silent during setup fails the job too
-    run_setup(&r, cfg, comm);
+    // before the setup: a signal while the data or a checkpoint loads stops the run after its first step
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
     signal(SIGUSR1, on_signal);
-    int64_t T = r.t.total_steps, done = 0;
+    run_setup(&r, cfg, comm);
+    int64_t T = r.t.total_steps, done = r.start_step;
     const char *state = "done";
     int rc = 0;
-    for (int64_t k = 1; k <= T; k++) {
+    if (done >= T && comm->rank == 0) printf("the run in %s is already complete\n", cfg->run.dir);
+    for (int64_t k = r.start_step + 1; k <= T; k++) {
         comm_heartbeat(comm, k, r.rank_ips, r.rank_stall);
         StepResult sr = trainer_step(&r.t, k, loader_source, &r.lctx);
         if (sr.diverged) {  // identical on every rank: the norm is computed after the all-reduce
@@ -892,11 +1148,18 @@ int train_main(const Config *cfg, Comm *comm) {
         r.interval_count += sr.count;
         r.interval_steps++;
         done = k;
-        double stop_flag = g_stop_signal ? 1.0 : 0.0;
-        if (comm->world > 1) comm_allreduce_sum_f64(comm, &stop_flag, 1);  // every rank stops at the same step
-        int stopped = stop_flag > 0.0 && k < T;
+        if (fault_step("SD_FAULT_KILL_AFTER_STEP") == k) raise(SIGKILL);  // tests: a crash between two checkpoints
+        // every rank stops, and checkpoints by rank 0's clock, at the same step
+        double flags[2] = {g_stop_signal ? 1.0 : 0.0,
+                           comm->rank == 0 && cfg->run.checkpoint_every_s > 0 &&
+                                   now_sec() - r.t_ckpt >= cfg->run.checkpoint_every_s ? 1.0 : 0.0};
+        if (comm->world > 1) comm_allreduce_sum_f64(comm, flags, 2);
+        int stopped = flags[0] > 0.0 && k < T;
         if (k % cfg->train.log_every == 0 || k == T || stopped) run_log(&r, k, &sr);
         if (!stopped && ((cfg->train.eval_every > 0 && k % cfg->train.eval_every == 0) || k == T)) run_eval(&r, k);
+        if (!stopped && r.saved_step != k &&
+            (flags[1] > 0.0 || (cfg->run.checkpoint_every > 0 && k % cfg->run.checkpoint_every == 0)))
+            run_checkpoint(&r, k);
         if (k % cfg->train.log_every == 0 || now_sec() - r.t_status >= cfg->run.status_every_s) {
             run_status(&r);
             r.t_status = now_sec();
@@ -950,7 +1213,13 @@ int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char 
     int eval_batch = config_eval_batch(cfg, comm->world);
     Model *m = model_create(&mc, be, eval_batch);
     model_init(m, (uint64_t)cfg->train.seed);  // posemb; every tensor is then replaced from the file
-    char err[1024];
+    char err[1400], path[1200];
+    struct stat st;
+    if (stat(checkpoint, &st) == 0 && S_ISDIR(st.st_mode)) {  // a checkpoint directory: its EMA weights if it has
+        snprintf(path, sizeof path, "%s/ema.safetensors", checkpoint);  // them (what the run evaluated), else the
+        if (!path_exists(path)) snprintf(path, sizeof path, "%s/model.safetensors", checkpoint);  // trained ones
+        checkpoint = path;
+    }
     if (weights_load(m, checkpoint, err, sizeof err) != 0) die_user("%s", err);
     float *logits = NULL;
     int64_t n = 0;

@@ -250,6 +250,16 @@ static int fsync_dir_of(const char *path) {
     return rc;
 }
 
+int64_t parse_count(const char *s) {
+    if (!s || !*s || strlen(s) > 16) return -1;
+    int64_t v = 0;
+    for (const char *p = s; *p; p++) {
+        if (*p < '0' || *p > '9') return -1;
+        v = v * 10 + (*p - '0');
+    }
+    return v <= ((int64_t)1 << 53) ? v : -1;
+}
+
 int write_file_atomic(const char *path, const void *data, size_t len) {
     size_t plen = strlen(path);
     char *tmp = xmalloc(plen + 32, "tmp path");

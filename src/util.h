@@ -30,6 +30,9 @@ char *xstrdup(const char *s);
 // characters in it (from quoted user bytes) are escaped, as in die_user: the reason is always one line.
 int set_err(char *err, size_t n, const char *fmt, ...) __attribute__((format(printf, 3, 4)));
 
+// A count from a file's metadata: decimal digits only, 0 .. 2^53. -1 if it is anything else.
+int64_t parse_count(const char *s);
+
 double now_sec(void);  // monotonic clock, seconds
 
 // A bound on a blocking call that cannot poll (a library's setup, such as ncclCommInitRank waiting for every

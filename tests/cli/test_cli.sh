@@ -277,18 +277,29 @@ else
   notok "train: config.json loads back; eval of the weights reproduces the run's top-1" "exit $rc, run top-1 $top1_run," \
     "eval: $(cat "$T/eval1.out" "$T/eval1.err" | tail -3)"
 fi
-# Rerun into the same run.dir: the first run moves to run1.1 unchanged.
+# Rerun into the same run.dir with another config: refused (the run would resume; docs/checkpoints.md), with one
+# line naming the key and nothing touched; with run.resume "never" the first run moves to run1.1 unchanged.
 (cd "$RUN1" && find . -type f -exec md5sum {} + | sort -k2) >"$T/run1.md5" 2>/dev/null
 "$BIN" $CONFIG "${COMMON[@]}" "${TINY[@]}" --set train.steps=2 --set train.log_every=1 --set train.batch_size=64 \
-  --set "run.dir=$RUN1" \
-  >"$T/train2.out" 2>"$T/train2.err"
+  --set "run.dir=$RUN1" >"$T/train2.out" 2>"$T/train2.err"
+rc=$?
+same=$( (cd "$RUN1" && find . -type f -exec md5sum {} + | sort -k2) )
+if [ $rc -eq 2 ] && [ "$(wc -l < "$T/train2.err")" = 1 ] && grep -q "config key 'train.steps'" "$T/train2.err" &&
+   [ "$same" = "$(cat "$T/run1.md5")" ]; then
+  ok "train: a rerun with another train.steps is refused in one line naming the key, the run untouched"
+else
+  notok "train: a rerun with another train.steps is refused in one line naming the key, the run untouched" \
+    "exit $rc; $(head -c 300 "$T/train2.err")"
+fi
+"$BIN" $CONFIG "${COMMON[@]}" "${TINY[@]}" --set train.steps=2 --set train.log_every=1 --set train.batch_size=64 \
+  --set "run.dir=$RUN1" --set run.resume=never >"$T/train2.out" 2>"$T/train2.err"
 rc=$?
 after=$( (cd "$RUN1.1" 2>/dev/null && find . -type f -exec md5sum {} + | sort -k2) )
 if [ $rc -eq 0 ] && [ -d "$RUN1.1" ] && [ "$after" = "$(cat "$T/run1.md5")" ] && [ -s "$RUN1/model.safetensors" ] &&
   [ "$($PY "$H" status_field "$RUN1" step)" = 2 ]; then
-  ok "train: a rerun moves the earlier run to run1.1 with nothing lost"
+  ok "train: a rerun with run.resume never moves the earlier run to run1.1 with nothing lost"
 else
-  notok "train: a rerun moves the earlier run to run1.1 with nothing lost" "exit $rc; $(ls -d "$RUN1"* | tr '\n' ' ')" \
+  notok "train: a rerun with run.resume never moves the earlier run to run1.1 with nothing lost" "exit $rc; $(ls -d "$RUN1"* | tr '\n' ' ')" \
     "$(tail -2 "$T/train2.err")"
 fi
 

@@ -35,7 +35,7 @@ d = s["data"]
 assert s["state"] == "done", s["state"]
 assert d["dataset"] == "cifar10" and d["decoder_threads"] == 2 and d["skipped_total"] == 0, d
 assert "truncated" in d["skipped"] and "png" in d["skipped"], d["skipped"]
-l = json.load(open(sys.argv[1] + "/loader.json"))
+l = json.load(open(sys.argv[1] + "/checkpoints/step_00000012/loader.json"))  # the final checkpoint's
 assert l["epoch"] == 12 // 10 and l["step_in_epoch"] == 12 % 10 and l["global_batch"] == 20, l
 PYEOF
 then echo "ok - status.json data section and loader.json"; else echo "not ok - status.json data section and loader.json"; fi

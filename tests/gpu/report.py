@@ -237,6 +237,17 @@ def main():
         summary.append(("nccl np=1 (SD_NCCL_FORCE=1)", res, "%d ok, %d not ok, %s s" % (n_ok, len(bad), secs)))
         md += ["## 3b. The NCCL path at np = 1 (tests/gpu/nccl_np1.sh)", "", "```"] + lines[-20:] + ["```", ""]
 
+    # 3c. checkpoint and resume on the GPU
+    rc, secs, log = stage_info(w, "resume_gpu")
+    if rc != "missing":
+        lines = log.splitlines()
+        n_ok = sum(1 for l in lines if l.startswith("ok - "))
+        bad = [l for l in lines if l.startswith("not ok - ")]
+        res = ("skipped" if rc == "skip" else "ok" if rc == "0" and n_ok == 2 and not bad else
+               "TIMEOUT" if rc in ("124", "137") and not bad else "FAIL")
+        summary.append(("resume after SIGKILL, bit-identical", res, "%d ok, %d not ok, %s s" % (n_ok, len(bad), secs)))
+        md += ["## 3c. Checkpoint and resume on the GPU (tests/gpu/resume_gpu.sh)", "", "```"] + lines[-12:] + ["```", ""]
+
     # 4. benchmarks
     md += ["## 4. Training throughput, ViT-S/16, 224 px, batch 256, bf16", "",
            "FLOPs per training image (tests/gpu/flops.py, docs/gpu-validation.md): matmuls only, "

@@ -299,6 +299,11 @@ elif [ -x ./simplest-dist ] && [ -n "$FM" ]; then
     mkdir -p "$OUTDIR/gpu-logs/nccl" && for f in "$W"/nccl/*.log; do [ -f "$f" ] && tail -c 200000 "$f" >"$OUTDIR/gpu-logs/nccl/$(basename "$f")"; done
 fi
 
+# ---- 3c. checkpoint and resume on the GPU: a run killed and started again ends with the uninterrupted run's bits
+if [ -x ./simplest-dist ] && [ -n "$FM" ]; then
+    stage resume_gpu 120 tests/gpu/resume_gpu.sh "$FM" "$W/resume"
+fi
+
 ours_bench unfused
 if [ -z "$NO_TORCH" ]; then
     stage torch_eager 120 $PY tests/gpu/torch_bench.py --mode eager --steps 20 --warmup 5

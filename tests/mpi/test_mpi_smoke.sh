@@ -84,10 +84,13 @@ for np_ in (1, 2):
         errs.append("np=%d: %s holds %s, want only run/" % (np_, parent, entries))
     d = os.path.join(parent, "run")
     files = sorted(os.listdir(d)) if os.path.isdir(d) else []
-    want = ["config.json", "loader.json", "metrics.jsonl", "model.safetensors", "status.json"]
+    want = ["checkpoints", "config.json", "metrics.jsonl", "model.safetensors", "status.json"]
     if files != want:
         errs.append("np=%d: run dir holds %s, want %s" % (np_, files, want))
         continue
+    ck = sorted(os.listdir(os.path.join(d, "checkpoints")))
+    if ck != ["latest", "step_00000010"]:
+        errs.append("np=%d: checkpoints/ holds %s, want latest and step_00000010" % (np_, ck))
     recs = [json.loads(l) for l in open(os.path.join(d, "metrics.jsonl"))]
     train = [r["step"] for r in recs if "train/loss" in r]
     evals = [r["step"] for r in recs if "val/acc" in r]

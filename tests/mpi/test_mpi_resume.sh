@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Resume across ranks (docs/checkpoints.md), under mpirun on the CPU:
+#  - comm.deterministic with Shampoo (root_delay 1) and dropout: a run at np = 2 killed with SIGKILL, then resumed
+#    at np = 3, ends with the weights, optimizer state and metrics of an uninterrupted np = 1 run, bit for bit.
+#    Shampoo's owners change with the rank count: each takes its blocks' factors from the checkpoint;
+#  - SIGUSR1 to mpirun (which Open MPI forwards to every rank; SIGTERM it turns into killing the job after a short
+#    grace, docs/checkpoints.md): every rank stops at the same step, rank 0 writes the checkpoint, the job exits 0,
+#    and a restart at np = 2 ends identical to an uninterrupted np = 2 run.
+set -u
+. "$(dirname "$0")/common.inc"
+mpi_setup mpi_resume
+mpi_fmnist_data
+TINY="--set model.width=custom --set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7
+  --set model.patch_size=7 --set train.batch_size=48 --set train.steps=24 --set train.log_every=1
+  --set train.eval_every=10 --set data.train_limit=960 --set data.eval_limit=300 --set model.drop_p=0.1
+  --set run.threads=1 --set run.checkpoint_every=4 --set run.checkpoint_every_s=0 $DATA"
+DET="--set comm.deterministic=true --set comm.shards=6 --set opt.name=shampoo --set shampoo.precondition_frequency=5
+  --set shampoo.start_preconditioning_step=5 --set shampoo.root_delay=1"
+same() {
+  "$PY" - "$1" "$2" <<'PYEOF'
+import json, os, sys
+sys.path.insert(0, "tests/reference")
+import numpy as np, st
+a_dir, b_dir = sys.argv[1:3]
+bad = []
+last = open(os.path.join(a_dir, "checkpoints", "latest")).read().strip()
+for f in ["model.safetensors"] + [os.path.join("checkpoints", last, f) for f in ("model.safetensors", "optimizer.safetensors")]:
+    a, _ = st.load(os.path.join(a_dir, f)); b, _ = st.load(os.path.join(b_dir, f))
+    if list(a) != list(b) or not all(np.array_equal(a[k], b[k]) for k in a): bad.append(f)
+def records(d):
+    out = []
+    for line in open(os.path.join(d, "metrics.jsonl")):
+        r = json.loads(line)
+        for k in ("time_s", "images_per_sec", "allreduce_wait_s", "skew_wait_s"): r.pop(k, None)
+        out.append(r)
+    return out
+# Eval losses are sums over ranks in another grouping at another world size (1e-10 relative); all else is exact.
+ra, rb = records(a_dir), records(b_dir)
+def close(x, y):
+    if x.keys() != y.keys(): return False
+    return all(x[k] == y[k] or (k in ("val/loss", "val/loss_bm") and abs(x[k] - y[k]) <= 1e-9 * abs(x[k]))
+               for k in x)
+if len(ra) != len(rb) or not all(close(x, y) for x, y in zip(ra, rb)): bad.append("metrics.jsonl")
+print("differ: " + ", ".join(bad) if bad else "identical")
+PYEOF
+}
+status_field() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))$2)" "$1"; }
+
+timeout 300 "$BIN" configs/fashion-mnist.json $TINY $DET --set run.dir="$TMP/np1" > "$TMP/np1.log" 2>&1
+SD_FAULT_KILL_AFTER_STEP=14 timeout 300 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY $DET \
+  --set run.dir="$TMP/np2to3" > "$TMP/np2to3-1.log" 2>&1
+rc1=$?
+timeout 300 $MPI -np 3 "$BIN" configs/fashion-mnist.json $TINY $DET --set run.dir="$TMP/np2to3" > "$TMP/np2to3-2.log" 2>&1
+rc2=$?
+diff=$(same "$TMP/np1" "$TMP/np2to3")
+if [ "$rc1" != 0 ] && [ "$rc2" = 0 ] && grep -q "resuming from .*step_00000012: step 12 of 24 (written by 2 ranks, now 3)" "$TMP/np2to3-2.log" &&
+   [ "$diff" = identical ]; then
+  echo "ok - deterministic Shampoo run killed at np = 2, resumed at np = 3: identical to the uninterrupted np = 1 run"
+else
+  echo "not ok - np 2 -> 3 resume: kill rc $rc1, resume rc $rc2, $diff"; grep -E "resuming|error" "$TMP/np2to3-2.log" | head -3
+fi
+
+LONG="--set train.steps=300 --set train.eval_every=0 --set run.checkpoint_every=40"
+timeout 300 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY $LONG --set run.dir="$TMP/term-straight" > "$TMP/term-straight.log" 2>&1
+timeout 300 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY $LONG --set run.dir="$TMP/term" > "$TMP/term-1.log" 2>&1 &
+pid=$!
+for _ in $(seq 1 1500); do [ -f "$TMP/term/checkpoints/step_00000040/DONE" ] && break; sleep 0.02; done
+# timeout runs mpirun as its child; signal mpirun itself
+mp=$(pgrep -P $pid mpirun)
+kill -USR1 "${mp:-$pid}"
+wait $pid
+rc1=$?
+state=$(status_field "$TMP/term" "['state']")
+at=$(status_field "$TMP/term" "['step']")
+timeout 300 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY $LONG --set run.dir="$TMP/term" > "$TMP/term-2.log" 2>&1
+rc2=$?
+diff=$(same "$TMP/term-straight" "$TMP/term")
+if [ "$rc1" = 0 ] && [ "$state" = stopped ] && [ "$at" -lt 300 ] &&
+   [ "$rc2" = 0 ] && grep -q "resuming from .*step_$(printf %08d "$at")" "$TMP/term-2.log" && [ "$diff" = identical ]; then
+  echo "ok - SIGUSR1 to mpirun: both ranks stop at step $at, exit 0 with its checkpoint; the np = 2 restart ends identical"
+else
+  echo "not ok - SIGUSR1 under mpirun: rc $rc1, state $state at $at, restart rc $rc2, $diff"; tail -3 "$TMP/term-1.log"
+fi
