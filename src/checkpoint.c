@@ -264,6 +264,11 @@ int train_state_write(const char *path, const TrainState *s) {
         }
     }
     cJSON_AddNumberToObject(o, "world", s->world);
+    cJSON *iv = cJSON_AddObjectToObject(o, "interval");
+    snprintf(num, sizeof num, "%.17g", s->interval_loss);
+    cJSON_AddRawToObject(iv, "loss_sum", num);
+    snprintf(num, sizeof num, "%lld", (long long)s->interval_count);
+    cJSON_AddRawToObject(iv, "count", num);
     cJSON *cfg = cJSON_Parse(s->config_json ? s->config_json : "{}");
     cJSON_AddItemToObject(o, "config", cfg ? cfg : cJSON_CreateObject());
     char *text = cJSON_Print(o);
@@ -312,6 +317,8 @@ int train_state_read(const char *path, TrainState *s, char *err, size_t n) {
     const cJSON *cfg = cJSON_GetObjectItemCaseSensitive(o, "config");
     const cJSON *best = cJSON_GetObjectItemCaseSensitive(o, "best_top1");
     const cJSON *eval = cJSON_GetObjectItemCaseSensitive(o, "eval");
+    const cJSON *iv = cJSON_GetObjectItemCaseSensitive(o, "interval");
+    const cJSON *iloss = cJSON_GetObjectItemCaseSensitive(iv, "loss_sum");
     int64_t world = 0;
     if (!cJSON_IsObject(o) || !cJSON_IsString(fmt) || strcmp(fmt->valuestring, "simplest-dist-trainer-1") != 0) {
         set_err(err, n, "%s: not a trainer state file", path);
@@ -325,10 +332,15 @@ int train_state_read(const char *path, TrainState *s, char *err, size_t n) {
                         json_count(cJSON_GetObjectItemCaseSensitive(o, "best_step"), 1, (double)s->step,
                                    &s->best_step) != 0)) {
         set_err(err, n, "%s: 'best_top1' must be in 0 .. 1 with a 'best_step' in 1 .. step", path);
+    } else if (!cJSON_IsObject(iv) || !cJSON_IsNumber(iloss) || !isfinite(iloss->valuedouble) ||
+               iloss->valuedouble < 0 ||
+               json_count(cJSON_GetObjectItemCaseSensitive(iv, "count"), 0, 9007199254740992.0, &s->interval_count) != 0) {
+        set_err(err, n, "%s: 'interval' must hold a finite 'loss_sum' >= 0 and a whole 'count' >= 0", path);
     } else if (eval && read_eval(eval, s) != 0) {
         set_err(err, n, "%s: 'eval' must hold a 'step' in 1 .. step and numbers 'top1', 'top5', 'loss'", path);
     } else {
         s->world = (int)world;
+        s->interval_loss = iloss->valuedouble;
         if (best) s->best_top1 = best->valuedouble;
         s->config_json = cJSON_PrintUnformatted(cfg);
         rc = 0;
@@ -366,15 +378,64 @@ static int fsync_path(const char *path) {
     return rc;
 }
 
+// "step_<digits>" (suffix "") or "step_<digits>.tmp" (suffix ".tmp") exactly: the step, or -1.
+static int64_t step_of(const char *name, const char *suffix) {
+    size_t n = strlen(name), k = strlen(suffix);
+    if (n < 5 + k || strncmp(name, "step_", 5) != 0 || strcmp(name + n - k, suffix) != 0) return -1;
+    char digits[32];
+    if (n - 5 - k >= sizeof digits) return -1;
+    memcpy(digits, name + 5, n - 5 - k);
+    digits[n - 5 - k] = 0;
+    return parse_count(digits);
+}
+
+void ckpt_tidy(const char *run_dir) {
+    char root[1200];
+    snprintf(root, sizeof root, "%s/checkpoints", run_dir);
+    DIR *d = opendir(root);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        int64_t t = step_of(e->d_name, ".tmp"), c = step_of(e->d_name, "");
+        char path[1600], done[1700], dir[1200];
+        snprintf(path, sizeof path, "%s/%s", root, e->d_name);
+        snprintf(done, sizeof done, "%s/DONE", path);
+        if (t >= 0) {
+            ckpt_dir(dir, sizeof dir, run_dir, t);
+            // complete but not yet renamed (a commit that replaced the same step was cut short): finish it
+            if (!(path_exists(done) && !path_exists(dir) && rename(path, dir) == 0)) remove_flat_dir(path);
+        } else if (c >= 0 && !path_exists(done)) {
+            remove_flat_dir(path);  // a crash while pruning it
+        }
+    }
+    closedir(d);
+}
+
 int ckpt_begin(const char *run_dir, int64_t step, char *tmp, size_t n) {
     char root[1200];
     snprintf(root, sizeof root, "%s/checkpoints", run_dir);
     if (mkdir_p(root) != 0) return -1;
+    ckpt_tidy(run_dir);  // what killed runs left
     char dir[1200];
     ckpt_dir(dir, sizeof dir, run_dir, step);
     snprintf(tmp, n, "%s.tmp", dir);
-    if (remove_flat_dir(tmp) != 0) return -1;  // left by a run killed while writing this step
+    if (remove_flat_dir(tmp) != 0) return -1;
     return mkdir(tmp, 0755);
+}
+
+int64_t ckpt_bytes(const char *run_dir, int64_t step) {
+    char dir[1200], path[1500];
+    ckpt_dir(dir, sizeof dir, run_dir, step);
+    DIR *d = opendir(dir);
+    if (!d) return 0;
+    int64_t total = 0;
+    struct dirent *e;
+    struct stat st;
+    while ((e = readdir(d)))
+        if (snprintf(path, sizeof path, "%s/%s", dir, e->d_name) > 0 && stat(path, &st) == 0 && S_ISREG(st.st_mode))
+            total += st.st_size;
+    closedir(d);
+    return total;
 }
 
 void ckpt_abandon(const char *run_dir, int64_t step) {
@@ -382,12 +443,6 @@ void ckpt_abandon(const char *run_dir, int64_t step) {
     ckpt_dir(dir, sizeof dir, run_dir, step);
     snprintf(tmp, sizeof tmp, "%s.tmp", dir);
     remove_flat_dir(tmp);
-}
-
-// Parses "step_<digits>" exactly; -1 for any other name.
-static int64_t step_of_name(const char *name) {
-    if (strncmp(name, "step_", 5) != 0) return -1;
-    return parse_count(name + 5);
 }
 
 static int cmp_desc(const void *a, const void *b) {
@@ -404,7 +459,7 @@ int ckpt_list(const char *run_dir, int64_t **steps) {
     int count = 0, cap = 0;
     struct dirent *e;
     while ((e = readdir(d))) {
-        int64_t st = step_of_name(e->d_name);
+        int64_t st = step_of(e->d_name, "");
         char done[1600];
         snprintf(done, sizeof done, "%s/%s/DONE", root, e->d_name);
         if (st < 0 || !path_exists(done)) continue;
@@ -431,16 +486,21 @@ int ckpt_commit(const char *run_dir, int64_t step, int keep) {
     int len = snprintf(text, sizeof text, "step %lld\n", (long long)step);
     // every file is already fsynced (write_file_atomic); DONE and the directory entries follow them
     if (write_file_atomic(path, text, (size_t)len) != 0 || fsync_path(tmp) != 0) return -1;
-    if (remove_flat_dir(dir) != 0) return -1;  // the same step written again (a resume from an older one)
+    // the same step written again (a resume from an older one): a crash between the two leaves step_N.tmp with its
+    // DONE, which ckpt_tidy completes
+    if (remove_flat_dir(dir) != 0) return -1;
     if (rename(tmp, dir) != 0) return -1;
     fsync_path(root);
+    // complete from here on: what follows is bookkeeping, and its failures are warnings
     const char *base = strrchr(dir, '/') + 1;
     len = snprintf(text, sizeof text, "%s\n", base);
     snprintf(path, sizeof path, "%s/latest", root);
-    if (write_file_atomic(path, text, (size_t)len) != 0) return -1;
+    if (write_file_atomic(path, text, (size_t)len) != 0)
+        fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
     int64_t *steps;
-    int count = ckpt_list(run_dir, &steps);
-    for (int i = keep; i < count; i++) {  // newest first: everything after the first `keep`
+    int count = ckpt_list(run_dir, &steps), kept = 0;
+    for (int i = 0; i < count; i++) {  // newest first; only older steps than this one (never a newer one)
+        if (steps[i] > step || ++kept <= keep) continue;
         char old[1200];
         ckpt_dir(old, sizeof old, run_dir, steps[i]);
         snprintf(path, sizeof path, "%s/DONE", old);

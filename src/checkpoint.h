@@ -30,8 +30,8 @@ int adam_state_save(const Adam *a, const Model *m, const char *path);
 int adam_state_read(const Model *m, const char *path, float *m_out, float *v_out, int64_t *t_out, char *err,
                     size_t errlen);
 
-// The trainer's part of a checkpoint: the step, the best eval so far, the world size that wrote it and the run's
-// effective config (text, malloc'd).
+// The trainer's part of a checkpoint: the step, the best and last eval, the world size that wrote it, the open log
+// interval and the run's effective config (text, malloc'd).
 typedef struct {
     int64_t step;
     double best_top1;  // < 0: no eval yet
@@ -40,6 +40,8 @@ typedef struct {
     int64_t eval_step;
     double eval_top1, eval_top5, eval_loss;
     int world;
+    double interval_loss;    // the training-loss sum and sample count of the log interval the checkpoint cuts
+    int64_t interval_count;  // (all ranks), so that the resumed run logs that interval's mean as it would have
     char *config_json;
 } TrainState;
 int train_state_write(const char *path, const TrainState *s);
@@ -50,9 +52,17 @@ int train_state_read(const char *path, TrainState *s, char *err, size_t errlen);
 // completed by DONE, renamed to step_<N>/, and named in the file `latest`; older complete ones beyond `keep` are
 // then deleted. Only a step_<N>/ holding DONE counts: a crash at any moment leaves the previous checkpoints whole.
 void ckpt_dir(char *buf, size_t n, const char *run_dir, int64_t step);
-// Creates an empty step_<N>.tmp/ (removing a leftover one) and puts its path in tmp. 0, or -1 with errno.
+// Creates an empty step_<N>.tmp/ (after ckpt_tidy) and puts its path in tmp. 0, or -1 with errno.
 int ckpt_begin(const char *run_dir, int64_t step, char *tmp, size_t n);
+// DONE, rename, `latest`, pruning. 0 once step_<N>/ is complete (a failure after that is a warning), else -1.
+// Pruning keeps this checkpoint and the keep - 1 newest older ones; it never touches a newer step.
 int ckpt_commit(const char *run_dir, int64_t step, int keep);
+// Clears what killed runs left in checkpoints/: a step_<N>.tmp/ is removed, or renamed to step_<N>/ when it holds
+// DONE and step_<N>/ is missing (a commit that replaced the same step cut short); a step_<N>/ without DONE (a crash
+// while pruning it) is removed.
+void ckpt_tidy(const char *run_dir);
+// The bytes of the files in checkpoint step_<N>/ (0 if there is none).
+int64_t ckpt_bytes(const char *run_dir, int64_t step);
 // Removes the step_<N>.tmp/ of a checkpoint that failed part way.
 void ckpt_abandon(const char *run_dir, int64_t step);
 // The steps of the complete checkpoints, newest first (malloc'd; *steps NULL when there are none). Returns the count.

@@ -626,6 +626,19 @@ static int resume_free(const char *path) {
     return 0;
 }
 
+// Exact equality of two config values: cJSON_Compare takes numbers within DBL_EPSILON (relative) as equal, and a
+// last-bit change of a learning rate changes the run.
+static int json_equal(const cJSON *a, const cJSON *b) {
+    if (cJSON_IsNumber(a) && cJSON_IsNumber(b)) return a->valuedouble == b->valuedouble;
+    if (cJSON_IsArray(a) && cJSON_IsArray(b)) {
+        if (cJSON_GetArraySize(a) != cJSON_GetArraySize(b)) return 0;
+        for (const cJSON *x = a->child, *y = b->child; x && y; x = x->next, y = y->next)
+            if (!json_equal(x, y)) return 0;
+        return 1;
+    }
+    return cJSON_Compare(a, b, 1);
+}
+
 int config_resume_check(const Config *cfg, const char *saved_json, const char *what, char *err, size_t n) {
     cJSON *saved = cJSON_Parse(saved_json);
     if (!saved || !cJSON_IsObject(saved)) {
@@ -642,7 +655,7 @@ int config_resume_check(const Config *cfg, const char *saved_json, const char *w
         const cJSON *a = get_path(saved, k->path), *b = get_path(cur, k->path);
         cJSON *def = NULL;
         if (!a && k->def) a = def = cJSON_Parse(k->def);  // written before the key existed: its default
-        if (!a || !cJSON_Compare(a, b, 1)) {
+        if (!a || !json_equal(a, b)) {
             char *sa = a ? cJSON_PrintUnformatted(a) : NULL, *sb = cJSON_PrintUnformatted(b);
             rc = set_err(err, n,
                          "config key '%s': %s was trained with %s, this config says %s (a resumed run must agree on "

@@ -67,6 +67,7 @@ int status_write(const char *dir, const StatusInfo *s) {
         cJSON_AddStringToObject(o, "last_checkpoint", s->last_checkpoint);
     else
         cJSON_AddNullToObject(o, "last_checkpoint");
+    add_num(o, "last_checkpoint_s", s->last_checkpoint_s);
     if (s->resumed_from > 0)
         add_num(o, "resumed_from", (double)s->resumed_from);
     else

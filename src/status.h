@@ -27,6 +27,7 @@ typedef struct {
     const RankStatus *ranks;  // world_size entries
     const char *last_checkpoint;  // NULL: none yet
     int64_t resumed_from;         // the checkpoint step this run continued from; 0: it started fresh
+    double last_checkpoint_s;     // seconds the last checkpoint took (every rank waited that long), NaN: none yet
     int has_shampoo;  // Shampoo root-refresh statistics below are valid
     int shampoo_blocks, shampoo_owned;
     int64_t shampoo_refreshes, shampoo_failed;

@@ -601,7 +601,7 @@ static float *download_floats(Backend *be, const float *dev, size_t n, const cha
 }
 
 // The checkpoint's files other than the optimizer's (rank 0): raw weights, EMA weights, Adam, loader and trainer.
-static int write_ckpt_files(Run *r, int64_t step, const char *tmp) {
+static int write_ckpt_files(Run *r, int64_t step, const char *tmp, const double interval[2]) {
     const Trainer *t = &r->t;
     char path[1400];
     snprintf(path, sizeof path, "%s/model.safetensors", tmp);
@@ -623,6 +623,7 @@ static int write_ckpt_files(Run *r, int64_t step, const char *tmp) {
     TrainState ts = {.step = step, .best_top1 = si->has_eval ? si->best_top1 : -1.0, .best_step = si->best_step,
                      .has_eval = si->has_eval, .eval_step = si->eval_step, .eval_top1 = si->eval_top1,
                      .eval_top5 = si->eval_top5, .eval_loss = si->eval_loss, .world = r->comm->world,
+                     .interval_loss = interval[0], .interval_count = (int64_t)interval[1],
                      .config_json = r->config_json};
     snprintf(path, sizeof path, "%s/trainer.json", tmp);
     return train_state_write(path, &ts);
@@ -641,12 +642,32 @@ static int run_checkpoint(Run *r, int64_t step) {
         fprintf(stderr, "simplest-dist: warning: cannot create checkpoint %s: %s\n", tmp, strerror(errno));
         ok = 0.0;
     }
-    comm_bcast(r->comm, &ok, sizeof ok, 0);  // the optimizer state below is a collective: all or none
+    comm_bcast(r->comm, &ok, sizeof ok, 0);  // the collectives below: all ranks or none
+    // the training loss of a log interval that the checkpoint cuts: all ranks' sums, so that a resume logs the
+    // same interval mean
+    double part[2] = {r->interval_loss, (double)r->interval_count};
+    if (ok > 0.0) comm_allreduce_sum_f64(r->comm, part, 2);
     if (ok > 0.0 && r->t.shampoo) {
         snprintf(path, sizeof path, "%s/optimizer.safetensors", tmp);
         if (shampoo_save(r->t.shampoo, path) != 0 && rank0) ok = 0.0;
     }
-    int files_ok = rank0 && ok > 0.0 && write_ckpt_files(r, step, tmp) == 0;
+    if (rank0) {
+        // the exported weights first: a complete checkpoint implies they are at least as new
+        const Trainer *t = &r->t;
+        float *host = t->ema ? download_floats(r->be, t->ema, r->m->num_params, "EMA weights") : NULL;
+        snprintf(path, sizeof path, "%s/model.safetensors", dir);
+        if (weights_save(r->m, path, host, r->config_json, step, t->ema != NULL) != 0)
+            fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
+        free(host);
+        // the metrics records up to this step reach the disk before the checkpoint that a resume cuts them back to
+        if (r->metrics && (fflush(r->metrics) != 0 || fsync(fileno(r->metrics)) != 0))
+            fprintf(stderr, "simplest-dist: warning: cannot sync metrics.jsonl: %s\n", strerror(errno));
+    }
+    int files_ok = rank0 && ok > 0.0 && write_ckpt_files(r, step, tmp, part) == 0;
+    if (files_ok && fault_step("SD_FAULT_FAIL_CHECKPOINT") == step) {  // tests: a write that fails on rank 0 only
+        files_ok = 0;
+        errno = EIO;
+    }
     if (files_ok && fault_step("SD_FAULT_KILL_IN_CHECKPOINT") == step)
         raise(SIGKILL);  // tests: a crash with every file written but the checkpoint not yet complete
     if (rank0 && ok > 0.0 && (!files_ok || ckpt_commit(dir, step, r->cfg->run.keep_checkpoints) != 0)) {
@@ -655,20 +676,19 @@ static int run_checkpoint(Run *r, int64_t step) {
         ckpt_abandon(dir, step);
         ok = 0.0;
     }
-    if (rank0) {
-        const Trainer *t = &r->t;
-        float *host = t->ema ? download_floats(r->be, t->ema, r->m->num_params, "EMA weights") : NULL;
-        snprintf(path, sizeof path, "%s/model.safetensors", dir);
-        if (weights_save(r->m, path, host, r->config_json, step, t->ema != NULL) != 0)
-            fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
-        free(host);
-    }
+    comm_bcast(r->comm, &ok, sizeof ok, 0);  // every rank agrees whether step is saved (run_finish retries if not)
     r->t_ckpt = now_sec();
     r->t_log += r->t_ckpt - t0;  // checkpoint time does not count against training speed
     if (ok <= 0.0) return -1;
     ckpt_dir(r->last_ckpt, sizeof r->last_ckpt, dir, step);
     r->si.last_checkpoint = r->last_ckpt;
+    r->si.last_checkpoint_s = r->t_ckpt - t0;
     r->saved_step = step;
+    if (rank0) {
+        printf("checkpoint step %lld: %.1f MB in %.2f s, %s\n", (long long)step,
+               (double)ckpt_bytes(dir, step) / 1e6, r->t_ckpt - t0, r->last_ckpt);
+        fflush(stdout);
+    }
     return 0;
 }
 
@@ -696,6 +716,7 @@ static void broadcast_weights(Model *m, Comm *comm) {
 static FILE *metrics_reopen(const char *path, int64_t step) {
     size_t len = 0;
     char *text = (char *)read_file_all(path, &len);
+    if (!text && errno != ENOENT) die_user("%s: cannot read it to resume: %s", path, strerror(errno));
     StrBuf keep = {0};
     for (char *line = text, *next; line && line < text + len; line = next) {
         char *nl = memchr(line, '\n', (size_t)(text + len - line));
@@ -772,6 +793,9 @@ static int ckpt_host_read(Run *r, int64_t step, CkptHost *h, char *err, size_t n
         h->mv = xmalloc(2 * np * sizeof(float), "checkpoint Adam state");
         snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
         if (adam_state_read(m, path, h->mv, h->mv + m->num_params, &h->adam_t, err, n) != 0) return -1;
+        if (h->adam_t != step)  // Adam steps once per optimizer step: another count would change its bias correction
+            return set_err(err, n, "%s: Adam's step count is %lld in a checkpoint of step %lld", path,
+                           (long long)h->adam_t, (long long)step);
     }
     return 0;
 }
@@ -810,7 +834,10 @@ static int64_t run_resume(Run *r) {
     int rank0 = comm->rank == 0;
     if (!strcmp(cfg->run.resume, "never")) return 0;
     int64_t *steps = NULL, count = 0;
-    if (rank0) count = ckpt_list(cfg->run.dir, &steps);
+    if (rank0) {
+        ckpt_tidy(cfg->run.dir);
+        count = ckpt_list(cfg->run.dir, &steps);
+    }
     comm_bcast(comm, &count, sizeof count, 0);
     if (count == 0) {
         if (!strcmp(cfg->run.resume, "require"))
@@ -830,6 +857,11 @@ static int64_t run_resume(Run *r) {
             char path[1400];
             snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
             double mine = shampoo_load(r->t.shampoo, path, err, sizeof err) == 0;
+            if (mine > 0.0 && r->t.shampoo->t != steps[i]) {
+                snprintf(err, sizeof err, "%s: Shampoo's step count is %lld in a checkpoint of step %lld", path,
+                         (long long)r->t.shampoo->t, (long long)steps[i]);
+                mine = 0.0;
+            }
             if (mine == 0.0 && !rank0) fprintf(stderr, "simplest-dist: rank %d: %s\n", comm->rank, err);
             comm_allreduce_sum_f64(comm, &mine, 1);
             if (mine < comm->world && !err[0]) snprintf(err, sizeof err, "%s: another rank could not load it", path);
@@ -838,10 +870,10 @@ static int64_t run_resume(Run *r) {
         if (ok > 0.0) {
             ckpt_install(r, &h);
             if (rank0) {
-                for (int64_t j = 0; j < i; j++)
+                for (int64_t j = 0; j < i; j++)  // else the next pruning would keep them and delete loadable ones
                     if (ckpt_set_aside(cfg->run.dir, steps[j]) != 0)
-                        fprintf(stderr, "simplest-dist: warning: cannot set checkpoint step %lld aside: %s\n",
-                                (long long)steps[j], strerror(errno));
+                        die_user("run directory '%s': cannot rename the unreadable checkpoint of step %lld aside: %s",
+                                 cfg->run.dir, (long long)steps[j], strerror(errno));
                 printf("resuming from %s: step %lld of %lld (written by %d rank%s, now %d)\n", dir,
                        (long long)steps[i], (long long)r->t.total_steps, h.ts.world, h.ts.world == 1 ? "" : "s",
                        comm->world);
@@ -857,6 +889,8 @@ static int64_t run_resume(Run *r) {
             si->eval_top5 = h.ts.eval_top5;
             si->eval_loss = h.ts.eval_loss;
             si->resumed_from = steps[i];
+            r->interval_loss = h.ts.interval_loss;  // rank 0 holds the interval's sums; run_log adds every rank's
+            r->interval_count = h.ts.interval_count;
             si->step = steps[i];
             snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", dir);
             si->last_checkpoint = r->last_ckpt;
@@ -956,7 +990,7 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     r->si = (StatusInfo){.state = "training", .run_dir = cfg->run.dir, .arch = cfg->model.arch,
                          .device = r->be->name, .total_steps = T, .world_size = comm->world, .ranks = r->ranks,
                          .depth = mc.depth, .best_top1 = -1.0, .loss = NAN, .lr = NAN, .grad_norm = NAN,
-                         .images_per_sec = NAN, .eta_s = NAN};
+                         .images_per_sec = NAN, .eta_s = NAN, .last_checkpoint_s = NAN};
     static const char *skip_names[IMG_STATUS_COUNT];
     for (int i = 1; i < IMG_STATUS_COUNT; i++) skip_names[i] = img_status_name((ImgStatus)i);
     const PipeFailures *pf = loader_failures(r->lctx.loader);
@@ -1155,8 +1189,9 @@ int train_main(const Config *cfg, Comm *comm) {
                                    now_sec() - r.t_ckpt >= cfg->run.checkpoint_every_s ? 1.0 : 0.0};
         if (comm->world > 1) comm_allreduce_sum_f64(comm, flags, 2);
         int stopped = flags[0] > 0.0 && k < T;
-        if (k % cfg->train.log_every == 0 || k == T || stopped) run_log(&r, k, &sr);
-        if (!stopped && ((cfg->train.eval_every > 0 && k % cfg->train.eval_every == 0) || k == T)) run_eval(&r, k);
+        // a stop changes no record: the log interval it cuts is saved, and an evaluation due now runs
+        if (k % cfg->train.log_every == 0 || k == T) run_log(&r, k, &sr);
+        if ((cfg->train.eval_every > 0 && k % cfg->train.eval_every == 0) || k == T) run_eval(&r, k);
         if (!stopped && r.saved_step != k &&
             (flags[1] > 0.0 || (cfg->run.checkpoint_every > 0 && k % cfg->run.checkpoint_every == 0)))
             run_checkpoint(&r, k);

@@ -100,6 +100,9 @@ kill_resume() {
 kill_resume adam KILL_AFTER_STEP 10 8
 kill_resume shampoo-delay3 KILL_AFTER_STEP 11 10 $SHAMPOO
 kill_resume recipe KILL_AFTER_STEP 14 12 $RECIPE
+# log_every 3: the checkpoint at 8 cuts the interval 7..9, whose mean the resumed run must log as the uninterrupted
+# one does (the interval's sums are in trainer.json)
+kill_resume mid-interval KILL_AFTER_STEP 10 8 --set train.log_every=3
 # killed with every file of checkpoint 12 written but before DONE: the resume takes 10 (the eval's), and 12 is
 # written again
 kill_resume in-checkpoint KILL_IN_CHECKPOINT 12 10 $SHAMPOO --set run.checkpoint_every=4
@@ -113,9 +116,32 @@ else
   echo "not ok - checkpoints left: $(tr '\n' ' ' < "$TMP/ls.txt")"
 fi
 
+# run.checkpoint_every_s (rank 0's clock, agreed through the per-step flags): a tiny interval checkpoints at every
+# step; run.keep_checkpoints 3 leaves the last three, and the run's bits are those of the run that checkpointed less.
+train "$TMP/timed" "$TMP/timed.log" --set run.checkpoint_every=0 --set run.checkpoint_every_s=1e-9 --set run.keep_checkpoints=3
+rc=$?
+left=$(ls "$TMP/timed/checkpoints" | grep '^step_' | tr '\n' ' ')
+n=$(grep -c "^checkpoint step" "$TMP/timed.log")
+diff=$("$PY" - "$TMP/adam-straight/model.safetensors" "$TMP/timed/model.safetensors" <<'PYEOF'
+import sys
+sys.path.insert(0, "tests/reference")
+import numpy as np, st
+a, _ = st.load(sys.argv[1]); b, _ = st.load(sys.argv[2])
+print("identical" if list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a) else "differ")
+PYEOF
+)
+if [ "$rc" = 0 ] && [ "$n" = 24 ] && [ "$left" = "step_00000022 step_00000023 step_00000024 " ] && [ "$diff" = identical ]; then
+  echo "ok - run.checkpoint_every_s: a checkpoint at each of the 24 steps, the last 3 kept, the same weights"
+else
+  echo "not ok - run.checkpoint_every_s: rc $rc, $n checkpoints, left: $left, weights $diff"
+fi
+
 # SIGTERM (what SLURM sends before a time limit): the run finishes its step, checkpoints, exits 0 with state
 # "stopped"; started again it continues to the same bits.
-LONG="--set train.steps=400 --set train.eval_every=0 --set run.checkpoint_every=50"
+# log_every 7 and an evaluation every step: the stop must add no record (the interval it cuts is saved) and must
+# still run the evaluation due at its step
+LONG="--set train.steps=400 --set train.eval_every=1 --set data.eval_limit=64 --set train.log_every=7
+  --set run.checkpoint_every=50"
 train "$TMP/term-straight" "$TMP/term-straight.log" $LONG
 "$BIN" configs/fashion-mnist.json $BASE $LONG --set run.dir="$TMP/term" > "$TMP/term-1.log" 2>&1 &
 pid=$!
@@ -150,6 +176,20 @@ if [ "$rc" = 0 ] && grep -q "warning: checkpoint .*step_00000008 cannot be loade
   echo "ok - a damaged newest checkpoint is named, set aside, and the previous one resumes to the same bits"
 else
   echo "not ok - damaged checkpoint: rc $rc, $diff"; grep -E "warning|resuming|error" "$TMP/damaged.log" | head -3
+fi
+
+# A checkpoint whose optimizer state is another step's (Adam's t = 4 in the checkpoint of step 8): refused as
+# damaged, and the run resumes from step 4 to the same bits.
+SD_FAULT_KILL_AFTER_STEP=10 "$BIN" configs/fashion-mnist.json $BASE --set run.dir="$TMP/wrong-t" > /dev/null 2>&1
+cp "$TMP/wrong-t/checkpoints/step_00000004/optimizer.safetensors" "$TMP/wrong-t/checkpoints/step_00000008/"
+train "$TMP/wrong-t" "$TMP/wrong-t.log"
+rc=$?
+diff=$(same "$TMP/adam-straight" "$TMP/wrong-t")
+if [ "$rc" = 0 ] && grep -q "step_00000008 cannot be loaded: .*Adam's step count is 4 in a checkpoint of step 8" "$TMP/wrong-t.log" &&
+   grep -q "resuming from .*step_00000004" "$TMP/wrong-t.log" && [ "$diff" = identical ]; then
+  echo "ok - an optimizer state of another step is refused as damaged; the previous checkpoint resumes to the same bits"
+else
+  echo "not ok - optimizer state of another step: rc $rc, $diff"; grep -E "warning|resuming" "$TMP/wrong-t.log" | head -3
 fi
 
 # A changed config: refused with one line naming the key, exit 2, the run directory untouched. A key that does not

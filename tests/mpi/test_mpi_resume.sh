@@ -34,11 +34,12 @@ def records(d):
         for k in ("time_s", "images_per_sec", "allreduce_wait_s", "skew_wait_s"): r.pop(k, None)
         out.append(r)
     return out
-# Eval losses are sums over ranks in another grouping at another world size (1e-10 relative); all else is exact.
+# Eval losses at another world size come from other eval batch sizes (other BLAS blockings of the fp32 logits)
+# summed in another grouping: up to 1.4e-9 relative measured, 1e-6 allowed; accuracies and all training are exact.
 ra, rb = records(a_dir), records(b_dir)
 def close(x, y):
     if x.keys() != y.keys(): return False
-    return all(x[k] == y[k] or (k in ("val/loss", "val/loss_bm") and abs(x[k] - y[k]) <= 1e-9 * abs(x[k]))
+    return all(x[k] == y[k] or (k in ("val/loss", "val/loss_bm") and abs(x[k] - y[k]) <= 1e-6 * abs(x[k]))
                for k in x)
 if len(ra) != len(rb) or not all(close(x, y) for x, y in zip(ra, rb)): bad.append("metrics.jsonl")
 print("differ: " + ", ".join(bad) if bad else "identical")
@@ -59,6 +60,24 @@ if [ "$rc1" != 0 ] && [ "$rc2" = 0 ] && grep -q "resuming from .*step_00000012: 
 else
   echo "not ok - np 2 -> 3 resume: kill rc $rc1, resume rc $rc2, $diff"; grep -E "resuming|error" "$TMP/np2to3-2.log" | head -3
 fi
+
+# A checkpoint whose write fails on rank 0 only (SD_FAULT_FAIL_CHECKPOINT, as a full disk): every rank must agree
+# that it failed (else rank 0 retries it alone, and the ranks meet in different collectives) and train on to the
+# same bits; at the last step the retry in the finish fails too, and the job still ends.
+for at in 20 24; do  # 20: an eval step and a checkpoint_every step (the loop would retry it at once); 24: the last
+  SD_FAULT_FAIL_CHECKPOINT=$at timeout 120 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY $DET \
+    --set run.dir="$TMP/fail$at" > "$TMP/fail$at.log" 2>&1
+  rc=$?
+  diff=identical  # at 24 there is no last checkpoint to compare
+  [ "$at" = 20 ] && diff=$(same "$TMP/np1" "$TMP/fail$at" 2>&1 | tail -1)
+  if [ "$rc" = 0 ] && grep -q "warning: checkpoint of step $at not written" "$TMP/fail$at.log" &&
+     [ ! -d "$TMP/fail$at/checkpoints/step_$(printf %08d $at)" ] &&
+     [ "$diff" = identical ]; then
+    echo "ok - a checkpoint failing on rank 0 only (step $at of 24): both ranks train on, the job ends with exit 0"
+  else
+    echo "not ok - checkpoint failing on rank 0 at step $at: rc $rc, $diff"; tail -3 "$TMP/fail$at.log"
+  fi
+done
 
 LONG="--set train.steps=300 --set train.eval_every=0 --set run.checkpoint_every=40"
 timeout 300 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY $LONG --set run.dir="$TMP/term-straight" > "$TMP/term-straight.log" 2>&1

@@ -138,9 +138,11 @@ static void test_adam_state(void) {
 static void test_train_state(void) {
     char path[400];
     snprintf(path, sizeof path, "%s/trainer.json", g_dir);
-    TEST_CASE("trainer.json: write then read keeps step, best and last eval, world and the config") {
+    TEST_CASE("trainer.json: write then read keeps step, best and last eval, world, the open log interval and the "
+              "config") {
         TrainState s = {.step = 1234567890123LL, .best_top1 = 0.70375, .best_step = 1000, .has_eval = 1,
                         .eval_step = 1200, .eval_top1 = 0.6875, .eval_top5 = 0.9, .eval_loss = 1.25, .world = 8,
+                        .interval_loss = 123.456789012345678, .interval_count = 4096,
                         .config_json = "{\"opt\": {\"lr\": 0.001}}"};
         EXPECT(train_state_write(path, &s) == 0, "write: %s", strerror(errno));
         TrainState r;
@@ -148,6 +150,8 @@ static void test_train_state(void) {
         EXPECT(train_state_read(path, &r, err, sizeof err) == 0, "read: %s", err);
         EXPECT(r.step == s.step && r.best_top1 == s.best_top1 && r.best_step == s.best_step && r.world == 8,
                "step %lld best %g at %lld world %d", (long long)r.step, r.best_top1, (long long)r.best_step, r.world);
+        EXPECT(r.interval_loss == s.interval_loss && r.interval_count == 4096, "interval %.17g / %lld",
+               r.interval_loss, (long long)r.interval_count);
         EXPECT(r.has_eval && r.eval_step == 1200 && r.eval_top1 == 0.6875 && r.eval_top5 == 0.9 &&
                    r.eval_loss == 1.25,
                "last eval not kept");
@@ -159,27 +163,45 @@ static void test_train_state(void) {
         free(r.config_json);
     }
     TEST_CASE("trainer.json: refuses damaged files with one line naming the file") {
-        const char *bad[] = {
-            "",
-            "{\"format\": \"simplest-dist-trainer-1\", \"step\": 10, \"world\": 1, \"config\": {}",  // cut off
-            "{\"format\": \"x\", \"step\": 10, \"world\": 1, \"config\": {}}",
-            "{\"format\": \"simplest-dist-trainer-1\", \"step\": -1, \"world\": 1, \"config\": {}}",
-            "{\"format\": \"simplest-dist-trainer-1\", \"step\": 2.5, \"world\": 1, \"config\": {}}",
-            "{\"format\": \"simplest-dist-trainer-1\", \"step\": 10, \"world\": 0, \"config\": {}}",
-            "{\"format\": \"simplest-dist-trainer-1\", \"step\": 10, \"world\": 1, \"config\": 3}",
-            "{\"format\": \"simplest-dist-trainer-1\", \"step\": 10, \"world\": 1, \"config\": {}, \"best_top1\": 2, "
-            "\"best_step\": 5}",
-            "{\"format\": \"simplest-dist-trainer-1\", \"step\": 10, \"world\": 1, \"config\": {}, \"best_top1\": 0.5, "
-            "\"best_step\": 11}",
-            "{\"format\": \"simplest-dist-trainer-1\", \"step\": 10, \"world\": 1, \"config\": {}, \"eval\": {\"step\": "
-            "4, \"top1\": 0.5, \"top5\": \"x\", \"loss\": 1}}",
+        // each case is a valid file (GOOD, accepted below) with one thing wrong; the reason must name that thing
+#define TS_HEAD "{\"format\": \"simplest-dist-trainer-1\", "
+#define TS_IV "\"interval\": {\"loss_sum\": 0.5, \"count\": 3}"
+        const char *good = TS_HEAD "\"step\": 10, \"world\": 1, \"config\": {}, " TS_IV "}";
+        struct {
+            const char *text, *why;
+        } bad[] = {
+            {"", "not a trainer"},
+            {TS_HEAD "\"step\": 10, \"world\": 1, \"config\": {}, " TS_IV, "not a trainer"},  // cut off
+            {"{\"format\": \"x\", \"step\": 10, \"world\": 1, \"config\": {}, " TS_IV "}", "not a trainer"},
+            {TS_HEAD "\"step\": -1, \"world\": 1, \"config\": {}, " TS_IV "}", "'step'"},
+            {TS_HEAD "\"step\": 2.5, \"world\": 1, \"config\": {}, " TS_IV "}", "'step'"},
+            {TS_HEAD "\"step\": 10, \"world\": 0, \"config\": {}, " TS_IV "}", "'world'"},
+            {TS_HEAD "\"step\": 10, \"world\": 1, \"config\": 3, " TS_IV "}", "'config'"},
+            {TS_HEAD "\"step\": 10, \"world\": 1, \"config\": {}}", "'interval'"},
+            {TS_HEAD "\"step\": 10, \"world\": 1, \"config\": {}, \"interval\": {\"loss_sum\": -1, \"count\": 3}}",
+             "'interval'"},
+            {TS_HEAD "\"step\": 10, \"world\": 1, \"config\": {}, \"interval\": {\"loss_sum\": 1, \"count\": 2.5}}",
+             "'interval'"},
+            {TS_HEAD "\"step\": 10, \"world\": 1, \"config\": {}, " TS_IV ", \"best_top1\": 2, \"best_step\": 5}",
+             "'best_top1'"},
+            {TS_HEAD "\"step\": 10, \"world\": 1, \"config\": {}, " TS_IV ", \"best_top1\": 0.5, \"best_step\": 11}",
+             "'best_top1'"},
+            {TS_HEAD "\"step\": 10, \"world\": 1, \"config\": {}, " TS_IV
+                     ", \"eval\": {\"step\": 4, \"top1\": 0.5, \"top5\": \"x\", \"loss\": 1}}",
+             "'eval'"},
         };
+        write_text(path, good);
+        TrainState g;
+        char gerr[1024] = "";
+        EXPECT(train_state_read(path, &g, gerr, sizeof gerr) == 0 && g.interval_count == 3, "the valid base: %s", gerr);
+        free(g.config_json);
         for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-            write_text(path, bad[i]);
+            write_text(path, bad[i].text);
             TrainState r;
             char err[1024] = "";
             EXPECT(train_state_read(path, &r, err, sizeof err) == -1, "case %zu accepted", i);
-            EXPECT(strstr(err, path) && !strchr(err, '\n'), "case %zu: reason '%s'", i, err);
+            EXPECT(strstr(err, path) && strstr(err, bad[i].why) && !strchr(err, '\n'), "case %zu: reason '%s'", i,
+                   err);
             EXPECT(r.config_json == NULL, "case %zu: config kept", i);
         }
     }
@@ -245,6 +267,48 @@ static void test_dirs(void) {
     }
 }
 
+static void test_tidy_and_prune(void) {
+    char run[400], path[1400];
+    snprintf(run, sizeof run, "%s/tidy", g_dir);
+    mkdir(run, 0755);
+    TEST_CASE("tidy: a .tmp holding DONE whose step is missing is completed; other leftovers are removed") {
+        char tmp[1300];
+        EXPECT(make_ckpt(run, 4, 9) == 0, "commit 4");
+        // a commit of step 12 that replaced step_12 and was killed before its rename: step_12.tmp with DONE
+        EXPECT(ckpt_begin(run, 12, tmp, sizeof tmp) == 0, "begin 12");
+        snprintf(path, sizeof path, "%s/DONE", tmp);
+        write_text(path, "step 12\n");
+        // a checkpoint killed while being written (no DONE), and one killed while being pruned (no DONE)
+        char other[1300];
+        snprintf(other, sizeof other, "%s/checkpoints/step_00000016.tmp", run);
+        mkdir(other, 0755);
+        snprintf(path, sizeof path, "%s/model.safetensors", other);
+        write_text(path, "x");
+        snprintf(other, sizeof other, "%s/checkpoints/step_00000008", run);
+        mkdir(other, 0755);
+        ckpt_tidy(run);
+        int64_t *st;
+        int n = ckpt_list(run, &st);
+        EXPECT(n == 2 && st[0] == 12 && st[1] == 4, "%d complete, newest %lld", n, n ? (long long)st[0] : -1LL);
+        free(st);
+        snprintf(path, sizeof path, "%s/checkpoints/step_00000016.tmp", run);
+        EXPECT(!path_exists(path), "a .tmp without DONE is left");
+        snprintf(path, sizeof path, "%s/checkpoints/step_00000008", run);
+        EXPECT(!path_exists(path), "a step directory without DONE is left");
+        snprintf(path, sizeof path, "%s/checkpoints/step_00000012.tmp", run);
+        EXPECT(!path_exists(path), "the completed .tmp is still there");
+    }
+    TEST_CASE("pruning keeps the new checkpoint and the keep - 1 newest older ones, never a newer step") {
+        EXPECT(make_ckpt(run, 20, 9) == 0, "commit 20");  // complete: 4, 12, 20
+        EXPECT(make_ckpt(run, 16, 2) == 0, "commit 16");  // a resume from 12 writing 16: keep 16 and 12, not 4; 20 stays
+        int64_t *st;
+        int n = ckpt_list(run, &st);
+        EXPECT(n == 3 && st[0] == 20 && st[1] == 16 && st[2] == 12, "%d left: %lld %lld %lld", n,
+               n > 0 ? (long long)st[0] : -1LL, n > 1 ? (long long)st[1] : -1LL, n > 2 ? (long long)st[2] : -1LL);
+        free(st);
+    }
+}
+
 static void test_resume_keys(void) {
     const char *base[] = {"opt.lr=0.001", "train.batch_size=64", "train.steps=100"};
     Config saved, cur;
@@ -256,6 +320,7 @@ static void test_resume_keys(void) {
                    config_resume_check(&cur, json, "CKPT", err, sizeof err) == 0,
                "same config refused: %s", err);
         const char *changes[][2] = {{"opt.lr=0.002", "'opt.lr'"},
+                                    {"opt.lr=0.0010000000000000002", "'opt.lr'"},  // the next double: exact compare
                                     {"train.steps=200", "'train.steps'"},
                                     {"model.arch=simplevit", "'model.arch'"},
                                     {"train.seed=1", "'train.seed'"},
@@ -305,6 +370,7 @@ int main(void) {
     test_adam_state();
     test_train_state();
     test_dirs();
+    test_tidy_and_prune();
     test_resume_keys();
     be->destroy(be);
     char cmd[400];
