@@ -1,16 +1,22 @@
-// fuzz_checkpoint.c: the weights reader (checkpoint.c weights_load, both architectures) and the Shampoo state reader
-// (shampoo.c shampoo_load) on arbitrary bytes. The first byte picks the reader; the rest is the file.
+// fuzz_checkpoint.c: the readers of a training checkpoint (docs/checkpoints.md) on arbitrary bytes: the weights
+// (checkpoint.c weights_load, both architectures), the Shampoo state (shampoo.c shampoo_load), the Adam state
+// (adam_state_read) and trainer.json (train_state_read). The first byte picks the reader; the rest is the file.
 //   0: weights_load into a tiny SimplEsT-ViT, 1: into a tiny SimpleViT (seed_compat, so to_out is checked),
-//   2: shampoo_load into the optimizer of a tiny SimplEsT-ViT after 5 steps.
+//   2: shampoo_load into the optimizer of a tiny SimplEsT-ViT after 9 steps, 3: adam_state_read for that model,
+//   4: train_state_read, 5: loader_state_read (loader.json).
+// Accepted Adam states are finite with second moments >= 0 and a step count >= 0. An accepted trainer.json has a
+// step >= 0, a world >= 1, a config that parses as a JSON object, and a best eval in 0 .. 1 at a step <= step.
 // Accepted weights are finite. A refused Shampoo state leaves the optimizer exactly as it was (its saved state has
 // the same bytes). An accepted one is a state the optimizer can step from: one step runs without a fatal error and,
 // when every value in the file is below 1e9, gives finite weights; then the original is reloaded.
 // `--write-seeds DIR` (standalone build) writes valid files of each kind.
+#include <cJSON.h>
 #include <math.h>
 
 #include "backend.h"
 #include "checkpoint.h"
 #include "comm.h"
+#include "data/dataset.h"
 #include "fuzz.h"
 #include "model.h"
 #include "rng.h"
@@ -114,29 +120,85 @@ static int same_as_ref(void) {
     return same;
 }
 
+static void one_line(const char *err) {
+    if (!err[0] || strchr(err, '\n')) {
+        fprintf(stderr, "a refusal must be one line: '%s'\n", err);
+        abort();
+    }
+}
+
+static void adam_case(const char *path) {
+    size_t np = m_opt->num_params;
+    float *mv = malloc(2 * np * sizeof(float));
+    int64_t t = -7;
+    char err[1024] = "";
+    if (adam_state_read(m_opt, path, mv, mv + np, &t, err, sizeof err) != 0) {
+        one_line(err);
+        if (t != -7) {
+            fprintf(stderr, "a refused Adam state set the step count\n");
+            abort();
+        }
+    } else {
+        for (size_t i = 0; i < 2 * np; i++)
+            if (!isfinite(mv[i]) || (i >= np && mv[i] < 0.0f)) {
+                fprintf(stderr, "accepted Adam state: element %zu is %g\n", i, (double)mv[i]);
+                abort();
+            }
+        if (t < 0) abort();
+    }
+    free(mv);
+}
+
+static void trainer_case(const char *path) {
+    TrainState s;
+    char err[1024] = "";
+    if (train_state_read(path, &s, err, sizeof err) != 0) {
+        one_line(err);
+        if (s.config_json) abort();
+        return;
+    }
+    cJSON *cfg = cJSON_Parse(s.config_json);
+    int ok = s.step >= 0 && s.world >= 1 && cJSON_IsObject(cfg) &&
+             (s.best_top1 < 0 || (s.best_top1 <= 1.0 && s.best_step >= 1 && s.best_step <= s.step)) &&
+             (!s.has_eval || (s.eval_step >= 1 && s.eval_step <= s.step && isfinite(s.eval_loss)));
+    cJSON_Delete(cfg);
+    free(s.config_json);
+    if (!ok) {
+        fprintf(stderr, "accepted trainer.json breaks its rules (step %lld, world %d)\n", (long long)s.step, s.world);
+        abort();
+    }
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 1) return 0;
     setup();
     char path[300], err[1024] = "";
     fuzz_write(fuzz_path(path, sizeof path, "in.bin"), data + 1, size - 1);
-    int mode = data[0] % 3;
+    int mode = data[0] % 6;
+    if (mode == 5) {
+        LoaderState ls;
+        if (loader_state_read(path, &ls, err, sizeof err) != 0) one_line(err);
+        return 0;
+    }
+    if (mode == 3) {
+        adam_case(path);
+        return 0;
+    }
+    if (mode == 4) {
+        trainer_case(path);
+        return 0;
+    }
     if (mode < 2) {
         Model *m = mode ? m_vit : m_st;
         if (weights_load(m, path, err, sizeof err) != 0) {
-            if (!err[0] || strchr(err, '\n')) {
-                fprintf(stderr, "a refusal must be one line: '%s'\n", err);
-                abort();
-            }
+            one_line(err);
         } else {
             check_finite(m, "accepted weights");
         }
         return 0;
     }
     if (shampoo_load(&opt, path, err, sizeof err) != 0) {
-        if (!err[0] || strchr(err, '\n')) {
-            fprintf(stderr, "a refusal must be one line: '%s'\n", err);
-            abort();
-        }
+        one_line(err);
         if (!same_as_ref()) {
             fprintf(stderr, "a refused Shampoo state changed the optimizer (%s)\n", err);
             abort();
@@ -165,11 +227,33 @@ int fuzz_write_seeds(const char *dir) {
     char path[600], tmp[300];
     const char *cfg = "{\"model\": {\"arch\": \"tiny\"}}";
     struct { const char *name; int mode; } seeds[] = {{"weights_simplest", 0}, {"weights_simplevit", 1},
-                                                     {"shampoo_state", 2}};
-    for (int i = 0; i < 3; i++) {
+                                                     {"shampoo_state", 2}, {"adam_state", 3}, {"trainer_json", 4},
+                                                     {"loader_json", 5}};
+    for (int i = 0; i < 6; i++) {
         fuzz_path(tmp, sizeof tmp, "seed.bin");
         if (seeds[i].mode == 2) {
             if (shampoo_save(&opt, tmp) != 0) return -1;
+        } else if (seeds[i].mode == 3) {
+            AdamConfig ac = {.lr0 = 1e-3, .beta1 = 0.9, .beta2 = 0.999, .eps = 1e-8};
+            Adam a;
+            adam_create(&a, m_opt, &ac);
+            for (size_t k = 0; k < m_opt->num_params; k++) {
+                a.m[k] = (float)k * 1e-3f;
+                a.v[k] = (float)k * 1e-6f;
+            }
+            a.t = 12;
+            int rc = adam_state_save(&a, m_opt, tmp);
+            adam_free(&a, m_opt);
+            if (rc != 0) return -1;
+        } else if (seeds[i].mode == 5) {
+            LoaderState ls = {.epoch = 3, .step_in_epoch = 7, .seed = 3407, .global_batch = 256,
+                              .fingerprint = 0x0123456789abcdefULL, .failures = 2};
+            if (loader_state_write(tmp, &ls) != 0) return -1;
+        } else if (seeds[i].mode == 4) {
+            TrainState ts = {.step = 40, .best_top1 = 0.5, .best_step = 30, .has_eval = 1, .eval_step = 40,
+                             .eval_top1 = 0.25, .eval_top5 = 0.75, .eval_loss = 1.5, .world = 2,
+                             .config_json = "{\"opt\": {\"lr\": 0.001}, \"run\": {\"dir\": \"runs/x\"}}"};
+            if (train_state_write(tmp, &ts) != 0) return -1;
         } else if (weights_save(seeds[i].mode ? m_vit : m_st, tmp, NULL, cfg, 7, 0) != 0) {
             return -1;
         }
