@@ -40,36 +40,8 @@ train() {  # dir log [--set ...]: one run, its exit code
   "$BIN" configs/fashion-mnist.json $BASE "$@" --set run.dir="$dir" > "$log" 2>&1
 }
 
-# same A B: the final weights (exported and in the last checkpoint), the last checkpoint's optimizer and EMA state,
-# and every metrics.jsonl record (less its timings) are identical; prints what differs.
-same() {
-  "$PY" - "$1" "$2" <<'PYEOF'
-import json, os, sys
-sys.path.insert(0, "tests/reference")
-import numpy as np, st
-a_dir, b_dir = sys.argv[1:3]
-bad = []
-last = open(os.path.join(a_dir, "checkpoints", "latest")).read().strip()
-files = ["model.safetensors"] + [os.path.join("checkpoints", last, f) for f in
-         ("model.safetensors", "optimizer.safetensors", "ema.safetensors")]
-for f in files:
-    pa, pb = os.path.join(a_dir, f), os.path.join(b_dir, f)
-    if not os.path.exists(pa) and not os.path.exists(pb): continue
-    a, _ = st.load(pa); b, _ = st.load(pb)
-    if list(a) != list(b) or not all(np.array_equal(a[k], b[k]) for k in a): bad.append(f)
-def records(d):
-    out = []
-    for line in open(os.path.join(d, "metrics.jsonl")):
-        r = json.loads(line)
-        for k in ("time_s", "images_per_sec", "allreduce_wait_s", "skew_wait_s"): r.pop(k, None)
-        out.append(r)
-    return out
-ra, rb = records(a_dir), records(b_dir)
-if ra != rb: bad.append("metrics.jsonl (%d vs %d records)" % (len(ra), len(rb)))
-print("differ: " + ", ".join(bad) if bad else "identical")
-sys.exit(1 if bad else 0)
-PYEOF
-}
+# same A B: the same run, bit for bit (tests/reference/same_run.py); prints "identical" or what differs
+same() { "$PY" tests/reference/same_run.py "$1" "$2"; }
 
 status_field() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))$2)" "$1"; }
 
@@ -122,14 +94,7 @@ train "$TMP/timed" "$TMP/timed.log" --set run.checkpoint_every=0 --set run.check
 rc=$?
 left=$(ls "$TMP/timed/checkpoints" | grep '^step_' | tr '\n' ' ')
 n=$(grep -c "^checkpoint step" "$TMP/timed.log")
-diff=$("$PY" - "$TMP/adam-straight/model.safetensors" "$TMP/timed/model.safetensors" <<'PYEOF'
-import sys
-sys.path.insert(0, "tests/reference")
-import numpy as np, st
-a, _ = st.load(sys.argv[1]); b, _ = st.load(sys.argv[2])
-print("identical" if list(a) == list(b) and all(np.array_equal(a[k], b[k]) for k in a) else "differ")
-PYEOF
-)
+diff=$("$PY" tests/reference/same_run.py --weights-only "$TMP/adam-straight" "$TMP/timed")
 if [ "$rc" = 0 ] && [ "$n" = 24 ] && [ "$left" = "step_00000022 step_00000023 step_00000024 " ] && [ "$diff" = identical ]; then
   echo "ok - run.checkpoint_every_s: a checkpoint at each of the 24 steps, the last 3 kept, the same weights"
 else

@@ -226,27 +226,21 @@ def main():
     summary.append(("fashion-mnist 300 steps vs CPU", "ok" if fm_ok else ("no fixture" if fm_ok is None else "FAIL"),
                     "stage rc %s, %s s" % stage_info(w, "fmnist_gpu")[:2]))
 
-    # 3b. the NCCL path at np = 1
-    rc, secs, log = stage_info(w, "nccl_np1")
-    if rc != "missing":
+    # 3b. the NCCL path at np = 1; 3c. checkpoint and resume on the GPU (each a script of "ok - " lines)
+    for name, label, want, title in (
+            ("nccl_np1", "nccl np=1 (SD_NCCL_FORCE=1)", 8, "3b. The NCCL path at np = 1 (tests/gpu/nccl_np1.sh)"),
+            ("resume_gpu", "resume after SIGKILL, bit-identical", 2,
+             "3c. Checkpoint and resume on the GPU (tests/gpu/resume_gpu.sh)")):
+        rc, secs, log = stage_info(w, name)
+        if rc == "missing":
+            continue
         lines = log.splitlines()
         n_ok = sum(1 for l in lines if l.startswith("ok - "))
         bad = [l for l in lines if l.startswith("not ok - ")]
-        res = ("skipped" if rc == "skip" else "ok" if rc == "0" and n_ok == 8 and not bad else
+        res = ("skipped" if rc == "skip" else "ok" if rc == "0" and n_ok == want and not bad else
                "TIMEOUT" if rc in ("124", "137") and not bad else "FAIL")
-        summary.append(("nccl np=1 (SD_NCCL_FORCE=1)", res, "%d ok, %d not ok, %s s" % (n_ok, len(bad), secs)))
-        md += ["## 3b. The NCCL path at np = 1 (tests/gpu/nccl_np1.sh)", "", "```"] + lines[-20:] + ["```", ""]
-
-    # 3c. checkpoint and resume on the GPU
-    rc, secs, log = stage_info(w, "resume_gpu")
-    if rc != "missing":
-        lines = log.splitlines()
-        n_ok = sum(1 for l in lines if l.startswith("ok - "))
-        bad = [l for l in lines if l.startswith("not ok - ")]
-        res = ("skipped" if rc == "skip" else "ok" if rc == "0" and n_ok == 2 and not bad else
-               "TIMEOUT" if rc in ("124", "137") and not bad else "FAIL")
-        summary.append(("resume after SIGKILL, bit-identical", res, "%d ok, %d not ok, %s s" % (n_ok, len(bad), secs)))
-        md += ["## 3c. Checkpoint and resume on the GPU (tests/gpu/resume_gpu.sh)", "", "```"] + lines[-12:] + ["```", ""]
+        summary.append((label, res, "%d ok, %d not ok, %s s" % (n_ok, len(bad), secs)))
+        md += ["## " + title, "", "```"] + lines[-20:] + ["```", ""]
 
     # 4. benchmarks
     md += ["## 4. Training throughput, ViT-S/16, 224 px, batch 256, bf16", "",

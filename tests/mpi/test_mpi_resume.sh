@@ -16,35 +16,9 @@ TINY="--set model.width=custom --set model.dim=32 --set model.heads=2 --set mode
   --set run.threads=1 --set run.checkpoint_every=4 --set run.checkpoint_every_s=0 $DATA"
 DET="--set comm.deterministic=true --set comm.shards=6 --set opt.name=shampoo --set shampoo.precondition_frequency=5
   --set shampoo.start_preconditioning_step=5 --set shampoo.root_delay=1"
-same() {
-  "$PY" - "$1" "$2" <<'PYEOF'
-import json, os, sys
-sys.path.insert(0, "tests/reference")
-import numpy as np, st
-a_dir, b_dir = sys.argv[1:3]
-bad = []
-last = open(os.path.join(a_dir, "checkpoints", "latest")).read().strip()
-for f in ["model.safetensors"] + [os.path.join("checkpoints", last, f) for f in ("model.safetensors", "optimizer.safetensors")]:
-    a, _ = st.load(os.path.join(a_dir, f)); b, _ = st.load(os.path.join(b_dir, f))
-    if list(a) != list(b) or not all(np.array_equal(a[k], b[k]) for k in a): bad.append(f)
-def records(d):
-    out = []
-    for line in open(os.path.join(d, "metrics.jsonl")):
-        r = json.loads(line)
-        for k in ("time_s", "images_per_sec", "allreduce_wait_s", "skew_wait_s"): r.pop(k, None)
-        out.append(r)
-    return out
 # Eval losses at another world size come from other eval batch sizes (other BLAS blockings of the fp32 logits)
 # summed in another grouping: up to 1.4e-9 relative measured, 1e-6 allowed; accuracies and all training are exact.
-ra, rb = records(a_dir), records(b_dir)
-def close(x, y):
-    if x.keys() != y.keys(): return False
-    return all(x[k] == y[k] or (k in ("val/loss", "val/loss_bm") and abs(x[k] - y[k]) <= 1e-6 * abs(x[k]))
-               for k in x)
-if len(ra) != len(rb) or not all(close(x, y) for x, y in zip(ra, rb)): bad.append("metrics.jsonl")
-print("differ: " + ", ".join(bad) if bad else "identical")
-PYEOF
-}
+same() { "$PY" tests/reference/same_run.py --eval-rtol 1e-6 "$1" "$2"; }
 status_field() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))$2)" "$1"; }
 
 timeout 300 "$BIN" configs/fashion-mnist.json $TINY $DET --set run.dir="$TMP/np1" > "$TMP/np1.log" 2>&1

@@ -216,6 +216,24 @@ static int make_ckpt(const char *run, int64_t s, int keep) {
     return ckpt_commit(run, s, keep);
 }
 
+// The complete checkpoints of run are exactly want[0..n) (newest first).
+static void expect_steps(const char *run, const int64_t *want, int n, const char *what) {
+    int64_t *st;
+    int got = ckpt_list(run, &st);
+    int same = got == n;
+    for (int i = 0; same && i < n; i++) same = st[i] == want[i];
+    EXPECT(same, "%s: %d complete, newest %lld, want %d, newest %lld", what, got, got ? (long long)st[0] : -1LL, n,
+           n ? (long long)want[0] : -1LL);
+    free(st);
+}
+
+// checkpoints/<name> must not exist.
+static void expect_gone(const char *run, const char *name, const char *what) {
+    char path[1400];
+    snprintf(path, sizeof path, "%s/checkpoints/%s", run, name);
+    EXPECT(!path_exists(path), "%s: %s is still there", what, name);
+}
+
 static void test_dirs(void) {
     char run[400], path[1400];
     snprintf(run, sizeof run, "%s/run", g_dir);
@@ -231,31 +249,21 @@ static void test_dirs(void) {
         mkdir(path, 0755);  // a directory without DONE (a crash while pruning)
         snprintf(path, sizeof path, "%s/checkpoints/step_12x", run);
         mkdir(path, 0755);
-        int n = ckpt_list(run, &st);
-        EXPECT(n == 3 && st[0] == 12 && st[1] == 8 && st[2] == 4, "%d checkpoints, newest %lld", n,
-               n ? (long long)st[0] : -1LL);
-        free(st);
+        expect_steps(run, (int64_t[]){12, 8, 4}, 3, "incomplete ones ignored");
         size_t len = 0;
         snprintf(path, sizeof path, "%s/checkpoints/latest", run);
         char *latest = (char *)read_file_all(path, &len);
         EXPECT(latest && !strcmp(latest, "step_00000012\n"), "latest is '%s'", latest ? latest : "(none)");
         free(latest);
         EXPECT(make_ckpt(run, 16, 2) == 0, "commit of 16 over its leftover .tmp");
-        n = ckpt_list(run, &st);
-        EXPECT(n == 2 && st[0] == 16 && st[1] == 12, "after keep = 2: %d, newest %lld", n, n ? (long long)st[0] : -1LL);
-        free(st);
-        snprintf(path, sizeof path, "%s/checkpoints/step_00000004", run);
-        EXPECT(!path_exists(path), "step 4 was not deleted");
-        snprintf(path, sizeof path, "%s/checkpoints/step_00000016.tmp", run);
-        EXPECT(!path_exists(path), "the .tmp directory is left");
+        expect_steps(run, (int64_t[]){16, 12}, 2, "keep = 2");
+        expect_gone(run, "step_00000004", "pruned");
+        expect_gone(run, "step_00000016.tmp", "committed");
         EXPECT(make_ckpt(run, 12, 5) == 0, "the same step written again (a resume from an older checkpoint)");
     }
     TEST_CASE("checkpoint directories: an unreadable checkpoint is set aside, never listed or deleted again") {
         EXPECT(ckpt_set_aside(run, 16) == 0, "set aside: %s", strerror(errno));
-        int64_t *st;
-        int n = ckpt_list(run, &st);
-        EXPECT(n == 1 && st[0] == 12, "%d listed", n);
-        free(st);
+        expect_steps(run, (int64_t[]){12}, 1, "after setting 16 aside");
         EXPECT(make_ckpt(run, 16, 1) == 0 && ckpt_set_aside(run, 16) == 0, "a second one of the same step");
         snprintf(path, sizeof path, "%s/checkpoints/step_00000016.unreadable", run);
         EXPECT(path_exists(path), "first set-aside copy gone");
@@ -287,25 +295,15 @@ static void test_tidy_and_prune(void) {
         snprintf(other, sizeof other, "%s/checkpoints/step_00000008", run);
         mkdir(other, 0755);
         ckpt_tidy(run);
-        int64_t *st;
-        int n = ckpt_list(run, &st);
-        EXPECT(n == 2 && st[0] == 12 && st[1] == 4, "%d complete, newest %lld", n, n ? (long long)st[0] : -1LL);
-        free(st);
-        snprintf(path, sizeof path, "%s/checkpoints/step_00000016.tmp", run);
-        EXPECT(!path_exists(path), "a .tmp without DONE is left");
-        snprintf(path, sizeof path, "%s/checkpoints/step_00000008", run);
-        EXPECT(!path_exists(path), "a step directory without DONE is left");
-        snprintf(path, sizeof path, "%s/checkpoints/step_00000012.tmp", run);
-        EXPECT(!path_exists(path), "the completed .tmp is still there");
+        expect_steps(run, (int64_t[]){12, 4}, 2, "after tidying");
+        expect_gone(run, "step_00000016.tmp", "a .tmp without DONE");
+        expect_gone(run, "step_00000008", "a step directory without DONE");
+        expect_gone(run, "step_00000012.tmp", "the completed .tmp");
     }
     TEST_CASE("pruning keeps the new checkpoint and the keep - 1 newest older ones, never a newer step") {
         EXPECT(make_ckpt(run, 20, 9) == 0, "commit 20");  // complete: 4, 12, 20
         EXPECT(make_ckpt(run, 16, 2) == 0, "commit 16");  // a resume from 12 writing 16: keep 16 and 12, not 4; 20 stays
-        int64_t *st;
-        int n = ckpt_list(run, &st);
-        EXPECT(n == 3 && st[0] == 20 && st[1] == 16 && st[2] == 12, "%d left: %lld %lld %lld", n,
-               n > 0 ? (long long)st[0] : -1LL, n > 1 ? (long long)st[1] : -1LL, n > 2 ? (long long)st[2] : -1LL);
-        free(st);
+        expect_steps(run, (int64_t[]){20, 16, 12}, 3, "pruned below 16 only");
     }
 }
 
