@@ -575,6 +575,8 @@ typedef struct {
     double interval_loss;
     int64_t interval_count, interval_steps, saved_step;
     int64_t start_step;  // the checkpoint step this run resumed from (0: a fresh run)
+    // fault injection for the resume tests (docs/checkpoints.md), read once: the step named by SD_FAULT_*, or -1
+    int64_t fault_kill_after, fault_kill_in_ckpt, fault_fail_ckpt;
     double rank_ips;  // this rank's images/s over the last log interval (sent in heartbeats)
     double rank_stall, stall_mark;  // seconds this rank waited on the loader in the last interval; running mark
 } Run;
@@ -587,7 +589,7 @@ static void run_status(Run *r) {
                 strerror(errno));
 }
 
-// Fault injection for the resume tests (docs/checkpoints.md): the step named by an environment variable, or -1.
+// The step named by an SD_FAULT_* environment variable, or -1.
 static int64_t fault_step(const char *name) {
     const char *v = getenv(name);
     return v ? parse_count(v) : -1;
@@ -664,11 +666,11 @@ static int run_checkpoint(Run *r, int64_t step) {
             fprintf(stderr, "simplest-dist: warning: cannot sync metrics.jsonl: %s\n", strerror(errno));
     }
     int files_ok = rank0 && ok > 0.0 && write_ckpt_files(r, step, tmp, part) == 0;
-    if (files_ok && fault_step("SD_FAULT_FAIL_CHECKPOINT") == step) {  // tests: a write that fails on rank 0 only
+    if (files_ok && r->fault_fail_ckpt == step) {  // tests: a write that fails on rank 0 only
         files_ok = 0;
         errno = EIO;
     }
-    if (files_ok && fault_step("SD_FAULT_KILL_IN_CHECKPOINT") == step)
+    if (files_ok && r->fault_kill_in_ckpt == step)
         raise(SIGKILL);  // tests: a crash with every file written but the checkpoint not yet complete
     if (rank0 && ok > 0.0 && (!files_ok || ckpt_commit(dir, step, r->cfg->run.keep_checkpoints) != 0)) {
         fprintf(stderr, "simplest-dist: warning: checkpoint of step %lld not written: %s (tried again at the next)\n",
@@ -1000,6 +1002,9 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     r->si.data_skip_names = skip_names;
     r->si.data_skipped = pf->counts;
     r->saved_step = -1;
+    r->fault_kill_after = fault_step("SD_FAULT_KILL_AFTER_STEP");
+    r->fault_kill_in_ckpt = fault_step("SD_FAULT_KILL_IN_CHECKPOINT");
+    r->fault_fail_ckpt = fault_step("SD_FAULT_FAIL_CHECKPOINT");
     r->start_step = run_resume(r);
     run_open_dir(r, micro, T, spe);
     r->t_start = r->t_log = r->t_status = r->t_ckpt = now_sec();
@@ -1182,7 +1187,7 @@ int train_main(const Config *cfg, Comm *comm) {
         r.interval_count += sr.count;
         r.interval_steps++;
         done = k;
-        if (fault_step("SD_FAULT_KILL_AFTER_STEP") == k) raise(SIGKILL);  // tests: a crash between two checkpoints
+        if (r.fault_kill_after == k) raise(SIGKILL);  // tests: a crash between two checkpoints
         // every rank stops, and checkpoints by rank 0's clock, at the same step
         double flags[2] = {g_stop_signal ? 1.0 : 0.0,
                            comm->rank == 0 && cfg->run.checkpoint_every_s > 0 &&
