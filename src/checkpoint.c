@@ -355,12 +355,18 @@ void ckpt_dir(char *buf, size_t n, const char *run_dir, int64_t step) {
     snprintf(buf, n, "%s/checkpoints/step_%08lld", run_dir, (long long)step);
 }
 
-// Deletes a directory of plain files (a checkpoint's); a missing one is fine.
+// Deletes a directory of plain files (a checkpoint's); a missing one is fine. DONE goes first: a crash part way
+// leaves an incomplete directory, never one that claims to be complete with files missing.
 static int remove_flat_dir(const char *dir) {
     DIR *d = opendir(dir);
     if (!d) return errno == ENOENT ? 0 : -1;
     struct dirent *e;
     char path[1400];
+    snprintf(path, sizeof path, "%s/DONE", dir);
+    if (unlink(path) != 0 && errno != ENOENT) {
+        closedir(d);
+        return -1;
+    }
     while ((e = readdir(d))) {
         if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
         snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
@@ -402,8 +408,12 @@ void ckpt_tidy(const char *run_dir) {
         snprintf(done, sizeof done, "%s/DONE", path);
         if (t >= 0) {
             ckpt_dir(dir, sizeof dir, run_dir, t);
-            // complete but not yet renamed (a commit that replaced the same step was cut short): finish it
-            if (!(path_exists(done) && !path_exists(dir) && rename(path, dir) == 0)) remove_flat_dir(path);
+            char dir_done[1300];
+            snprintf(dir_done, sizeof dir_done, "%s/DONE", dir);
+            // complete but not yet renamed (a commit that replaced the same step was cut short): finish it, over
+            // an incomplete step_N; beside a complete step_N (the same step's bits) it is redundant
+            if (!(path_exists(done) && !path_exists(dir_done) && remove_flat_dir(dir) == 0 && rename(path, dir) == 0))
+                remove_flat_dir(path);
         } else if (c >= 0 && !path_exists(done)) {
             remove_flat_dir(path);  // a crash while pruning it
         }
@@ -503,8 +513,6 @@ int ckpt_commit(const char *run_dir, int64_t step, int keep) {
         if (steps[i] > step || ++kept <= keep) continue;
         char old[1200];
         ckpt_dir(old, sizeof old, run_dir, steps[i]);
-        snprintf(path, sizeof path, "%s/DONE", old);
-        unlink(path);  // first: a crash part way leaves an incomplete directory, never a damaged complete one
         remove_flat_dir(old);
     }
     free(steps);

@@ -207,6 +207,9 @@ static const KeySpec KEYS[] = {
      "also write a checkpoint when this many seconds have passed since the last one (rank 0's clock; 0 = off)"},
     {"run.keep_checkpoints", KT_INT, FIELD(run.keep_checkpoints), "2", 1, 1e6, NULL,
      "complete checkpoints kept: older ones are deleted once a newer one is complete"},
+    {"run.checkpoint_timeout_s", KT_DOUBLE, FIELD(run.checkpoint_timeout_s), "3600", 0, 1e7, NULL,
+     "while rank 0 writes or reads a checkpoint, the other ranks wait this long for it (in place of "
+     "comm.timeout_s) before the job is failed as hung (0 = wait forever)"},
 };
 #define NKEYS (int)(sizeof KEYS / sizeof KEYS[0])
 

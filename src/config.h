@@ -92,6 +92,7 @@ typedef struct {
         int checkpoint_every;       // optimizer steps between checkpoints; 0 = only at evals, the end, signals
         double checkpoint_every_s;  // seconds between checkpoints; 0 = off
         int keep_checkpoints;       // complete checkpoints kept (the newest)
+        double checkpoint_timeout_s;  // how long ranks wait for rank 0 to write or read a checkpoint (0 = forever)
     } run;
 } Config;
 

@@ -14,7 +14,7 @@ typedef struct {
 } RankStatus;
 
 typedef struct {
-    const char *state;  // "starting" | "training" | "evaluating" | "done" | "failed"
+    const char *state;  // "training" | "evaluating" | "done" | "stopped" | "failed"
     const char *run_dir, *arch, *device;
     int64_t step, total_steps;
     double epoch;  // fractional

@@ -640,6 +640,7 @@ static int run_checkpoint(Run *r, int64_t step) {
     double t0 = now_sec();
     char tmp[1300] = "", path[1400];
     double ok = 1.0;
+    comm_set_timeout(r->comm, r->cfg->run.checkpoint_timeout_s);  // the ranks wait while rank 0 writes
     if (rank0 && ckpt_begin(dir, step, tmp, sizeof tmp) != 0) {
         fprintf(stderr, "simplest-dist: warning: cannot create checkpoint %s: %s\n", tmp, strerror(errno));
         ok = 0.0;
@@ -649,9 +650,13 @@ static int run_checkpoint(Run *r, int64_t step) {
     // same interval mean
     double part[2] = {r->interval_loss, (double)r->interval_count};
     if (ok > 0.0) comm_allreduce_sum_f64(r->comm, part, 2);
+    int files_ok = rank0 && ok > 0.0, why = 0;  // rank 0: every file written so far; why: the first failure's errno
     if (ok > 0.0 && r->t.shampoo) {
         snprintf(path, sizeof path, "%s/optimizer.safetensors", tmp);
-        if (shampoo_save(r->t.shampoo, path) != 0 && rank0) ok = 0.0;
+        if (shampoo_save(r->t.shampoo, path) != 0 && rank0) {
+            files_ok = 0;
+            why = errno;
+        }
     }
     if (rank0) {
         // the exported weights first: a complete checkpoint implies they are at least as new
@@ -665,20 +670,28 @@ static int run_checkpoint(Run *r, int64_t step) {
         if (r->metrics && (fflush(r->metrics) != 0 || fsync(fileno(r->metrics)) != 0))
             fprintf(stderr, "simplest-dist: warning: cannot sync metrics.jsonl: %s\n", strerror(errno));
     }
-    int files_ok = rank0 && ok > 0.0 && write_ckpt_files(r, step, tmp, part) == 0;
-    if (files_ok && r->fault_fail_ckpt == step) {  // tests: a write that fails on rank 0 only
+    if (files_ok && r->fault_fail_ckpt == step) {  // tests: a write that fails on rank 0 only, as Shampoo's could
         files_ok = 0;
-        errno = EIO;
+        why = EIO;
+    }
+    if (files_ok && write_ckpt_files(r, step, tmp, part) != 0) {
+        files_ok = 0;
+        why = errno;
     }
     if (files_ok && r->fault_kill_in_ckpt == step)
         raise(SIGKILL);  // tests: a crash with every file written but the checkpoint not yet complete
-    if (rank0 && ok > 0.0 && (!files_ok || ckpt_commit(dir, step, r->cfg->run.keep_checkpoints) != 0)) {
+    if (files_ok && ckpt_commit(dir, step, r->cfg->run.keep_checkpoints) != 0) {
+        files_ok = 0;
+        why = errno;
+    }
+    if (rank0 && ok > 0.0 && !files_ok) {
         fprintf(stderr, "simplest-dist: warning: checkpoint of step %lld not written: %s (tried again at the next)\n",
-                (long long)step, strerror(errno));
+                (long long)step, strerror(why));
         ckpt_abandon(dir, step);
         ok = 0.0;
     }
     comm_bcast(r->comm, &ok, sizeof ok, 0);  // every rank agrees whether step is saved (run_finish retries if not)
+    comm_set_timeout(r->comm, r->cfg->comm.timeout_s);
     r->t_ckpt = now_sec();
     r->t_log += r->t_ckpt - t0;  // checkpoint time does not count against training speed
     if (ok <= 0.0) return -1;
@@ -835,6 +848,7 @@ static int64_t run_resume(Run *r) {
     Comm *comm = r->comm;
     int rank0 = comm->rank == 0;
     if (!strcmp(cfg->run.resume, "never")) return 0;
+    comm_set_timeout(comm, cfg->run.checkpoint_timeout_s);  // the ranks wait while rank 0 reads (restored below)
     int64_t *steps = NULL, count = 0;
     if (rank0) {
         ckpt_tidy(cfg->run.dir);
@@ -842,6 +856,7 @@ static int64_t run_resume(Run *r) {
     }
     comm_bcast(comm, &count, sizeof count, 0);
     if (count == 0) {
+        comm_set_timeout(comm, cfg->comm.timeout_s);
         if (!strcmp(cfg->run.resume, "require"))
             die_user("config key 'run.resume': \"require\", but '%s' holds no complete checkpoint", cfg->run.dir);
         return 0;
@@ -900,6 +915,7 @@ static int64_t run_resume(Run *r) {
             ckpt_host_free(&h);
             int64_t step = steps[i];
             free(steps);
+            comm_set_timeout(comm, cfg->comm.timeout_s);
             return step;
         }
         if (rank0) fprintf(stderr, "simplest-dist: warning: checkpoint %s cannot be loaded: %s\n", dir, err);
@@ -911,13 +927,31 @@ static int64_t run_resume(Run *r) {
              cfg->run.dir, (long long)count, newest_err);
 }
 
+// Removes what a killed write_file_atomic left in dir: files named <name>.tmp.<pid>.
+static void remove_stale_tmp(const char *dir) {
+    DIR *d = opendir(dir);
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d))) {
+        const char *t = strstr(e->d_name, ".tmp.");
+        if (!t || parse_count(t + 5) < 0) continue;
+        char path[1400];
+        snprintf(path, sizeof path, "%s/%s", dir, e->d_name);
+        unlink(path);
+    }
+    closedir(d);
+}
+
 // Rank 0's run directory: a fresh run moves an earlier one aside; a resumed one keeps it, with metrics.jsonl cut
 // back to the checkpoint's step. Then the banner and the memory line.
 static void run_open_dir(Run *r, int micro, int64_t T, int64_t spe) {
     const Config *cfg = r->cfg;
     Comm *comm = r->comm;
     if (comm->rank != 0) return;
-    if (!r->start_step) prepare_run_dir(cfg->run.dir);
+    if (!r->start_step)
+        prepare_run_dir(cfg->run.dir);
+    else
+        remove_stale_tmp(cfg->run.dir);
     char path[1200];
     snprintf(path, sizeof path, "%s/config.json", cfg->run.dir);
     if (write_file_atomic(path, r->config_json, strlen(r->config_json)) != 0)
@@ -1008,6 +1042,8 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     r->start_step = run_resume(r);
     run_open_dir(r, micro, T, spe);
     r->t_start = r->t_log = r->t_status = r->t_ckpt = now_sec();
+    // at once, not at the first log line: a monitor sees the (re)started run, and which checkpoint it continues
+    if (r->start_step < T) run_status(r);
 }
 
 // The progress line, metrics.jsonl record, rank heartbeats and signal-propagation diagnostics of one interval.
@@ -1127,9 +1163,19 @@ static void run_eval(Run *r, int64_t k) {
     run_checkpoint(r, k);         // spec §12.1: a checkpoint at every evaluation
 }
 
-static void run_finish(Run *r, int64_t done, const char *state) {
+// The end of a run: its last checkpoint, status and message. Returns 0, or -1 when that checkpoint could not be
+// written (the run then ends as "failed": a batch script must not take it for done, or requeue it in a loop).
+static int run_finish(Run *r, int64_t done, const char *state) {
     StatusInfo *si = &r->si;
-    if (r->saved_step != done && strcmp(state, "failed") != 0) run_checkpoint(r, done);
+    int rc = 0;
+    if (r->saved_step != done && strcmp(state, "failed") != 0 && run_checkpoint(r, done) != 0) {
+        if (r->comm->rank == 0)
+            fprintf(stderr, "simplest-dist: error: the checkpoint of step %lld, the run's last, could not be written "
+                            "(see the warning above); the newest complete checkpoint is %s\n",
+                    (long long)done, r->last_ckpt[0] ? r->last_ckpt : "none");
+        state = "failed";
+        rc = -1;
+    }
     si->state = state;
     si->step = done;
     si->elapsed_s = now_sec() - r->t_start;
@@ -1144,6 +1190,7 @@ static void run_finish(Run *r, int64_t done, const char *state) {
             fprintf(stderr, "simplest-dist: warning: closing metrics.jsonl: %s\n", strerror(errno));
         r->metrics = NULL;
     }
+    return rc;
 }
 
 static void run_free(Run *r) {
@@ -1209,7 +1256,12 @@ int train_main(const Config *cfg, Comm *comm) {
             break;
         }
     }
-    run_finish(&r, done, state);
+    if (r.start_step >= T) {  // nothing ran: status.json and the files stay as the finished run left them
+        if (r.metrics) fclose(r.metrics);
+        run_free(&r);
+        return 0;
+    }
+    if (run_finish(&r, done, state) != 0) rc = 1;
     run_free(&r);
     return rc;
 }

@@ -182,16 +182,34 @@ else
   echo "not ok - resume with changed log_every/threads: rc $rc, $diff"
 fi
 
-# A finished run started again: nothing to do, exit 0, nothing rewritten.
-before=$(md5sum "$TMP/adam-straight/model.safetensors" "$TMP/adam-straight/checkpoints/step_00000024/optimizer.safetensors")
+# A finished run started again: nothing to do, exit 0; weights, status.json and metrics.jsonl unchanged.
+files="$TMP/adam-straight/model.safetensors $TMP/adam-straight/status.json $TMP/adam-straight/metrics.jsonl
+  $TMP/adam-straight/checkpoints/step_00000024/optimizer.safetensors"
+before=$(md5sum $files)
 train "$TMP/adam-straight" "$TMP/again.log"
 rc=$?
-after=$(md5sum "$TMP/adam-straight/model.safetensors" "$TMP/adam-straight/checkpoints/step_00000024/optimizer.safetensors")
+after=$(md5sum $files)
 if [ "$rc" = 0 ] && grep -q "already complete" "$TMP/again.log" && [ "$before" = "$after" ] &&
    [ "$(status_field "$TMP/adam-straight" "['state']")" = done ]; then
-  echo "ok - a finished run started again is already complete (exit 0, files unchanged)"
+  echo "ok - a finished run started again is already complete (exit 0; weights, status and metrics unchanged)"
 else
   echo "not ok - finished run again: rc $rc"; tail -2 "$TMP/again.log"
+fi
+
+# The last checkpoint cannot be written (SD_FAULT_FAIL_CHECKPOINT=24, as a full disk): exit 1 and state "failed",
+# with one error naming the newest complete checkpoint, so that a batch script neither takes the run for done nor
+# requeues it in a loop. Started again, it resumes from that checkpoint and finishes.
+SD_FAULT_FAIL_CHECKPOINT=24 "$BIN" configs/fashion-mnist.json $BASE --set run.dir="$TMP/lastfail" > "$TMP/lastfail.log" 2>&1
+rc=$?
+state=$(status_field "$TMP/lastfail" "['state']")
+train "$TMP/lastfail" "$TMP/lastfail2.log"
+rc2=$?
+diff=$(same "$TMP/adam-straight" "$TMP/lastfail")
+if [ "$rc" = 1 ] && [ "$state" = failed ] && grep -q "error: the checkpoint of step 24, the run's last, could not be written .*step_00000020" "$TMP/lastfail.log" &&
+   [ "$rc2" = 0 ] && grep -q "resuming from .*step_00000020" "$TMP/lastfail2.log" && [ "$diff" = identical ]; then
+  echo "ok - a last checkpoint that cannot be written: exit 1, state failed; the restart resumes from step 20 and finishes identical"
+else
+  echo "not ok - last checkpoint failing: rc $rc, state $state, restart rc $rc2, $diff"; tail -2 "$TMP/lastfail.log"
 fi
 
 # run.resume "never": the earlier run is moved aside and training starts over; "require" without a checkpoint fails.

@@ -35,21 +35,25 @@ else
   echo "not ok - np 2 -> 3 resume: kill rc $rc1, resume rc $rc2, $diff"; grep -E "resuming|error" "$TMP/np2to3-2.log" | head -3
 fi
 
-# A checkpoint whose write fails on rank 0 only (SD_FAULT_FAIL_CHECKPOINT, as a full disk): every rank must agree
-# that it failed (else rank 0 retries it alone, and the ranks meet in different collectives) and train on to the
-# same bits; at the last step the retry in the finish fails too, and the job still ends.
-for at in 20 24; do  # 20: an eval step and a checkpoint_every step (the loop would retry it at once); 24: the last
+# A checkpoint whose write fails on rank 0 only (SD_FAULT_FAIL_CHECKPOINT, right after Shampoo's state, as a full
+# disk): every rank must agree that it failed (else rank 0 retries it alone, and the ranks meet in different
+# collectives), the partial directory goes, and training goes on to the same bits. At 20, an eval step and a
+# checkpoint_every step (the loop would retry at once). At 24, the last step: the finish retries, fails too, and the
+# job ends with exit 1 and state "failed" (not "done": a batch script must not take it for finished).
+for at in 20 24; do
   SD_FAULT_FAIL_CHECKPOINT=$at timeout 120 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY $DET \
     --set run.dir="$TMP/fail$at" > "$TMP/fail$at.log" 2>&1
   rc=$?
-  diff=identical  # at 24 there is no last checkpoint to compare
+  want_rc=0 want_state=done diff=identical
+  [ "$at" = 24 ] && want_rc=1 want_state=failed
   [ "$at" = 20 ] && diff=$(same "$TMP/np1" "$TMP/fail$at" 2>&1 | tail -1)
-  if [ "$rc" = 0 ] && grep -q "warning: checkpoint of step $at not written" "$TMP/fail$at.log" &&
-     [ ! -d "$TMP/fail$at/checkpoints/step_$(printf %08d $at)" ] &&
-     [ "$diff" = identical ]; then
-    echo "ok - a checkpoint failing on rank 0 only (step $at of 24): both ranks train on, the job ends with exit 0"
+  state=$(status_field "$TMP/fail$at" "['state']")
+  if [ "$rc" = "$want_rc" ] && [ "$state" = "$want_state" ] && grep -q "warning: checkpoint of step $at not written" "$TMP/fail$at.log" &&
+     [ -z "$(ls "$TMP/fail$at/checkpoints" | grep "step_$(printf %08d $at)")" ] && [ "$diff" = identical ] &&
+     { [ "$at" = 20 ] || grep -q "error: the checkpoint of step 24, the run's last, could not be written" "$TMP/fail$at.log"; }; then
+    echo "ok - a checkpoint failing on rank 0 only (step $at of 24): no deadlock, no leftovers, exit $rc, state $state"
   else
-    echo "not ok - checkpoint failing on rank 0 at step $at: rc $rc, $diff"; tail -3 "$TMP/fail$at.log"
+    echo "not ok - checkpoint failing on rank 0 at step $at: rc $rc, state $state, $diff"; tail -3 "$TMP/fail$at.log"
   fi
 done
 

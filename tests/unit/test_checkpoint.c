@@ -279,13 +279,20 @@ static void test_tidy_and_prune(void) {
     char run[400], path[1400];
     snprintf(run, sizeof run, "%s/tidy", g_dir);
     mkdir(run, 0755);
-    TEST_CASE("tidy: a .tmp holding DONE whose step is missing is completed; other leftovers are removed") {
+    TEST_CASE("tidy: a .tmp holding DONE whose step is missing or incomplete is completed; other leftovers are "
+              "removed") {
         char tmp[1300];
         EXPECT(make_ckpt(run, 4, 9) == 0, "commit 4");
         // a commit of step 12 that replaced step_12 and was killed before its rename: step_12.tmp with DONE
         EXPECT(ckpt_begin(run, 12, tmp, sizeof tmp) == 0, "begin 12");
         snprintf(path, sizeof path, "%s/DONE", tmp);
         write_text(path, "step 12\n");
+        // ... beside its old step_12 half deleted (DONE gone first, one file left)
+        char half[1300];
+        snprintf(half, sizeof half, "%s/checkpoints/step_00000012", run);
+        mkdir(half, 0755);
+        snprintf(path, sizeof path, "%s/optimizer.safetensors", half);
+        write_text(path, "x");
         // a checkpoint killed while being written (no DONE), and one killed while being pruned (no DONE)
         char other[1300];
         snprintf(other, sizeof other, "%s/checkpoints/step_00000016.tmp", run);
@@ -299,6 +306,8 @@ static void test_tidy_and_prune(void) {
         expect_gone(run, "step_00000016.tmp", "a .tmp without DONE");
         expect_gone(run, "step_00000008", "a step directory without DONE");
         expect_gone(run, "step_00000012.tmp", "the completed .tmp");
+        snprintf(path, sizeof path, "%s/checkpoints/step_00000012/optimizer.safetensors", run);
+        EXPECT(!path_exists(path), "the half-deleted step_12's file survived the completion");
     }
     TEST_CASE("pruning keeps the new checkpoint and the keep - 1 newest older ones, never a newer step") {
         EXPECT(make_ckpt(run, 20, 9) == 0, "commit 20");  // complete: 4, 12, 20
