@@ -1217,7 +1217,9 @@ int train_main(const Config *cfg, Comm *comm) {
     int64_t T = r.t.total_steps, done = r.start_step;
     const char *state = "done";
     int rc = 0;
-    if (done >= T && comm->rank == 0) printf("the run in %s is already complete\n", cfg->run.dir);
+    if (done >= T && comm->rank == 0)
+        printf("the run in %s is already complete (to train again: --set run.resume=never, which moves it aside, or "
+               "another run.dir)\n", cfg->run.dir);
     for (int64_t k = r.start_step + 1; k <= T; k++) {
         comm_heartbeat(comm, k, r.rank_ips, r.rank_stall);
         StepResult sr = trainer_step(&r.t, k, loader_source, &r.lctx);
