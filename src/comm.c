@@ -129,7 +129,10 @@ void comm_init(Comm *c, int *argc, char ***argv) {
     c->st = st;
 }
 
-void comm_set_timeout(Comm *c, double seconds) { c->timeout_s = seconds; }
+void comm_set_timeout(Comm *c, double seconds, const char *key) {
+    c->timeout_s = seconds;
+    c->timeout_key = key;
+}
 
 // Rank 0: record every heartbeat that has arrived.
 static void drain_heartbeats(Comm *c) {
@@ -167,11 +170,10 @@ static void report_timeout(Comm *c, const char *what, double waited) {
             }
     }
     fprintf(stderr,
-            "simplest-dist: error: rank %d waited %.0f s in %s at step %lld (comm.timeout_s); %s%s; stopping the "
+            "simplest-dist: error: rank %d waited %.0f s in %s at step %lld (%s); %s%s; stopping the "
             "job\n",
-            c->rank, waited, what, (long long)st->step, silent[0] ? "unresponsive rank(s): " : "a peer rank is "
-                                                                                              "unresponsive or dead",
-            silent);
+            c->rank, waited, what, (long long)st->step, c->timeout_key ? c->timeout_key : "comm.timeout_s",
+            silent[0] ? "unresponsive rank(s): " : "a peer rank is unresponsive or dead", silent);
     fflush(stderr);
     MPI_Abort(MPI_COMM_WORLD, 1);
 }
@@ -403,7 +405,7 @@ struct CommState {
 #ifdef USE_NCCL  // what the shared NCCL wait calls (no peers here: nothing to drain)
 static void drain_heartbeats(Comm *c) {}
 static void report_timeout(Comm *c, const char *what, double waited) {
-    DIE("waited %.0f s in %s (comm.timeout_s)", waited, what);
+    DIE("waited %.0f s in %s (%s)", waited, what, c->timeout_key ? c->timeout_key : "comm.timeout_s");
 }
 #endif
 
@@ -420,7 +422,10 @@ void comm_finalize(Comm *c) {
     free(c->st);
     c->st = NULL;
 }
-void comm_set_timeout(Comm *c, double seconds) { c->timeout_s = seconds; }
+void comm_set_timeout(Comm *c, double seconds, const char *key) {
+    c->timeout_s = seconds;
+    c->timeout_key = key;
+}
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n) {
 #ifdef USE_NCCL
     nccl_sum(c, buf, n);

@@ -15,12 +15,14 @@ typedef struct {
     int rank, world, local_rank, local_world;
     int mpi;           // 1 when MPI is initialized and used
     double timeout_s;  // longest wait for a peer before the job is failed (0 = forever)
+    const char *timeout_key;  // the config key that set it, for the message (NULL: "comm.timeout_s")
     CommState *st;     // pending requests, heartbeat bookkeeping
 } Comm;
 
 void comm_init(Comm *c, int *argc, char ***argv);
 void comm_finalize(Comm *c);
-void comm_set_timeout(Comm *c, double seconds);
+// The longest wait for a peer from now on, and the config key that a timeout message names.
+void comm_set_timeout(Comm *c, double seconds, const char *key);
 
 // Blocking (but polled) collectives on host-visible memory.
 void comm_allreduce_sum_f32(Comm *c, float *buf, size_t n);

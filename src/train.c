@@ -576,7 +576,7 @@ typedef struct {
     int64_t interval_count, interval_steps, saved_step;
     int64_t start_step;  // the checkpoint step this run resumed from (0: a fresh run)
     // fault injection for the resume tests (docs/checkpoints.md), read once: the step named by SD_FAULT_*, or -1
-    int64_t fault_kill_after, fault_kill_in_ckpt, fault_fail_ckpt;
+    int64_t fault_kill_after, fault_kill_in_ckpt, fault_fail_ckpt, fault_slow_ckpt;
     double rank_ips;  // this rank's images/s over the last log interval (sent in heartbeats)
     double rank_stall, stall_mark;  // seconds this rank waited on the loader in the last interval; running mark
 } Run;
@@ -640,7 +640,7 @@ static int run_checkpoint(Run *r, int64_t step) {
     double t0 = now_sec();
     char tmp[1300] = "", path[1400];
     double ok = 1.0;
-    comm_set_timeout(r->comm, r->cfg->run.checkpoint_timeout_s);  // the ranks wait while rank 0 writes
+    comm_set_timeout(r->comm, r->cfg->run.checkpoint_timeout_s, "run.checkpoint_timeout_s");  // the ranks wait while rank 0 writes
     if (rank0 && ckpt_begin(dir, step, tmp, sizeof tmp) != 0) {
         fprintf(stderr, "simplest-dist: warning: cannot create checkpoint %s: %s\n", tmp, strerror(errno));
         ok = 0.0;
@@ -670,6 +670,7 @@ static int run_checkpoint(Run *r, int64_t step) {
         if (r->metrics && (fflush(r->metrics) != 0 || fsync(fileno(r->metrics)) != 0))
             fprintf(stderr, "simplest-dist: warning: cannot sync metrics.jsonl: %s\n", strerror(errno));
     }
+    if (files_ok && r->fault_slow_ckpt == step) sleep(3);  // tests: a slow file system, the others waiting
     if (files_ok && r->fault_fail_ckpt == step) {  // tests: a write that fails on rank 0 only, as Shampoo's could
         files_ok = 0;
         why = EIO;
@@ -691,7 +692,7 @@ static int run_checkpoint(Run *r, int64_t step) {
         ok = 0.0;
     }
     comm_bcast(r->comm, &ok, sizeof ok, 0);  // every rank agrees whether step is saved (run_finish retries if not)
-    comm_set_timeout(r->comm, r->cfg->comm.timeout_s);
+    comm_set_timeout(r->comm, r->cfg->comm.timeout_s, "comm.timeout_s");
     r->t_ckpt = now_sec();
     r->t_log += r->t_ckpt - t0;  // checkpoint time does not count against training speed
     if (ok <= 0.0) return -1;
@@ -848,7 +849,7 @@ static int64_t run_resume(Run *r) {
     Comm *comm = r->comm;
     int rank0 = comm->rank == 0;
     if (!strcmp(cfg->run.resume, "never")) return 0;
-    comm_set_timeout(comm, cfg->run.checkpoint_timeout_s);  // the ranks wait while rank 0 reads (restored below)
+    comm_set_timeout(comm, cfg->run.checkpoint_timeout_s, "run.checkpoint_timeout_s");  // the ranks wait while rank 0 reads (restored below)
     int64_t *steps = NULL, count = 0;
     if (rank0) {
         ckpt_tidy(cfg->run.dir);
@@ -856,7 +857,7 @@ static int64_t run_resume(Run *r) {
     }
     comm_bcast(comm, &count, sizeof count, 0);
     if (count == 0) {
-        comm_set_timeout(comm, cfg->comm.timeout_s);
+        comm_set_timeout(comm, cfg->comm.timeout_s, "comm.timeout_s");
         if (!strcmp(cfg->run.resume, "require"))
             die_user("config key 'run.resume': \"require\", but '%s' holds no complete checkpoint", cfg->run.dir);
         return 0;
@@ -915,7 +916,7 @@ static int64_t run_resume(Run *r) {
             ckpt_host_free(&h);
             int64_t step = steps[i];
             free(steps);
-            comm_set_timeout(comm, cfg->comm.timeout_s);
+            comm_set_timeout(comm, cfg->comm.timeout_s, "comm.timeout_s");
             return step;
         }
         if (rank0) fprintf(stderr, "simplest-dist: warning: checkpoint %s cannot be loaded: %s\n", dir, err);
@@ -1039,6 +1040,7 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     r->fault_kill_after = fault_step("SD_FAULT_KILL_AFTER_STEP");
     r->fault_kill_in_ckpt = fault_step("SD_FAULT_KILL_IN_CHECKPOINT");
     r->fault_fail_ckpt = fault_step("SD_FAULT_FAIL_CHECKPOINT");
+    r->fault_slow_ckpt = fault_step("SD_FAULT_SLOW_CHECKPOINT");
     r->start_step = run_resume(r);
     run_open_dir(r, micro, T, spe);
     r->t_start = r->t_log = r->t_status = r->t_ckpt = now_sec();
@@ -1208,7 +1210,7 @@ static void run_free(Run *r) {
 
 int train_main(const Config *cfg, Comm *comm) {
     Run r;
-    comm_set_timeout(comm, cfg->comm.timeout_s);  // from the start: a rank silent during setup fails the job too
+    comm_set_timeout(comm, cfg->comm.timeout_s, "comm.timeout_s");  // from the start: a rank silent during setup fails the job too
     // before the setup: a signal while the data or a checkpoint loads stops the run after its first step
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
@@ -1301,7 +1303,7 @@ static float *logits_for_input(Model *m, Comm *comm, const char *input_path, int
 
 int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char *logits_path,
               const char *input_path) {
-    comm_set_timeout(comm, cfg->comm.timeout_s);
+    comm_set_timeout(comm, cfg->comm.timeout_s, "comm.timeout_s");
     Backend *be = backend_for_config(cfg, comm, 0);
     ModelConfig mc = config_model(cfg);
     int eval_batch = config_eval_batch(cfg, comm->world);

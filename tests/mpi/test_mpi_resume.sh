@@ -57,6 +57,22 @@ for at in 20 24; do
   fi
 done
 
+# A checkpoint that takes rank 0 3 s (SD_FAULT_SLOW_CHECKPOINT) while comm.timeout_s is 1: the other rank waits
+# under run.checkpoint_timeout_s instead and the run finishes; with run.checkpoint_timeout_s 1 as well, the job
+# ends as hung, the waiting rank naming that key, instead of hanging.
+SD_FAULT_SLOW_CHECKPOINT=8 timeout 120 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY --set comm.timeout_s=1 \
+  --set run.dir="$TMP/slow" > "$TMP/slow.log" 2>&1
+rc1=$?
+SD_FAULT_SLOW_CHECKPOINT=8 timeout 120 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY --set comm.timeout_s=1 \
+  --set run.checkpoint_timeout_s=1 --set run.dir="$TMP/slow-hung" > "$TMP/slow-hung.log" 2>&1
+rc2=$?
+if [ "$rc1" = 0 ] && [ "$(status_field "$TMP/slow" "['state']")" = done ] && [ "$rc2" != 0 ] && [ "$rc2" != 124 ] &&
+   grep -q "rank 1 waited .* (run.checkpoint_timeout_s)" "$TMP/slow-hung.log"; then
+  echo "ok - a checkpoint slower than comm.timeout_s: the ranks wait under run.checkpoint_timeout_s (done); past that, the job ends naming the waiting rank (exit $rc2)"
+else
+  echo "not ok - slow checkpoint: rc $rc1 (want 0, done), with checkpoint_timeout_s 1 rc $rc2"; tail -2 "$TMP/slow.log" "$TMP/slow-hung.log"
+fi
+
 LONG="--set train.steps=300 --set train.eval_every=0 --set run.checkpoint_every=40"
 timeout 300 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY $LONG --set run.dir="$TMP/term-straight" > "$TMP/term-straight.log" 2>&1
 timeout 300 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY $LONG --set run.dir="$TMP/term" > "$TMP/term-1.log" 2>&1 &

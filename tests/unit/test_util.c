@@ -31,7 +31,7 @@ static void *die_on_thread(void *arg) {
 static int mpi_thread_die(int argc, char **argv, const char *kind) {
     Comm c;
     comm_init(&c, &argc, &argv);
-    comm_set_timeout(&c, 0);
+    comm_set_timeout(&c, 0, "comm.timeout_s");
     if (c.world != 2) die_user("--mpi-thread-die runs at np 2");
     if (c.rank == 0) {
         sleep_s(60);
