@@ -334,7 +334,8 @@ int train_state_read(const char *path, TrainState *s, char *err, size_t n) {
         set_err(err, n, "%s: 'best_top1' must be in 0 .. 1 with a 'best_step' in 1 .. step", path);
     } else if (!cJSON_IsObject(iv) || !cJSON_IsNumber(iloss) || !isfinite(iloss->valuedouble) ||
                iloss->valuedouble < 0 ||
-               json_count(cJSON_GetObjectItemCaseSensitive(iv, "count"), 0, 9007199254740992.0, &s->interval_count) != 0) {
+               json_count(cJSON_GetObjectItemCaseSensitive(iv, "count"), 0, 9007199254740992.0,
+                          &s->interval_count) != 0) {
         set_err(err, n, "%s: 'interval' must hold a finite 'loss_sum' >= 0 and a whole 'count' >= 0", path);
     } else if (eval && read_eval(eval, s) != 0) {
         set_err(err, n, "%s: 'eval' must hold a 'step' in 1 .. step and numbers 'top1', 'top5', 'loss'", path);

@@ -640,7 +640,8 @@ static int run_checkpoint(Run *r, int64_t step) {
     double t0 = now_sec();
     char tmp[1300] = "", path[1400];
     double ok = 1.0;
-    comm_set_timeout(r->comm, r->cfg->run.checkpoint_timeout_s, "run.checkpoint_timeout_s");  // the ranks wait while rank 0 writes
+    // the other ranks wait while rank 0 writes, under the checkpoint's own limit
+    comm_set_timeout(r->comm, r->cfg->run.checkpoint_timeout_s, "run.checkpoint_timeout_s");
     if (rank0 && ckpt_begin(dir, step, tmp, sizeof tmp) != 0) {
         fprintf(stderr, "simplest-dist: warning: cannot create checkpoint %s: %s\n", tmp, strerror(errno));
         ok = 0.0;
@@ -849,7 +850,8 @@ static int64_t run_resume(Run *r) {
     Comm *comm = r->comm;
     int rank0 = comm->rank == 0;
     if (!strcmp(cfg->run.resume, "never")) return 0;
-    comm_set_timeout(comm, cfg->run.checkpoint_timeout_s, "run.checkpoint_timeout_s");  // the ranks wait while rank 0 reads (restored below)
+    // the other ranks wait while rank 0 reads, under the checkpoint's own limit (comm.timeout_s again below)
+    comm_set_timeout(comm, cfg->run.checkpoint_timeout_s, "run.checkpoint_timeout_s");
     int64_t *steps = NULL, count = 0;
     if (rank0) {
         ckpt_tidy(cfg->run.dir);
@@ -964,8 +966,8 @@ static void run_open_dir(Run *r, int micro, int64_t T, int64_t spe) {
     printf("simplest-dist: %s%s, %zu params, %d ranks x %d images x %d accum = batch %d, %lld steps "
            "(%lld per epoch), %s backend, run dir %s\n",
            cfg->model.arch, cfg->model.seed_compat ? " (seed_compat)" : "", r->m->num_params, comm->world,
-           micro, cfg->train.batch_size / (micro * comm->world), cfg->train.batch_size, (long long)T, (long long)spe, r->be->name,
-           cfg->run.dir);
+           micro, cfg->train.batch_size / (micro * comm->world), cfg->train.batch_size, (long long)T, (long long)spe,
+           r->be->name, cfg->run.dir);
     // Memory: activations scale with the per-rank batch; everything else (params, grads, optimizer state,
     // scratch) does not. The largest batch assumes the free memory all goes to activations.
     size_t fr = 0, tot = 0;
@@ -1210,7 +1212,8 @@ static void run_free(Run *r) {
 
 int train_main(const Config *cfg, Comm *comm) {
     Run r;
-    comm_set_timeout(comm, cfg->comm.timeout_s, "comm.timeout_s");  // from the start: a rank silent during setup fails the job too
+    // from the start: a rank silent during setup fails the job too
+    comm_set_timeout(comm, cfg->comm.timeout_s, "comm.timeout_s");
     // before the setup: a signal while the data or a checkpoint loads stops the run after its first step
     signal(SIGINT, on_signal);
     signal(SIGTERM, on_signal);
