@@ -4,7 +4,6 @@
 #include <cJSON.h>
 #include <dirent.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -377,14 +376,6 @@ static int remove_flat_dir(const char *dir) {
     return rmdir(dir);
 }
 
-static int fsync_path(const char *path) {
-    int fd = open(path, O_RDONLY);
-    if (fd < 0) return -1;
-    int rc = fsync(fd);
-    close(fd);
-    return rc;
-}
-
 // "step_<digits>" (suffix "") or "step_<digits>.tmp" (suffix ".tmp") exactly: the step, or -1.
 static int64_t step_of(const char *name, const char *suffix) {
     size_t n = strlen(name), k = strlen(suffix);
@@ -426,11 +417,10 @@ int ckpt_begin(const char *run_dir, int64_t step, char *tmp, size_t n) {
     char root[1200];
     snprintf(root, sizeof root, "%s/checkpoints", run_dir);
     if (mkdir_p(root) != 0) return -1;
-    ckpt_tidy(run_dir);  // what killed runs left
+    ckpt_tidy(run_dir);  // what killed runs left, a step_N.tmp among it
     char dir[1200];
     ckpt_dir(dir, sizeof dir, run_dir, step);
     snprintf(tmp, n, "%s.tmp", dir);
-    if (remove_flat_dir(tmp) != 0) return -1;
     return mkdir(tmp, 0755);
 }
 

@@ -631,6 +631,23 @@ static int write_ckpt_files(Run *r, int64_t step, const char *tmp, const double 
     return train_state_write(path, &ts);
 }
 
+// Rank 0: the exported weights <run.dir>/model.safetensors, the EMA weights when EMA is on. The checkpoint in tmp
+// (NULL: none was written) holds a file of the same bytes, so the export is a second name of it, not a second
+// serialization of the same tensors; where the file system has no hard links, it is written.
+static void export_weights(Run *r, int64_t step, const char *tmp) {
+    const Trainer *t = &r->t;
+    char path[1200], src[1400];
+    snprintf(path, sizeof path, "%s/model.safetensors", r->cfg->run.dir);
+    if (tmp) {
+        snprintf(src, sizeof src, "%s/%s", tmp, t->ema ? "ema.safetensors" : "model.safetensors");
+        if (link_atomic(src, path) == 0) return;
+    }
+    float *host = t->ema ? download_floats(r->be, t->ema, r->m->num_params, "EMA weights") : NULL;
+    if (weights_save(r->m, path, host, r->config_json, step, t->ema != NULL) != 0)
+        fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
+    free(host);
+}
+
 // Every rank: a checkpoint of step `step` (docs/checkpoints.md), written by rank 0, and the exported weights
 // <run.dir>/model.safetensors (EMA weights when EMA is on). A failed write is reported and tried again at the next
 // checkpoint; it is never fatal, and the previous checkpoints stay whole.
@@ -659,18 +676,6 @@ static int run_checkpoint(Run *r, int64_t step) {
             why = errno;
         }
     }
-    if (rank0) {
-        // the exported weights first: a complete checkpoint implies they are at least as new
-        const Trainer *t = &r->t;
-        float *host = t->ema ? download_floats(r->be, t->ema, r->m->num_params, "EMA weights") : NULL;
-        snprintf(path, sizeof path, "%s/model.safetensors", dir);
-        if (weights_save(r->m, path, host, r->config_json, step, t->ema != NULL) != 0)
-            fprintf(stderr, "simplest-dist: warning: cannot write %s: %s\n", path, strerror(errno));
-        free(host);
-        // the metrics records up to this step reach the disk before the checkpoint that a resume cuts them back to
-        if (r->metrics && (fflush(r->metrics) != 0 || fsync(fileno(r->metrics)) != 0))
-            fprintf(stderr, "simplest-dist: warning: cannot sync metrics.jsonl: %s\n", strerror(errno));
-    }
     if (files_ok && r->fault_slow_ckpt == step) sleep(3);  // tests: a slow file system, the others waiting
     if (files_ok && r->fault_fail_ckpt == step) {  // tests: a write that fails on rank 0 only, as Shampoo's could
         files_ok = 0;
@@ -679,6 +684,13 @@ static int run_checkpoint(Run *r, int64_t step) {
     if (files_ok && write_ckpt_files(r, step, tmp, part) != 0) {
         files_ok = 0;
         why = errno;
+    }
+    if (rank0) {
+        // before the commit: a complete checkpoint implies that the exported weights and the metrics records up to
+        // its step (which a resume cuts metrics.jsonl back to) are on disk and at least as new
+        export_weights(r, step, files_ok ? tmp : NULL);
+        if (r->metrics && (fflush(r->metrics) != 0 || fsync(fileno(r->metrics)) != 0))
+            fprintf(stderr, "simplest-dist: warning: cannot sync metrics.jsonl: %s\n", strerror(errno));
     }
     if (files_ok && r->fault_kill_in_ckpt == step)
         raise(SIGKILL);  // tests: a crash with every file written but the checkpoint not yet complete
@@ -843,6 +855,48 @@ static void ckpt_install(Run *r, CkptHost *h) {
     }
 }
 
+// Every rank loads the Shampoo state of checkpoint `step` in dir; owners take their factors (spec/shampoo.md
+// §3.5). 1 when every rank did, else 0 with a reason in err (the first rank's that has one).
+static int shampoo_load_all(Run *r, const char *dir, int64_t step, char *err, size_t n) {
+    Comm *comm = r->comm;
+    char path[1400];
+    snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
+    double mine = shampoo_load(r->t.shampoo, path, err, n) == 0;
+    if (mine > 0.0 && r->t.shampoo->t != step) {
+        snprintf(err, n, "%s: Shampoo's step count is %lld in a checkpoint of step %lld", path,
+                 (long long)r->t.shampoo->t, (long long)step);
+        mine = 0.0;
+    }
+    if (mine == 0.0 && comm->rank != 0) fprintf(stderr, "simplest-dist: rank %d: %s\n", comm->rank, err);
+    comm_allreduce_sum_f64(comm, &mine, 1);
+    if (mine < comm->world && !err[0]) snprintf(err, n, "%s: another rank could not load it", path);
+    return mine == comm->world;
+}
+
+// Every rank: the run continues from checkpoint `step` (dir), which every rank has loaded (h: rank 0's files).
+static void resume_from(Run *r, CkptHost *h, int64_t step, const char *dir) {
+    ckpt_install(r, h);
+    StatusInfo *si = &r->si;  // rank 0 writes it; only rank 0 read trainer.json
+    if (h->ts.best_top1 >= 0) {
+        si->best_top1 = h->ts.best_top1;
+        si->best_step = h->ts.best_step;
+    }
+    si->has_eval = h->ts.has_eval;
+    si->eval_step = h->ts.eval_step;
+    si->eval_top1 = h->ts.eval_top1;
+    si->eval_top5 = h->ts.eval_top5;
+    si->eval_loss = h->ts.eval_loss;
+    si->resumed_from = si->step = step;
+    r->interval_loss = h->ts.interval_loss;  // rank 0 holds the interval's sums; run_log adds every rank's
+    r->interval_count = h->ts.interval_count;
+    snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", dir);
+    si->last_checkpoint = r->last_ckpt;
+    r->saved_step = step;
+    if (r->comm->rank == 0)
+        printf("resuming from %s: step %lld of %lld (written by %d rank%s, now %d)\n", dir, (long long)step,
+               (long long)r->t.total_steps, h->ts.world, h->ts.world == 1 ? "" : "s", r->comm->world);
+}
+
 // run.resume: continues from the newest checkpoint of run.dir that loads; checkpoints newer than it that do not
 // load are set aside (step_N.unreadable). Returns the step resumed from, or 0 for a fresh run.
 static int64_t run_resume(Run *r) {
@@ -850,7 +904,7 @@ static int64_t run_resume(Run *r) {
     Comm *comm = r->comm;
     int rank0 = comm->rank == 0;
     if (!strcmp(cfg->run.resume, "never")) return 0;
-    // the other ranks wait while rank 0 reads, under the checkpoint's own limit (comm.timeout_s again below)
+    // the other ranks wait while rank 0 tidies and reads, under the checkpoint's own limit (comm.timeout_s after)
     comm_set_timeout(comm, cfg->run.checkpoint_timeout_s, "run.checkpoint_timeout_s");
     int64_t *steps = NULL, count = 0;
     if (rank0) {
@@ -867,67 +921,35 @@ static int64_t run_resume(Run *r) {
     if (!rank0) steps = xmalloc((size_t)count * sizeof(int64_t), "checkpoint steps");
     comm_bcast(comm, steps, (size_t)count * sizeof(int64_t), 0);
     char newest_err[1600] = "";
-    for (int64_t i = 0; i < count; i++) {
+    int64_t found = -1;
+    for (int64_t i = 0; i < count && found < 0; i++) {
         char dir[1200], err[1600] = "";
         ckpt_dir(dir, sizeof dir, cfg->run.dir, steps[i]);
         CkptHost h = {0};
         double ok = rank0 ? ckpt_host_read(r, steps[i], &h, err, sizeof err) == 0 : 1.0;
         comm_bcast(comm, &ok, sizeof ok, 0);
-        if (ok > 0.0 && r->t.shampoo) {  // every rank reads it: owners take their factors (spec/shampoo.md §3.5)
-            char path[1400];
-            snprintf(path, sizeof path, "%s/optimizer.safetensors", dir);
-            double mine = shampoo_load(r->t.shampoo, path, err, sizeof err) == 0;
-            if (mine > 0.0 && r->t.shampoo->t != steps[i]) {
-                snprintf(err, sizeof err, "%s: Shampoo's step count is %lld in a checkpoint of step %lld", path,
-                         (long long)r->t.shampoo->t, (long long)steps[i]);
-                mine = 0.0;
-            }
-            if (mine == 0.0 && !rank0) fprintf(stderr, "simplest-dist: rank %d: %s\n", comm->rank, err);
-            comm_allreduce_sum_f64(comm, &mine, 1);
-            if (mine < comm->world && !err[0]) snprintf(err, sizeof err, "%s: another rank could not load it", path);
-            ok = mine == comm->world;
-        }
+        if (ok > 0.0 && r->t.shampoo) ok = shampoo_load_all(r, dir, steps[i], err, sizeof err);
         if (ok > 0.0) {
-            ckpt_install(r, &h);
-            if (rank0) {
-                for (int64_t j = 0; j < i; j++)  // else the next pruning would keep them and delete loadable ones
-                    if (ckpt_set_aside(cfg->run.dir, steps[j]) != 0)
-                        die_user("run directory '%s': cannot rename the unreadable checkpoint of step %lld aside: %s",
-                                 cfg->run.dir, (long long)steps[j], strerror(errno));
-                printf("resuming from %s: step %lld of %lld (written by %d rank%s, now %d)\n", dir,
-                       (long long)steps[i], (long long)r->t.total_steps, h.ts.world, h.ts.world == 1 ? "" : "s",
-                       comm->world);
-            }
-            StatusInfo *si = &r->si;  // rank 0 writes it; only rank 0 read trainer.json
-            if (h.ts.best_top1 >= 0) {
-                si->best_top1 = h.ts.best_top1;
-                si->best_step = h.ts.best_step;
-            }
-            si->has_eval = h.ts.has_eval;
-            si->eval_step = h.ts.eval_step;
-            si->eval_top1 = h.ts.eval_top1;
-            si->eval_top5 = h.ts.eval_top5;
-            si->eval_loss = h.ts.eval_loss;
-            si->resumed_from = steps[i];
-            r->interval_loss = h.ts.interval_loss;  // rank 0 holds the interval's sums; run_log adds every rank's
-            r->interval_count = h.ts.interval_count;
-            si->step = steps[i];
-            snprintf(r->last_ckpt, sizeof r->last_ckpt, "%s", dir);
-            si->last_checkpoint = r->last_ckpt;
-            r->saved_step = steps[i];
-            ckpt_host_free(&h);
-            int64_t step = steps[i];
-            free(steps);
-            comm_set_timeout(comm, cfg->comm.timeout_s, "comm.timeout_s");
-            return step;
+            resume_from(r, &h, steps[i], dir);
+            found = i;
+        } else {
+            if (rank0) fprintf(stderr, "simplest-dist: warning: checkpoint %s cannot be loaded: %s\n", dir, err);
+            if (!newest_err[0]) snprintf(newest_err, sizeof newest_err, "%s", err);
         }
-        if (rank0) fprintf(stderr, "simplest-dist: warning: checkpoint %s cannot be loaded: %s\n", dir, err);
-        if (!newest_err[0]) snprintf(newest_err, sizeof newest_err, "%s", err);
         ckpt_host_free(&h);
     }
-    die_user("run directory '%s': none of its %lld checkpoints can be loaded (the newest: %s); set run.resume "
-             "\"never\" to start a new run (this one is moved aside)",
-             cfg->run.dir, (long long)count, newest_err);
+    if (found < 0)
+        die_user("run directory '%s': none of its %lld checkpoints can be loaded (the newest: %s); set run.resume "
+                 "\"never\" to start a new run (this one is moved aside)",
+                 cfg->run.dir, (long long)count, newest_err);
+    for (int64_t j = 0; rank0 && j < found; j++)  // else the next pruning would keep them and delete loadable ones
+        if (ckpt_set_aside(cfg->run.dir, steps[j]) != 0)
+            die_user("run directory '%s': cannot rename the unreadable checkpoint of step %lld aside: %s",
+                     cfg->run.dir, (long long)steps[j], strerror(errno));
+    int64_t step = steps[found];
+    free(steps);
+    comm_set_timeout(comm, cfg->comm.timeout_s, "comm.timeout_s");
+    return step;
 }
 
 // Removes what a killed write_file_atomic left in dir: files named <name>.tmp.<pid>.

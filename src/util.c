@@ -240,13 +240,34 @@ unsigned char *read_file_all(const char *path, size_t *len) {
     return buf;
 }
 
-static int fsync_dir_of(const char *path) {
-    char *copy = xstrdup(path);
-    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY);
-    free(copy);
+int fsync_path(const char *path) {
+    int fd = open(path, O_RDONLY);
     if (fd < 0) return -1;
     int rc = fsync(fd);
     close(fd);
+    return rc;
+}
+
+static int fsync_dir_of(const char *path) {
+    char *copy = xstrdup(path);
+    int rc = fsync_path(dirname(copy));
+    free(copy);
+    return rc;
+}
+
+int link_atomic(const char *src, const char *path) {
+    size_t plen = strlen(path);
+    char *tmp = xmalloc(plen + 32, "tmp path");
+    snprintf(tmp, plen + 32, "%s.tmp.%d", path, (int)getpid());
+    unlink(tmp);
+    int rc = link(src, tmp);
+    if (rc == 0 && (rc = rename(tmp, path)) != 0) {
+        int e = errno;
+        unlink(tmp);
+        errno = e;
+    }
+    free(tmp);
+    if (rc == 0) fsync_dir_of(path);  // best effort, as in write_file_atomic
     return rc;
 }
 

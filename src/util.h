@@ -46,6 +46,12 @@ void watchdog_stop(Watchdog *w);
 unsigned char *read_file_all(const char *path, size_t *len);
 // Writes path atomically: path.tmp, fsync, rename, fsync of the directory. 0 on success, -1 with errno.
 int write_file_atomic(const char *path, const void *data, size_t len);
+// Makes path a second name of the (complete, fsynced) file src, atomically replacing what path held: a hard link
+// to path.tmp, then a rename. The file is shared, not copied; neither name may be written in place afterwards
+// (nothing here does: every write is write_file_atomic's new file). 0, or -1 with errno (EXDEV, EPERM where the
+// file system has no hard links: then write the file instead).
+int link_atomic(const char *src, const char *path);
+int fsync_path(const char *path);  // fsync of a file or directory by name; 0, or -1 with errno
 int mkdir_p(const char *path);  // 0 on success or if it exists
 int path_exists(const char *path);
 

@@ -22,20 +22,8 @@ static Backend *be;
 static char g_dir[256];
 
 static ModelConfig tiny(void) {
-    ModelConfig c;
-    memset(&c, 0, sizeof c);
-    c.arch = ARCH_SIMPLEVIT;
-    c.image_size = 8;
-    c.patch_size = 4;
-    c.channels = 3;
-    c.num_classes = 5;
-    c.dim = 8;
-    c.heads = 2;
-    c.mlp_dim = 16;
-    c.depth = 2;
-    c.eta = 0.9;
-    c.gamma_L = 0.005;
-    return c;
+    return (ModelConfig){.arch = ARCH_SIMPLEVIT, .image_size = 8, .patch_size = 4, .channels = 3, .num_classes = 5,
+                         .dim = 8, .heads = 2, .mlp_dim = 16, .depth = 2, .eta = 0.9, .gamma_L = 0.005};
 }
 
 static void write_text(const char *path, const char *text) {
@@ -234,10 +222,15 @@ static void expect_gone(const char *run, const char *name, const char *what) {
     EXPECT(!path_exists(path), "%s: %s is still there", what, name);
 }
 
+// A fresh run directory g_dir/name in run.
+static void new_run(char *run, size_t n, const char *name) {
+    snprintf(run, n, "%s/%s", g_dir, name);
+    mkdir(run, 0755);
+}
+
 static void test_dirs(void) {
     char run[400], path[1400];
-    snprintf(run, sizeof run, "%s/run", g_dir);
-    mkdir(run, 0755);
+    new_run(run, sizeof run, "run");
     TEST_CASE("checkpoint directories: only step_N/ with DONE counts, newest first; `latest` names the newest; "
               "older ones beyond keep are deleted") {
         int64_t *st;
@@ -277,8 +270,7 @@ static void test_dirs(void) {
 
 static void test_tidy_and_prune(void) {
     char run[400], path[1400];
-    snprintf(run, sizeof run, "%s/tidy", g_dir);
-    mkdir(run, 0755);
+    new_run(run, sizeof run, "tidy");
     TEST_CASE("tidy: a .tmp holding DONE whose step is missing or incomplete is completed; other leftovers are "
               "removed") {
         char tmp[1300];

@@ -1,11 +1,15 @@
 // test_util.c: util.c's watchdog, the bound on blocking calls that cannot poll (NCCL setup waiting for every peer):
 // stopped in time it does nothing; left running it ends the process with exit code 1 and one line naming the call
-// and the config key; a limit of 0 means no bound.
+// and the config key; a limit of 0 means no bound. set_err's one-line reasons; link_atomic (the exported weights as
+// a second name of the checkpoint's file).
 // With --mpi-thread-die die|user|watchdog under mpirun -np 2 (tests/mpi/test_mpi_thread_die.sh): rank 1 fails on a
 // thread other than the main one (DIE, die_user, the watchdog firing) while its main thread waits inside MPI.
+#include <errno.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -100,6 +104,35 @@ int main(int argc, char **argv) {
         EXPECT(!strcmp(small, "abcdefghi"), "got '%s'", small);
         set_err(small, sizeof small, "%s", "caf\xc3\xa9 ok");  // UTF-8 passes through
         EXPECT(!strcmp(small, "caf\xc3\xa9 ok"), "got '%s'", small);
+    }
+    TEST_CASE("link_atomic: the target becomes a second name of the source, replacing what it held; a missing "
+              "source leaves the target as it was; no temp file stays") {
+        char dir[] = "/tmp/test_util_XXXXXX", src[64], dst[64];
+        EXPECT(mkdtemp(dir) != NULL, "mkdtemp");
+        snprintf(src, sizeof src, "%s/src", dir);
+        snprintf(dst, sizeof dst, "%s/dst", dir);
+        EXPECT(write_file_atomic(src, "new bytes", 9) == 0 && write_file_atomic(dst, "old", 3) == 0, "setup");
+        EXPECT(link_atomic(src, dst) == 0, "link_atomic failed: %s", strerror(errno));
+        struct stat a, b;
+        EXPECT(stat(src, &a) == 0 && stat(dst, &b) == 0 && a.st_ino == b.st_ino && b.st_nlink == 2,
+               "dst is not a second name of src");
+        size_t len = 0;
+        char *text = (char *)read_file_all(dst, &len);
+        EXPECT(text && len == 9 && !memcmp(text, "new bytes", 9), "dst holds the wrong bytes");
+        free(text);
+        unlink(src);  // the checkpoint pruned: the export keeps its bytes
+        text = (char *)read_file_all(dst, &len);
+        EXPECT(text && len == 9, "dst lost its bytes with src's name");
+        free(text);
+        EXPECT(link_atomic(src, dst) == -1 && errno == ENOENT, "a missing source was accepted");
+        text = (char *)read_file_all(dst, &len);
+        EXPECT(text && len == 9 && !memcmp(text, "new bytes", 9), "a failed link changed dst");
+        free(text);
+        char cmd[128];
+        snprintf(cmd, sizeof cmd, "test $(ls %s | wc -l) = 1", dir);
+        EXPECT(system(cmd) == 0, "a temp file was left in %s", dir);
+        snprintf(cmd, sizeof cmd, "rm -rf %s", dir);
+        if (system(cmd) != 0) printf("# could not remove %s\n", dir);
     }
     return tl_finish();
 }
