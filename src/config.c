@@ -575,6 +575,48 @@ static void describe_transforms(const Config *c, char *train, char *eval, size_t
     }
 }
 
+// Image counts of the standard splits (spec/data.md §1): what `check` plans with before any data is read.
+static int standard_split(const char *dataset, int64_t *train, int64_t *eval) {
+    static const struct {
+        const char *name;
+        int64_t train, eval;
+    } sizes[] = {{"fashion-mnist", 60000, 10000}, {"mnist", 60000, 10000}, {"cifar10", 50000, 10000},
+                 {"cifar100", 50000, 10000}, {"tiny-imagenet", 100000, 10000}, {"imagenet", 1281167, 50000}};
+    for (size_t i = 0; i < sizeof sizes / sizeof sizes[0]; i++)
+        if (!strcmp(sizes[i].name, dataset)) {
+            *train = sizes[i].train;
+            *eval = sizes[i].eval;
+            return 0;
+        }
+    return -1;
+}
+
+// The model's size and the run's length on the dataset's standard split, so that a job can be sized before it is
+// queued (the run itself counts the images it finds and prints its own numbers).
+static void add_derived_plan(cJSON *derived, const Config *cfg) {
+    ModelConfig mc = config_model(cfg);
+    size_t trainable = 0, fixed = 0;
+    if (model_param_counts(&mc, &trainable, &fixed) == 0) {
+        cJSON_AddNumberToObject(derived, "params", (double)trainable);
+        cJSON_AddNumberToObject(derived, "fixed_buffers", (double)fixed);
+    }
+    int64_t ntrain, neval;
+    if (standard_split(cfg->data.dataset, &ntrain, &neval) != 0 || cfg->train.batch_size <= 0) return;
+    if (cfg->data.train_limit > 0 && cfg->data.train_limit < ntrain) ntrain = cfg->data.train_limit;
+    if (cfg->data.eval_limit > 0 && cfg->data.eval_limit < neval) neval = cfg->data.eval_limit;
+    int64_t spe = ntrain / cfg->train.batch_size;
+    int64_t T = cfg->train.steps > 0 ? cfg->train.steps : (int64_t)cfg->train.epochs * spe;
+    cJSON *plan = cJSON_AddObjectToObject(derived, "standard_split");
+    cJSON_AddNumberToObject(plan, "train_images", (double)ntrain);
+    cJSON_AddNumberToObject(plan, "eval_images", (double)neval);
+    cJSON_AddNumberToObject(plan, "steps_per_epoch", (double)spe);
+    cJSON_AddNumberToObject(plan, "total_steps", (double)T);
+    int64_t every = cfg->train.eval_every;
+    int64_t evals = every > 0 ? T / every + (T % every != 0) : 1;
+    cJSON_AddNumberToObject(plan, "evaluations", (double)(T > 0 ? evals : 0));
+    cJSON_AddNumberToObject(plan, "train_images_seen", (double)T * cfg->train.batch_size);
+}
+
 char *config_to_json(const Config *cfg) {
     cJSON *root = cJSON_CreateObject();
     for (int i = 0; i < NKEYS; i++) {
@@ -607,6 +649,7 @@ char *config_to_json(const Config *cfg) {
     cJSON *derived = cJSON_AddObjectToObject(root, "derived");
     cJSON_AddStringToObject(derived, "train_transform", tr);
     cJSON_AddStringToObject(derived, "eval_transform", ev);
+    add_derived_plan(derived, cfg);
     char *s = cJSON_Print(root);
     cJSON_Delete(root);
     return s;
@@ -685,7 +728,11 @@ char *config_doc_markdown(void) {
                   "naming the key and exit code 2. `--set key.path=value` overrides any key (the value is parsed as "
                   "JSON, else taken as a string). The effective config, with every key resolved, is written to "
                   "`<run.dir>/config.json`, with a top-level `derived` object that names the training and eval "
-                  "transforms the data pipeline applies (written for readers; ignored when the file is read back, "
+                  "transforms the data pipeline applies, counts the model's trainable parameters (`params`, spec/model.md "
+                  "§10) and fixed buffers, and, for a dataset of known size, gives the run's length on its standard "
+                  "split (`standard_split`: images, steps per epoch, total steps T, evaluations), so that "
+                  "`simplest-dist check` sizes a job before it is queued (written for readers; ignored when the file "
+                  "is read back, "
                   "e.g. by `simplest-dist eval`). A run that resumes from a checkpoint must agree with the saved "
                   "config on every key except those marked *may change when a run resumes* "
                   "(docs/checkpoints.md).\n");

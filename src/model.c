@@ -146,6 +146,24 @@ static void build_table(Model *m) {
     m->num_buffers = tb.nbuffers;
 }
 
+// The parameter table alone, for `simplest-dist check`: no backend, nothing allocated but the table.
+int model_param_counts(const ModelConfig *cfg, size_t *trainable, size_t *fixed) {
+    char err[512];
+    if (model_config_check(cfg, err, sizeof err) != 0) return -1;
+    Model m;
+    memset(&m, 0, sizeof m);
+    m.cfg = *cfg;
+    m.grid_h = m.grid_w = cfg->image_size / cfg->patch_size;
+    m.N = m.grid_h * m.grid_w;
+    build_table(&m);
+    *trainable = m.num_params;
+    *fixed = m.num_buffers;
+    free(m.tensors);
+    free(m.blocks);
+    free(m.block_params);
+    return 0;
+}
+
 int model_find_tensor(const Model *m, const char *name) {
     for (int i = 0; i < m->ntensors; i++)
         if (strcmp(m->tensors[i].name, name) == 0) return i;

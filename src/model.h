@@ -123,6 +123,9 @@ void model_signal_stats(Model *m, int B, double *mean_sq, double *mean_cos);
 // Fixed sin-cos 2-D posemb (N, D) in fp32, column terms first (spec §4).
 void posemb_sincos_2d(float *pe, int h, int w, int D);
 
+// Trainable and fixed floats of the model cfg describes (spec/model.md §10), without a backend; -1 if cfg is bad.
+int model_param_counts(const ModelConfig *cfg, size_t *trainable, size_t *fixed);
+
 // Index of a tensor by name, or -1.
 int model_find_tensor(const Model *m, const char *name);
 size_t model_num_trainable(const Model *m);

@@ -222,6 +222,24 @@ for c in configs/*.json; do
     notok "check: $c" "exit $rc" "$(cat "$T/check.err")"
   fi
 done
+# check sizes the job: the default config's model (spec §10 formula: D 128, M 256, depth 8, patch 7, 1 channel) and
+# its length on Fashion-MNIST's standard 60,000 images (234 steps an epoch, 12 epochs), and data.train_limit shrinks it
+out=$("$BIN" check configs/fashion-mnist.json --set data.train_limit=1000 --set train.eval_every=5 2>/dev/null)
+if printf '%s' "$("$BIN" check configs/fashion-mnist.json 2>/dev/null)" | "$PY" -c '
+import json, sys
+d = json.load(sys.stdin)["derived"]; s = d["standard_split"]
+D, M, L, p, C = 128, 256, 8, 7, 10
+want = D * p * p + D + L * (3 * D * D + 3 * D + 2 * D * M + M + D) + D * C + C
+sys.exit(0 if d["params"] == want and (s["train_images"], s["eval_images"], s["steps_per_epoch"], s["total_steps"],
+          s["evaluations"], s["train_images_seen"]) == (60000, 10000, 234, 2808, 6, 2808 * 256) else 1)' &&
+   printf '%s' "$out" | "$PY" -c '
+import json, sys
+s = json.load(sys.stdin)["derived"]["standard_split"]
+sys.exit(0 if (s["train_images"], s["steps_per_epoch"], s["total_steps"], s["evaluations"]) == (1000, 3, 36, 8) else 1)'; then
+  ok "check: derived params and standard_split (T, evaluations; data.train_limit counted)"
+else
+  notok "check: derived params and standard_split" "$out"
+fi
 if ldd "$BIN" 2>/dev/null | grep -q cudart; then
   ok "config: run.device cuda without a CUDA build exits 2 # SKIP this build has CUDA"
 else
