@@ -1,0 +1,152 @@
+#!/usr/bin/env bash
+# launch/mpirun.sh: runs simplest-dist on one machine (a rented multi-GPU box, a workstation) and keeps the run
+# alive: one rank per GPU under mpirun, stop signals turned into clean checkpoints, and restarts after crashes.
+#
+#   launch/mpirun.sh [-n NP] [--restarts N] [--restart-delay S] CONFIG.json [--set key=value ...]
+#
+# - Ranks: -n NP, else $NP, else one per visible GPU (CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`), else 1.
+# - mpirun gets --bind-to none (each rank's decoder threads need the node's cores; Open MPI binds ranks to one core
+#   each when NP <= 2), --oversubscribe when NP exceeds the CPUs, and --allow-run-as-root as root (rented boxes
+#   run as root). $MPIRUN_ARGS adds arguments (a hostfile, MCA settings). Without mpirun, NP 1 runs the binary
+#   directly.
+# - Stop: SIGTERM, SIGINT, SIGHUP or SIGUSR1 to this script reaches every rank as SIGUSR1 (mpirun answers SIGTERM by
+#   killing the ranks after a short grace, before a checkpoint can finish): every rank finishes its step, rank 0
+#   writes a checkpoint, the run ends with state "stopped" and this script exits 0. A second signal kills the job.
+# - Restarts: a job that ends any other way than done (exit 0), a config or data error (exit 2) or a run that
+#   diverged (state "failed") is started again after --restart-delay seconds (default 30), and resumes from its
+#   newest checkpoint (docs/checkpoints.md). --restarts (default 3) bounds the restarts in a row that gain no new
+#   checkpoint; a run that keeps checkpointing keeps being restarted.
+# Exit: simplest-dist's code from the last start (0 done or stopped, 2 bad input), or 1 when the restarts ran out.
+set -u
+HERE=$(cd "$(dirname "$0")" && pwd)
+BIN=${SIMPLEST_BIN:-$HERE/../simplest-dist}
+np=${NP:-}
+restarts=3
+delay=30
+say() { echo "launch: $*" >&2; }
+die() {
+  echo "launch: error: $*" >&2
+  exit 2
+}
+while [ $# -gt 0 ]; do
+  case $1 in
+  -n | --np) np=${2:-}; shift 2 ;;
+  --restarts) restarts=${2:-}; shift 2 ;;
+  --restart-delay) delay=${2:-}; shift 2 ;;
+  -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+  --) shift; break ;;
+  -*) die "unknown option '$1' (see $0 --help)" ;;
+  *) break ;;
+  esac
+done
+[ $# -ge 1 ] || die "no config file given (usage: $0 [-n NP] [--restarts N] [--restart-delay S] CONFIG.json [--set ...])"
+whole() { case $1 in '' | *[!0-9]*) return 1 ;; esac; }
+[ -z "$np" ] || whole "$np" || die "--np needs a whole number, not '$np'"
+whole "$restarts" || die "--restarts needs a whole number, not '$restarts'"
+whole "$delay" || die "--restart-delay needs a whole number of seconds, not '$delay'"
+[ -x "$BIN" ] || die "$BIN not found or not executable (run make first, or set SIMPLEST_BIN)"
+
+# One rank per GPU this process may use.
+count_gpus() {
+  if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
+    local list=${CUDA_VISIBLE_DEVICES//[[:space:]]/}
+    [ -z "$list" ] || [ "$list" = -1 ] && { echo 0; return; }
+    local IFS=,
+    set -- $list
+    echo $#
+  elif command -v nvidia-smi >/dev/null 2>&1; then
+    nvidia-smi -L 2>/dev/null | grep -c '^GPU '
+  else
+    echo 0
+  fi
+}
+if [ -z "$np" ]; then
+  np=$(count_gpus)
+  [ "$np" -ge 1 ] 2>/dev/null || np=1
+fi
+[ "$np" -ge 1 ] || die "--np must be at least 1"
+
+# The config must be valid before anything starts, and its run directory is where the state is read.
+if ! eff=$("$BIN" check "$@" 2>&1 >/dev/null); then
+  echo "$eff" >&2
+  exit 2
+fi
+run_dir=$("$BIN" check "$@" 2>/dev/null | sed -n 's/^[[:space:]]*"dir":[[:space:]]*"\(.*\)",\{0,1\}$/\1/p' | head -n 1)
+[ -n "$run_dir" ] || die "could not read run.dir from '$BIN check $*'"
+
+cmd=()
+if command -v mpirun >/dev/null 2>&1; then
+  cmd=(mpirun -np "$np" --bind-to none)
+  cpus=$(nproc 2>/dev/null || echo 1)
+  [ "$np" -gt "$cpus" ] && cmd+=(--oversubscribe)
+  [ "$(id -u)" = 0 ] && cmd+=(--allow-run-as-root)
+  # shellcheck disable=SC2206 # word splitting is the point: MPIRUN_ARGS holds several arguments
+  [ -n "${MPIRUN_ARGS:-}" ] && cmd+=(${MPIRUN_ARGS})
+elif [ "$np" -gt 1 ]; then
+  die "mpirun not found: $np ranks need Open MPI (make deps installs it), or run with -n 1"
+fi
+cmd+=("$BIN" "$@")
+
+state() { sed -n 's/.*"state":[[:space:]]*"\([a-z]*\)".*/\1/p' "$run_dir/status.json" 2>/dev/null | head -n 1; }
+latest() { cat "$run_dir/checkpoints/latest" 2>/dev/null; }
+
+stopping=0
+child=
+phase=
+on_stop() {
+  stopping=$((stopping + 1))
+  [ -n "$child" ] || return
+  if [ "$phase" = pause ]; then
+    kill -TERM "$child" 2>/dev/null
+  elif [ "$stopping" -eq 1 ]; then
+    say "stop requested: every rank checkpoints and exits (signal again to kill)"
+    kill -USR1 "$child" 2>/dev/null
+  else
+    say "second stop signal: killing the job"
+    kill -KILL "$child" 2>/dev/null
+  fi
+}
+trap on_stop TERM INT HUP USR1
+
+attempt=0
+fruitless=0
+while :; do
+  attempt=$((attempt + 1))
+  before=$(latest)
+  say "start $attempt: ${cmd[*]} (run directory $run_dir)"
+  "${cmd[@]}" &
+  child=$! phase=job
+  # `wait` returns early (status > 128) when a trap runs; wait again until the job itself has ended
+  while :; do
+    wait "$child"
+    rc=$?
+    [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null && continue
+    break
+  done
+  child=
+  st=$(state)
+  if [ "$stopping" -gt 0 ]; then
+    say "stopped: exit $rc, state ${st:-unknown}, newest checkpoint $(latest)"
+    exit "$rc"
+  fi
+  if [ "$rc" = 0 ] || [ "$rc" = 2 ] || [ "$st" = failed ] || [ "$st" = done ]; then
+    say "finished: exit $rc, state ${st:-unknown}"
+    exit "$rc"
+  fi
+  after=$(latest)
+  if [ -n "$after" ] && [ "$after" != "$before" ]; then fruitless=0; else fruitless=$((fruitless + 1)); fi
+  if [ "$fruitless" -gt "$restarts" ]; then
+    say "giving up: $fruitless starts in a row ended with exit $rc and no new checkpoint (--restarts $restarts)"
+    exit 1
+  fi
+  say "the job ended with exit $rc in state ${st:-unknown} (newest checkpoint: ${after:-none}); restarting in ${delay} s"
+  # a stop signal during the pause ends the script here: the job is not running, its last checkpoint stands
+  sleep "$delay" &
+  child=$! phase=pause
+  wait "$child" 2>/dev/null
+  child=
+  if [ "$stopping" -gt 0 ]; then
+    say "stopped before restarting (newest checkpoint: ${after:-none})"
+    exit 0
+  fi
+done

@@ -1,0 +1,95 @@
+#!/usr/bin/env bash
+# launch/mpirun.sh, the single-machine launcher, on 2 CPU ranks with a small Fashion-MNIST run:
+#  - without -n it starts one rank per GPU in CUDA_VISIBLE_DEVICES (here two names, no GPU: the CPU backend);
+#  - a rank killed (SIGKILL) after a checkpoint: the job is restarted, resumes, finishes, and equals the
+#    uninterrupted run bit for bit;
+#  - SIGTERM to the launcher: every rank checkpoints, state "stopped", exit 0, no restart; the next start resumes and
+#    again equals the uninterrupted run;
+#  - a crash loop that gains no checkpoint gives up after --restarts; a failed run (state "failed") and a bad config
+#    (exit 2) are not restarted.
+set -u
+. "$(dirname "$0")/common.inc"
+mpi_setup launch_mpirun
+mpi_fmnist_data
+L=launch/mpirun.sh
+export SIMPLEST_BIN="$BIN"
+export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+ARGS=(configs/fashion-mnist.json $DATA --set model.width=custom --set model.dim=32 --set model.heads=2
+  --set model.mlp_dim=64 --set model.depth=7 --set model.patch_size=7 --set train.batch_size=48 --set train.steps=240
+  --set train.log_every=1 --set train.eval_every=0 --set data.train_limit=960 --set data.eval_limit=300
+  --set run.threads=1 --set run.checkpoint_every=40)
+state() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))['state'])" "$1" 2>/dev/null; }
+wait_for() { for _ in $(seq 1 3000); do [ -e "$1" ] && return 0; sleep 0.02; done; return 1; }
+starts() { grep -c '^launch: start ' "$1"; }
+
+# the uninterrupted run, ranks from CUDA_VISIBLE_DEVICES
+CUDA_VISIBLE_DEVICES=0,1 bash $L "${ARGS[@]}" --set run.dir="$TMP/ref" >"$TMP/ref.log" 2>&1
+rc=$?
+if [ "$rc" = 0 ] && [ "$(state "$TMP/ref")" = done ] && grep -q '^launch: start 1: mpirun -np 2 --bind-to none' "$TMP/ref.log" &&
+   [ "$(starts "$TMP/ref.log")" = 1 ]; then
+  echo "ok - one rank per GPU named in CUDA_VISIBLE_DEVICES (2), --bind-to none; the run finishes in one start"
+else
+  echo "not ok - launcher's uninterrupted run (exit $rc)"; tail -5 "$TMP/ref.log"
+fi
+
+# a rank dies after the step-80 checkpoint
+bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/crash" >"$TMP/crash.log" 2>&1 &
+lp=$!
+wait_for "$TMP/crash/checkpoints/step_00000080/DONE"
+victim=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))['ranks'][1]['pid'])" "$TMP/crash")
+kill -KILL "$victim"
+wait $lp
+rc=$?
+diff=$("$PY" tests/reference/same_run.py "$TMP/ref" "$TMP/crash")
+if [ "$rc" = 0 ] && [ "$(starts "$TMP/crash.log")" = 2 ] && [ "$(state "$TMP/crash")" = done ] &&
+   grep -q "resuming from .*step_000000[89]0" "$TMP/crash.log" && [ "$diff" = identical ]; then
+  echo "ok - a rank killed after a checkpoint: restarted, resumed, finished, identical to the uninterrupted run"
+else
+  echo "not ok - rank killed: exit $rc, $(starts "$TMP/crash.log") starts, state $(state "$TMP/crash"), $diff"
+  grep -E "^launch|resuming|error" "$TMP/crash.log" | tail -8
+fi
+
+# SIGTERM to the launcher: a clean stop, then a second launch resumes
+bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/stop" >"$TMP/stop-1.log" 2>&1 &
+lp=$!
+wait_for "$TMP/stop/checkpoints/step_00000040/DONE"
+kill -TERM $lp
+wait $lp
+rc1=$?
+st1=$(state "$TMP/stop")
+bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/stop" >"$TMP/stop-2.log" 2>&1
+rc2=$?
+diff=$("$PY" tests/reference/same_run.py "$TMP/ref" "$TMP/stop")
+if [ "$rc1" = 0 ] && [ "$st1" = stopped ] && [ "$(starts "$TMP/stop-1.log")" = 1 ] && [ "$rc2" = 0 ] &&
+   [ "$(state "$TMP/stop")" = done ] && grep -q "resuming from" "$TMP/stop-2.log" && [ "$diff" = identical ]; then
+  echo "ok - SIGTERM to the launcher: every rank checkpointed and stopped (exit 0, no restart); the next launch resumed to the same bits"
+else
+  echo "not ok - SIGTERM: exit $rc1 state $st1, restart exit $rc2, $diff"; grep -E "^launch|error" "$TMP/stop-1.log" "$TMP/stop-2.log" | tail -8
+fi
+
+# a crash loop: every start dies at step 50, after the step-40 checkpoint; the second start gains nothing
+SD_FAULT_KILL_AFTER_STEP=50 bash $L -n 2 --restarts 1 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/loop" \
+  >"$TMP/loop.log" 2>&1
+rc=$?
+if [ "$rc" = 1 ] && [ "$(starts "$TMP/loop.log")" = 3 ] && grep -q "giving up: 2 starts in a row" "$TMP/loop.log" &&
+   [ -f "$TMP/loop/checkpoints/step_00000040/DONE" ]; then
+  echo "ok - a crash loop gives up after --restarts starts without a new checkpoint (exit 1), the checkpoint kept"
+else
+  echo "not ok - crash loop: exit $rc, $(starts "$TMP/loop.log") starts"; grep "^launch" "$TMP/loop.log" | tail -5
+fi
+
+# not restarted: a failed run (its final checkpoint cannot be written) and a bad config
+SD_FAULT_FAIL_CHECKPOINT=240 bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/failed" >"$TMP/failed.log" 2>&1
+rc=$?
+if [ "$rc" = 1 ] && [ "$(state "$TMP/failed")" = failed ] && [ "$(starts "$TMP/failed.log")" = 1 ]; then
+  echo "ok - a run that ends in state failed is not restarted (exit 1)"
+else
+  echo "not ok - failed run: exit $rc, state $(state "$TMP/failed"), $(starts "$TMP/failed.log") starts"
+fi
+bash $L -n 2 "${ARGS[@]}" --set run.dir="$TMP/bad" --set train.clip=-1 >"$TMP/bad.log" 2>&1
+rc=$?
+if [ "$rc" = 2 ] && grep -q "train.clip" "$TMP/bad.log" && ! grep -q "^launch: start" "$TMP/bad.log" && [ ! -e "$TMP/bad" ]; then
+  echo "ok - a bad config stops the launcher before any start, naming the key (exit 2)"
+else
+  echo "not ok - bad config: exit $rc"; cat "$TMP/bad.log"
+fi
