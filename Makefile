@@ -51,13 +51,36 @@ ifeq ($(USE_CUDA),1)
   # cuSOLVER joins with GPU Shampoo roots.
   LDLIBS += -L$(CUDA_HOME_DIR)/lib64 -Wl,-rpath,$(CUDA_HOME_DIR)/lib64 -lcudart -lcublas -lcublasLt -lcusolver -lstdc++
   CUDA_OBJS := $(patsubst kernels/%.cu,$(BUILD)/kernels/%.o,$(CUDA_SRCS))
-  # NCCL (the GPU gradient all-reduce, Shampoo's root broadcast): the toolkit's, or EXTRA_CFLAGS/LDFLAGS (pip's
-  # nvidia-nccl-cu13) with USE_NCCL=1. Several ranks bootstrap it over MPI; a single-process build (USE_MPI=0) uses
-  # it only with SD_NCCL_FORCE=1 (a one-rank communicator: the NCCL path checked on a one-GPU machine).
-  USE_NCCL ?= $(if $(wildcard $(CUDA_HOME_DIR)/include/nccl.h),1,0)
+  # NCCL (the GPU gradient all-reduce, Shampoo's root broadcast), the first of: NCCL_HOME (include/, lib/) when
+  # given; the toolkit's; the system's (libnccl-dev from NVIDIA's apt repository, as in the nvidia/cuda devel
+  # images); pip's nvidia-nccl-cu13 or -cu12 (site-packages/nvidia/nccl, found through the python3 on the PATH).
+  # USE_NCCL=0 builds without it; USE_NCCL=1 with EXTRA_CFLAGS/LDFLAGS names it by hand. Several ranks bootstrap it
+  # over MPI; a single-process build (USE_MPI=0) uses it only with SD_NCCL_FORCE=1 (a one-rank communicator: the
+  # NCCL path checked on a one-GPU machine). `make build-info` prints what was found.
+  ifneq ($(NCCL_HOME),)
+    NCCL_INC := $(if $(wildcard $(NCCL_HOME)/include/nccl.h),$(NCCL_HOME)/include,$(error NCCL_HOME=$(NCCL_HOME) has no include/nccl.h))
+  else ifneq ($(wildcard $(CUDA_HOME_DIR)/include/nccl.h),)
+    NCCL_INC := $(CUDA_HOME_DIR)/include
+  else ifneq ($(wildcard /usr/include/nccl.h),)
+    NCCL_INC := /usr/include
+  else
+    NCCL_PIP := $(shell python3 -c 'import nvidia.nccl as n; print(list(n.__path__)[0])' 2>/dev/null)
+    NCCL_INC := $(if $(and $(NCCL_PIP),$(wildcard $(NCCL_PIP)/include/nccl.h)),$(NCCL_PIP)/include)
+  endif
+  USE_NCCL ?= $(if $(NCCL_INC),1,0)
   ifeq ($(USE_NCCL),1)
     CFLAGS += -DUSE_NCCL
-    LDLIBS += -lnccl
+    ifneq ($(filter $(NCCL_HOME)/include $(NCCL_PIP)/include,$(NCCL_INC)),)
+      # outside the toolkit and the system paths: its lib/ by file name (pip ships libnccl.so.2 without the
+      # libnccl.so link), found again at run time through the rpath
+      NCCL_LIB := $(abspath $(firstword $(wildcard $(NCCL_INC)/../lib/libnccl.so $(NCCL_INC)/../lib/libnccl.so.2)))
+      $(if $(NCCL_LIB),,$(error no libnccl.so or libnccl.so.2 in $(NCCL_INC)/../lib))
+      CFLAGS += -I$(NCCL_INC)
+      LDLIBS += $(NCCL_LIB) -Wl,-rpath,$(abspath $(dir $(NCCL_LIB)))
+    else
+      NCCL_LIB := -lnccl
+      LDLIBS += -lnccl
+    endif
   endif
 endif
 
@@ -68,7 +91,11 @@ TEST_BINS := $(patsubst tests/unit/%.c,$(BUILD)/tests/%,$(TEST_SRCS))
 BENCH_SRCS := $(wildcard tests/bench/*.c)
 BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRCS))
 
-.PHONY: all deps run test bench clean vendor-debs
+.PHONY: all deps run test bench clean vendor-debs build-info
+# What this build uses, for set-up scripts and bug reports.
+build-info:
+	@echo "CC=$(CC) USE_MPI=$(USE_MPI) USE_CUDA=$(USE_CUDA) NVCC=$(NVCC)"
+	@echo "USE_NCCL=$(USE_NCCL) NCCL_INC=$(NCCL_INC) NCCL_LIB=$(NCCL_LIB)"
 all: simplest-dist
 
 # Rebuild when the flags change (USE_MPI=0 after USE_MPI=1, say).
