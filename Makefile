@@ -92,11 +92,11 @@ BENCH_SRCS := $(wildcard tests/bench/*.c)
 BENCH_BINS := $(patsubst tests/bench/%.c,$(BUILD)/bench/%,$(BENCH_SRCS))
 
 .PHONY: all deps run test bench clean vendor-debs build-info
+all: simplest-dist
 # What this build uses, for set-up scripts and bug reports.
 build-info:
 	@echo "CC=$(CC) USE_MPI=$(USE_MPI) USE_CUDA=$(USE_CUDA) NVCC=$(NVCC)"
 	@echo "USE_NCCL=$(USE_NCCL) NCCL_INC=$(NCCL_INC) NCCL_LIB=$(NCCL_LIB)"
-all: simplest-dist
 
 # Rebuild when the flags change (USE_MPI=0 after USE_MPI=1, say).
 $(BUILD)/flags: FORCE
@@ -170,7 +170,7 @@ $(BUILD)/lf/%: tests/fuzz/%.c tests/fuzz/fuzz.h $(BUILD)/libsimplest.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -fsanitize=fuzzer -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
 
-DEB_PKGS := libopenmpi-dev openmpi-bin libturbojpeg0-dev libjpeg62-turbo-dev libcjson-dev libopenblas-dev liblapacke-dev zlib1g-dev dataset-fashion-mnist
+DEB_PKGS := libopenmpi-dev openmpi-bin libturbojpeg0-dev libjpeg-dev libcjson-dev libopenblas-dev liblapacke-dev zlib1g-dev dataset-fashion-mnist
 deps:
 	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then echo "deps: all packages present"; \

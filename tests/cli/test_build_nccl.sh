@@ -8,6 +8,9 @@ TMP=${TEST_TMP:-$(mktemp -d)}/build_nccl
 rm -rf "$TMP"; mkdir -p "$TMP"
 ok() { echo "ok - $1"; }
 notok() { echo "not ok - $1"; shift; for l in "$@"; do echo "    $l"; done; }
+# a plain `make` builds the binary (a rule placed above `all:` would become the default and build nothing)
+if make -pq 2>/dev/null | grep -qx '.DEFAULT_GOAL := all'; then ok "make's default goal is all"; else
+  notok "make's default goal" "$(make -pq 2>/dev/null | grep '^.DEFAULT_GOAL')"; fi
 NVCC=$(if [ -n "${CUDA_HOME:-}" ] && [ -x "$CUDA_HOME/bin/nvcc" ]; then echo "$CUDA_HOME/bin/nvcc"; else command -v nvcc; fi)
 CUDA=${NVCC%/bin/nvcc}
 if [ -z "$NVCC" ] || [ ! -e "$CUDA/include/nccl.h" ] || ! ls "$CUDA"/lib64/libnccl.so.2 >/dev/null 2>&1; then
