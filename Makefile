@@ -150,7 +150,7 @@ $(BUILD)/fuzz/%: tests/fuzz/%.c tests/fuzz/fuzz.h $(BUILD)/libsimplest.a
 # The seeds each target writes (valid files of every kind it reads), and the shipped configs for fuzz_config.
 fuzz-seeds: fuzz-bins
 	@for t in $(FUZZ_NAMES); do mkdir -p tests/fuzz/corpus/$$t && build-asan/fuzz/$$t --write-seeds tests/fuzz/corpus/$$t || exit 1; done
-	@for c in configs/*.json; do cp $$c tests/fuzz/corpus/fuzz_config/config_$$(basename $$c .json); done
+	@for c in configs/*.json configs/*/*/*.json; do n=$${c#configs/}; cp $$c tests/fuzz/corpus/fuzz_config/config_$$(echo $${n%.json} | tr / _); done
 	@$${PYTHON:-/usr/bin/python3} tests/fuzz/make_jpeg_seeds.py tests/fuzz/corpus/fuzz_image
 fuzz:
 	@$(MAKE) --no-print-directory BUILD=build-fuzz CC=clang USE_MPI=0 USE_CUDA=0 OPT=-O1 \
