@@ -138,6 +138,126 @@ out:
     return rc;
 }
 
+// 1 if name starts with one of the comma-separated prefixes of list.
+static int name_in_list(const char *name, const char *list) {
+    for (const char *p = list; *p;) {
+        while (*p == ',' || *p == ' ') p++;
+        size_t len = strcspn(p, ",");
+        while (len > 0 && p[len - 1] == ' ') len--;
+        if (len > 0 && !strncmp(name, p, len)) return 1;
+        p += strcspn(p, ",");
+    }
+    return 0;
+}
+
+// The file's own record of the mode it was trained in (our weights files carry it; a PyTorch state_dict does not).
+static int check_init_meta(const Model *m, const StFile *f, const char *path, char *err, size_t n) {
+    const char *arch = st_meta(f, "arch"), *compat = st_meta(f, "seed_compat");
+    const char *want = m->cfg.arch == ARCH_SIMPLEST ? "simplest" : "simplevit";
+    if (arch && strcmp(arch, want))
+        return set_err(err, n, "%s holds %s weights, but model.arch is \"%s\"", path, arch, want);
+    if (compat && strcmp(compat, m->cfg.seed_compat ? "true" : "false"))
+        return set_err(err, n, "%s was trained with model.seed_compat %s, this config says %s", path, compat,
+                       m->cfg.seed_compat ? "true" : "false");
+    return 0;
+}
+
+// A fixed tensor in the file: E-SPA's d and B are the config's (recomputed for its token count), but where the
+// shapes agree B's form must match the mode; a seed_compat SimpleViT's to_out must be the identity it stands for.
+static int check_init_fixed(const Model *m, const TensorInfo *t, const StTensor *st, const float *data,
+                            const char *path, char *err, size_t n) {
+    int same = strcmp(st->dtype, "F32") == 0 && st->ndim == t->ndim;
+    for (int d = 0; same && d < t->ndim; d++) same = st->shape[d] == t->shape[d];
+    if (!same) return 0;
+    if (m->cfg.arch == ARCH_SIMPLEST && m->blocks[0].B >= 0 && t == &m->tensors[m->blocks[0].B])
+        return check_b_form(m, data, path, err, n);
+    if (m->cfg.arch == ARCH_SIMPLEVIT && strstr(t->name, "to_out.weight"))
+        return check_identity(data, m->cfg.dim, t->name, path, err, n);
+    return 0;
+}
+
+int weights_init_read(const Model *m, const char *path, const char *skip, float *params, int *loaded, int *kept,
+                      char *err, size_t n) {
+    StFile f;
+    if (st_open(path, &f, err, n) != 0) return -1;
+    int rc = -1;
+    *loaded = *kept = 0;
+    int *seen = xcalloc((size_t)m->ntensors * sizeof(int), "seen tensors");
+    if (check_init_meta(m, &f, path, err, n) != 0) goto out;
+    for (const char *p = skip; *p;) {  // a prefix that matches nothing is a typo that would load what it meant to skip
+        while (*p == ',' || *p == ' ') p++;
+        char one[128];
+        size_t len = strcspn(p, ",");
+        snprintf(one, sizeof one, "%.*s", (int)(len < sizeof one ? len : sizeof one - 1), p);
+        for (size_t e = strlen(one); e > 0 && one[e - 1] == ' ';) one[--e] = 0;
+        p += len;
+        int hit = !one[0];
+        for (int i = 0; i < m->ntensors && !hit; i++) hit = m->tensors[i].trainable && name_in_list(m->tensors[i].name, one);
+        if (!hit) {
+            set_err(err, n, "model.init_skip: '%s' is the start of no trainable tensor name of this model", one);
+            goto out;
+        }
+    }
+    for (int k = 0; k < f.ntensors; k++) {
+        const StTensor *st = &f.tensors[k];
+        const char *name = strip_prefix(st->name);
+        if (name_in_list(name, skip)) continue;
+        int i = model_find_tensor(m, name);
+        if (i < 0) {
+            set_err(err, n, "%s: tensor '%s' has no place in this model config (model.init_skip can leave it out)",
+                    path, st->name);
+            goto out;
+        }
+        if (seen[i]) {
+            set_err(err, n, "%s: tensor '%s' is given twice", path, name);
+            goto out;
+        }
+        seen[i] = 1;
+        const TensorInfo *t = &m->tensors[i];
+        if (!t->trainable) {
+            if (check_init_fixed(m, t, st, st_data(&f, st), path, err, n) != 0) goto out;
+            continue;
+        }
+        int same = strcmp(st->dtype, "F32") == 0 && st->ndim == t->ndim;
+        for (int d = 0; same && d < t->ndim; d++) same = st->shape[d] == t->shape[d];
+        if (!same) {
+            char want[64] = "", got[64] = "";
+            for (int d = 0; d < t->ndim; d++)
+                snprintf(want + strlen(want), sizeof want - strlen(want), "%s%d", d ? "," : "", t->shape[d]);
+            for (int d = 0; d < st->ndim; d++)
+                snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "",
+                         (long long)st->shape[d]);
+            set_err(err, n, "%s: tensor '%s' is %s [%s], the model needs F32 [%s] (model.init_skip can keep it at its "
+                    "random init)", path, name, st->dtype, got, want);
+            goto out;
+        }
+        const float *src = st_data(&f, st);
+        for (size_t j = 0; j < t->numel; j++)
+            if (!isfinite(src[j])) {
+                set_err(err, n, "%s: tensor '%s' holds %g at element %zu (weights must be finite)", path, name,
+                        (double)src[j], j);
+                goto out;
+            }
+        memcpy(params + t->offset, src, t->numel * sizeof(float));
+        (*loaded)++;
+    }
+    for (int i = 0; i < m->ntensors; i++) {
+        const TensorInfo *t = &m->tensors[i];
+        if (!t->trainable || seen[i]) continue;
+        if (!name_in_list(t->name, skip)) {
+            set_err(err, n, "%s: tensor '%s' is missing (model.init_skip can keep it at its random init)", path,
+                    t->name);
+            goto out;
+        }
+        (*kept)++;
+    }
+    rc = 0;
+out:
+    free(seen);
+    st_close(&f);
+    return rc;
+}
+
 int weights_load(Model *m, const char *path, char *err, size_t n) {
     float *params = xmalloc((m->num_params ? m->num_params : 1) * sizeof(float), "weights to load");
     float *buffers = xmalloc((m->num_buffers ? m->num_buffers : 1) * sizeof(float), "buffers to load");

@@ -22,6 +22,14 @@ int weights_load(Model *m, const char *path, char *err, size_t errlen);
 // the model untouched.
 int weights_read(const Model *m, const char *path, float *params, float *buffers, char *err, size_t errlen);
 
+// model.init_from: the trainable tensors of a weights file into params (num_params floats, pre-filled with the
+// random init), for a fresh run. Tensors whose names start with a prefix in skip (comma-separated) keep their init
+// and may be absent or shaped otherwise; every other trainable tensor must be there with its shape, finite. Fixed
+// tensors in the file are checked, not loaded (B's form, the identity to_out), and the file's recorded arch and
+// seed_compat must match. Counts the tensors loaded and kept. Returns 0, or -1 with a one-line reason in err.
+int weights_init_read(const Model *m, const char *path, const char *skip, float *params, int *loaded, int *kept,
+                      char *err, size_t errlen);
+
 // Adam's state (spec/shampoo.md §3.5's names): "<param>.exp_avg", "<param>.exp_avg_sq" and metadata t. adam_state_read
 // checks every tensor (present once, shaped as the parameter, finite, exp_avg_sq >= 0) into host m and v
 // (num_params floats each) and the step count. On failure *t_out is unchanged and m_out, v_out hold scratch: the

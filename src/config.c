@@ -56,6 +56,13 @@ static const KeySpec KEYS[] = {
     {"model.recompute", KT_BOOL, FIELD(model.recompute), "false", NOLIM, NULL,
      "recompute cheap activations in backward instead of keeping them (SimpleViT: both LayerNorm outputs and the GELU "
      "output of every block; about 37 % less activation memory for one more LayerNorm and GELU pass)"},
+    {"model.init_from", KT_STR, FIELD(model.init_from), "\"\"", NOLIM, NULL,
+     "a fresh run starts from this weights file (safetensors with the reference's names: a run's model.safetensors, a "
+     "checkpoint's, or a PyTorch state_dict) instead of the random init: its trainable tensors are loaded, the fixed "
+     "E-SPA buffers are the config's; a resumed run ignores it; \"\" = random init"},
+    {"model.init_skip", KT_STR, FIELD(model.init_skip), "\"\"", NOLIM, NULL,
+     "with model.init_from: comma-separated tensor-name prefixes that keep their random init and may be absent or "
+     "shaped differently in the file (a new classifier for other classes: \"linear_head\")"},
 
     {"data.dataset", KT_STR, FIELD(data.dataset), "\"fashion-mnist\"", NOLIM,
      "fashion-mnist|mnist|cifar10|cifar100|tiny-imagenet|imagenet",
@@ -413,6 +420,9 @@ static int resolve(Config *c, char *err, size_t n) {
         return set_err(err, n, "config key 'shampoo.root_delay': %d exceeds shampoo.precondition_frequency %d (a "
                                "refresh must be installed before the next one starts)",
                        c->shampoo.root_delay, c->shampoo.precondition_frequency);
+    if (c->model.init_skip[0] && !c->model.init_from[0])
+        return set_err(err, n, "config key 'model.init_skip': \"%s\" is set, but model.init_from names no weights "
+                               "file", c->model.init_skip);
     if (c->train.sam && c->model.seed_compat)
         return set_err(err, n, "config key 'train.sam': the seed_compat variant (second pass on the next batch) is "
                                "not supported; use model.seed_compat false");
@@ -660,7 +670,7 @@ char *config_to_json(const Config *cfg) {
 static const char *const RESUME_FREE[] = {"run.",          "data.root",          "data.threads",
                                           "data.prefetch", "data.u8_batches",    "data.eval_batch_size",
                                           "data.eval_limit", "train.log_every",  "train.eval_every",
-                                          "comm.timeout_s", "comm.overlap",      "model.recompute",
+                                          "comm.timeout_s", "comm.overlap",      "model.recompute", "model.init_from", "model.init_skip",
                                           "shampoo.check_replicas"};
 
 static int resume_free(const char *path) {

@@ -17,6 +17,8 @@ typedef struct {
         double drop_p;
         int seed_compat;
         int recompute;
+        char init_from[512];  // "" = random init; else a weights file a fresh run starts from
+        char init_skip[256];  // comma-separated tensor-name prefixes that keep their random init
     } model;
     struct {
         char dataset[32];  // "fashion-mnist" | "mnist" | "cifar10" | "cifar100" | "tiny-imagenet" | "imagenet"

@@ -897,6 +897,31 @@ static void resume_from(Run *r, CkptHost *h, int64_t step, const char *dir) {
                (long long)r->t.total_steps, h->ts.world, h->ts.world == 1 ? "" : "s", r->comm->world);
 }
 
+// model.init_from, for a fresh run: rank 0 reads the file over the random init and every rank takes its bits; the
+// EMA copy starts from them too.
+static void run_init_from(Run *r) {
+    const Config *cfg = r->cfg;
+    Model *m = r->m;
+    Backend *be = r->be;
+    size_t bytes = m->num_params * sizeof(float);
+    float *host = download_floats(be, m->params, m->num_params, "initial weights");  // (num_params)
+    char err[1600] = "";
+    int loaded = 0, kept = 0;
+    double ok = 1.0;
+    if (r->comm->rank == 0)
+        ok = weights_init_read(m, cfg->model.init_from, cfg->model.init_skip, host, &loaded, &kept, err, sizeof err) == 0;
+    comm_bcast(r->comm, &ok, sizeof ok, 0);
+    if (ok == 0.0) die_user("config key 'model.init_from': %s", err);
+    comm_bcast(r->comm, host, bytes, 0);
+    be->upload(be, m->params, host, bytes);
+    be->params_changed(be, m->params, m->num_params);
+    if (r->t.ema) be->copy(be, r->t.ema, m->params, bytes);
+    free(host);
+    if (r->comm->rank == 0)
+        printf("model.init_from %s: %d tensors loaded, %d kept at their random init (model.init_skip)\n",
+               cfg->model.init_from, loaded, kept);
+}
+
 // run.resume: continues from the newest checkpoint of run.dir that loads; checkpoints newer than it that do not
 // load are set aside (step_N.unreadable). Returns the step resumed from, or 0 for a fresh run.
 static int64_t run_resume(Run *r) {
@@ -1066,6 +1091,7 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     r->fault_fail_ckpt = fault_step("SD_FAULT_FAIL_CHECKPOINT");
     r->fault_slow_ckpt = fault_step("SD_FAULT_SLOW_CHECKPOINT");
     r->start_step = run_resume(r);
+    if (r->start_step == 0 && cfg->model.init_from[0]) run_init_from(r);
     run_open_dir(r, micro, T, spe);
     r->t_start = r->t_log = r->t_status = r->t_ckpt = now_sec();
     // at once, not at the first log line: a monitor sees the (re)started run, and which checkpoint it continues
