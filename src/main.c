@@ -1,5 +1,5 @@
-// main.c: the command line. `simplest-dist [train] CONFIG [--set key=value ...]`, `eval`, `check`, `prepare`,
-// `config-doc`, `version`.
+// main.c: the command line. `simplest-dist [train] CONFIG [--set key=value ...]`, `eval`, `check`, `status`,
+// `prepare`, `config-doc`, `version`.
 // MPI init/finalize and exit codes (0 ok, 1 bug or system failure, 2 user error) live here.
 #include <stdio.h>
 #include <stdlib.h>
@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "config.h"
 #include "prepare.h"
+#include "status.h"
 #include "train.h"
 #include "util.h"
 
@@ -24,6 +25,10 @@ static void usage(FILE *f) {
             "  simplest-dist check CONFIG.json [--set ...]\n"
             "                                validate a config (and its --set overrides) and print the effective\n"
             "                                config, without touching data, devices or the run directory\n"
+            "  simplest-dist status RUN_DIR [--stale SECONDS]\n"
+            "                                a run's progress and health from its status.json; exit 0 when\n"
+            "                                healthy or finished, 1 when it failed or a live run has not updated\n"
+            "                                status.json (or a rank its heartbeat) for SECONDS (default 600)\n"
             "  simplest-dist config-doc      print docs/config.md (every config key)\n"
             "  simplest-dist version\n"
             "Runs alone or under mpirun/srun (one rank per GPU, or per CPU share on the CPU backend).\n");
@@ -64,6 +69,31 @@ static void parse_args(Args *a, int argc, char **argv, int first, int is_eval) {
     if (is_eval && !a->checkpoint) die_user("eval needs --checkpoint FILE");
 }
 
+// `simplest-dist status RUN_DIR [--stale S]`: for people and for health checks (cron, a node agent).
+static int status_main(int argc, char **argv) {
+    const char *dir = NULL;
+    double stale = 600;
+    for (int i = 2; i < argc; i++) {
+        if (!strcmp(argv[i], "--stale") && i + 1 < argc) {
+            char *end;
+            stale = strtod(argv[++i], &end);
+            if (*end || end == argv[i] || !(stale > 0))
+                die_user("--stale needs a positive number of seconds, not '%s'", argv[i]);
+        } else if (argv[i][0] == '-') {
+            die_user("unknown or incomplete option '%s' (status RUN_DIR [--stale SECONDS])", argv[i]);
+        } else if (!dir) {
+            dir = argv[i];
+        } else {
+            die_user("unexpected argument '%s': one run directory only", argv[i]);
+        }
+    }
+    if (!dir) die_user("status needs a run directory (status RUN_DIR [--stale SECONDS])");
+    char err[1600];
+    int rc = status_report(dir, stale, unix_time(), stdout, err, sizeof err);
+    if (rc < 0) die_user("%s", err);
+    return rc;
+}
+
 int main(int argc, char **argv) {
     backend_cpu_fix_blas_core(argv);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
@@ -88,6 +118,7 @@ int main(int argc, char **argv) {
         free(a.sets);
         return 0;
     }
+    if (!strcmp(cmd, "status")) return status_main(argc, argv);
     if (!strcmp(cmd, "config-doc")) {
         char *doc = config_doc_markdown();
         fputs(doc, stdout);
@@ -101,7 +132,7 @@ int main(int argc, char **argv) {
         return 0;
     }
     if (first == 1 && cmd[0] != '-' && !path_exists(cmd) && !strchr(cmd, '.') && !strchr(cmd, '/')) {
-        fprintf(stderr, "simplest-dist: error: unknown command '%s' (commands: train, eval, check, prepare, config-doc, version)\n",
+        fprintf(stderr, "simplest-dist: error: unknown command '%s' (commands: train, eval, check, status, prepare, config-doc, version)\n",
                 cmd);
         return EXIT_USER;
     }

@@ -2,6 +2,7 @@
 #include "status.h"
 
 #include <cJSON.h>
+#include <errno.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -157,4 +158,103 @@ void metrics_append(FILE *f, const char *const *keys, const double *vals, int n)
     if (fputs(line, f) < 0 || fputc('\n', f) < 0 || fflush(f) != 0)
         fprintf(stderr, "simplest-dist: warning: cannot append to metrics.jsonl\n");
     free(line);
+}
+
+// ---------------------------------------------------------------- `simplest-dist status RUN_DIR`
+
+static double num_or_nan(const cJSON *o, const char *k) {
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsNumber(x) ? x->valuedouble : NAN;
+}
+
+static const char *str_or(const cJSON *o, const char *k, const char *dflt) {
+    const cJSON *x = cJSON_GetObjectItemCaseSensitive(o, k);
+    return cJSON_IsString(x) ? x->valuestring : dflt;
+}
+
+// "3 d 4 h", "4 h 12 min", "12 min", "35 s"
+static void fmt_duration(char *buf, size_t n, double s) {
+    if (!isfinite(s) || s < 0) {
+        snprintf(buf, n, "?");
+        return;
+    }
+    long t = (long)(s + 0.5);
+    if (t >= 86400)
+        snprintf(buf, n, "%ld d %ld h", t / 86400, t % 86400 / 3600);
+    else if (t >= 3600)
+        snprintf(buf, n, "%ld h %ld min", t / 3600, t % 3600 / 60);
+    else if (t >= 60)
+        snprintf(buf, n, "%ld min", t / 60);
+    else
+        snprintf(buf, n, "%ld s", t);
+}
+
+int status_report(const char *run_dir, double stale_s, double now, FILE *out, char *err, size_t n) {
+    char path[1200];
+    snprintf(path, sizeof path, "%s/status.json", run_dir);
+    size_t len = 0;
+    char *text = (char *)read_file_all(path, &len);
+    if (!text) return set_err(err, n, "%s: cannot read it: %s", path, strerror(errno));
+    cJSON *o = cJSON_ParseWithLength(text, len);
+    free(text);
+    const cJSON *schema = o ? cJSON_GetObjectItemCaseSensitive(o, "schema") : NULL;
+    if (!cJSON_IsString(schema) || strcmp(schema->valuestring, "simplest-dist-status-1") != 0) {
+        cJSON_Delete(o);
+        return set_err(err, n, "%s: not a simplest-dist status file (schema simplest-dist-status-1)", path);
+    }
+    const char *state = str_or(o, "state", "?");
+    double updated = num_or_nan(o, "updated_unix"), age = now - updated;
+    double step = num_or_nan(o, "step"), total = num_or_nan(o, "total_steps");
+    int live = !strcmp(state, "training") || !strcmp(state, "evaluating");
+    char dur[64], problems[1024] = "";
+    fmt_duration(dur, sizeof dur, age);
+    fprintf(out, "%s: %s, step %.0f of %.0f (%.1f %%, epoch %.2f), updated %s ago\n", run_dir, state, step, total,
+            total > 0 ? 100.0 * step / total : 0.0, num_or_nan(o, "epoch"), dur);
+    fmt_duration(dur, sizeof dur, num_or_nan(o, "eta_s"));
+    fprintf(out, "  loss %.4f, lr %.3g, grad norm %.3g, %.0f img/s%s%s\n", num_or_nan(o, "loss"), num_or_nan(o, "lr"),
+            num_or_nan(o, "grad_norm"), num_or_nan(o, "images_per_sec"), live ? ", ETA " : "", live ? dur : "");
+    const cJSON *ev = cJSON_GetObjectItemCaseSensitive(o, "eval");
+    if (cJSON_IsObject(ev))
+        fprintf(out, "  eval at step %.0f: top-1 %.4f, top-5 %.4f, loss %.4f; best top-1 %.4f at step %.0f\n",
+                num_or_nan(ev, "step"), num_or_nan(ev, "top1"), num_or_nan(ev, "top5"), num_or_nan(ev, "loss"),
+                num_or_nan(ev, "best_top1"), num_or_nan(ev, "best_step"));
+    const char *ck = str_or(o, "last_checkpoint", NULL);
+    if (ck) fprintf(out, "  checkpoint: %s (took %.1f s)\n", ck, num_or_nan(o, "last_checkpoint_s"));
+    const cJSON *ranks = cJSON_GetObjectItemCaseSensitive(o, "ranks");
+    int nr = cJSON_IsArray(ranks) ? cJSON_GetArraySize(ranks) : 0;
+    double hb_max = -1, stall_max = -1;
+    int hb_rank = -1, stall_rank = -1;
+    for (int i = 0; i < nr; i++) {
+        const cJSON *r = cJSON_GetArrayItem(ranks, i);
+        double hb = updated - num_or_nan(r, "heartbeat_unix"), st = num_or_nan(r, "loader_stall_s");
+        int rk = (int)num_or_nan(r, "rank");
+        if (hb > hb_max) hb_max = hb, hb_rank = rk;
+        if (st > stall_max) stall_max = st, stall_rank = rk;
+    }
+    if (nr > 0)
+        fprintf(out, "  ranks: %d; oldest heartbeat %.1f s before the update (rank %d); loader stall up to %.2f s "
+                     "(rank %d)\n", nr, hb_max, hb_rank, stall_max, stall_rank);
+    const cJSON *sh = cJSON_GetObjectItemCaseSensitive(o, "shampoo");
+    if (cJSON_IsObject(sh))
+        fprintf(out, "  shampoo: %.0f blocks, %.0f refreshes, %.0f failed decompositions, last refresh %.2f s\n",
+                num_or_nan(sh, "blocks"), num_or_nan(sh, "refreshes"), num_or_nan(sh, "failed_decompositions"),
+                num_or_nan(sh, "last_refresh_s"));
+    const cJSON *data = cJSON_GetObjectItemCaseSensitive(o, "data");
+    double skipped = cJSON_IsObject(data) ? num_or_nan(data, "skipped_total") : NAN;
+    if (skipped > 0) fprintf(out, "  data: %.0f images skipped (status.json's data.skipped says why)\n", skipped);
+    // what needs a person: a failed run, a live run whose file stopped changing, a rank that stopped reporting
+    size_t used = 0;
+#define PROBLEM(...) used += (size_t)snprintf(problems + used, used < sizeof problems ? sizeof problems - used : 0, __VA_ARGS__)
+    if (!strcmp(state, "failed")) PROBLEM("%sthe run failed (its output says why; the last checkpoint is kept)", used ? "; " : "");
+    if (live && !(age <= stale_s)) {
+        fmt_duration(dur, sizeof dur, age);
+        PROBLEM("%sno update for %s while %s (over %.0f s: the process may be dead or hung)", used ? "; " : "", dur,
+                state, stale_s);
+    }
+    if (live && nr > 1 && hb_max > stale_s)
+        PROBLEM("%srank %d has not reported for %.0f s", used ? "; " : "", hb_rank, hb_max);
+#undef PROBLEM
+    fprintf(out, "  health: %s\n", problems[0] ? problems : "ok");
+    cJSON_Delete(o);
+    return problems[0] ? 1 : 0;
 }

@@ -58,3 +58,8 @@ int status_write(const char *dir, const StatusInfo *s);
 // Appends one JSON object {keys[i]: vals[i]} as a line of metrics.jsonl and flushes it (NaN/Inf as null).
 void metrics_append(FILE *f, const char *const *keys, const double *vals, int n);
 double unix_time(void);
+// `simplest-dist status`: prints a summary of <run_dir>/status.json to out and judges it at time now (unix
+// seconds): 1 when the run failed, when a training or evaluating run's file is older than stale_s, or when a rank's
+// last heartbeat is older than stale_s at the file's update; else 0. -1 with a one-line reason in err when the file
+// cannot be read or is not a status file.
+int status_report(const char *run_dir, double stale_s, double now, FILE *out, char *err, size_t errlen);
