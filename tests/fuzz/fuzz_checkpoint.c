@@ -3,10 +3,11 @@
 // (adam_state_read) and trainer.json (train_state_read). The first byte picks the reader; the rest is the file.
 //   0: weights_load into a tiny SimplEsT-ViT, 1: into a tiny SimpleViT (seed_compat, so to_out is checked),
 //   2: shampoo_load into the optimizer of a tiny SimplEsT-ViT after 9 steps, 3: adam_state_read for that model,
-//   4: train_state_read, 5: loader_state_read (loader.json).
+//   4: train_state_read, 5: loader_state_read (loader.json), 6: weights_init_read (model.init_from) into the tiny
+//   SimplEsT-ViT with init_skip "linear_head", 7: into the tiny SimpleViT with init_skip "linear_head.1".
 // Accepted Adam states are finite with second moments >= 0 and a step count >= 0. An accepted trainer.json has a
 // step >= 0, a world >= 1, a config that parses as a JSON object, and a best eval in 0 .. 1 at a step <= step.
-// Accepted weights are finite. A refused Shampoo state leaves the optimizer exactly as it was (its saved state has
+// Accepted weights are finite. An accepted init file leaves finite weights, and the skipped tensors as they were. A refused Shampoo state leaves the optimizer exactly as it was (its saved state has
 // the same bytes). An accepted one is a state the optimizer can step from: one step runs without a fatal error and,
 // when every value in the file is below 1e9, gives finite weights; then the original is reloaded.
 // `--write-seeds DIR` (standalone build) writes valid files of each kind.
@@ -169,12 +170,42 @@ static void trainer_case(const char *path) {
     }
 }
 
+// model.init_from's reader over the model's own weights: accepted, every weight is finite and the skipped tensors
+// are untouched; refused, it says why.
+static void init_case(const Model *m, const char *skip, const char *path) {
+    size_t np = m->num_params;
+    float *w = malloc(np * sizeof(float));
+    memcpy(w, m->params, np * sizeof(float));
+    int loaded = 0, kept = 0;
+    char err[1024] = "";
+    if (weights_init_read(m, path, skip, w, &loaded, &kept, err, sizeof err) != 0) {
+        one_line(err);
+    } else {
+        for (size_t i = 0; i < np; i++)
+            if (!isfinite(w[i])) abort();
+        for (int t = 0; t < m->ntensors; t++) {
+            const TensorInfo *ti = &m->tensors[t];
+            if (ti->trainable && !strncmp(ti->name, skip, strlen(skip)) &&
+                memcmp(w + ti->offset, m->params + ti->offset, ti->numel * sizeof(float)) != 0) {
+                fprintf(stderr, "init_skip '%s' did not keep %s\n", skip, ti->name);
+                abort();
+            }
+        }
+        if (kept < 1) abort();  // the skipped head is counted
+    }
+    free(w);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     if (size < 1) return 0;
     setup();
     char path[300], err[1024] = "";
     fuzz_write(fuzz_path(path, sizeof path, "in.bin"), data + 1, size - 1);
-    int mode = data[0] % 6;
+    int mode = data[0] % 8;
+    if (mode >= 6) {
+        init_case(mode == 7 ? m_vit : m_st, mode == 7 ? "linear_head.1" : "linear_head", path);
+        return 0;
+    }
     if (mode == 5) {
         LoaderState ls;
         if (loader_state_read(path, &ls, err, sizeof err) != 0) one_line(err);
@@ -228,8 +259,8 @@ int fuzz_write_seeds(const char *dir) {
     const char *cfg = "{\"model\": {\"arch\": \"tiny\"}}";
     struct { const char *name; int mode; } seeds[] = {{"weights_simplest", 0}, {"weights_simplevit", 1},
                                                      {"shampoo_state", 2}, {"adam_state", 3}, {"trainer_json", 4},
-                                                     {"loader_json", 5}};
-    for (int i = 0; i < 6; i++) {
+                                                     {"loader_json", 5}, {"init_simplest", 6}, {"init_simplevit", 7}};
+    for (int i = 0; i < 8; i++) {
         fuzz_path(tmp, sizeof tmp, "seed.bin");
         if (seeds[i].mode == 2) {
             if (shampoo_save(&opt, tmp) != 0) return -1;
@@ -254,7 +285,7 @@ int fuzz_write_seeds(const char *dir) {
                              .eval_top1 = 0.25, .eval_top5 = 0.75, .eval_loss = 1.5, .world = 2,
                              .config_json = "{\"opt\": {\"lr\": 0.001}, \"run\": {\"dir\": \"runs/x\"}}"};
             if (train_state_write(tmp, &ts) != 0) return -1;
-        } else if (weights_save(seeds[i].mode ? m_vit : m_st, tmp, NULL, cfg, 7, 0) != 0) {
+        } else if (weights_save(seeds[i].mode % 6 ? m_vit : m_st, tmp, NULL, cfg, 7, 0) != 0) {
             return -1;
         }
         size_t n;
