@@ -2,7 +2,7 @@
 # launch/mpirun.sh: runs simplest-dist on one machine (a rented multi-GPU box, a workstation) and keeps the run
 # alive: one rank per GPU under mpirun, stop signals turned into clean checkpoints, and restarts after crashes.
 #
-#   launch/mpirun.sh [-n NP] [--restarts N] [--restart-delay S] CONFIG.json [--set key=value ...]
+#   launch/mpirun.sh [-n NP] [--restarts N] [--restart-delay S] [--hang-timeout S] CONFIG.json [--set key=value ...]
 #
 # - Ranks: -n NP, else $NP, else one per visible GPU (CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`), else 1.
 # - mpirun gets --bind-to none (each rank's decoder threads need the node's cores; Open MPI binds ranks to one core
@@ -16,6 +16,10 @@
 #   diverged (state "failed") is started again after --restart-delay seconds (default 30), and resumes from its
 #   newest checkpoint (docs/checkpoints.md). --restarts (default 3) bounds the restarts in a row that gain no new
 #   checkpoint; a run that keeps checkpointing keeps being restarted.
+# - Hangs: a job whose status.json (rewritten every run.status_every_s while steps complete) has not changed for
+#   --hang-timeout seconds (default 1800; 0 = off) is killed, ranks included, and restarted like a crashed one:
+#   the daemon's own timeouts (comm.timeout_s) catch a silent peer, this catches the rest (a GPU or driver hang).
+#   Only a file written by the current start counts, and a finished run is left alone.
 # Exit: simplest-dist's code from the last start (0 done or stopped, 2 bad input), or 1 when the restarts ran out.
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
@@ -23,6 +27,7 @@ BIN=${SIMPLEST_BIN:-$HERE/../simplest-dist}
 np=${NP:-}
 restarts=3
 delay=30
+hang=1800
 say() { echo "launch: $*" >&2; }
 die() {
   echo "launch: error: $*" >&2
@@ -33,17 +38,19 @@ while [ $# -gt 0 ]; do
   -n | --np) np=${2:-}; shift 2 ;;
   --restarts) restarts=${2:-}; shift 2 ;;
   --restart-delay) delay=${2:-}; shift 2 ;;
+  --hang-timeout) hang=${2:-}; shift 2 ;;
   -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   --) shift; break ;;
   -*) die "unknown option '$1' (see $0 --help)" ;;
   *) break ;;
   esac
 done
-[ $# -ge 1 ] || die "no config file given (usage: $0 [-n NP] [--restarts N] [--restart-delay S] CONFIG.json [--set ...])"
+[ $# -ge 1 ] || die "no config file given (usage: $0 [-n NP] [--restarts N] [--restart-delay S] [--hang-timeout S] CONFIG.json [--set ...])"
 whole() { case $1 in '' | *[!0-9]*) return 1 ;; esac; }
 [ -z "$np" ] || whole "$np" || die "--np needs a whole number, not '$np'"
 whole "$restarts" || die "--restarts needs a whole number, not '$restarts'"
 whole "$delay" || die "--restart-delay needs a whole number of seconds, not '$delay'"
+whole "$hang" || die "--hang-timeout needs a whole number of seconds, not '$hang'"
 [ -x "$BIN" ] || die "$BIN not found or not executable (run make first, or set SIMPLEST_BIN)"
 
 # One rank per GPU this process may use.
@@ -93,6 +100,10 @@ latest() { cat "$run_dir/checkpoints/latest" 2>/dev/null; }
 stopping=0
 child=
 phase=
+# the job runs in its own session (setsid): a terminal's Ctrl-C reaches this script alone, which turns it into the
+# SIGUSR1 the ranks checkpoint on (mpirun itself answers SIGINT by killing the job), and a hung job can be killed
+# whole, ranks included (they have their own process groups, but not their own sessions)
+kill_job() { pkill -KILL -s "$1" 2>/dev/null || kill -KILL -- "-$1" "$1" 2>/dev/null; }
 on_stop() {
   stopping=$((stopping + 1))
   [ -n "$child" ] || return
@@ -103,19 +114,43 @@ on_stop() {
     kill -USR1 "$child" 2>/dev/null
   else
     say "second stop signal: killing the job"
-    kill -KILL "$child" 2>/dev/null
+    kill_job "$child"
   fi
 }
 trap on_stop TERM INT HUP USR1
+updated() { sed -n 's/.*"updated_unix":[[:space:]]*\([0-9]*\).*/\1/p' "$run_dir/status.json" 2>/dev/null | head -n 1; }
+setsid=
+command -v setsid >/dev/null 2>&1 && setsid=setsid
 
 attempt=0
 fruitless=0
 while :; do
   attempt=$((attempt + 1))
   before=$(latest)
+  if [ "$stopping" -gt 0 ]; then
+    say "stopped before start $attempt (newest checkpoint: ${before:-none})"
+    exit 0
+  fi
   say "start $attempt: ${cmd[*]} (run directory $run_dir)"
-  "${cmd[@]}" &
+  started=$(date +%s)
+  $setsid "${cmd[@]}" &
   child=$! phase=job
+  [ "$stopping" -gt 0 ] && kill -USR1 "$child" 2>/dev/null  # a signal that came before child was set
+  # Poll rather than `wait` alone: the hang watchdog reads status.json, which a live run rewrites at least every
+  # run.status_every_s; only a file this start wrote counts (setup before it has no such bound here).
+  hung=0
+  while kill -0 "$child" 2>/dev/null; do
+    sleep 1 &
+    wait $! 2>/dev/null
+    [ "$hang" -gt 0 ] && [ "$stopping" = 0 ] && [ "$hung" = 0 ] || continue
+    u=$(updated)
+    now=$(date +%s)
+    if [ -n "$u" ] && [ "$u" -ge "$started" ] && [ $((now - u)) -gt "$hang" ] && [ "$(state)" != done ]; then
+      say "no status.json update for $((now - u)) s (--hang-timeout $hang): the job is hung, killing it"
+      hung=1
+      kill_job "$child"
+    fi
+  done
   # `wait` returns early (status > 128) when a trap runs; wait again until the job itself has ended
   while :; do
     wait "$child"
@@ -127,9 +162,10 @@ while :; do
   st=$(state)
   if [ "$stopping" -gt 0 ]; then
     say "stopped: exit $rc, state ${st:-unknown}, newest checkpoint $(latest)"
+    [ "$st" = stopped ] || [ "$st" = done ] && exit 0
     exit "$rc"
   fi
-  if [ "$rc" = 0 ] || [ "$rc" = 2 ] || [ "$st" = failed ] || [ "$st" = done ]; then
+  if [ "$hung" = 0 ] && { [ "$rc" = 0 ] || [ "$rc" = 2 ] || [ "$st" = failed ] || [ "$st" = done ]; }; then
     say "finished: exit $rc, state ${st:-unknown}"
     exit "$rc"
   fi

@@ -5,6 +5,8 @@
 #    uninterrupted run bit for bit;
 #  - SIGTERM to the launcher: every rank checkpoints, state "stopped", exit 0, no restart; the next start resumes and
 #    again equals the uninterrupted run;
+#  - Ctrl-C (SIGINT to the whole process group) stops it cleanly too; a hung job (a frozen rank) is killed after
+#    --hang-timeout and restarted;
 #  - a crash loop that gains no checkpoint gives up after --restarts; a failed run (state "failed") and a bad config
 #    (exit 2) are not restarted.
 set -u
@@ -65,6 +67,47 @@ if [ "$rc1" = 0 ] && [ "$st1" = stopped ] && [ "$(starts "$TMP/stop-1.log")" = 1
   echo "ok - SIGTERM to the launcher: every rank checkpointed and stopped (exit 0, no restart); the next launch resumed to the same bits"
 else
   echo "not ok - SIGTERM: exit $rc1 state $st1, restart exit $rc2, $diff"; grep -E "^launch|error" "$TMP/stop-1.log" "$TMP/stop-2.log" | tail -8
+fi
+
+# Ctrl-C in a terminal: SIGINT to the launcher's whole process group. The job runs in its own session, so only the
+# launcher gets it and turns it into SIGUSR1 (mpirun would kill the ranks on a SIGINT of its own): exit 0, stopped.
+# (job control on: the launcher gets its own process group, and SIGINT is not ignored as in a script's background job)
+set -m
+bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/ctrlc" >"$TMP/ctrlc.log" 2>&1 &
+lp=$!
+set +m
+wait_for "$TMP/ctrlc/checkpoints/step_00000040/DONE"
+kill -INT -- -"$lp"
+wait $lp
+rc=$?
+if [ "$rc" = 0 ] && [ "$(state "$TMP/ctrlc")" = stopped ] && [ "$(starts "$TMP/ctrlc.log")" = 1 ] &&
+   grep -q "^launch: stopped: exit 0, state stopped" "$TMP/ctrlc.log" &&
+   ! pgrep -f "run.dir=$TMP/ctrlc" >/dev/null; then
+  echo "ok - Ctrl-C (SIGINT to the process group): only the launcher gets it; every rank checkpointed and stopped, exit 0"
+else
+  echo "not ok - Ctrl-C: exit $rc, state $(state "$TMP/ctrlc")"; grep -E "^launch|error" "$TMP/ctrlc.log" | tail -5
+fi
+
+# a hung job: rank 1 frozen (SIGSTOP) after a checkpoint, with comm.timeout_s far away; status.json stops changing,
+# --hang-timeout 4 kills the whole job (the frozen rank too) and the restart resumes and finishes to the same bits
+bash $L -n 2 --restart-delay 0 --hang-timeout 4 "${ARGS[@]}" --set comm.timeout_s=600 --set run.status_every_s=1 \
+  --set run.dir="$TMP/hang" >"$TMP/hang.log" 2>&1 &
+lp=$!
+wait_for "$TMP/hang/checkpoints/step_00000080/DONE"
+victim=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))['ranks'][1]['pid'])" "$TMP/hang")
+kill -STOP "$victim"
+wait $lp
+rc=$?
+"$BIN" configs/fashion-mnist.json "${ARGS[@]:1}" --set comm.timeout_s=600 --set run.status_every_s=1 \
+  --set run.dir="$TMP/hang_ref" >"$TMP/hang_ref.log" 2>&1
+diff=$("$PY" tests/reference/same_run.py "$TMP/hang_ref" "$TMP/hang" 2>&1)
+if [ "$rc" = 0 ] && grep -q "the job is hung, killing it" "$TMP/hang.log" && [ "$(starts "$TMP/hang.log")" = 2 ] &&
+   [ "$(state "$TMP/hang")" = done ] && ! kill -0 "$victim" 2>/dev/null; then
+  echo "ok - a hung job (a frozen rank) is killed whole after --hang-timeout and restarted; it resumes and finishes"
+else
+  echo "not ok - hung job: exit $rc, $(starts "$TMP/hang.log") starts, state $(state "$TMP/hang")"
+  grep -E "^launch|error" "$TMP/hang.log" | tail -6
+  kill -KILL "$victim" 2>/dev/null
 fi
 
 # a crash loop: every start dies at step 50, after the step-40 checkpoint; the second start gains nothing
