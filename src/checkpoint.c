@@ -4,6 +4,7 @@
 #include <cJSON.h>
 #include <dirent.h>
 #include <errno.h>
+#include <ctype.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -138,14 +139,16 @@ out:
     return rc;
 }
 
-// 1 if name starts with one of the comma-separated prefixes of list.
+// 1 if one of the comma-separated prefixes of list is name or its start up to a '.': "transformer.layers.1" is layer
+// 1's tensors, not layer 10's.
 static int name_in_list(const char *name, const char *list) {
     for (const char *p = list; *p;) {
-        while (*p == ',' || *p == ' ') p++;
+        while (*p == ',' || isspace((unsigned char)*p)) p++;
         size_t len = strcspn(p, ",");
-        while (len > 0 && p[len - 1] == ' ') len--;
-        if (len > 0 && !strncmp(name, p, len)) return 1;
-        p += strcspn(p, ",");
+        size_t used = len;
+        while (len > 0 && isspace((unsigned char)p[len - 1])) len--;
+        if (len > 0 && !strncmp(name, p, len) && (name[len] == 0 || name[len] == '.' || p[len - 1] == '.')) return 1;
+        p += used;
     }
     return 0;
 }
@@ -185,11 +188,11 @@ int weights_init_read(const Model *m, const char *path, const char *skip, float 
     int *seen = xcalloc((size_t)m->ntensors * sizeof(int), "seen tensors");
     if (check_init_meta(m, &f, path, err, n) != 0) goto out;
     for (const char *p = skip; *p;) {  // a prefix that matches nothing is a typo that would load what it meant to skip
-        while (*p == ',' || *p == ' ') p++;
-        char one[128];
+        while (*p == ',' || isspace((unsigned char)*p)) p++;
+        char one[256];
         size_t len = strcspn(p, ",");
         snprintf(one, sizeof one, "%.*s", (int)(len < sizeof one ? len : sizeof one - 1), p);
-        for (size_t e = strlen(one); e > 0 && one[e - 1] == ' ';) one[--e] = 0;
+        for (size_t e = strlen(one); e > 0 && isspace((unsigned char)one[e - 1]);) one[--e] = 0;
         p += len;
         int hit = !one[0];
         for (int i = 0; i < m->ntensors && !hit; i++) hit = m->tensors[i].trainable && name_in_list(m->tensors[i].name, one);
@@ -215,7 +218,15 @@ int weights_init_read(const Model *m, const char *path, const char *skip, float 
         seen[i] = 1;
         const TensorInfo *t = &m->tensors[i];
         if (!t->trainable) {
-            if (check_init_fixed(m, t, st, st_data(&f, st), path, err, n) != 0) goto out;
+            // safetensors data need not be 4-byte aligned: read a copy (the same-shape case is all that is checked)
+            float *fixed = NULL;
+            if (strcmp(st->dtype, "F32") == 0 && st->numel == t->numel) {
+                fixed = xmalloc((t->numel ? t->numel : 1) * sizeof(float), "fixed tensor to check");
+                memcpy(fixed, st_data(&f, st), t->numel * sizeof(float));
+            }
+            int bad = fixed && check_init_fixed(m, t, st, fixed, path, err, n) != 0;
+            free(fixed);
+            if (bad) goto out;
             continue;
         }
         int same = strcmp(st->dtype, "F32") == 0 && st->ndim == t->ndim;
@@ -231,14 +242,14 @@ int weights_init_read(const Model *m, const char *path, const char *skip, float 
                     "random init)", path, name, st->dtype, got, want);
             goto out;
         }
-        const float *src = st_data(&f, st);
+        float *dst = params + t->offset;  // copied first: the file's data need not be 4-byte aligned
+        memcpy(dst, st_data(&f, st), t->numel * sizeof(float));
         for (size_t j = 0; j < t->numel; j++)
-            if (!isfinite(src[j])) {
+            if (!isfinite(dst[j])) {
                 set_err(err, n, "%s: tensor '%s' holds %g at element %zu (weights must be finite)", path, name,
-                        (double)src[j], j);
+                        (double)dst[j], j);
                 goto out;
             }
-        memcpy(params + t->offset, src, t->numel * sizeof(float));
         (*loaded)++;
     }
     for (int i = 0; i < m->ntensors; i++) {

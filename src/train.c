@@ -1091,7 +1091,10 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     r->fault_fail_ckpt = fault_step("SD_FAULT_FAIL_CHECKPOINT");
     r->fault_slow_ckpt = fault_step("SD_FAULT_SLOW_CHECKPOINT");
     r->start_step = run_resume(r);
-    if (r->start_step == 0 && cfg->model.init_from[0]) run_init_from(r);
+    if (r->start_step == 0 && cfg->model.init_from[0])
+        run_init_from(r);
+    else if (cfg->model.init_from[0] && comm->rank == 0)
+        printf("model.init_from %s: not used, the run resumes from its own checkpoint\n", cfg->model.init_from);
     run_open_dir(r, micro, T, spe);
     r->t_start = r->t_log = r->t_status = r->t_ckpt = now_sec();
     // at once, not at the first log line: a monitor sees the (re)started run, and which checkpoint it continues

@@ -102,6 +102,36 @@ else
   notok "PyTorch-style init file" "$(grep -E 'error' "$TMP/e.log")"
 fi
 
+# init_skip prefixes end at a name component: "transformer.layers.1" is layer 1 (the first block's MLP, 4 tensors),
+# not layers 10-13 too
+train "$TMP/g" --set train.steps=1 --set opt.lr=0 --set model.init_from="$A" --set model.init_skip=transformer.layers.1
+if [ $? = 0 ] && grep -q "42 tensors loaded, 4 kept at their random init" "$TMP/g.log" &&
+   cmp_st "$A" "$TMP/g/model.safetensors" same transformer.layers.10.to_qkv.weight transformer.layers.13.layer2.lin.bias &&
+   cmp_st "$A" "$TMP/g/model.safetensors" differ transformer.layers.1.layer1.lin.weight; then
+  ok "init_skip transformer.layers.1 keeps layer 1 only (prefixes end at a '.')"
+else
+  notok "init_skip component prefix" "$(grep -E 'init_from|error' "$TMP/g.log")"
+fi
+
+# a file whose tensor data starts at an offset that is not a multiple of 4 (the format allows it): the same weights
+"$PY" - "$A" "$TMP/odd.safetensors" <<'PYEOF'
+import json, struct, sys; sys.path.insert(0, "tests/reference"); import st
+t, _ = st.load(sys.argv[1])
+head, off, blobs = {}, 0, []
+for k, v in t.items():
+    b = v.astype("<f4").tobytes(); head[k] = {"dtype": "F32", "shape": list(v.shape), "data_offsets": [off, off + len(b)]}
+    off += len(b); blobs.append(b)
+h = json.dumps(head).encode()
+while (8 + len(h)) % 4 != 1: h += b" "
+open(sys.argv[2], "wb").write(struct.pack("<Q", len(h)) + h + b"".join(blobs))
+PYEOF
+train "$TMP/h" --set train.steps=1 --set opt.lr=0 --set model.init_from="$TMP/odd.safetensors"
+if [ $? = 0 ] && cmp_st "$A" "$TMP/h/model.safetensors" same; then
+  ok "init_from a file whose data is not 4-byte aligned"
+else
+  notok "init_from an unaligned file" "$(grep -E 'error' "$TMP/h.log")"
+fi
+
 # a resumed run ignores init_from: killed after step 9 (checkpoint at 8), A's file moved away, resumed
 train "$TMP/f_ref" --set train.steps=16 --set run.checkpoint_every=4 --set model.init_from="$A"
 (SD_FAULT_KILL_AFTER_STEP=9 train "$TMP/f" --set train.steps=16 --set run.checkpoint_every=4 --set model.init_from="$A") 2>/dev/null
@@ -111,7 +141,8 @@ train "$TMP/f" --set train.steps=16 --set run.checkpoint_every=4 --set model.ini
 rc2=$?
 mv "$A.away" "$A"
 diff=$("$PY" tests/reference/same_run.py "$TMP/f_ref" "$TMP/f")
-if [ "$rc1" != 0 ] && [ "$rc2" = 0 ] && grep -q "resuming from" "$TMP/f.log" && ! grep -q "model.init_from" "$TMP/f.log" &&
+if [ "$rc1" != 0 ] && [ "$rc2" = 0 ] && grep -q "resuming from" "$TMP/f.log" &&
+   grep -q "model.init_from $A: not used, the run resumes from its own checkpoint" "$TMP/f.log" &&
    [ "$diff" = identical ]; then
   ok "a resumed run ignores model.init_from (its file gone) and ends with the uninterrupted run's bits"
 else
@@ -139,5 +170,15 @@ bad "another seed_compat mode exits 2" "was trained with model.seed_compat false
 bad "the other arch exits 2" "holds simplest weights, but model.arch is \"simplevit\"" \
   --set model.init_from="$A" --set model.arch=simplevit
 bad "init_skip without init_from exits 2" "config key 'model.init_skip'" --set model.init_skip=linear_head
+# without metadata, the mode is read from layer 0's B: A's B transposed is not in the default (row) form
+"$PY" - "$A" "$TMP/colB.safetensors" <<'PYEOF'
+import sys, numpy as np; sys.path.insert(0, "tests/reference"); import st
+t, _ = st.load(sys.argv[1])
+t["transformer.layers.0.B"] = np.ascontiguousarray(np.swapaxes(t["transformer.layers.0.B"], -1, -2))
+st.save(sys.argv[2], t)
+PYEOF
+bad "a B in the other mode's form (no metadata) exits 2" \
+  "transformer.layers.0.B is in the seed_compat (column-normalized) form but model.seed_compat is false" \
+  --set model.init_from="$TMP/colB.safetensors"
 printf 'not a safetensors file' >"$TMP/junk.safetensors"
 bad "a file that is not safetensors exits 2 naming it" "$TMP/junk.safetensors" --set model.init_from="$TMP/junk.safetensors"
