@@ -9,6 +9,8 @@
 #include <stdlib.h>
 #include <string.h>
 #include <dirent.h>
+#include <fcntl.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -528,6 +530,50 @@ static void prepare_run_dir(const char *dir) {
         printf("run directory %s held an earlier run: moved it to %s\n", dir, aside);
     }
     if (mkdir_p(dir) != 0) die_user("run directory '%s': cannot create: %s", dir, strerror(errno));
+}
+
+// One job per run directory: two (a launcher started twice, a requeued job beside its predecessor) would overwrite
+// each other's checkpoints and metrics. Rank 0 holds an flock on <parent>/.<name>.lock, outside the directory a
+// fresh run moves aside, until the process ends (a killed one too); the file names the holder. A file system
+// without locks gets a warning, not a refusal.
+static void lock_run_dir(const char *dir) {
+    char parent[1200], lock[1400];
+    snprintf(parent, sizeof parent, "%s", dir);
+    size_t n = strlen(parent);
+    while (n > 1 && parent[n - 1] == '/') parent[--n] = 0;
+    char *slash = strrchr(parent, '/');
+    const char *name = slash ? slash + 1 : parent;
+    if (slash == parent)
+        snprintf(lock, sizeof lock, "/.%s.lock", name);
+    else if (slash)
+        snprintf(lock, sizeof lock, "%.*s/.%s.lock", (int)(slash - parent), parent, name);
+    else
+        snprintf(lock, sizeof lock, ".%s.lock", name);
+    if (slash && slash != parent) {
+        *slash = 0;
+        if (mkdir_p(parent) != 0) die_user("run directory '%s': cannot create %s: %s", dir, parent, strerror(errno));
+    }
+    int fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0) die_user("run directory '%s': cannot create its lock file %s: %s", dir, lock, strerror(errno));
+    if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        if (errno == EWOULDBLOCK) {
+            char holder[256] = "";
+            ssize_t got = pread(fd, holder, sizeof holder - 1, 0);
+            holder[got > 0 ? got : 0] = 0;
+            holder[strcspn(holder, "\n")] = 0;
+            die_user("run directory '%s' is in use by another simplest-dist job (%s; lock %s): two jobs would "
+                     "overwrite each other's checkpoints", dir, holder[0] ? holder : "holder unknown", lock);
+        }
+        fprintf(stderr, "simplest-dist: warning: run directory '%s': no lock (%s on %s); make sure no other job uses "
+                        "it\n", dir, strerror(errno), lock);
+        close(fd);
+        return;
+    }
+    char host[128] = "?", line[300];
+    gethostname(host, sizeof host - 1);
+    int len = snprintf(line, sizeof line, "pid %d on %s\n", (int)getpid(), host);
+    if (ftruncate(fd, 0) == 0 && pwrite(fd, line, (size_t)len, 0) < 0) { /* the name is a courtesy */ }
+    // fd stays open: the lock lives as long as the process
 }
 
 static void format_eta(char *buf, size_t n, double s) {
@@ -1090,6 +1136,7 @@ static void run_setup(Run *r, const Config *cfg, Comm *comm) {
     r->fault_kill_in_ckpt = fault_step("SD_FAULT_KILL_IN_CHECKPOINT");
     r->fault_fail_ckpt = fault_step("SD_FAULT_FAIL_CHECKPOINT");
     r->fault_slow_ckpt = fault_step("SD_FAULT_SLOW_CHECKPOINT");
+    if (comm->rank == 0) lock_run_dir(cfg->run.dir);
     r->start_step = run_resume(r);
     if (r->start_step == 0 && cfg->model.init_from[0])
         run_init_from(r);

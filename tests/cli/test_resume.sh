@@ -240,3 +240,28 @@ for d in adam-straight recipe-straight; do
     echo "not ok - eval --checkpoint DIR ($d): '$a' vs exported '$b'"
   fi
 done
+
+# One job per run directory: a second one started while the first runs is refused (exit 2, naming the holder) and
+# leaves the first alone; once the first has stopped, the same command resumes it.
+"$BIN" configs/fashion-mnist.json $BASE --set train.steps=100000 --set run.dir="$TMP/locked" >"$TMP/locked-1.log" 2>&1 &
+first=$!
+for _ in $(seq 1 600); do [ -f "$TMP/locked/status.json" ] && break; sleep 0.05; done
+"$BIN" configs/fashion-mnist.json $BASE --set train.steps=100000 --set run.dir="$TMP/locked" >"$TMP/locked-2.log" 2>&1
+rc2=$?
+alive=0; kill -0 $first 2>/dev/null && alive=1
+kill -TERM $first; wait $first
+rc1=$?
+st1=$(status_field "$TMP/locked" "['state']")
+timeout 120 "$BIN" configs/fashion-mnist.json $BASE --set train.steps=100000 --set run.dir="$TMP/locked" \
+  >"$TMP/locked-3.log" 2>&1 &
+third=$!
+for _ in $(seq 1 600); do grep -q "resuming from" "$TMP/locked-3.log" && break; sleep 0.05; done
+kill -TERM $third; wait $third
+if [ "$rc2" = 2 ] && grep -q "is in use by another simplest-dist job (pid $first on " "$TMP/locked-2.log" &&
+   [ "$alive" = 1 ] && [ "$rc1" = 0 ] && [ "$st1" = stopped ] && grep -q "resuming from" "$TMP/locked-3.log" &&
+   [ ! -e "$TMP/locked.1" ]; then
+  echo "ok - a second job on a run directory in use is refused naming the holder; after the first stops, it resumes"
+else
+  echo "not ok - run directory lock: second rc $rc2, first alive $alive rc $rc1 state $st1"
+  cat "$TMP/locked-2.log" | tail -2; tail -2 "$TMP/locked-3.log"
+fi
