@@ -57,12 +57,13 @@ ifeq ($(USE_CUDA),1)
   # USE_NCCL=0 builds without it; USE_NCCL=1 with EXTRA_CFLAGS/LDFLAGS names it by hand. Several ranks bootstrap it
   # over MPI; a single-process build (USE_MPI=0) uses it only with SD_NCCL_FORCE=1 (a one-rank communicator: the
   # NCCL path checked on a one-GPU machine). `make build-info` prints what was found.
+  NCCL_SYSTEM_INC ?= /usr/include
   ifneq ($(NCCL_HOME),)
     NCCL_INC := $(if $(wildcard $(NCCL_HOME)/include/nccl.h),$(NCCL_HOME)/include,$(error NCCL_HOME=$(NCCL_HOME) has no include/nccl.h))
   else ifneq ($(wildcard $(CUDA_HOME_DIR)/include/nccl.h),)
     NCCL_INC := $(CUDA_HOME_DIR)/include
-  else ifneq ($(wildcard /usr/include/nccl.h),)
-    NCCL_INC := /usr/include
+  else ifneq ($(wildcard $(NCCL_SYSTEM_INC)/nccl.h),)
+    NCCL_INC := $(NCCL_SYSTEM_INC)
   else
     NCCL_PIP := $(shell python3 -c 'import nvidia.nccl as n; print(list(n.__path__)[0])' 2>/dev/null)
     NCCL_INC := $(if $(and $(NCCL_PIP),$(wildcard $(NCCL_PIP)/include/nccl.h)),$(NCCL_PIP)/include)
@@ -96,7 +97,7 @@ all: simplest-dist
 # What this build uses, for set-up scripts and bug reports.
 build-info:
 	@echo "CC=$(CC) USE_MPI=$(USE_MPI) USE_CUDA=$(USE_CUDA) NVCC=$(NVCC)"
-	@echo "USE_NCCL=$(USE_NCCL) NCCL_INC=$(NCCL_INC) NCCL_LIB=$(NCCL_LIB)"
+	@echo "USE_NCCL=$(or $(USE_NCCL),0) NCCL_INC=$(NCCL_INC) NCCL_LIB=$(NCCL_LIB)"
 
 # Rebuild when the flags change (USE_MPI=0 after USE_MPI=1, say).
 $(BUILD)/flags: FORCE

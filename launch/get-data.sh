@@ -21,11 +21,11 @@ die() {
 name=$1
 dir=${2:-data}
 case $name in
-cifar10) url=https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz md5=c32a1d4ab5d03f1284b67883e8d87530
+cifar10) file=cifar-10-binary.tar.gz md5=c32a1d4ab5d03f1284b67883e8d87530 url=https://www.cs.toronto.edu/~kriz/$file
   out=cifar-10-batches-bin probe=test_batch.bin ;;
-cifar100) url=https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz md5=03b5dce01913d631647c71ecec9e9cb8
+cifar100) file=cifar-100-binary.tar.gz md5=03b5dce01913d631647c71ecec9e9cb8 url=https://www.cs.toronto.edu/~kriz/$file
   out=cifar-100-binary probe=test.bin ;;
-tiny-imagenet | tiny) url=http://cs231n.stanford.edu/tiny-imagenet-200.zip md5=90528d7ca1a48142e341f4ef8d21d0de
+tiny-imagenet | tiny) file=tiny-imagenet-200.zip md5=90528d7ca1a48142e341f4ef8d21d0de url=http://cs231n.stanford.edu/$file
   out=tiny-imagenet-200 probe=wnids.txt ;;
 *) die "unknown dataset '$name' (cifar10, cifar100 or tiny-imagenet; Fashion-MNIST is the Debian package dataset-fashion-mnist)" ;;
 esac
@@ -36,8 +36,10 @@ if [ -e "$dir/$out/$probe" ]; then
   exit 0
 fi
 mkdir -p "$dir" || die "cannot create $dir"
-archive="$dir/${url##*/}"
+archive="$dir/$file"  # named for the dataset, not the URL: a mirror's URL may end in anything
 part="$archive.part"
+tmp="$dir/.unpack-$out.$$"
+trap 'rm -rf "$tmp" "$part"' EXIT
 if [ ! -f "$archive" ]; then
   echo "get-data: downloading $url"
   if command -v curl >/dev/null 2>&1; then
@@ -47,7 +49,7 @@ if [ ! -f "$archive" ]; then
   else
     die "neither curl nor wget is installed"
   fi
-  mv "$part" "$archive"
+  mv "$part" "$archive" || die "cannot rename $part to $archive"
 fi
 got=$(md5sum "$archive" | cut -d' ' -f1)
 if [ "$got" != "$md5" ]; then
@@ -55,7 +57,6 @@ if [ "$got" != "$md5" ]; then
   die "$archive: MD5 $got, expected $md5 (kept as $archive.bad; a partial or altered download)"
 fi
 # unpacked beside the final name, then renamed: an interrupted unpack never looks complete
-tmp="$dir/.unpack-$out.$$"
 rm -rf "$tmp"
 mkdir -p "$tmp"
 case $archive in
@@ -67,6 +68,6 @@ case $archive in
 esac
 [ -e "$tmp/$out/$probe" ] || die "$archive: no $out/$probe inside"
 rm -rf "${dir:?}/$out"
-mv "$tmp/$out" "$dir/$out" && rm -rf "$tmp"
+mv "$tmp/$out" "$dir/$out" || die "cannot move the unpacked $out into $dir (the archive is kept: $archive)"
 rm -f "$archive"
 echo "get-data: $dir/$out ready"

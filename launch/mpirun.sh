@@ -2,7 +2,10 @@
 # launch/mpirun.sh: runs simplest-dist on one machine (a rented multi-GPU box, a workstation) and keeps the run
 # alive: one rank per GPU under mpirun, stop signals turned into clean checkpoints, and restarts after crashes.
 #
-#   launch/mpirun.sh [-n NP] [--restarts N] [--restart-delay S] [--hang-timeout S] CONFIG.json [--set key=value ...]
+#   launch/mpirun.sh [-n NP] [--restarts N] [--restart-delay S] [--hang-timeout S] [--dry-run] CONFIG.json
+#                    [--set key=value ...]
+#
+# --dry-run prints the command a start would run, and the run directory, and exits.
 #
 # - Ranks: -n NP, else $NP, else one per visible GPU (CUDA_VISIBLE_DEVICES, else `nvidia-smi -L`), else 1.
 # - mpirun gets --bind-to none (each rank's decoder threads need the node's cores; Open MPI binds ranks to one core
@@ -28,6 +31,7 @@ np=${NP:-}
 restarts=3
 delay=30
 hang=1800
+dry=0
 say() { echo "launch: $*" >&2; }
 die() {
   echo "launch: error: $*" >&2
@@ -39,6 +43,7 @@ while [ $# -gt 0 ]; do
   --restarts) restarts=${2:-}; shift 2 ;;
   --restart-delay) delay=${2:-}; shift 2 ;;
   --hang-timeout) hang=${2:-}; shift 2 ;;
+  --dry-run) dry=1; shift ;;
   -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   --) shift; break ;;
   -*) die "unknown option '$1' (see $0 --help)" ;;
@@ -53,14 +58,19 @@ whole "$delay" || die "--restart-delay needs a whole number of seconds, not '$de
 whole "$hang" || die "--hang-timeout needs a whole number of seconds, not '$hang'"
 [ -x "$BIN" ] || die "$BIN not found or not executable (run make first, or set SIMPLEST_BIN)"
 
-# One rank per GPU this process may use.
+# One rank per GPU this process may use: CUDA counts the entries of CUDA_VISIBLE_DEVICES up to the first invalid one
+# ("-1", an empty entry); an empty or "-1" list hides every GPU.
 count_gpus() {
   if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
-    local list=${CUDA_VISIBLE_DEVICES//[[:space:]]/}
-    [ -z "$list" ] || [ "$list" = -1 ] && { echo 0; return; }
+    local list=${CUDA_VISIBLE_DEVICES//[[:space:]]/} count=0 e
     local IFS=,
-    set -- $list
-    echo $#
+    set -f
+    for e in $list""; do
+      case $e in '' | -*) break ;; esac
+      count=$((count + 1))
+    done
+    set +f
+    echo "$count"
   elif command -v nvidia-smi >/dev/null 2>&1; then
     nvidia-smi -L 2>/dev/null | grep -c '^GPU '
   else
@@ -83,9 +93,9 @@ run_dir=$("$BIN" check "$@" 2>/dev/null | sed -n 's/^[[:space:]]*"dir":[[:space:
 
 cmd=()
 if command -v mpirun >/dev/null 2>&1; then
-  cmd=(mpirun -np "$np" --bind-to none)
-  cpus=$(nproc 2>/dev/null || echo 1)
-  [ "$np" -gt "$cpus" ] && cmd+=(--oversubscribe)
+  # --oversubscribe: Open MPI counts a node's slots as its cores, not its hardware threads; more ranks than cores
+  # (CPU runs, or GPUs on a box with few cores) would be refused. With fewer ranks it changes nothing.
+  cmd=(mpirun -np "$np" --bind-to none --oversubscribe)
   [ "$(id -u)" = 0 ] && cmd+=(--allow-run-as-root)
   # shellcheck disable=SC2206 # word splitting is the point: MPIRUN_ARGS holds several arguments
   [ -n "${MPIRUN_ARGS:-}" ] && cmd+=(${MPIRUN_ARGS})
@@ -93,8 +103,20 @@ elif [ "$np" -gt 1 ]; then
   die "mpirun not found: $np ranks need Open MPI (make deps installs it), or run with -n 1"
 fi
 cmd+=("$BIN" "$@")
+if [ "$dry" = 1 ]; then
+  echo "${cmd[*]}"
+  echo "run directory: $run_dir"
+  exit 0
+fi
 
 state() { sed -n 's/.*"state":[[:space:]]*"\([a-z]*\)".*/\1/p' "$run_dir/status.json" 2>/dev/null | head -n 1; }
+# the state as this start left it: a status.json older than the start is an earlier run's (this one may have died
+# before it wrote its own), and says nothing about this one
+fresh_state() {
+  local u
+  u=$(updated)
+  [ -n "$u" ] && [ "$u" -ge "$started" ] && state
+}
 latest() { cat "$run_dir/checkpoints/latest" 2>/dev/null; }
 
 stopping=0
@@ -151,15 +173,23 @@ while :; do
       kill_job "$child"
     fi
   done
-  # `wait` returns early (status > 128) when a trap runs; wait again until the job itself has ended
+  # `wait` returns early (status > 128) when a trap runs: wait again while the job lives, and once more when it
+  # ended meanwhile (bash keeps its status; 127 means the status above was the job's own)
   while :; do
     wait "$child"
     rc=$?
-    [ "$rc" -gt 128 ] && kill -0 "$child" 2>/dev/null && continue
+    if [ "$rc" -gt 128 ]; then
+      kill -0 "$child" 2>/dev/null && continue
+      wait "$child" 2>/dev/null
+      r2=$?
+      [ "$r2" != 127 ] && rc=$r2
+    fi
     break
   done
+  # the ranks may outlive mpirun by a moment (killed, not yet reaped): the next start needs the run directory's lock
+  for _ in $(seq 1 300); do pgrep -s "$child" >/dev/null 2>&1 || break; sleep 0.2; done
   child=
-  st=$(state)
+  st=$(fresh_state)
   if [ "$stopping" -gt 0 ]; then
     say "stopped: exit $rc, state ${st:-unknown}, newest checkpoint $(latest)"
     [ "$st" = stopped ] || [ "$st" = done ] && exit 0
@@ -176,6 +206,8 @@ while :; do
     exit 1
   fi
   say "the job ended with exit $rc in state ${st:-unknown} (newest checkpoint: ${after:-none}); restarting in ${delay} s"
+  # a restart continues this run, whatever run.resume said for its first start ("never" would move it aside)
+  [ "$attempt" = 1 ] && cmd+=(--set run.resume=auto)
   # a stop signal during the pause ends the script here: the job is not running, its last checkpoint stands
   sleep "$delay" &
   child=$! phase=pause

@@ -13,8 +13,9 @@
 # nvcc on the PATH, else $CUDA_HOME, else /usr/local/cuda; without one the build is CPU-only, and it says so;
 # (3) NCCL for several GPUs: the Makefile's search (`make build-info`), else NVIDIA's libnccl-dev when apt has it;
 # (4) `make`; (5) the GPUs, and `simplest-dist version`; (6) the dataset; (7) the job.
-# The job's output goes to <run.dir>.launch.log; `kill <pid>` (the launcher's) stops it with a checkpoint, and
-# running the same command again resumes it.
+# The job's output goes to <run.dir>.launch.log; `kill <pid>` (the launcher's; SIGTERM, since nohup leaves it
+# deaf to SIGINT and SIGHUP) stops it with a checkpoint, and running the same command again resumes it (a second
+# launcher for a run directory whose launcher still runs is refused).
 set -u
 cd "$(dirname "$0")/../.." || exit 2
 say() { echo "setup: $*"; }
@@ -74,7 +75,10 @@ say "GPUs: $gpus"
 if command -v nvcc >/dev/null 2>&1 && [ "$gpus" -gt 1 ] &&
    make --no-print-directory build-info | grep -q '^USE_NCCL=0'; then
   say "no NCCL found; trying NVIDIA's libnccl-dev"
-  { apt_update && apt-cache show libnccl-dev >/dev/null 2>&1 && apt_install libnccl2 libnccl-dev; } ||
+  # the build for this toolkit's CUDA major (NVIDIA's repository carries builds for several: 2.x-1+cuda13.0, ...)
+  major=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
+  ver=$(apt_update && apt-cache madison libnccl-dev 2>/dev/null | awk '{print $3}' | grep "+cuda${major}\." | head -n 1)
+  { [ -n "$ver" ] && apt_install "libnccl2=$ver" "libnccl-dev=$ver"; } ||
     say "libnccl-dev is not in this image's apt sources: pip install nvidia-nccl-cu13 (or set NCCL_HOME), then run this again"
 fi
 
@@ -86,8 +90,17 @@ if [ "$gpus" -gt 1 ] && make --no-print-directory build-info | grep -q '^USE_NCC
   say "warning: $gpus GPUs but no NCCL in this build: only one GPU rank can train (launch/mpirun.sh -n 1)"
 fi
 
-# (5) the dataset
+# (5) the dataset (DATA_DIR, default data/, is what the reference configs' data.root says; elsewhere, pass
+# --set data.root=DATA_DIR too). The nvidia/cuda images remove curl once their apt sources are set up.
 if [ -n "${DATASET:-}" ]; then
+  need=""
+  command -v curl >/dev/null 2>&1 || command -v wget >/dev/null 2>&1 || need="$need curl ca-certificates"
+  case $DATASET in tiny*) command -v unzip >/dev/null 2>&1 || command -v python3 >/dev/null 2>&1 || need="$need unzip" ;; esac
+  if [ -n "$need" ]; then
+    say "installing$need for the download"
+    # shellcheck disable=SC2086 # the package list is words
+    { apt_update && apt_install $need; } || die "$need could not be installed"
+  fi
   launch/get-data.sh "$DATASET" "${DATA_DIR:-data}" || exit $?
 fi
 
@@ -98,6 +111,10 @@ if [ $# -eq 0 ]; then
 fi
 ./simplest-dist check "$@" >/dev/null || exit 2
 run_dir=$(./simplest-dist check "$@" 2>/dev/null | sed -n 's/^[[:space:]]*"dir":[[:space:]]*"\(.*\)",\{0,1\}$/\1/p' | head -n 1)
+[ -n "$run_dir" ] || die "could not read run.dir from the config"
+if [ -f "$run_dir.launch.pid" ] && kill -0 "$(cat "$run_dir.launch.pid")" 2>/dev/null; then
+  die "a launcher for $run_dir is already running (pid $(cat "$run_dir.launch.pid")); stop it first: kill $(cat "$run_dir.launch.pid")"
+fi
 log="$run_dir.launch.log"
 mkdir -p "$(dirname "$log")"
 nohup setsid launch/mpirun.sh "$@" >>"$log" 2>&1 </dev/null &

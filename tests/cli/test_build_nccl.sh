@@ -36,18 +36,27 @@ cp -L "$CUDA/lib64/libnccl.so.2" "$TMP/pip/nvidia/nccl/lib/"
 cp "$CUDA/include/nccl.h" "$TMP/home/include/"
 ln -s "$CUDA/lib64/libnccl.so.2" "$TMP/home/lib/libnccl.so"
 
-out=$(CUDA_HOME=$TMP/cuda PYTHONPATH=/nonexistent info)
-if [ ! -e /usr/include/nccl.h ]; then
-  if grep -q "USE_NCCL=0 NCCL_INC= " <<<"$out"; then ok "a toolkit without NCCL and no other: built without it"; else
-    notok "no NCCL anywhere" "$out"; fi
+# the system's include directory is a make variable (NCCL_SYSTEM_INC, /usr/include): empty here, then with nccl.h
+mkdir -p "$TMP/sysinc-empty" "$TMP/sysinc"
+cp "$CUDA/include/nccl.h" "$TMP/sysinc/"
+out=$(CUDA_HOME=$TMP/cuda PYTHONPATH=/nonexistent info NCCL_SYSTEM_INC=$TMP/sysinc-empty)
+if grep -q "USE_NCCL=0 NCCL_INC= " <<<"$out"; then ok "a toolkit without NCCL and no other: built without it"; else
+  notok "no NCCL anywhere" "$out"; fi
+out=$(CUDA_HOME=$TMP/cuda PYTHONPATH=$TMP/pip info NCCL_SYSTEM_INC=$TMP/sysinc)
+if grep -q "USE_NCCL=1 NCCL_INC=$TMP/sysinc NCCL_LIB=-lnccl" <<<"$out"; then
+  ok "the system's nccl.h (libnccl-dev, as in the nvidia/cuda devel images) before pip's"
+else
+  notok "the system's NCCL" "$out"
 fi
-out=$(CUDA_HOME=$TMP/cuda PYTHONPATH=$TMP/pip info)
-if grep -q "USE_NCCL=1 NCCL_INC=$TMP/pip/nvidia/nccl/include NCCL_LIB=$TMP/pip/nvidia/nccl/lib/libnccl.so.2" <<<"$out" ||
-   { [ -e /usr/include/nccl.h ] && grep -q "NCCL_INC=/usr/include" <<<"$out"; }; then
+out=$(CUDA_HOME=$TMP/cuda PYTHONPATH=$TMP/pip info NCCL_SYSTEM_INC=$TMP/sysinc-empty)
+if grep -q "USE_NCCL=1 NCCL_INC=$TMP/pip/nvidia/nccl/include NCCL_LIB=$TMP/pip/nvidia/nccl/lib/libnccl.so.2" <<<"$out"; then
   ok "pip's nvidia-nccl found through python3 (libnccl.so.2 by file name)"
 else
   notok "pip's NCCL" "$out"
 fi
+out=$(info USE_CUDA=0)
+if grep -q "USE_CUDA=0" <<<"$out" && grep -q "^USE_NCCL=0 " <<<"$out"; then ok "a build without CUDA reports USE_NCCL=0"; else
+  notok "build-info without CUDA" "$out"; fi
 out=$(CUDA_HOME=$TMP/cuda info NCCL_HOME=$TMP/home)
 if grep -q "USE_NCCL=1 NCCL_INC=$TMP/home/include NCCL_LIB=$TMP/home/lib/libnccl.so" <<<"$out"; then ok "NCCL_HOME"; else
   notok "NCCL_HOME" "$out"; fi
@@ -56,8 +65,8 @@ if grep -q "NCCL_HOME=$TMP/nowhere has no include/nccl.h" <<<"$out"; then ok "a 
   notok "wrong NCCL_HOME" "$out"; fi
 
 # the pip case linked: the objects of this tree's build with the pip case's link line
-if [ -f build/src/main.o ] && [ -f build/libsimplest.a ] && [ ! -e /usr/include/nccl.h ]; then
-  link=$(CUDA_HOME=$TMP/cuda PYTHONPATH=$TMP/pip make --no-print-directory --eval 'link-line: ; @echo $(CC) $(LDFLAGS) $(LDLIBS)' link-line)
+if [ -f build/src/main.o ] && [ -f build/libsimplest.a ]; then
+  link=$(CUDA_HOME=$TMP/cuda PYTHONPATH=$TMP/pip make --no-print-directory --eval 'link-line: ; @echo $(CC) $(LDFLAGS) $(LDLIBS)' link-line NCCL_SYSTEM_INC=$TMP/sysinc-empty)
   read -r cc rest <<<"$link"
   # shellcheck disable=SC2086 # the link line is words
   if $cc -o "$TMP/sd-pip" build/src/main.o build/libsimplest.a $rest 2>"$TMP/link.err" &&

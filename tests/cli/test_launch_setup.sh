@@ -52,8 +52,9 @@ wsum=$(md5sum "$TMP/wrong.zip" | cut -d' ' -f1)
 SD_DATA_URL="file://$TMP/wrong.zip" SD_DATA_MD5=$wsum bash launch/get-data.sh tiny-imagenet "$TMP/d4" >"$TMP/g4.log" 2>&1
 rc4=$?
 if [ "$rc" = 0 ] && [ -f "$TMP/d3/tiny-imagenet-200/wnids.txt" ] && [ "$rc4" = 2 ] &&
-   grep -q "no tiny-imagenet-200/wnids.txt inside" "$TMP/g4.log" && [ ! -e "$TMP/d4/tiny-imagenet-200" ]; then
-  ok "get-data: a zip unpacks (tiny-imagenet-200/); one without the expected folder is refused"
+   grep -q "no tiny-imagenet-200/wnids.txt inside" "$TMP/g4.log" && [ ! -e "$TMP/d4/tiny-imagenet-200" ] &&
+   [ -z "$(ls -A "$TMP/d4" | grep -v '^tiny-imagenet-200.zip$')" ]; then
+  ok "get-data: a zip unpacks (tiny-imagenet-200/); one without the expected folder is refused, leaving nothing unpacked"
 else
   notok "get-data: tiny-imagenet" "exit $rc / $rc4" "$(cat "$TMP/g3.log" "$TMP/g4.log")"
 fi
@@ -69,21 +70,33 @@ fi
 printf '#!/bin/sh\necho "GPU 0: Stand-in (UUID: GPU-0)"\necho "GPU 1: Stand-in (UUID: GPU-1)"\n' >"$TMP/bin/nvidia-smi"
 chmod +x "$TMP/bin/nvidia-smi"
 run="$TMP/runs/cifar"
-PATH="$TMP/bin:$PATH" DATASET=cifar10 DATA_DIR="$TMP/d5" SD_DATA_URL="file://$TMP/cifar-10-binary.tar.gz" SD_DATA_MD5=$sum \
-  OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
-  bash launch/vastai/setup.sh configs/reference/tat/cifar10-simplest-adam.json --set data.root="$TMP/d5" \
-  --set model.width=custom --set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7 \
-  --set train.batch_size=20 --set train.steps=6 --set train.log_every=1 --set train.eval_every=0 \
-  --set data.threads=1 --set run.threads=1 --set run.dir="$run" >"$TMP/setup.log" 2>&1
+setup() {
+  PATH="$TMP/bin:$PATH" DATASET=cifar10 DATA_DIR="$TMP/d5" SD_DATA_URL="file://$TMP/cifar-10-binary.tar.gz" SD_DATA_MD5=$sum \
+    OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1 \
+    bash launch/vastai/setup.sh configs/reference/tat/cifar10-simplest-adam.json --set data.root="$TMP/d5" \
+    --set model.width=custom --set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7 \
+    --set train.batch_size=20 --set train.steps=100000 --set train.log_every=1 --set train.eval_every=0 \
+    --set data.threads=1 --set run.threads=1 --set run.dir="$run"
+}
+setup >"$TMP/setup.log" 2>&1
 rc=$?
 pid=$(cat "$run.launch.pid" 2>/dev/null)
+for _ in $(seq 1 600); do grep -q '"step":[[:space:]]*[1-9]' "$run/status.json" 2>/dev/null && break; sleep 0.05; done
+setup >"$TMP/setup2.log" 2>&1
+rc2=$?
+kill -TERM "$pid" 2>/dev/null   # the documented way to stop it: a checkpoint, state stopped
 for _ in $(seq 1 1500); do [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
 state=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['state'])" "$run/status.json" 2>/dev/null)
 world=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]))['world_size'])" "$run/status.json" 2>/dev/null)
-if [ "$rc" = 0 ] && grep -q "setup: GPUs: 2" "$TMP/setup.log" && grep -q "setup: build: USE_NCCL=" "$TMP/setup.log" &&
+if [ "$rc" = 0 ] && grep -q "setup: GPUs: 2" "$TMP/setup.log" && grep -Eq "setup: build: USE_NCCL=[01] " "$TMP/setup.log" &&
    grep -q "get-data: .*cifar-10-batches-bin ready" "$TMP/setup.log" && grep -q "training started: launcher pid $pid" "$TMP/setup.log" &&
-   [ "$state" = done ] && [ "$world" = 2 ] && grep -q "launch: finished: exit 0, state done" "$run.launch.log"; then
-  ok "setup.sh: reports 2 GPUs and the build, fetches the dataset, starts the job in the background (2 ranks), which finishes"
+   [ "$world" = 2 ] && [ "$state" = stopped ] && grep -q "launch: stopped: exit 0, state stopped" "$run.launch.log"; then
+  ok "setup.sh: reports 2 GPUs and the build, fetches the dataset, starts the job in the background (2 ranks); kill PID stops it with a checkpoint"
 else
-  notok "setup.sh end to end" "exit $rc, state $state, world $world" "$(tail -15 "$TMP/setup.log")" "$(tail -5 "$run.launch.log" 2>/dev/null)"
+  notok "setup.sh end to end" "exit $rc, state $state, world $world" "$(tail -15 "$TMP/setup.log")" "$(grep -v '^step' "$run.launch.log" 2>/dev/null | tail -5)"
+fi
+if [ "$rc2" = 2 ] && grep -q "a launcher for $run is already running (pid $pid)" "$TMP/setup2.log"; then
+  ok "setup.sh again while its job runs: refused, naming the launcher's pid"
+else
+  notok "setup.sh twice" "exit $rc2" "$(tail -3 "$TMP/setup2.log")"
 fi

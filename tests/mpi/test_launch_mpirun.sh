@@ -108,6 +108,57 @@ else
   kill -KILL "$victim" 2>/dev/null
 fi
 
+# run.resume "never" on the command line: the first start moves an earlier run aside, a restart after a crash must
+# continue this run (not move it aside and start over)
+mkdir -p "$TMP/never" && cp -r "$TMP/ref/." "$TMP/never/"
+bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.resume=never --set run.dir="$TMP/never" >"$TMP/never.log" 2>&1 &
+lp=$!
+for _ in $(seq 1 3000); do [ -f "$TMP/never/checkpoints/step_00000080/DONE" ] && [ -f "$TMP/never.1/status.json" ] && break; sleep 0.02; done
+victim=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))['ranks'][1]['pid'])" "$TMP/never")
+kill -KILL "$victim"
+wait $lp
+rc=$?
+diff=$("$PY" tests/reference/same_run.py "$TMP/ref" "$TMP/never")
+if [ "$rc" = 0 ] && [ "$(starts "$TMP/never.log")" = 2 ] && [ -d "$TMP/never.1" ] && [ ! -e "$TMP/never.2" ] &&
+   grep -q "start 2: .*--set run.resume=auto" "$TMP/never.log" && [ "$diff" = identical ]; then
+  echo "ok - run.resume never: the first start moves the earlier run aside, the restart after a crash resumes this one"
+else
+  echo "not ok - resume never and a restart: exit $rc, $(starts "$TMP/never.log") starts, $diff"; ls -d "$TMP"/never*
+fi
+
+# a status.json left by an earlier run ("failed") says nothing about a start that dies before writing its own: a
+# stand-in binary that validates the config and then exits 1 is restarted until --restarts runs out
+mkdir -p "$TMP/stale" "$TMP/fake"
+echo '{"schema": "simplest-dist-status-1", "state": "failed", "updated_unix": 1000}' >"$TMP/stale/status.json"
+printf '#!/bin/sh
+[ "$1" = check ] && exec %s "$@"
+exit 1
+' "$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")" >"$TMP/fake/sd"
+chmod +x "$TMP/fake/sd"
+SIMPLEST_BIN="$TMP/fake/sd" bash $L -n 1 --restarts 1 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/stale" \
+  >"$TMP/stale.log" 2>&1
+rc=$?
+if [ "$rc" = 1 ] && [ "$(starts "$TMP/stale.log")" = 2 ] && grep -q "giving up" "$TMP/stale.log"; then
+  echo "ok - an earlier run's status.json (state failed) does not stop the restarts of a start that dies before its own"
+else
+  echo "not ok - stale status.json: exit $rc, $(starts "$TMP/stale.log") starts"; grep "^launch" "$TMP/stale.log" | tail -3
+fi
+
+# ranks from CUDA_VISIBLE_DEVICES as CUDA counts them (up to the first invalid entry), or from nvidia-smi
+printf '#!/bin/sh
+for i in 0 1 2 3; do echo "GPU $i: Stand-in (UUID: GPU-$i)"; done
+' >"$TMP/fake/nvidia-smi"
+chmod +x "$TMP/fake/nvidia-smi"
+np_of() { "$@" bash $L --dry-run "${ARGS[@]}" 2>&1 | sed -n 's/^mpirun -np \([0-9]*\) .*/\1/p'; }
+got="$(np_of env CUDA_VISIBLE_DEVICES=) $(np_of env CUDA_VISIBLE_DEVICES=-1) $(np_of env CUDA_VISIBLE_DEVICES=0,-1,2)"
+got="$got $(np_of env CUDA_VISIBLE_DEVICES=0,,1) $(np_of env CUDA_VISIBLE_DEVICES=2,0,1) $(np_of env CUDA_VISIBLE_DEVICES=GPU-aa,GPU-bb)"
+got="$got $(np_of env -u CUDA_VISIBLE_DEVICES PATH="$TMP/fake:$PATH") $(np_of env CUDA_VISIBLE_DEVICES=0,1 NP=5)"
+if [ "$got" = "1 1 1 1 3 2 4 5" ]; then
+  echo "ok - ranks: CUDA_VISIBLE_DEVICES counted as CUDA does ('', -1, 0,-1,2, 0,,1, 2,0,1, UUIDs), else nvidia-smi, else NP"
+else
+  echo "not ok - rank counts: got '$got', want '1 1 1 1 3 2 4 5'"
+fi
+
 # a crash loop: every start dies at step 50, after the step-40 checkpoint; the second start gains nothing
 SD_FAULT_KILL_AFTER_STEP=50 bash $L -n 2 --restarts 1 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/loop" \
   >"$TMP/loop.log" 2>&1
