@@ -601,6 +601,15 @@ static int standard_split(const char *dataset, int64_t *train, int64_t *eval) {
     return -1;
 }
 
+int config_standard_plan(const Config *cfg, int64_t *ntrain, int64_t *steps_per_epoch, int64_t *total_steps) {
+    int64_t neval;
+    if (standard_split(cfg->data.dataset, ntrain, &neval) != 0 || cfg->train.batch_size <= 0) return -1;
+    if (cfg->data.train_limit > 0 && cfg->data.train_limit < *ntrain) *ntrain = cfg->data.train_limit;
+    *steps_per_epoch = *ntrain / cfg->train.batch_size;
+    *total_steps = cfg->train.steps > 0 ? cfg->train.steps : (int64_t)cfg->train.epochs * *steps_per_epoch;
+    return 0;
+}
+
 // The model's size and the run's length on the dataset's standard split, so that a job can be sized before it is
 // queued (the run itself counts the images it finds and prints its own numbers).
 static void add_derived_plan(cJSON *derived, const Config *cfg) {
@@ -610,12 +619,10 @@ static void add_derived_plan(cJSON *derived, const Config *cfg) {
         cJSON_AddNumberToObject(derived, "params", (double)trainable);
         cJSON_AddNumberToObject(derived, "fixed_buffers", (double)fixed);
     }
-    int64_t ntrain, neval;
-    if (standard_split(cfg->data.dataset, &ntrain, &neval) != 0 || cfg->train.batch_size <= 0) return;
-    if (cfg->data.train_limit > 0 && cfg->data.train_limit < ntrain) ntrain = cfg->data.train_limit;
+    int64_t ntrain, full_train, neval, spe, T;
+    if (config_standard_plan(cfg, &ntrain, &spe, &T) != 0 || standard_split(cfg->data.dataset, &full_train, &neval))
+        return;
     if (cfg->data.eval_limit > 0 && cfg->data.eval_limit < neval) neval = cfg->data.eval_limit;
-    int64_t spe = ntrain / cfg->train.batch_size;
-    int64_t T = cfg->train.steps > 0 ? cfg->train.steps : (int64_t)cfg->train.epochs * spe;
     cJSON *plan = cJSON_AddObjectToObject(derived, "standard_split");
     cJSON_AddNumberToObject(plan, "train_images", (double)ntrain);
     cJSON_AddNumberToObject(plan, "eval_images", (double)neval);

@@ -111,6 +111,9 @@ char *config_doc_markdown(void);
 // Images per training micro-batch on each rank at this world size (train.batch_size / (world x grad_accum), or
 // train.batch_size / comm.shards in deterministic mode).
 int config_micro_batch(const Config *cfg, int world);
+// The run's length on the dataset's standard split (data.train_limit counted), without reading data: training
+// images, steps per epoch and T. -1 for a dataset of unknown size.
+int config_standard_plan(const Config *cfg, int64_t *ntrain, int64_t *steps_per_epoch, int64_t *total_steps);
 // Images per eval batch on each rank: data.eval_batch_size, or the training micro-batch at this world size.
 int config_eval_batch(const Config *cfg, int world);
 // Whether cfg may resume a run trained with saved_json (config_to_json text): every key that changes training must

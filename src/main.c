@@ -113,6 +113,11 @@ int main(int argc, char **argv) {
         config_load(&cfg, a.config, a.sets, a.nsets);  // a bad key: one line naming it, exit 2
         char *json = config_to_json(&cfg);
         printf("%s\n", json);
+        int64_t ntrain, spe, T;
+        if (config_standard_plan(&cfg, &ntrain, &spe, &T) == 0 && spe == 0)
+            fprintf(stderr, "simplest-dist: warning: config key 'train.batch_size': %d is larger than the %lld training "
+                            "images of %s's standard split: a run on that split stops at once\n",
+                    cfg.train.batch_size, (long long)ntrain, cfg.data.dataset);
         fprintf(stderr, "simplest-dist: %s: config ok\n", a.config);
         free(json);
         free(a.sets);

@@ -240,6 +240,13 @@ sys.exit(0 if (s["train_images"], s["steps_per_epoch"], s["total_steps"], s["eva
 else
   notok "check: derived params and standard_split" "$out"
 fi
+# a batch larger than the standard split: check still validates (the real data may differ) but warns
+err=$("$BIN" check configs/fashion-mnist.json --set train.batch_size=70000 2>&1 >/dev/null); rc=$?
+if [ "$rc" = 0 ] && grep -q "warning: config key 'train.batch_size': 70000 is larger than the 60000 training images" <<<"$err"; then
+  ok "check: warns when the batch exceeds the standard split"
+else
+  notok "check: batch larger than the split" "exit $rc" "$err"
+fi
 if ldd "$BIN" 2>/dev/null | grep -q cudart; then
   ok "config: run.device cuda without a CUDA build exits 2 # SKIP this build has CUDA"
 else
