@@ -71,11 +71,12 @@ fi
 
 # Ctrl-C in a terminal: SIGINT to the launcher's whole process group. The job runs in its own session, so only the
 # launcher gets it and turns it into SIGUSR1 (mpirun would kill the ranks on a SIGINT of its own): exit 0, stopped.
-# (job control on: the launcher gets its own process group, and SIGINT is not ignored as in a script's background job)
-set -m
-bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/ctrlc" >"$TMP/ctrlc.log" 2>&1 &
+# (started as a terminal's foreground job would be: its own process group, SIGINT at its default action; a
+# script's background job, or anything under a background `make test`, inherits SIGINT ignored, which bash cannot
+# trap)
+"$PY" -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.setpgid(0, 0); os.execvp(sys.argv[1], sys.argv[1:])' \
+  bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/ctrlc" >"$TMP/ctrlc.log" 2>&1 &
 lp=$!
-set +m
 wait_for "$TMP/ctrlc/checkpoints/step_00000040/DONE"
 kill -INT -- -"$lp"
 wait $lp

@@ -80,8 +80,8 @@ errs = []
 for np_ in (1, 2):
     parent = os.path.join(T, "np%d" % np_)
     entries = sorted(os.listdir(parent))
-    if entries != ["run"]:
-        errs.append("np=%d: %s holds %s, want only run/" % (np_, parent, entries))
+    if entries != [".run.lock", "run"]:  # the run directory and rank 0's lock beside it (docs/checkpoints.md)
+        errs.append("np=%d: %s holds %s, want only run/ and .run.lock" % (np_, parent, entries))
     d = os.path.join(parent, "run")
     files = sorted(os.listdir(d)) if os.path.isdir(d) else []
     want = ["checkpoints", "config.json", "metrics.jsonl", "model.safetensors", "status.json"]
