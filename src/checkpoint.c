@@ -79,6 +79,24 @@ static const char *strip_prefix(const char *name) {
     return strncmp(name, pre, strlen(pre)) == 0 ? name + strlen(pre) : name;
 }
 
+// A file's tensor is F32 with the model tensor's shape.
+static int same_shape(const StTensor *st, const TensorInfo *t) {
+    int same = strcmp(st->dtype, "F32") == 0 && st->ndim == t->ndim;
+    for (int d = 0; same && d < t->ndim; d++) same = st->shape[d] == t->shape[d];
+    return same;
+}
+
+// "PATH: tensor 'NAME' is DTYPE [a,b], the model needs F32 [c,d]" and a hint.
+static void shape_error(char *err, size_t n, const char *path, const char *name, const StTensor *st,
+                        const TensorInfo *t, const char *hint) {
+    char want[64] = "", got[64] = "";
+    for (int d = 0; d < t->ndim; d++)
+        snprintf(want + strlen(want), sizeof want - strlen(want), "%s%d", d ? "," : "", t->shape[d]);
+    for (int d = 0; d < st->ndim; d++)
+        snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "", (long long)st->shape[d]);
+    set_err(err, n, "%s: tensor '%s' is %s [%s], the model needs F32 [%s]%s", path, name, st->dtype, got, want, hint);
+}
+
 int weights_read(const Model *m, const char *path, float *params, float *buffers, char *err, size_t n) {
     StFile f;
     if (st_open(path, &f, err, n) != 0) return -1;
@@ -97,16 +115,8 @@ int weights_read(const Model *m, const char *path, float *params, float *buffers
             goto out;
         }
         const TensorInfo *t = &m->tensors[i];
-        int same = strcmp(st->dtype, "F32") == 0 && st->ndim == t->ndim;
-        for (int d = 0; same && d < t->ndim; d++) same = st->shape[d] == t->shape[d];
-        if (!same) {
-            char want[64] = "", got[64] = "";
-            for (int d = 0; d < t->ndim; d++)
-                snprintf(want + strlen(want), sizeof want - strlen(want), "%s%d", d ? "," : "", t->shape[d]);
-            for (int d = 0; d < st->ndim; d++)
-                snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "",
-                         (long long)st->shape[d]);
-            set_err(err, n, "%s: tensor '%s' is %s [%s], the model needs F32 [%s]", path, name, st->dtype, got, want);
+        if (!same_shape(st, t)) {
+            shape_error(err, n, path, name, st, t, "");
             goto out;
         }
         float *dst = (t->trainable ? params : buffers) + t->offset;
@@ -169,9 +179,7 @@ static int check_init_meta(const Model *m, const StFile *f, const char *path, ch
 // shapes agree B's form must match the mode; a seed_compat SimpleViT's to_out must be the identity it stands for.
 static int check_init_fixed(const Model *m, const TensorInfo *t, const StTensor *st, const float *data,
                             const char *path, char *err, size_t n) {
-    int same = strcmp(st->dtype, "F32") == 0 && st->ndim == t->ndim;
-    for (int d = 0; same && d < t->ndim; d++) same = st->shape[d] == t->shape[d];
-    if (!same) return 0;
+    if (!same_shape(st, t)) return 0;
     if (m->cfg.arch == ARCH_SIMPLEST && m->blocks[0].B >= 0 && t == &m->tensors[m->blocks[0].B])
         return check_b_form(m, data, path, err, n);
     if (m->cfg.arch == ARCH_SIMPLEVIT && strstr(t->name, "to_out.weight"))
@@ -229,17 +237,8 @@ int weights_init_read(const Model *m, const char *path, const char *skip, float 
             if (bad) goto out;
             continue;
         }
-        int same = strcmp(st->dtype, "F32") == 0 && st->ndim == t->ndim;
-        for (int d = 0; same && d < t->ndim; d++) same = st->shape[d] == t->shape[d];
-        if (!same) {
-            char want[64] = "", got[64] = "";
-            for (int d = 0; d < t->ndim; d++)
-                snprintf(want + strlen(want), sizeof want - strlen(want), "%s%d", d ? "," : "", t->shape[d]);
-            for (int d = 0; d < st->ndim; d++)
-                snprintf(got + strlen(got), sizeof got - strlen(got), "%s%lld", d ? "," : "",
-                         (long long)st->shape[d]);
-            set_err(err, n, "%s: tensor '%s' is %s [%s], the model needs F32 [%s] (model.init_skip can keep it at its "
-                    "random init)", path, name, st->dtype, got, want);
+        if (!same_shape(st, t)) {
+            shape_error(err, n, path, name, st, t, " (model.init_skip can keep it at its random init)");
             goto out;
         }
         float *dst = params + t->offset;  // copied first: the file's data need not be 4-byte aligned

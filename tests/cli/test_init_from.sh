@@ -12,19 +12,8 @@ PY=${PYTHON:-/usr/bin/python3}
 rm -rf "$TMP"; mkdir -p "$TMP"
 ok() { echo "ok - $1"; }
 notok() { echo "not ok - $1"; shift; for l in "$@"; do echo "    $l"; done; }
-DATA=""
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  "$PY" - "$TMP/data" <<'PYEOF'
-import gzip, os, sys, numpy as np
-d = sys.argv[1]; os.makedirs(d, exist_ok=True); rng = np.random.default_rng(0)
-for split, n in (("train", 2000), ("t10k", 500)):
-    y = rng.integers(0, 10, n).astype(np.uint8)
-    x = (rng.integers(0, 60, (n, 28, 28)) + y[:, None, None] * 20).astype(np.uint8)
-    with gzip.open(f"{d}/{split}-images-idx3-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,3]) + n.to_bytes(4,"big") + (28).to_bytes(4,"big")*2 + x.tobytes())
-    with gzip.open(f"{d}/{split}-labels-idx1-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,1]) + n.to_bytes(4,"big") + y.tobytes())
-PYEOF
-  DATA="--set data.root=$TMP/data"
-fi
+. "$(dirname "$0")/../fixtures.inc"
+fmnist_data
 BASE="$DATA --set model.width=custom --set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7
   --set model.patch_size=7 --set train.batch_size=64 --set train.log_every=1 --set data.train_limit=1024
   --set data.eval_limit=256 --set run.threads=1 --set run.checkpoint_every_s=0"

@@ -12,19 +12,8 @@ TMP=${TEST_TMP:-$(mktemp -d)}/resume
 PY=${PYTHON:-/usr/bin/python3}
 rm -rf "$TMP"
 mkdir -p "$TMP"
-DATA=""
-if [ ! -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz ]; then
-  "$PY" - "$TMP/data" <<'PYEOF'
-import gzip, os, sys, numpy as np
-d = sys.argv[1]; os.makedirs(d, exist_ok=True); rng = np.random.default_rng(0)
-for split, n in (("train", 2000), ("t10k", 500)):
-    y = rng.integers(0, 10, n).astype(np.uint8)
-    x = (rng.integers(0, 60, (n, 28, 28)) + y[:, None, None] * 20).astype(np.uint8)
-    with gzip.open(f"{d}/{split}-images-idx3-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,3]) + n.to_bytes(4,"big") + (28).to_bytes(4,"big")*2 + x.tobytes())
-    with gzip.open(f"{d}/{split}-labels-idx1-ubyte.gz", "wb") as f: f.write(bytes([0,0,8,1]) + n.to_bytes(4,"big") + y.tobytes())
-PYEOF
-  DATA="--set data.root=$TMP/data"
-fi
+. "$(dirname "$0")/../fixtures.inc"
+fmnist_data
 # 16 steps per epoch: 24 steps cross an epoch boundary after every kill point below.
 BASE="$DATA --set model.width=custom --set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7
   --set model.patch_size=7 --set train.batch_size=64 --set train.steps=24 --set train.log_every=1
