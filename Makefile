@@ -171,7 +171,7 @@ $(BUILD)/lf/%: tests/fuzz/%.c tests/fuzz/fuzz.h $(BUILD)/libsimplest.a
 	@mkdir -p $(dir $@)
 	$(CC) $(CFLAGS) -fsanitize=fuzzer -o $@ $< $(BUILD)/libsimplest.a $(LDFLAGS) $(LDLIBS)
 
-DEB_PKGS := libopenmpi-dev openmpi-bin libturbojpeg0-dev libjpeg-dev libcjson-dev libopenblas-dev liblapacke-dev zlib1g-dev dataset-fashion-mnist
+DEB_PKGS := procps libopenmpi-dev openmpi-bin libturbojpeg0-dev libjpeg-dev libcjson-dev libopenblas-dev liblapacke-dev zlib1g-dev dataset-fashion-mnist
 deps:
 	@missing=""; for p in $(DEB_PKGS); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; done; \
 	if [ -z "$$missing" ]; then echo "deps: all packages present"; \

@@ -20,10 +20,12 @@
 #   newest checkpoint (docs/checkpoints.md). --restarts (default 3) bounds the restarts in a row that gain no new
 #   checkpoint; a run that keeps checkpointing keeps being restarted.
 # - Hangs: a job whose status.json (rewritten every run.status_every_s while steps complete) has not changed for
-#   --hang-timeout seconds (default 1800; 0 = off) is killed, ranks included, and restarted like a crashed one:
-#   the daemon's own timeouts (comm.timeout_s) catch a silent peer, this catches the rest (a GPU or driver hang).
-#   Only a file written by the current start counts, and a finished run is left alone.
-# Exit: simplest-dist's code from the last start (0 done or stopped, 2 bad input), or 1 when the restarts ran out.
+#   --hang-timeout seconds (default: 1800, or run.checkpoint_timeout_s + 300 when that is longer; 0 = off) is
+#   killed, ranks included, and restarted like a crashed one: the daemon's own timeouts (comm.timeout_s) catch a
+#   silent peer, this catches the rest (a GPU or driver hang). Only a file written by the current start counts. A
+#   job that wrote its final state (done, stopped, failed) but has not exited 300 s later is stuck in its teardown:
+#   it is killed and the launcher ends as that state says.
+# Exit: 0 done or stopped, 1 failed or restarts used up, 2 bad input, 75 the run directory is another job's.
 set -u
 HERE=$(cd "$(dirname "$0")" && pwd)
 BIN=${SIMPLEST_BIN:-$HERE/../simplest-dist}
@@ -31,6 +33,7 @@ np=${NP:-}
 restarts=3
 delay=30
 hang=1800
+hang_given=0
 dry=0
 say() { echo "launch: $*" >&2; }
 die() {
@@ -42,7 +45,7 @@ while [ $# -gt 0 ]; do
   -n | --np) np=${2:-}; shift 2 ;;
   --restarts) restarts=${2:-}; shift 2 ;;
   --restart-delay) delay=${2:-}; shift 2 ;;
-  --hang-timeout) hang=${2:-}; shift 2 ;;
+  --hang-timeout) hang=${2:-} hang_given=1; shift 2 ;;
   --dry-run) dry=1; shift ;;
   -h | --help) sed -n '2,/^set -u/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
   --) shift; break ;;
@@ -88,8 +91,17 @@ if ! eff=$("$BIN" check "$@" 2>&1 >/dev/null); then
   echo "$eff" >&2
   exit 2
 fi
-run_dir=$("$BIN" check "$@" 2>/dev/null | sed -n 's/^[[:space:]]*"dir":[[:space:]]*"\(.*\)",\{0,1\}$/\1/p' | head -n 1)
+effective=$("$BIN" check "$@" 2>/dev/null)
+# JSON string escapes undone for the two characters a path may hold that JSON escapes (" and \)
+run_dir=$(printf '%s\n' "$effective" | sed -n 's/^[[:space:]]*"dir":[[:space:]]*"\(.*\)",\{0,1\}$/\1/p' | head -n 1 |
+  sed 's/\\"/"/g; s/\\\\/\\/g')
 [ -n "$run_dir" ] || die "could not read run.dir from '$BIN check $*'"
+# the watchdog must outlast a checkpoint (status.json is not rewritten while one is written, for up to
+# run.checkpoint_timeout_s)
+if [ "$hang_given" = 0 ]; then
+  ckt=$(printf '%s\n' "$effective" | sed -n 's/^[[:space:]]*"checkpoint_timeout_s":[[:space:]]*\([0-9]*\).*/\1/p' | head -n 1)
+  [ -n "$ckt" ] && [ $((ckt + 300)) -gt "$hang" ] && hang=$((ckt + 300))
+fi
 
 cmd=()
 if command -v mpirun >/dev/null 2>&1; then
@@ -110,6 +122,7 @@ if [ "$dry" = 1 ]; then
 fi
 
 state() { sed -n 's/.*"state":[[:space:]]*"\([a-z]*\)".*/\1/p' "$run_dir/status.json" 2>/dev/null | head -n 1; }
+updated() { sed -n 's/.*"updated_unix":[[:space:]]*\([0-9]*\).*/\1/p' "$run_dir/status.json" 2>/dev/null | head -n 1; }
 # the state as this start left it: a status.json older than the start is an earlier run's (this one may have died
 # before it wrote its own), and says nothing about this one
 fresh_state() {
@@ -118,34 +131,44 @@ fresh_state() {
   [ -n "$u" ] && [ "$u" -ge "$started" ] && state
 }
 latest() { cat "$run_dir/checkpoints/latest" 2>/dev/null; }
+# this start took the run directory over (its config.json is written once the directory is the run's, a fresh one
+# moved aside or a checkpoint resumed)
+claimed() {
+  local m
+  m=$(stat -c %Y "$run_dir/config.json" 2>/dev/null)
+  [ -n "$m" ] && [ "$m" -ge "$started" ]
+}
 
 stopping=0
 child=
 phase=
-# the job runs in its own session (setsid): a terminal's Ctrl-C reaches this script alone, which turns it into the
-# SIGUSR1 the ranks checkpoint on (mpirun itself answers SIGINT by killing the job), and a hung job can be killed
-# whole, ranks included (they have their own process groups, but not their own sessions)
+# The job runs in its own session (setsid): a terminal's Ctrl-C reaches this script alone, which turns it into the
+# SIGUSR1 the ranks checkpoint on (mpirun itself answers SIGINT by killing the job), and a job can be killed whole,
+# ranks included (they have their own process groups, but not their own sessions).
 kill_job() { pkill -KILL -s "$1" 2>/dev/null || kill -KILL -- "-$1" "$1" 2>/dev/null; }
 on_stop() {
   stopping=$((stopping + 1))
   [ -n "$child" ] || return
   if [ "$phase" = pause ]; then
     kill -TERM "$child" 2>/dev/null
-  elif [ "$stopping" -eq 1 ]; then
+  elif [ "$phase" = job ] && [ "$stopping" -eq 1 ]; then
     say "stop requested: every rank checkpoints and exits (signal again to kill)"
     kill -USR1 "$child" 2>/dev/null
-  else
+  elif [ "$phase" = job ]; then
     say "second stop signal: killing the job"
     kill_job "$child"
   fi
 }
 trap on_stop TERM INT HUP USR1
-updated() { sed -n 's/.*"updated_unix":[[:space:]]*\([0-9]*\).*/\1/p' "$run_dir/status.json" 2>/dev/null | head -n 1; }
 setsid=
-command -v setsid >/dev/null 2>&1 && setsid=setsid
+if command -v setsid >/dev/null 2>&1; then setsid=setsid; else
+  say "warning: no setsid (util-linux): Ctrl-C also reaches mpirun, which kills the ranks before they checkpoint; stop with kill PID"
+fi
+command -v pgrep >/dev/null 2>&1 || say "warning: no pgrep/pkill (procps): a hung job's ranks may outlive its kill"
 
 attempt=0
 fruitless=0
+resume_auto=0
 while :; do
   attempt=$((attempt + 1))
   before=$(latest)
@@ -159,16 +182,20 @@ while :; do
   child=$! phase=job
   [ "$stopping" -gt 0 ] && kill -USR1 "$child" 2>/dev/null  # a signal that came before child was set
   # Poll rather than `wait` alone: the hang watchdog reads status.json, which a live run rewrites at least every
-  # run.status_every_s; only a file this start wrote counts (setup before it has no such bound here).
+  # run.status_every_s; only a file this start wrote counts (setup before it has no such bound here). A run that
+  # wrote its last state (done, stopped, failed) and does not exit is stuck in its teardown: killed sooner.
   hung=0
   while kill -0 "$child" 2>/dev/null; do
     sleep 1 &
     wait $! 2>/dev/null
     [ "$hang" -gt 0 ] && [ "$stopping" = 0 ] && [ "$hung" = 0 ] || continue
     u=$(updated)
+    [ -n "$u" ] && [ "$u" -ge "$started" ] || continue
     now=$(date +%s)
-    if [ -n "$u" ] && [ "$u" -ge "$started" ] && [ $((now - u)) -gt "$hang" ] && [ "$(state)" != done ]; then
-      say "no status.json update for $((now - u)) s (--hang-timeout $hang): the job is hung, killing it"
+    limit=$hang
+    case $(state) in done | stopped | failed) [ "$limit" -gt 300 ] && limit=300 ;; esac
+    if [ $((now - u)) -gt "$limit" ]; then
+      say "no status.json update for $((now - u)) s (state $(state), limit $limit s): the job is hung, killing it"
       hung=1
       kill_job "$child"
     fi
@@ -186,18 +213,34 @@ while :; do
     fi
     break
   done
-  # the ranks may outlive mpirun by a moment (killed, not yet reaped): the next start needs the run directory's lock
+  phase=ended
+  # what is left of an abnormal end (ranks outliving mpirun) is killed; the next start needs the run directory's
+  # lock, so it waits until they are gone
+  [ "$rc" != 0 ] && kill_job "$child"
   for _ in $(seq 1 300); do pgrep -s "$child" >/dev/null 2>&1 || break; sleep 0.2; done
   child=
   st=$(fresh_state)
   if [ "$stopping" -gt 0 ]; then
     say "stopped: exit $rc, state ${st:-unknown}, newest checkpoint $(latest)"
-    [ "$st" = stopped ] || [ "$st" = done ] && exit 0
+    { [ "$st" = stopped ] || [ "$st" = done ]; } && exit 0
     exit "$rc"
   fi
-  if [ "$hung" = 0 ] && { [ "$rc" = 0 ] || [ "$rc" = 2 ] || [ "$st" = failed ] || [ "$st" = done ]; }; then
+  case $st in
+  done | stopped)  # the run's files are complete; a crash in its teardown does not change that
+    say "finished: exit $rc, state $st"
+    [ "$rc" != 0 ] && say "(the job ended with exit $rc after writing its final state: the run is complete)"
+    exit 0 ;;
+  failed)
+    say "finished: exit $rc, state failed (the run's output says why; its newest checkpoint: $(latest))"
+    exit 1 ;;
+  esac
+  if [ "$rc" = 0 ] || [ "$rc" = 2 ]; then
     say "finished: exit $rc, state ${st:-unknown}"
     exit "$rc"
+  fi
+  if [ "$rc" = 75 ] && [ "$attempt" = 1 ]; then
+    say "the run directory is in use by another job (exit 75): not starting a second one"
+    exit 75
   fi
   after=$(latest)
   if [ -n "$after" ] && [ "$after" != "$before" ]; then fruitless=0; else fruitless=$((fruitless + 1)); fi
@@ -206,8 +249,12 @@ while :; do
     exit 1
   fi
   say "the job ended with exit $rc in state ${st:-unknown} (newest checkpoint: ${after:-none}); restarting in ${delay} s"
-  # a restart continues this run, whatever run.resume said for its first start ("never" would move it aside)
-  [ "$attempt" = 1 ] && cmd+=(--set run.resume=auto)
+  # a restart continues the run this launcher's first start made, whatever run.resume said for that start ("never"
+  # would move it aside); a start that died before it took the directory over leaves the user's setting
+  if [ "$resume_auto" = 0 ] && claimed; then
+    cmd+=(--set run.resume=auto)
+    resume_auto=1
+  fi
   # a stop signal during the pause ends the script here: the job is not running, its last checkpoint stands
   sleep "$delay" &
   child=$! phase=pause

@@ -141,6 +141,7 @@ int main(int argc, char **argv) {
                 cmd);
         return EXIT_USER;
     }
+    if (!is_eval) train_catch_stop_signals();
     Comm comm;
     comm_init(&comm, &argc, &argv);
     Args a;

@@ -27,6 +27,12 @@ static volatile sig_atomic_t g_stop_signal = 0;
 
 static void on_signal(int sig) { g_stop_signal = sig; }
 
+void train_catch_stop_signals(void) {
+    signal(SIGINT, on_signal);
+    signal(SIGTERM, on_signal);
+    signal(SIGUSR1, on_signal);
+}
+
 Backend *backend_for_config(const Config *cfg, Comm *comm, int training) {
     const char *dev = cfg->run.device;
 #ifdef USE_CUDA
@@ -534,26 +540,44 @@ static void prepare_run_dir(const char *dir) {
 
 // One job per run directory: two (a launcher started twice, a requeued job beside its predecessor) would overwrite
 // each other's checkpoints and metrics. Rank 0 holds an flock on <parent>/.<name>.lock, outside the directory a
-// fresh run moves aside, until the process ends (a killed one too); the file names the holder. A file system
-// without locks gets a warning, not a refusal.
+// fresh run moves aside, until the process ends (a killed one too); the file names the holder. The name comes from
+// the resolved path (runs/x/., a symlink and its target lock the same file). A busy lock exits EXIT_BUSY; a file
+// system without locks, or a parent this user cannot write, gets a warning, not a refusal.
 static void lock_run_dir(const char *dir) {
-    char parent[1200], lock[1400];
-    snprintf(parent, sizeof parent, "%s", dir);
-    size_t n = strlen(parent);
-    while (n > 1 && parent[n - 1] == '/') parent[--n] = 0;
-    char *slash = strrchr(parent, '/');
-    const char *name = slash ? slash + 1 : parent;
-    if (slash == parent)
-        snprintf(lock, sizeof lock, "/.%s.lock", name);
-    else if (slash)
-        snprintf(lock, sizeof lock, "%.*s/.%s.lock", (int)(slash - parent), parent, name);
-    else
-        snprintf(lock, sizeof lock, ".%s.lock", name);
-    if (slash && slash != parent) {
-        *slash = 0;
-        if (mkdir_p(parent) != 0) die_user("run directory '%s': cannot create %s: %s", dir, parent, strerror(errno));
+    char path[1200], lock[4400];
+    snprintf(path, sizeof path, "%s", dir);
+    for (;;) {  // "runs/x/", "runs/x/.": the directory itself
+        size_t n = strlen(path);
+        if (n > 1 && path[n - 1] == '/')
+            path[n - 1] = 0;
+        else if (n > 2 && !strcmp(path + n - 2, "/."))
+            path[n - 2] = 0;
+        else
+            break;
+    }
+    char *slash = strrchr(path, '/');
+    const char *name = slash ? slash + 1 : path;
+    char parent[1200];
+    snprintf(parent, sizeof parent, "%.*s", slash ? (slash == path ? 1 : (int)(slash - path)) : 1, slash ? path : ".");
+    if (mkdir_p(parent) != 0) die_user("run directory '%s': cannot create %s: %s", dir, parent, strerror(errno));
+    char real[4096];
+    if (realpath(path, real) || realpath(parent, real)) {  // the run directory itself when it exists, else its parent
+        if (path_exists(path)) {
+            char *rs = strrchr(real, '/');
+            snprintf(lock, sizeof lock, "%.*s/.%s.lock", rs && rs != real ? (int)(rs - real) : 0, real,
+                     rs ? rs + 1 : real);
+        } else {
+            snprintf(lock, sizeof lock, "%s/.%s.lock", strcmp(real, "/") ? real : "", name);
+        }
+    } else {
+        snprintf(lock, sizeof lock, "%s/.%s.lock", parent, name);
     }
     int fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
+    if (fd < 0 && (errno == EACCES || errno == EPERM || errno == EROFS)) {
+        fprintf(stderr, "simplest-dist: warning: run directory '%s': no lock (%s: %s); make sure no other job uses "
+                        "it\n", dir, lock, strerror(errno));
+        return;
+    }
     if (fd < 0) die_user("run directory '%s': cannot create its lock file %s: %s", dir, lock, strerror(errno));
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         if (errno == EWOULDBLOCK) {
@@ -561,7 +585,7 @@ static void lock_run_dir(const char *dir) {
             ssize_t got = pread(fd, holder, sizeof holder - 1, 0);
             holder[got > 0 ? got : 0] = 0;
             holder[strcspn(holder, "\n")] = 0;
-            die_user("run directory '%s' is in use by another simplest-dist job (%s; lock %s): two jobs would "
+            die_busy("run directory '%s' is in use by another simplest-dist job (%s; lock %s): two jobs would "
                      "overwrite each other's checkpoints", dir, holder[0] ? holder : "holder unknown", lock);
         }
         fprintf(stderr, "simplest-dist: warning: run directory '%s': no lock (%s on %s); make sure no other job uses "
@@ -1312,10 +1336,9 @@ int train_main(const Config *cfg, Comm *comm) {
     Run r;
     // from the start: a rank silent during setup fails the job too
     comm_set_timeout(comm, cfg->comm.timeout_s, "comm.timeout_s");
-    // before the setup: a signal while the data or a checkpoint loads stops the run after its first step
-    signal(SIGINT, on_signal);
-    signal(SIGTERM, on_signal);
-    signal(SIGUSR1, on_signal);
+    // before the setup (main installs them before MPI starts, too): a signal while the data or a checkpoint loads
+    // stops the run after its first step
+    train_catch_stop_signals();
     run_setup(&r, cfg, comm);
     int64_t T = r.t.total_steps, done = r.start_step;
     const char *state = "done";

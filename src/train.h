@@ -82,6 +82,9 @@ typedef struct {
 EvalResult evaluate(Model *m, Comm *comm, const Dataset *ds, int eval_batch, int bm_batch, float *logits_out);
 
 // `simplest-dist [train] CONFIG`: the whole run. Returns the process exit code.
+// SIGINT, SIGTERM and SIGUSR1 stop a training run cleanly from here on (a checkpoint, state "stopped"); main calls
+// it first thing, so that a signal in the first moments of a start (a launcher's stop) is not fatal.
+void train_catch_stop_signals(void);
 int train_main(const Config *cfg, Comm *comm);
 // `simplest-dist eval CONFIG --checkpoint FILE [--logits out.npy] [--input images.npy]`.
 int eval_main(const Config *cfg, Comm *comm, const char *checkpoint, const char *logits_path,

@@ -158,10 +158,22 @@ static void one_line(char *dst, size_t n, const char *src) {
     dst[k] = 0;
 }
 
+static void die_with(int code, const char *fmt, va_list ap) __attribute__((noreturn));
+
 void die_user(const char *fmt, ...) {
-    char raw[2048], line[2048];
     va_list ap;
     va_start(ap, fmt);
+    die_with(EXIT_USER, fmt, ap);
+}
+
+void die_busy(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    die_with(EXIT_BUSY, fmt, ap);
+}
+
+static void die_with(int code, const char *fmt, va_list ap) {
+    char raw[2048], line[2048];
     vsnprintf(raw, sizeof raw, fmt, ap);
     va_end(ap);
     one_line(line, sizeof line, raw);
@@ -176,10 +188,10 @@ void die_user(const char *fmt, ...) {
     // (it may be inside either); the process's end is what stops the job (see abort_all_ranks).
     if (!on_main_thread()) {
         fflush(stdout);
-        _exit(EXIT_USER);
+        _exit(code);
     }
-    abort_all_ranks(EXIT_USER);
-    exit(EXIT_USER);
+    abort_all_ranks(code);
+    exit(code);
 }
 
 void *xmalloc_at(size_t n, const char *what, const char *file, int line) {

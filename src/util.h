@@ -6,6 +6,7 @@
 
 // Exit code for user errors: bad config, bad data, bad checkpoint. Bugs abort().
 #define EXIT_USER 2
+#define EXIT_BUSY 75  // the run directory is in use by another job (sysexits EX_TEMPFAIL: try again later)
 
 // Abort every rank after printing file:line and what failed (a bug or a system failure).
 void die_at(const char *file, int line, const char *fmt, ...) __attribute__((noreturn, format(printf, 3, 4)));
@@ -16,6 +17,8 @@ void die_at(const char *file, int line, const char *fmt, ...) __attribute__((nor
 // Under MPI with several ranks, both DIE and die_user take every rank down with MPI_Abort (from the main thread; see
 // util_note_rank).
 void die_user(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
+// die_user with EXIT_BUSY: the run directory is another job's (a launcher retries; bad input does not).
+void die_busy(const char *fmt, ...) __attribute__((noreturn, format(printf, 1, 2)));
 // comm_init's note of this process's rank and of the main thread (the only one that may call MPI): a DIE or
 // die_user on another thread then names the rank and exits without calling MPI.
 void util_note_rank(int rank, int world);

@@ -77,9 +77,10 @@ if command -v nvcc >/dev/null 2>&1 && [ "$gpus" -gt 1 ] &&
   say "no NCCL found; trying NVIDIA's libnccl-dev"
   # the build for this toolkit's CUDA major (NVIDIA's repository carries builds for several: 2.x-1+cuda13.0, ...)
   major=$(nvcc --version | sed -n 's/.*release \([0-9]*\)\..*/\1/p')
-  ver=$(apt_update && apt-cache madison libnccl-dev 2>/dev/null | awk '{print $3}' | grep "+cuda${major}\." | head -n 1)
+  apt_update
+  ver=$(apt-cache madison libnccl-dev 2>/dev/null | awk '{print $3}' | grep "+cuda${major}\." | head -n 1)
   { [ -n "$ver" ] && apt_install "libnccl2=$ver" "libnccl-dev=$ver"; } ||
-    say "libnccl-dev is not in this image's apt sources: pip install nvidia-nccl-cu13 (or set NCCL_HOME), then run this again"
+    say "no libnccl-dev for CUDA $major in this image's apt sources: pip install nvidia-nccl-cu$major (in a venv where pip refuses the system Python), or set NCCL_HOME, then run this again"
 fi
 
 # (4) the build
@@ -112,8 +113,11 @@ fi
 ./simplest-dist check "$@" >/dev/null || exit 2
 run_dir=$(./simplest-dist check "$@" 2>/dev/null | sed -n 's/^[[:space:]]*"dir":[[:space:]]*"\(.*\)",\{0,1\}$/\1/p' | head -n 1)
 [ -n "$run_dir" ] || die "could not read run.dir from the config"
-if [ -f "$run_dir.launch.pid" ] && kill -0 "$(cat "$run_dir.launch.pid")" 2>/dev/null; then
-  die "a launcher for $run_dir is already running (pid $(cat "$run_dir.launch.pid")); stop it first: kill $(cat "$run_dir.launch.pid")"
+# a launcher of this run still alive (the pid file may be stale: after a container restart its number can belong to
+# anything, so the process must be a launcher of this run directory)
+old_pid=$(cat "$run_dir.launch.pid" 2>/dev/null)
+if [ -n "$old_pid" ] && tr '\0' ' ' <"/proc/$old_pid/cmdline" 2>/dev/null | grep -q "launch/mpirun.sh .*$run_dir"; then
+  die "a launcher for $run_dir is already running (pid $old_pid); stop it first: kill $old_pid"
 fi
 log="$run_dir.launch.log"
 mkdir -p "$(dirname "$log")"

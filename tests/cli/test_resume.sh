@@ -230,13 +230,18 @@ for d in adam-straight recipe-straight; do
   fi
 done
 
-# One job per run directory: a second one started while the first runs is refused (exit 2, naming the holder) and
-# leaves the first alone; once the first has stopped, the same command resumes it.
+# One job per run directory: a second one started while the first runs is refused (exit 75, naming the holder; also
+# through a symlink and as "dir/.") and leaves the first alone; once the first has stopped, the same command resumes it.
 "$BIN" configs/fashion-mnist.json $BASE --set train.steps=100000 --set run.dir="$TMP/locked" >"$TMP/locked-1.log" 2>&1 &
 first=$!
 for _ in $(seq 1 600); do [ -f "$TMP/locked/status.json" ] && break; sleep 0.05; done
 "$BIN" configs/fashion-mnist.json $BASE --set train.steps=100000 --set run.dir="$TMP/locked" >"$TMP/locked-2.log" 2>&1
 rc2=$?
+ln -sfn "$TMP/locked" "$TMP/locked-link"  # the same directory under another name, and with a trailing "/."
+"$BIN" configs/fashion-mnist.json $BASE --set train.steps=100000 --set run.dir="$TMP/locked-link" >/dev/null 2>&1
+rc_link=$?
+"$BIN" configs/fashion-mnist.json $BASE --set train.steps=100000 --set run.dir="$TMP/locked/." >/dev/null 2>&1
+rc_dot=$?
 alive=0; kill -0 $first 2>/dev/null && alive=1
 kill -TERM $first; wait $first
 rc1=$?
@@ -246,11 +251,11 @@ timeout 120 "$BIN" configs/fashion-mnist.json $BASE --set train.steps=100000 --s
 third=$!
 for _ in $(seq 1 600); do grep -q "resuming from" "$TMP/locked-3.log" && break; sleep 0.05; done
 kill -TERM $third; wait $third
-if [ "$rc2" = 2 ] && grep -q "is in use by another simplest-dist job (pid $first on " "$TMP/locked-2.log" &&
+if [ "$rc2" = 75 ] && [ "$rc_link" = 75 ] && [ "$rc_dot" = 75 ] && grep -q "is in use by another simplest-dist job (pid $first on " "$TMP/locked-2.log" &&
    [ "$alive" = 1 ] && [ "$rc1" = 0 ] && [ "$st1" = stopped ] && grep -q "resuming from" "$TMP/locked-3.log" &&
    [ ! -e "$TMP/locked.1" ]; then
-  echo "ok - a second job on a run directory in use is refused naming the holder; after the first stops, it resumes"
+  echo "ok - a second job on a run directory in use is refused (exit 75) naming the holder; after the first stops, it resumes"
 else
-  echo "not ok - run directory lock: second rc $rc2, first alive $alive rc $rc1 state $st1"
+  echo "not ok - run directory lock: second rc $rc2 (via a symlink $rc_link, with /. $rc_dot), first alive $alive rc $rc1 state $st1"
   cat "$TMP/locked-2.log" | tail -2; tail -2 "$TMP/locked-3.log"
 fi

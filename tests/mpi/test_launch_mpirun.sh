@@ -145,6 +145,70 @@ else
   echo "not ok - stale status.json: exit $rc, $(starts "$TMP/stale.log") starts"; grep "^launch" "$TMP/stale.log" | tail -3
 fi
 
+# stand-in binaries (validating with the real one): FAKE_MODE picks what a start does
+REAL="$(cd "$(dirname "$BIN")" && pwd)/$(basename "$BIN")"
+cat >"$TMP/fake/sd2" <<EOF2
+#!/bin/bash
+[ "\$1" = check ] && exec "$REAL" "\$@"
+n=\$(( \$(cat "$TMP/fake/count" 2>/dev/null || echo 0) + 1 )); echo \$n >"$TMP/fake/count"
+case "\$FAKE_MODE:\$n" in
+  early:1) exit 1 ;;                       # dies in its setup, before it takes the run directory over
+  done-hang:*) mkdir -p "\$RUN"; printf '{"schema": "simplest-dist-status-1", "state": "done", "updated_unix": %s}' \$(date +%s) >"\$RUN/status.json"
+               exec sleep 1000 ;;          # wrote its final state, then hangs in its teardown
+esac
+exec "$REAL" "\$@"
+EOF2
+chmod +x "$TMP/fake/sd2"
+
+# a first start that dies before taking the run directory over keeps the user's run.resume never for the restart:
+# the finished run in the directory is moved aside and a new one trained (not "already complete")
+rm -f "$TMP/fake/count"; mkdir -p "$TMP/never2" && cp -a "$TMP/ref/." "$TMP/never2/"  # -a: the old files keep their times
+FAKE_MODE=early SIMPLEST_BIN="$TMP/fake/sd2" bash $L -n 1 --restart-delay 0 "${ARGS[@]}" --set run.resume=never \
+  --set run.dir="$TMP/never2" >"$TMP/never2.log" 2>&1
+rc=$?
+if [ "$rc" = 0 ] && [ "$(starts "$TMP/never2.log")" = 2 ] && [ -d "$TMP/never2.1" ] && [ "$(state "$TMP/never2")" = done ] &&
+   ! grep -q "run.resume=auto" "$TMP/never2.log"; then
+  echo "ok - a start that died before taking the run directory over: the restart keeps run.resume never (a new run)"
+else
+  echo "not ok - early death with resume never: exit $rc, $(starts "$TMP/never2.log") starts"; grep -E "^launch|complete" "$TMP/never2.log" | tail -4
+fi
+
+# a job that wrote "done" and hangs in its teardown is killed, and the launcher ends as done (exit 0, no restart)
+rm -f "$TMP/fake/count"
+RUN="$TMP/donehang" FAKE_MODE=done-hang SIMPLEST_BIN="$TMP/fake/sd2" timeout 60 bash $L -n 1 --restart-delay 0 \
+  --hang-timeout 3 "${ARGS[@]}" --set run.dir="$TMP/donehang" >"$TMP/donehang.log" 2>&1
+rc=$?
+if [ "$rc" = 0 ] && grep -q "state done, limit 3 s): the job is hung, killing it" "$TMP/donehang.log" &&
+   [ "$(starts "$TMP/donehang.log")" = 1 ] && grep -q "finished: exit .*, state done" "$TMP/donehang.log"; then
+  echo "ok - a job hung in its teardown after writing done is killed; the launcher ends as done (exit 0)"
+else
+  echo "not ok - teardown hang: exit $rc"; grep "^launch" "$TMP/donehang.log" | tail -4
+fi
+
+# the run directory's lock: another job holds it. At the first start the launcher ends with 75 (no second job); at a
+# restart (a crash, the old ranks' lock not yet free) it waits and tries again
+lockf="$TMP/.busy.lock"
+flock -n "$lockf" sleep 4 &
+holder=$!
+sleep 0.5
+bash $L -n 1 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/busy" >"$TMP/busy1.log" 2>&1
+rc1=$?
+wait $holder
+rm -f "$TMP/fake/count"
+flock -n "$lockf" sleep 8 &
+holder=$!
+sleep 0.5
+FAKE_MODE=early SIMPLEST_BIN="$TMP/fake/sd2" bash $L -n 1 --restart-delay 1 --restarts 10 "${ARGS[@]}" \
+  --set run.dir="$TMP/busy" >"$TMP/busy2.log" 2>&1
+rc2=$?
+wait $holder
+if [ "$rc1" = 75 ] && [ "$(starts "$TMP/busy1.log")" = 1 ] && grep -q "in use by another job (exit 75)" "$TMP/busy1.log" &&
+   [ "$rc2" = 0 ] && grep -q "the job ended with exit 75" "$TMP/busy2.log" && [ "$(state "$TMP/busy")" = done ]; then
+  echo "ok - a busy run directory: 75 at the first start; at a restart the launcher waits for the lock and goes on"
+else
+  echo "not ok - busy run directory: first $rc1, restart case $rc2"; grep "^launch" "$TMP/busy1.log" "$TMP/busy2.log" | tail -6
+fi
+
 # ranks from CUDA_VISIBLE_DEVICES as CUDA counts them (up to the first invalid entry), or from nvidia-smi
 printf '#!/bin/sh
 for i in 0 1 2 3; do echo "GPU $i: Stand-in (UUID: GPU-$i)"; done
