@@ -54,6 +54,11 @@ while [ $# -gt 0 ]; do
   esac
 done
 [ $# -ge 1 ] || die "no config file given (usage: $0 [-n NP] [--restarts N] [--restart-delay S] [--hang-timeout S] CONFIG.json [--set ...])"
+# a stop before the first start (the config checks take a moment) ends the launcher with nothing started
+stopping=0
+child=
+phase=
+trap 'stopping=$((stopping + 1))' TERM INT HUP USR1
 whole() { case $1 in '' | *[!0-9]*) return 1 ;; esac; }
 [ -z "$np" ] || whole "$np" || die "--np needs a whole number, not '$np'"
 whole "$restarts" || die "--restarts needs a whole number, not '$restarts'"
@@ -139,9 +144,6 @@ claimed() {
   [ -n "$m" ] && [ "$m" -ge "$started" ]
 }
 
-stopping=0
-child=
-phase=
 # The job runs in its own session (setsid): a terminal's Ctrl-C reaches this script alone, which turns it into the
 # SIGUSR1 the ranks checkpoint on (mpirun itself answers SIGINT by killing the job), and a job can be killed whole,
 # ranks included (they have their own process groups, but not their own sessions).
@@ -153,11 +155,21 @@ on_stop() {
     kill -TERM "$child" 2>/dev/null
   elif [ "$phase" = job ] && [ "$stopping" -eq 1 ]; then
     say "stop requested: every rank checkpoints and exits (signal again to kill)"
-    kill -USR1 "$child" 2>/dev/null
+    forward_stop
   elif [ "$phase" = job ]; then
     say "second stop signal: killing the job"
     kill_job "$child"
   fi
+}
+# SIGUSR1 for the ranks: once the job is up (this start wrote status.json, or 3 s passed; before that mpirun may not
+# have started the ranks and drops the signal, or a rank not yet in main dies of it), and again every 5 s until the
+# job ends (a dropped one costs a delay, not the stop)
+forward_stop() {
+  local u
+  u=$(updated)
+  [ $((SECONDS - start_s)) -ge 3 ] || { [ -n "$u" ] && [ "$u" -ge "$started" ]; } || return
+  kill -USR1 "$child" 2>/dev/null
+  last_usr1=$SECONDS
 }
 trap on_stop TERM INT HUP USR1
 setsid=
@@ -177,10 +189,9 @@ while :; do
     exit 0
   fi
   say "start $attempt: ${cmd[*]} (run directory $run_dir)"
-  started=$(date +%s)
+  started=$(date +%s) start_s=$SECONDS last_usr1=-100
   $setsid "${cmd[@]}" &
   child=$! phase=job
-  [ "$stopping" -gt 0 ] && kill -USR1 "$child" 2>/dev/null  # a signal that came before child was set
   # Poll rather than `wait` alone: the hang watchdog reads status.json, which a live run rewrites at least every
   # run.status_every_s; only a file this start wrote counts (setup before it has no such bound here). A run that
   # wrote its last state (done, stopped, failed) and does not exit is stuck in its teardown: killed sooner.
@@ -188,6 +199,8 @@ while :; do
   while kill -0 "$child" 2>/dev/null; do
     sleep 1 &
     wait $! 2>/dev/null
+    # a stop asked for (also before child was set, or in the first 3 s): forwarded, and again until the job ends
+    [ "$stopping" = 1 ] && [ $((SECONDS - last_usr1)) -ge 5 ] && forward_stop
     [ "$hang" -gt 0 ] && [ "$stopping" = 0 ] && [ "$hung" = 0 ] || continue
     u=$(updated)
     [ -n "$u" ] && [ "$u" -ge "$started" ] || continue

@@ -95,6 +95,14 @@ static int status_main(int argc, char **argv) {
 }
 
 int main(int argc, char **argv) {
+    // a training run takes stop signals as "checkpoint and exit" from its first line (before the BLAS re-exec and
+    // MPI's start, which take a while): a launcher may stop a job it has just started
+    static const char *const not_training[] = {"version", "prepare", "check", "status", "config-doc", "eval",
+                                               "--help", "-h"};
+    int training = argc >= 2;
+    for (size_t i = 0; training && i < sizeof not_training / sizeof not_training[0]; i++)
+        training = strcmp(argv[1], not_training[i]) != 0;
+    if (training) train_catch_stop_signals();
     backend_cpu_fix_blas_core(argv);
     if (argc < 2 || !strcmp(argv[1], "--help") || !strcmp(argv[1], "-h")) {
         usage(argc < 2 ? stderr : stdout);
@@ -141,7 +149,6 @@ int main(int argc, char **argv) {
                 cmd);
         return EXIT_USER;
     }
-    if (!is_eval) train_catch_stop_signals();
     Comm comm;
     comm_init(&comm, &argc, &argv);
     Args a;

@@ -89,6 +89,34 @@ else
   echo "not ok - Ctrl-C: exit $rc, state $(state "$TMP/ctrlc")"; grep -E "^launch|error" "$TMP/ctrlc.log" | tail -5
 fi
 
+# a stop 0.2 s after the start (mpirun has not started the ranks, which would drop the signal or die of it):
+# the launcher forwards it once the job is up, and again until it ends; the run stops cleanly after its first steps
+bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set train.steps=100000 --set run.dir="$TMP/early" >"$TMP/early.log" 2>&1 &
+lp=$!
+for _ in $(seq 1 500); do grep -q "^launch: start 1" "$TMP/early.log" && break; sleep 0.01; done
+sleep 0.2
+kill -TERM $lp
+wait $lp
+rc=$?
+if [ "$rc" = 0 ] && [ "$(state "$TMP/early")" = stopped ] && [ "$(starts "$TMP/early.log")" = 1 ]; then
+  echo "ok - a stop 0.2 s after the start: forwarded once the job is up, a clean stop (exit 0, state stopped)"
+else
+  echo "not ok - an early stop: exit $rc, state $(state "$TMP/early")"; grep -E "^launch|error|signal" "$TMP/early.log" | tail -4
+fi
+
+# a stop while the launcher still checks the config: nothing is started, exit 0
+bash $L -n 2 "${ARGS[@]}" --set run.dir="$TMP/prestart" >"$TMP/prestart.log" 2>&1 &
+lp=$!
+sleep 0.05
+kill -TERM $lp
+wait $lp
+rc=$?
+if [ "$rc" = 0 ] && grep -q "stopped before start 1" "$TMP/prestart.log" && [ ! -e "$TMP/prestart" ]; then
+  echo "ok - a stop before the first start: nothing started, exit 0"
+else
+  echo "not ok - a stop before the first start: exit $rc"; tail -3 "$TMP/prestart.log"
+fi
+
 # a hung job: rank 1 frozen (SIGSTOP) after a checkpoint, with comm.timeout_s far away; status.json stops changing,
 # --hang-timeout 4 kills the whole job (the frozen rank too) and the restart resumes and finishes to the same bits
 bash $L -n 2 --restart-delay 0 --hang-timeout 4 "${ARGS[@]}" --set comm.timeout_s=600 --set run.status_every_s=1 \
