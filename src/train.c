@@ -561,17 +561,13 @@ static void lock_run_dir(const char *dir) {
     snprintf(parent, sizeof parent, "%.*s", slash ? (slash == path ? 1 : (int)(slash - path)) : 1, slash ? path : ".");
     if (mkdir_p(parent) != 0) die_user("run directory '%s': cannot create %s: %s", dir, parent, strerror(errno));
     char real[4096];
-    if (realpath(path, real) || realpath(parent, real)) {  // the run directory itself when it exists, else its parent
-        if (path_exists(path)) {
-            char *rs = strrchr(real, '/');
-            snprintf(lock, sizeof lock, "%.*s/.%s.lock", rs && rs != real ? (int)(rs - real) : 0, real,
-                     rs ? rs + 1 : real);
-        } else {
-            snprintf(lock, sizeof lock, "%s/.%s.lock", strcmp(real, "/") ? real : "", name);
-        }
-    } else {
+    char *rs;
+    if (path_exists(path) && realpath(path, real) && (rs = strrchr(real, '/')) != NULL)  // the directory, resolved
+        snprintf(lock, sizeof lock, "%.*s/.%s.lock", (int)(rs - real), real, rs + 1);
+    else if (realpath(parent, real))  // not made yet: its parent, resolved
+        snprintf(lock, sizeof lock, "%s/.%s.lock", strcmp(real, "/") ? real : "", name);
+    else
         snprintf(lock, sizeof lock, "%s/.%s.lock", parent, name);
-    }
     int fd = open(lock, O_RDWR | O_CREAT | O_CLOEXEC, 0644);
     if (fd < 0 && (errno == EACCES || errno == EPERM || errno == EROFS)) {
         fprintf(stderr, "simplest-dist: warning: run directory '%s': no lock (%s: %s); make sure no other job uses "
