@@ -94,3 +94,30 @@ if [ "$rc1" = 0 ] && [ "$state" = stopped ] && [ "$at" -lt 300 ] &&
 else
   echo "not ok - SIGUSR1 under mpirun: rc $rc1, state $state at $at, restart rc $rc2, $diff"; tail -3 "$TMP/term-1.log"
 fi
+
+# model.init_from at np = 2: rank 0 reads the file, every rank takes its bits. At lr 0 nothing moves, so the exported
+# weights are the file's trainable tensors bit for bit, and a busy run directory stops the whole job with 75.
+timeout 300 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY --set opt.lr=0 --set train.steps=2 \
+  --set model.init_from="$TMP/term/model.safetensors" --set run.dir="$TMP/init2" > "$TMP/init2.log" 2>&1
+rc=$?
+if [ "$rc" = 0 ] && "$PY" - "$TMP/term/model.safetensors" "$TMP/init2/model.safetensors" <<'PYEOF'
+import sys, numpy as np; sys.path.insert(0, "tests/reference"); import st
+a, _ = st.load(sys.argv[1]); b, _ = st.load(sys.argv[2])
+sys.exit(0 if all(np.array_equal(a[k], b[k]) for k in a if not k.endswith((".d", ".B"))) else 1)
+PYEOF
+then
+  echo "ok - init_from at np = 2: at lr 0 the exported weights are the file's tensors bit for bit"
+else
+  echo "not ok - init_from at np = 2: rc $rc"; grep -E "init_from|error" "$TMP/init2.log" | tail -3
+fi
+flock -n "$TMP/.init2.lock" sleep 30 &
+holder=$!
+sleep 0.3
+timeout 120 $MPI -np 2 "$BIN" configs/fashion-mnist.json $TINY --set run.dir="$TMP/init2" > "$TMP/busy2.log" 2>&1
+rc=$?
+kill $holder 2>/dev/null; wait $holder 2>/dev/null
+if [ "$rc" = 75 ] && grep -q "is in use by another simplest-dist job" "$TMP/busy2.log"; then
+  echo "ok - a busy run directory at np = 2: the whole job ends with 75"
+else
+  echo "not ok - busy run directory at np = 2: rc $rc"; tail -3 "$TMP/busy2.log"
+fi
