@@ -149,17 +149,31 @@ out:
     return rc;
 }
 
-// 1 if one of the comma-separated prefixes of list is name or its start up to a '.': "transformer.layers.1" is layer
-// 1's tensors, not layer 10's.
+// The next item of a comma-separated list, trimmed, into out (an item too long for out is cut, and flagged by
+// *cut); returns where the rest of the list starts, or NULL at its end.
+static const char *next_item(const char *p, char *out, size_t n, int *cut) {
+    while (*p == ',' || isspace((unsigned char)*p)) p++;
+    if (!*p) return NULL;
+    size_t len = strcspn(p, ",");
+    const char *rest = p + len;
+    while (len > 0 && isspace((unsigned char)p[len - 1])) len--;
+    *cut = len >= n;
+    snprintf(out, n, "%.*s", (int)(*cut ? n - 1 : len), p);
+    return rest;
+}
+
+// 1 if prefix is name or its start up to a '.': "transformer.layers.1" is layer 1's tensors, not layer 10's.
+static int name_has_prefix(const char *name, const char *prefix) {
+    size_t len = strlen(prefix);
+    return len > 0 && !strncmp(name, prefix, len) && (name[len] == 0 || name[len] == '.' || prefix[len - 1] == '.');
+}
+
+// 1 if one of the comma-separated prefixes of list is name's (a cut item, longer than any name, is none).
 static int name_in_list(const char *name, const char *list) {
-    for (const char *p = list; *p;) {
-        while (*p == ',' || isspace((unsigned char)*p)) p++;
-        size_t len = strcspn(p, ",");
-        size_t used = len;
-        while (len > 0 && isspace((unsigned char)p[len - 1])) len--;
-        if (len > 0 && !strncmp(name, p, len) && (name[len] == 0 || name[len] == '.' || p[len - 1] == '.')) return 1;
-        p += used;
-    }
+    char item[256];
+    int cut;
+    for (const char *p = next_item(list, item, sizeof item, &cut); p; p = next_item(p, item, sizeof item, &cut))
+        if (!cut && name_has_prefix(name, item)) return 1;
     return 0;
 }
 
@@ -195,15 +209,12 @@ int weights_init_read(const Model *m, const char *path, const char *skip, float 
     *loaded = *kept = 0;
     int *seen = xcalloc((size_t)m->ntensors * sizeof(int), "seen tensors");
     if (check_init_meta(m, &f, path, err, n) != 0) goto out;
-    for (const char *p = skip; *p;) {  // a prefix that matches nothing is a typo that would load what it meant to skip
-        while (*p == ',' || isspace((unsigned char)*p)) p++;
-        char one[256];
-        size_t len = strcspn(p, ",");
-        snprintf(one, sizeof one, "%.*s", (int)(len < sizeof one ? len : sizeof one - 1), p);
-        for (size_t e = strlen(one); e > 0 && isspace((unsigned char)one[e - 1]);) one[--e] = 0;
-        p += len;
-        int hit = !one[0];
-        for (int i = 0; i < m->ntensors && !hit; i++) hit = m->tensors[i].trainable && name_in_list(m->tensors[i].name, one);
+    char one[256];  // a prefix that matches nothing is a typo that would load what it meant to skip
+    int cut;
+    for (const char *p = next_item(skip, one, sizeof one, &cut); p; p = next_item(p, one, sizeof one, &cut)) {
+        int hit = 0;
+        for (int i = 0; i < m->ntensors && !hit && !cut; i++)
+            hit = m->tensors[i].trainable && name_has_prefix(m->tensors[i].name, one);
         if (!hit) {
             set_err(err, n, "model.init_skip: '%s' is the start of no trainable tensor name of this model", one);
             goto out;

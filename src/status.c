@@ -172,23 +172,6 @@ static const char *str_or(const cJSON *o, const char *k, const char *dflt) {
     return cJSON_IsString(x) ? x->valuestring : dflt;
 }
 
-// "3 d 4 h", "4 h 12 min", "12 min", "35 s"
-static void fmt_duration(char *buf, size_t n, double s) {
-    if (!isfinite(s) || s < 0) {
-        snprintf(buf, n, "?");
-        return;
-    }
-    long t = (long)(s + 0.5);
-    if (t >= 86400)
-        snprintf(buf, n, "%ld d %ld h", t / 86400, t % 86400 / 3600);
-    else if (t >= 3600)
-        snprintf(buf, n, "%ld h %ld min", t / 3600, t % 3600 / 60);
-    else if (t >= 60)
-        snprintf(buf, n, "%ld min", t / 60);
-    else
-        snprintf(buf, n, "%ld s", t);
-}
-
 int status_report(const char *run_dir, double stale_s, double now, FILE *out, char *err, size_t n) {
     char path[1200];
     snprintf(path, sizeof path, "%s/status.json", run_dir);
@@ -207,10 +190,10 @@ int status_report(const char *run_dir, double stale_s, double now, FILE *out, ch
     double step = num_or_nan(o, "step"), total = num_or_nan(o, "total_steps");
     int live = !strcmp(state, "training") || !strcmp(state, "evaluating");
     char dur[64], problems[1024] = "";
-    fmt_duration(dur, sizeof dur, age);
+    format_duration(dur, sizeof dur, 0, age);
     fprintf(out, "%s: %s, step %.0f of %.0f (%.1f %%, epoch %.2f), updated %s ago\n", run_dir, state, step, total,
             total > 0 ? 100.0 * step / total : 0.0, num_or_nan(o, "epoch"), dur);
-    fmt_duration(dur, sizeof dur, num_or_nan(o, "eta_s"));
+    format_duration(dur, sizeof dur, 0, num_or_nan(o, "eta_s"));
     fprintf(out, "  loss %.4f, lr %.3g, grad norm %.3g, %.0f img/s%s%s\n", num_or_nan(o, "loss"), num_or_nan(o, "lr"),
             num_or_nan(o, "grad_norm"), num_or_nan(o, "images_per_sec"), live ? ", ETA " : "", live ? dur : "");
     const cJSON *ev = cJSON_GetObjectItemCaseSensitive(o, "eval");
@@ -247,7 +230,7 @@ int status_report(const char *run_dir, double stale_s, double now, FILE *out, ch
 #define PROBLEM(...) used += (size_t)snprintf(problems + used, used < sizeof problems ? sizeof problems - used : 0, __VA_ARGS__)
     if (!strcmp(state, "failed")) PROBLEM("%sthe run failed (its output says why; the last checkpoint is kept)", used ? "; " : "");
     if (live && !(age <= stale_s)) {
-        fmt_duration(dur, sizeof dur, age);
+        format_duration(dur, sizeof dur, 0, age);
         PROBLEM("%sno update for %s while %s (over %.0f s: the process may be dead or hung)", used ? "; " : "", dur,
                 state, stale_s);
     }

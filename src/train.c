@@ -596,18 +596,6 @@ static void lock_run_dir(const char *dir) {
     // fd stays open: the lock lives as long as the process
 }
 
-static void format_eta(char *buf, size_t n, double s) {
-    if (!isfinite(s) || s < 0) {
-        snprintf(buf, n, "?");
-        return;
-    }
-    long t = (long)(s + 0.5);
-    if (t >= 3600)
-        snprintf(buf, n, "%ldh%02ldm", t / 3600, (t / 60) % 60);
-    else
-        snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
-}
-
 // Every rank's step, heartbeat, speed and stall as rank 0 last heard them (heartbeats: no collective, no wait).
 static void rank_statuses(const Comm *comm, RankStatus *out, int64_t step, double ips, double stall) {
     for (int r = 0; r < comm->world; r++) {
@@ -1220,7 +1208,7 @@ static void run_log(Run *r, int64_t k, const StepResult *sr) {
     }
     if (r->comm->rank == 0) {
         char eta[32];
-        format_eta(eta, sizeof eta, si->eta_s);
+        format_duration(eta, sizeof eta, 1, si->eta_s);
         printf("step %lld/%lld | epoch %.2f | loss %.4f | lr %.3e | grad norm %.3f | %.0f img/s | ETA %s\n",
                (long long)k, (long long)r->t.total_steps, si->epoch, si->loss, sr->lr, sr->grad_norm, ips, eta);
         fflush(stdout);

@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <libgen.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stdlib.h>
@@ -379,4 +380,24 @@ void sb_free(StrBuf *b) {
     free(b->s);
     b->s = NULL;
     b->len = b->cap = 0;
+}
+
+void format_duration(char *buf, size_t n, int compact, double s) {
+    if (!isfinite(s) || s < 0) {
+        snprintf(buf, n, "?");
+        return;
+    }
+    long t = (long)(s + 0.5);
+    if (compact && t >= 3600)
+        snprintf(buf, n, "%ldh%02ldm", t / 3600, (t / 60) % 60);
+    else if (compact)
+        snprintf(buf, n, "%ldm%02lds", t / 60, t % 60);
+    else if (t >= 86400)
+        snprintf(buf, n, "%ld d %ld h", t / 86400, t % 86400 / 3600);
+    else if (t >= 3600)
+        snprintf(buf, n, "%ld h %ld min", t / 3600, t % 3600 / 60);
+    else if (t >= 60)
+        snprintf(buf, n, "%ld min", t / 60);
+    else
+        snprintf(buf, n, "%ld s", t);
 }

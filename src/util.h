@@ -65,3 +65,7 @@ typedef struct {
 } StrBuf;
 void sb_printf(StrBuf *b, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 void sb_free(StrBuf *b);
+
+// A duration in seconds for people: compact for the progress line ("1h05m", "4m07s"), else for status summaries
+// ("3 d 4 h", "4 h 12 min", "12 min", "35 s"); "?" when unknown or negative.
+void format_duration(char *buf, size_t n, int compact, double s);
