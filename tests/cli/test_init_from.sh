@@ -6,13 +6,8 @@
 # metadata, no buffers) loads the same. A resumed run ignores init_from (its file may be gone) and ends with the
 # uninterrupted run's bits. Bad input exits 2 naming the key and the file or tensor.
 set -u
-BIN=${SIMPLEST_BIN:-./simplest-dist}
-TMP=${TEST_TMP:-$(mktemp -d)}/init_from
-PY=${PYTHON:-/usr/bin/python3}
-rm -rf "$TMP"; mkdir -p "$TMP"
-ok() { echo "ok - $1"; }
-notok() { echo "not ok - $1"; shift; for l in "$@"; do echo "    $l"; done; }
 . "$(dirname "$0")/../fixtures.inc"
+test_setup init_from
 fmnist_data
 BASE="$DATA --set model.width=custom --set model.dim=32 --set model.heads=2 --set model.mlp_dim=64 --set model.depth=7
   --set model.patch_size=7 --set train.batch_size=64 --set train.log_every=1 --set data.train_limit=1024

@@ -6,12 +6,9 @@
 # and starts the job in the background through launch/mpirun.sh, which runs one rank per GPU (CPU backend here)
 # and finishes the run.
 set -u
-BIN=${SIMPLEST_BIN:-./simplest-dist}
-TMP=${TEST_TMP:-$(mktemp -d)}/launch_setup
-PY=${PYTHON:-/usr/bin/python3}
-rm -rf "$TMP"; mkdir -p "$TMP/src/cifar-10-batches-bin" "$TMP/src/tiny-imagenet-200" "$TMP/bin"
-ok() { echo "ok - $1"; }
-notok() { echo "not ok - $1"; shift; for l in "$@"; do echo "    $l"; done; }
+. "$(dirname "$0")/../fixtures.inc"
+test_setup launch_setup
+mkdir -p "$TMP/src/cifar-10-batches-bin" "$TMP/src/tiny-imagenet-200" "$TMP/bin"
 "$PY" - "$TMP/src/cifar-10-batches-bin" <<'PYEOF'
 import os, sys
 d = sys.argv[1]

@@ -23,6 +23,7 @@ ARGS=(configs/fashion-mnist.json $DATA --set model.width=custom --set model.dim=
 state() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))['state'])" "$1" 2>/dev/null; }
 wait_for() { for _ in $(seq 1 3000); do [ -e "$1" ] && return 0; sleep 0.02; done; return 1; }
 starts() { grep -c '^launch: start ' "$1"; }
+rank_pid() { "$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))['ranks'][$2]['pid'])" "$1"; }
 
 # the uninterrupted run, ranks from CUDA_VISIBLE_DEVICES
 CUDA_VISIBLE_DEVICES=0,1 bash $L "${ARGS[@]}" --set run.dir="$TMP/ref" >"$TMP/ref.log" 2>&1
@@ -38,7 +39,7 @@ fi
 bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.dir="$TMP/crash" >"$TMP/crash.log" 2>&1 &
 lp=$!
 wait_for "$TMP/crash/checkpoints/step_00000080/DONE"
-victim=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))['ranks'][1]['pid'])" "$TMP/crash")
+victim=$(rank_pid "$TMP/crash" 1)
 kill -KILL "$victim"
 wait $lp
 rc=$?
@@ -123,7 +124,7 @@ bash $L -n 2 --restart-delay 0 --hang-timeout 4 "${ARGS[@]}" --set comm.timeout_
   --set run.dir="$TMP/hang" >"$TMP/hang.log" 2>&1 &
 lp=$!
 wait_for "$TMP/hang/checkpoints/step_00000080/DONE"
-victim=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))['ranks'][1]['pid'])" "$TMP/hang")
+victim=$(rank_pid "$TMP/hang" 1)
 kill -STOP "$victim"
 wait $lp
 rc=$?
@@ -143,7 +144,7 @@ mkdir -p "$TMP/never" && cp -r "$TMP/ref/." "$TMP/never/"
 bash $L -n 2 --restart-delay 0 "${ARGS[@]}" --set run.resume=never --set run.dir="$TMP/never" >"$TMP/never.log" 2>&1 &
 lp=$!
 for _ in $(seq 1 3000); do [ -f "$TMP/never/checkpoints/step_00000080/DONE" ] && [ -f "$TMP/never.1/status.json" ] && break; sleep 0.02; done
-victim=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1]+'/status.json'))['ranks'][1]['pid'])" "$TMP/never")
+victim=$(rank_pid "$TMP/never" 1)
 kill -KILL "$victim"
 wait $lp
 rc=$?
